@@ -1,0 +1,43 @@
+// The Python module stub for fastcnn._C. Ops register themselves with the dispatcher from their
+// own files (TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL); importing this module runs those
+// static registrations. `_build_info` tells `fastcnn info` how the extension was built.
+#include <Python.h>
+
+#include <string>
+
+#include <torch/library.h>
+
+namespace {
+
+std::string build_info() {
+  std::string info = "cuda=";
+  info += FASTCNN_BUILD_CUDA ? "1" : "0";
+#ifdef _OPENMP
+  info += ";openmp=" + std::to_string(_OPENMP);
+#else
+  info += ";openmp=0";
+#endif
+#if defined(__AVX512F__)
+  info += ";baseline_isa=avx512f";
+#elif defined(__AVX2__)
+  info += ";baseline_isa=avx2";
+#else
+  info += ";baseline_isa=default";
+#endif
+  return info;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fastcnn, m) {
+  m.def("_build_info() -> str");
+}
+
+TORCH_LIBRARY_IMPL(fastcnn, CompositeExplicitAutograd, m) {
+  m.impl("_build_info", [] { return build_info(); });
+}
+
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,502 @@
+// Depthwise 2-D convolution on the CPU: reference op F.conv2d(groups=C), as used by MobileNets
+// (Howard et al., 2017) and large-kernel nets (RepLKNet, Ding et al., 2022).
+//
+// Why it is written this way:
+// - NCHW works one (n, c) plane at a time. The plane is copied, zero-padded and converted to the
+//   accumulation type, into a small per-thread buffer that stays in L1/L2; after that every tap
+//   of every output row is an unchecked, vectorisable axpy. This also reads any input strides
+//   without a .contiguous() copy, and costs one in-cache pass.
+// - channels_last vectorises over channels: each tap is an axpy over C.
+// - Backward never uses atomics: NCHW parallelises over channels (batch loop inside, so the weight
+//   gradient of a channel is summed by one thread in a fixed order); channels_last gathers the
+//   input gradient and reduces per-chunk weight-gradient partials in chunk order.
+// - Hot loops are compiled for AVX-512, AVX2+FMA and a baseline and picked at load time
+//   (GCC target_clones), so one build runs on any x86-64 and uses the widest vectors there.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/depthwise_conv2d_checks.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FASTCNN_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTCNN_SIMD_CLONES
+#endif
+#define FASTCNN_INLINE inline __attribute__((always_inline))
+
+namespace fastcnn {
+namespace {
+
+using depthwise::Geometry;
+
+// ---------------------------------------------------------------------------------------------
+// Plane kernels (NCHW). `T` is the accumulation type; planes are dense row-major.
+
+template <typename T>
+FASTCNN_INLINE void axpy_strided(T* out, const T* src, T w, int64_t n, int64_t stride) {
+  if (stride == 1) {
+    for (int64_t x = 0; x < n; ++x) out[x] += w * src[x];
+  } else if (stride == 2) {
+    for (int64_t x = 0; x < n; ++x) out[x] += w * src[2 * x];
+  } else {
+    for (int64_t x = 0; x < n; ++x) out[x] += w * src[x * stride];
+  }
+}
+
+template <typename T>
+FASTCNN_INLINE void scatter_axpy_strided(T* dst, const T* src, T w, int64_t n, int64_t stride) {
+  if (stride == 1) {
+    for (int64_t x = 0; x < n; ++x) dst[x] += w * src[x];
+  } else if (stride == 2) {
+    for (int64_t x = 0; x < n; ++x) dst[2 * x] += w * src[x];
+  } else {
+    for (int64_t x = 0; x < n; ++x) dst[x * stride] += w * src[x];
+  }
+}
+
+template <typename T>
+FASTCNN_INLINE void mul_acc_strided(T* acc, const T* a, const T* b, int64_t n, int64_t stride) {
+  if (stride == 1) {
+    for (int64_t x = 0; x < n; ++x) acc[x] += a[x] * b[x];
+  } else if (stride == 2) {
+    for (int64_t x = 0; x < n; ++x) acc[x] += a[x] * b[2 * x];
+  } else {
+    for (int64_t x = 0; x < n; ++x) acc[x] += a[x] * b[x * stride];
+  }
+}
+
+// Geometry of one padded plane, passed by value into the hot loops.
+struct PlaneShape {
+  int64_t out_h, out_w, padded_w, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w;
+};
+
+// out[oy][ox] = bias + sum_{ky,kx} w[ky][kx] * padded[oy*sh + ky*dh][ox*sw + kx*dw]
+template <typename T>
+FASTCNN_INLINE void forward_plane_impl(const T* padded, const T* w, T bias, T* out, PlaneShape s) {
+  for (int64_t oy = 0; oy < s.out_h; ++oy) {
+    T* out_row = out + oy * s.out_w;
+    for (int64_t x = 0; x < s.out_w; ++x) out_row[x] = bias;
+    for (int64_t ky = 0; ky < s.kernel_h; ++ky) {
+      const T* in_row = padded + (oy * s.stride_h + ky * s.dilation_h) * s.padded_w;
+      for (int64_t kx = 0; kx < s.kernel_w; ++kx) {
+        axpy_strided(out_row, in_row + kx * s.dilation_w, w[ky * s.kernel_w + kx], s.out_w, s.stride_w);
+      }
+    }
+  }
+}
+
+// The transpose of forward_plane: padded_grad (zeroed by the caller) receives every output's
+// gradient through every tap.
+template <typename T>
+FASTCNN_INLINE void backward_input_plane_impl(const T* grad_out, const T* w, T* padded_grad, PlaneShape s) {
+  for (int64_t oy = 0; oy < s.out_h; ++oy) {
+    const T* go_row = grad_out + oy * s.out_w;
+    for (int64_t ky = 0; ky < s.kernel_h; ++ky) {
+      T* gi_row = padded_grad + (oy * s.stride_h + ky * s.dilation_h) * s.padded_w;
+      for (int64_t kx = 0; kx < s.kernel_w; ++kx) {
+        scatter_axpy_strided(gi_row + kx * s.dilation_w, go_row, w[ky * s.kernel_w + kx], s.out_w, s.stride_w);
+      }
+    }
+  }
+}
+
+// grad_w[ky][kx] += sum_{oy,ox} grad_out[oy][ox] * padded[oy*sh + ky*dh][ox*sw + kx*dw], summed
+// per column first (row_acc, vectorisable) and then across the row, in a fixed order.
+template <typename T>
+FASTCNN_INLINE void backward_weight_plane_impl(const T* grad_out, const T* padded, T* grad_w, T* row_acc, PlaneShape s) {
+  for (int64_t ky = 0; ky < s.kernel_h; ++ky) {
+    for (int64_t kx = 0; kx < s.kernel_w; ++kx) {
+      for (int64_t x = 0; x < s.out_w; ++x) row_acc[x] = T(0);
+      for (int64_t oy = 0; oy < s.out_h; ++oy) {
+        const T* in_row = padded + (oy * s.stride_h + ky * s.dilation_h) * s.padded_w + kx * s.dilation_w;
+        mul_acc_strided(row_acc, grad_out + oy * s.out_w, in_row, s.out_w, s.stride_w);
+      }
+      T sum = T(0);
+      for (int64_t x = 0; x < s.out_w; ++x) sum += row_acc[x];
+      grad_w[ky * s.kernel_w + kx] += sum;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row kernels (channels_last): one output pixel at a time, vectorised over channels.
+
+template <typename T>
+FASTCNN_INLINE void channel_axpy(T* acc, const T* w, const T* x, int64_t channels) {
+  for (int64_t c = 0; c < channels; ++c) acc[c] += w[c] * x[c];
+}
+
+// The non-inlined, multi-versioned entry points for float and double.
+#define FASTCNN_DEFINE_CLONES(T)                                                                          \
+  FASTCNN_SIMD_CLONES void forward_plane(const T* padded, const T* w, T bias, T* out, PlaneShape s) {     \
+    forward_plane_impl<T>(padded, w, bias, out, s);                                                       \
+  }                                                                                                       \
+  FASTCNN_SIMD_CLONES void backward_input_plane(const T* go, const T* w, T* padded_grad, PlaneShape s) {  \
+    backward_input_plane_impl<T>(go, w, padded_grad, s);                                                  \
+  }                                                                                                       \
+  FASTCNN_SIMD_CLONES void backward_weight_plane(const T* go, const T* padded, T* gw, T* acc, PlaneShape s) { \
+    backward_weight_plane_impl<T>(go, padded, gw, acc, s);                                                \
+  }                                                                                                       \
+  FASTCNN_SIMD_CLONES void channel_axpy_n(T* acc, const T* w, const T* x, int64_t channels) {             \
+    channel_axpy<T>(acc, w, x, channels);                                                                 \
+  }
+FASTCNN_DEFINE_CLONES(float)
+FASTCNN_DEFINE_CLONES(double)
+#undef FASTCNN_DEFINE_CLONES
+
+// ---------------------------------------------------------------------------------------------
+// Plane loads and stores: any strides, any dtype, converted to/from the accumulation type.
+
+// Copies plane (h x w, strides sh, sw) into the interior of a zeroed padded buffer.
+template <typename scalar_t, typename T>
+void load_padded_plane(const scalar_t* src, int64_t h, int64_t w, int64_t sh, int64_t sw, const Geometry& g,
+                       T* padded, int64_t padded_h, int64_t padded_w) {
+  std::fill(padded, padded + g.pad_top * padded_w, T(0));
+  for (int64_t y = 0; y < h; ++y) {
+    T* row = padded + (y + g.pad_top) * padded_w;
+    std::fill(row, row + g.pad_left, T(0));
+    const scalar_t* src_row = src + y * sh;
+    if (sw == 1) {
+      for (int64_t x = 0; x < w; ++x) row[g.pad_left + x] = static_cast<T>(src_row[x]);
+    } else {
+      for (int64_t x = 0; x < w; ++x) row[g.pad_left + x] = static_cast<T>(src_row[x * sw]);
+    }
+    std::fill(row + g.pad_left + w, row + padded_w, T(0));
+  }
+  std::fill(padded + (g.pad_top + h) * padded_w, padded + padded_h * padded_w, T(0));
+}
+
+// A dense view of a (h x w) plane in type T: the plane itself when it already is one, else a copy.
+template <typename scalar_t, typename T>
+const T* dense_plane(const scalar_t* src, int64_t h, int64_t w, int64_t sh, int64_t sw, std::vector<T>& buffer) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    if (sw == 1 && sh == w) return src;
+  }
+  buffer.resize(h * w);
+  for (int64_t y = 0; y < h; ++y)
+    for (int64_t x = 0; x < w; ++x) buffer[y * w + x] = static_cast<T>(src[y * sh + x * sw]);
+  return buffer.data();
+}
+
+template <typename scalar_t, typename T>
+void store_plane(const T* src, int64_t h, int64_t w, scalar_t* dst, int64_t sh, int64_t sw, int64_t src_stride,
+                 int64_t src_offset) {
+  for (int64_t y = 0; y < h; ++y) {
+    const T* row = src + src_offset + y * src_stride;
+    for (int64_t x = 0; x < w; ++x) dst[y * sh + x * sw] = static_cast<scalar_t>(row[x]);
+  }
+}
+
+PlaneShape plane_shape(const Geometry& g) {
+  return {g.out_h, g.out_w, g.in_w + g.pad_left + g.pad_right, g.kernel_h, g.kernel_w,
+          g.stride_h, g.stride_w, g.dilation_h, g.dilation_w};
+}
+
+bool use_channels_last(const at::Tensor& input) {
+  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+template <typename scalar_t>
+void forward_nchw(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& output,
+                  const Geometry& g) {
+  using T = at::opmath_type<scalar_t>;
+  const PlaneShape s = plane_shape(g);
+  const int64_t padded_h = g.in_h + g.pad_top + g.pad_bottom;
+  const auto in_strides = input.strides();
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  const scalar_t* w = weight.const_data_ptr<scalar_t>();
+  const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* out = output.mutable_data_ptr<scalar_t>();
+  const int64_t kernel_area = g.kernel_h * g.kernel_w;
+  const int64_t out_area = g.out_h * g.out_w;
+
+  at::parallel_for(0, g.batch * g.channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> padded(padded_h * s.padded_w), taps(kernel_area);
+    std::vector<T> out_buffer(std::is_same_v<scalar_t, T> ? 0 : out_area);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / g.channels, c = plane % g.channels;
+      load_padded_plane(in + n * in_strides[0] + c * in_strides[1], g.in_h, g.in_w, in_strides[2], in_strides[3], g,
+                        padded.data(), padded_h, s.padded_w);
+      for (int64_t t = 0; t < kernel_area; ++t) taps[t] = static_cast<T>(w[c * kernel_area + t]);
+      const T bias_value = b ? static_cast<T>(b[c]) : T(0);
+      scalar_t* out_plane = out + plane * out_area;
+      if constexpr (std::is_same_v<scalar_t, T>) {
+        forward_plane(padded.data(), taps.data(), bias_value, out_plane, s);
+      } else {
+        forward_plane(padded.data(), taps.data(), bias_value, out_buffer.data(), s);
+        for (int64_t i = 0; i < out_area; ++i) out_plane[i] = static_cast<scalar_t>(out_buffer[i]);
+      }
+    }
+  });
+}
+
+// Weights as [kH*kW][C] in the accumulation type, so each tap is a contiguous channel vector.
+template <typename scalar_t, typename T = at::opmath_type<scalar_t>>
+std::vector<T> taps_by_channel(const at::Tensor& weight, const Geometry& g) {
+  const int64_t kernel_area = g.kernel_h * g.kernel_w;
+  const scalar_t* w = weight.const_data_ptr<scalar_t>();
+  std::vector<T> taps(kernel_area * g.channels);
+  for (int64_t c = 0; c < g.channels; ++c)
+    for (int64_t t = 0; t < kernel_area; ++t) taps[t * g.channels + c] = static_cast<T>(w[c * kernel_area + t]);
+  return taps;
+}
+
+// Reads `channels` values of a channels_last pixel as T (no copy when scalar_t is T already).
+template <typename scalar_t, typename T>
+FASTCNN_INLINE const T* channel_vector(const scalar_t* src, int64_t channels, T* buffer) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    return src;
+  } else {
+    for (int64_t c = 0; c < channels; ++c) buffer[c] = static_cast<T>(src[c]);
+    return buffer;
+  }
+}
+
+template <typename scalar_t>
+void forward_nhwc(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& output,
+                  const Geometry& g) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t C = g.channels;
+  const std::vector<T> taps = taps_by_channel<scalar_t>(weight, g);
+  std::vector<T> bias_values(C, T(0));
+  if (bias.defined())
+    for (int64_t c = 0; c < C; ++c) bias_values[c] = static_cast<T>(bias.const_data_ptr<scalar_t>()[c]);
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  scalar_t* out = output.mutable_data_ptr<scalar_t>();
+
+  at::parallel_for(0, g.batch * g.out_h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(C), converted(C);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.out_h, oy = row % g.out_h;
+      for (int64_t ox = 0; ox < g.out_w; ++ox) {
+        std::copy(bias_values.begin(), bias_values.end(), acc.begin());
+        for (int64_t ky = 0; ky < g.kernel_h; ++ky) {
+          const int64_t iy = depthwise::input_index(oy, ky, g.stride_h, g.pad_top, g.dilation_h);
+          if (!(iy >= 0 && iy < g.in_h)) continue;
+          for (int64_t kx = 0; kx < g.kernel_w; ++kx) {
+            const int64_t ix = depthwise::input_index(ox, kx, g.stride_w, g.pad_left, g.dilation_w);
+            if (!(ix >= 0 && ix < g.in_w)) continue;
+            const T* x = channel_vector(in + ((n * g.in_h + iy) * g.in_w + ix) * C, C, converted.data());
+            channel_axpy_n(acc.data(), taps.data() + (ky * g.kernel_w + kx) * C, x, C);
+          }
+        }
+        scalar_t* dst = out + ((n * g.out_h + oy) * g.out_w + ox) * C;
+        for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
+      }
+    }
+  });
+}
+
+at::Tensor depthwise_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& bias_opt, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const Geometry g = depthwise::check_arguments(input, weight, bias_opt, stride, padding, dilation);
+  TORCH_CHECK(input.device().is_cpu(), "depthwise_conv2d (CPU kernel): expected CPU tensors, got ", input.device());
+  const auto memory_format = input.suggest_memory_format();
+  at::Tensor output = at::empty({g.batch, g.channels, g.out_h, g.out_w}, input.options().memory_format(memory_format));
+  if (output.numel() == 0) return output;
+  const at::Tensor weight_c = weight.contiguous();
+  const at::Tensor bias = bias_opt.has_value() && bias_opt->defined() ? bias_opt->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_conv2d_cpu", [&] {
+    if (use_channels_last(input)) {
+      forward_nhwc<scalar_t>(input.contiguous(at::MemoryFormat::ChannelsLast), weight_c, bias, output, g);
+    } else {
+      forward_nchw<scalar_t>(input, weight_c, bias, output, g);
+    }
+  });
+  return output;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+template <typename scalar_t>
+void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                   at::Tensor& grad_input, at::Tensor& grad_weight, at::Tensor& grad_bias, const Geometry& g) {
+  using T = at::opmath_type<scalar_t>;
+  const PlaneShape s = plane_shape(g);
+  const int64_t padded_h = g.in_h + g.pad_top + g.pad_bottom;
+  const int64_t kernel_area = g.kernel_h * g.kernel_w;
+  const bool want_input = grad_input.defined(), want_weight = grad_weight.defined(), want_bias = grad_bias.defined();
+  const auto go_strides = grad_output.strides();
+  const auto in_strides = input.strides();
+  const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  const scalar_t* w = weight.const_data_ptr<scalar_t>();
+  scalar_t* gi = want_input ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gw = want_weight ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gb = want_bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
+  const auto gi_strides = want_input ? grad_input.strides() : at::IntArrayRef();
+
+  // One thread owns a channel for the whole batch: the weight gradient is summed without atomics
+  // and in the same order on every run.
+  at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> padded(want_weight ? padded_h * s.padded_w : 0);
+    std::vector<T> padded_grad(want_input ? padded_h * s.padded_w : 0);
+    std::vector<T> go_buffer, taps(kernel_area), grad_taps(kernel_area), row_acc(g.out_w);
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t t = 0; t < kernel_area; ++t) taps[t] = static_cast<T>(w[c * kernel_area + t]);
+      std::fill(grad_taps.begin(), grad_taps.end(), T(0));
+      T bias_sum = T(0);
+      for (int64_t n = 0; n < g.batch; ++n) {
+        const T* go_plane = dense_plane<scalar_t, T>(go + n * go_strides[0] + c * go_strides[1], g.out_h, g.out_w,
+                                                     go_strides[2], go_strides[3], go_buffer);
+        if (want_bias) {
+          T plane_sum = T(0);
+          for (int64_t i = 0; i < g.out_h * g.out_w; ++i) plane_sum += go_plane[i];
+          bias_sum += plane_sum;
+        }
+        if (want_weight) {
+          load_padded_plane(in + n * in_strides[0] + c * in_strides[1], g.in_h, g.in_w, in_strides[2], in_strides[3],
+                            g, padded.data(), padded_h, s.padded_w);
+          backward_weight_plane(go_plane, padded.data(), grad_taps.data(), row_acc.data(), s);
+        }
+        if (want_input) {
+          std::fill(padded_grad.begin(), padded_grad.end(), T(0));
+          backward_input_plane(go_plane, taps.data(), padded_grad.data(), s);
+          store_plane(padded_grad.data(), g.in_h, g.in_w, gi + n * gi_strides[0] + c * gi_strides[1], gi_strides[2],
+                      gi_strides[3], s.padded_w, g.pad_top * s.padded_w + g.pad_left);
+        }
+      }
+      if (want_weight)
+        for (int64_t t = 0; t < kernel_area; ++t) gw[c * kernel_area + t] = static_cast<scalar_t>(grad_taps[t]);
+      if (want_bias) gb[c] = static_cast<scalar_t>(bias_sum);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                   at::Tensor& grad_input, at::Tensor& grad_weight, at::Tensor& grad_bias, const Geometry& g) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t C = g.channels, kernel_area = g.kernel_h * g.kernel_w;
+  const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+
+  if (grad_input.defined()) {
+    const std::vector<T> taps = taps_by_channel<scalar_t>(weight, g);
+    scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.batch * g.in_h, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> acc(C), converted(C);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / g.in_h, iy = row % g.in_h;
+        for (int64_t ix = 0; ix < g.in_w; ++ix) {
+          std::fill(acc.begin(), acc.end(), T(0));
+          for (int64_t ky = 0; ky < g.kernel_h; ++ky) {
+            const int64_t oy =
+                depthwise::output_index_for_input(iy, ky, g.stride_h, g.pad_top, g.dilation_h, g.out_h);
+            if (oy < 0) continue;
+            for (int64_t kx = 0; kx < g.kernel_w; ++kx) {
+              const int64_t ox =
+                  depthwise::output_index_for_input(ix, kx, g.stride_w, g.pad_left, g.dilation_w, g.out_w);
+              if (ox < 0) continue;
+              const T* dy = channel_vector(go + ((n * g.out_h + oy) * g.out_w + ox) * C, C, converted.data());
+              channel_axpy_n(acc.data(), taps.data() + (ky * g.kernel_w + kx) * C, dy, C);
+            }
+          }
+          scalar_t* dst = gi + ((n * g.in_h + iy) * g.in_w + ix) * C;
+          for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
+        }
+      }
+    });
+  }
+
+  const bool want_weight = grad_weight.defined(), want_bias = grad_bias.defined();
+  if (!want_weight && !want_bias) return;
+  // Output rows split into a fixed number of chunks, each summing into its own partial; partials
+  // are then added in chunk order. Same thread count, same bits.
+  const int64_t rows = g.batch * g.out_h;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  const int64_t partial_size = (kernel_area + 1) * C;  // taps, then the bias sum
+  std::vector<T> partials(chunks * partial_size, T(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> converted_go(C), converted_in(C);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      T* part = partials.data() + chunk * partial_size;
+      for (int64_t row = chunk * rows / chunks; row < (chunk + 1) * rows / chunks; ++row) {
+        const int64_t n = row / g.out_h, oy = row % g.out_h;
+        for (int64_t ox = 0; ox < g.out_w; ++ox) {
+          const T* dy = channel_vector(go + ((n * g.out_h + oy) * g.out_w + ox) * C, C, converted_go.data());
+          if (want_bias)
+            for (int64_t c = 0; c < C; ++c) part[kernel_area * C + c] += dy[c];
+          if (!want_weight) continue;
+          for (int64_t ky = 0; ky < g.kernel_h; ++ky) {
+            const int64_t iy = depthwise::input_index(oy, ky, g.stride_h, g.pad_top, g.dilation_h);
+            if (!(iy >= 0 && iy < g.in_h)) continue;
+            for (int64_t kx = 0; kx < g.kernel_w; ++kx) {
+              const int64_t ix = depthwise::input_index(ox, kx, g.stride_w, g.pad_left, g.dilation_w);
+              if (!(ix >= 0 && ix < g.in_w)) continue;
+              const T* x = channel_vector(in + ((n * g.in_h + iy) * g.in_w + ix) * C, C, converted_in.data());
+              channel_axpy_n(part + (ky * g.kernel_w + kx) * C, dy, x, C);
+            }
+          }
+        }
+      }
+    }
+  });
+  for (int64_t chunk = 1; chunk < chunks; ++chunk)
+    for (int64_t i = 0; i < partial_size; ++i) partials[i] += partials[chunk * partial_size + i];
+  if (want_weight) {
+    scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t t = 0; t < kernel_area; ++t) gw[c * kernel_area + t] = static_cast<scalar_t>(partials[t * C + c]);
+  }
+  if (want_bias) {
+    scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) gb[c] = static_cast<scalar_t>(partials[kernel_area * C + c]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, std::array<bool, 3> output_mask) {
+  const Geometry g = depthwise::check_arguments(input, weight, c10::nullopt, stride, padding, dilation);
+  depthwise::check_grad_output(grad_output, input, g);
+  TORCH_CHECK(input.device().is_cpu(), "depthwise_conv2d backward (CPU kernel): expected CPU tensors, got ",
+              input.device());
+  const auto memory_format = input.suggest_memory_format();
+  const at::Tensor empty = at::empty({0}, input.options());
+  at::Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options().memory_format(memory_format))
+                                         : at::Tensor();
+  at::Tensor grad_weight = output_mask[1] ? at::empty(weight.sizes(), weight.options()) : at::Tensor();
+  at::Tensor grad_bias = output_mask[2] ? at::empty({g.channels}, weight.options()) : at::Tensor();
+  const bool no_work = g.batch == 0 || g.channels == 0 || (grad_input.defined() && grad_input.numel() == 0 &&
+                                                           !grad_weight.defined() && !grad_bias.defined());
+  if (no_work) {
+    if (grad_weight.defined()) grad_weight.zero_();
+    if (grad_bias.defined()) grad_bias.zero_();
+  } else {
+    const at::Tensor weight_c = weight.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "depthwise_conv2d_backward_cpu", [&] {
+      if (use_channels_last(input)) {
+        const auto cl = at::MemoryFormat::ChannelsLast;
+        backward_nhwc<scalar_t>(grad_output.contiguous(cl), input.contiguous(cl), weight_c, grad_input, grad_weight,
+                                grad_bias, g);
+      } else {
+        backward_nchw<scalar_t>(grad_output, input, weight_c, grad_input, grad_weight, grad_bias, g);
+      }
+    });
+  }
+  return {grad_input.defined() ? grad_input : empty, grad_weight.defined() ? grad_weight : empty,
+          grad_bias.defined() ? grad_bias : empty};
+}
+
+}  // namespace
+}  // namespace fastcnn
+
+TORCH_LIBRARY_IMPL(fastcnn, CPU, m) {
+  m.impl("depthwise_conv2d", &fastcnn::depthwise_conv2d_cpu);
+  m.impl("_depthwise_conv2d_backward", &fastcnn::depthwise_conv2d_backward_cpu);
+}

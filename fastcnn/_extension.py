@@ -1,0 +1,47 @@
+"""Loads the compiled extension fastcnn._C, once, and remembers why it failed if it did.
+
+Every Python registration that refers to a C++ op is guarded by `has_ops()`, so a missing or
+broken build degrades to the reference implementation instead of breaking `import fastcnn`.
+"""
+import importlib
+import warnings
+
+_state = {"loaded": None, "error": None}
+
+
+def load():
+    if _state["loaded"] is None:
+        try:
+            importlib.import_module("fastcnn._C")
+            _state["loaded"] = True
+        except (ImportError, OSError) as exc:
+            _state["loaded"] = False
+            _state["error"] = (
+                f"fastcnn._C could not be loaded ({exc}). Rebuild it against the installed torch with "
+                "`pip install --no-build-isolation -e .`; until then fastcnn falls back to its "
+                "pure-PyTorch reference implementation."
+            )
+            warnings.warn(_state["error"], RuntimeWarning, stacklevel=2)
+    return _state["loaded"]
+
+
+def has_ops():
+    return bool(load())
+
+
+def load_error():
+    load()
+    return _state["error"]
+
+
+def build_info():
+    """The build configuration compiled into _C, as a dict (empty when _C is missing)."""
+    if not has_ops():
+        return {}
+    return dict(item.split("=", 1) for item in torch_ops()._build_info().split(";"))
+
+
+def torch_ops():
+    import torch
+
+    return torch.ops.fastcnn

@@ -1,0 +1,104 @@
+"""Which kernel backends exist on this machine, and which one an op call uses.
+
+Backends: ``cpu`` (C++ kernels for CPU tensors), ``cuda`` (C++/CUDA kernels for CUDA tensors),
+``triton`` (Triton kernels; GPU tensors, or CPU tensors under TRITON_INTERPRET=1) and
+``reference`` (stock PyTorch: always there). ``auto`` picks the native C++ kernel for the
+tensor's device, and the reference when the extension is missing.
+
+Selection, strongest first: ``with fastcnn.use_backend(name):``, then the FASTCNN_BACKEND
+environment variable, then ``auto``.
+"""
+import contextlib
+import functools
+import os
+import threading
+
+import torch
+
+from . import _extension
+
+NAMES = ("auto", "cpu", "cuda", "triton", "reference")
+_local = threading.local()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status():
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return False, f"triton is not installed ({exc})"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, "TRITON_INTERPRET=1: kernels run on CPU tensors in the interpreter"
+    if not torch.cuda.is_available():
+        return False, "no GPU (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors, slowly)"
+    return True, f"triton {triton.__version__}"
+
+
+def status():
+    """Every backend with (available, reason)."""
+    ops_ok = _extension.has_ops()
+    cuda_built = _extension.build_info().get("cuda") == "1"
+    return {
+        "cpu": (ops_ok, "C++ kernels loaded" if ops_ok else _extension.load_error()),
+        "cuda": (
+            ops_ok and cuda_built and torch.cuda.is_available(),
+            "no fastcnn._C" if not ops_ok
+            else "built without CUDA sources" if not cuda_built
+            else "no GPU visible" if not torch.cuda.is_available()
+            else f"CUDA kernels on {torch.cuda.get_device_name()}",
+        ),
+        "triton": _triton_status(),
+        "reference": (True, "stock PyTorch"),
+    }
+
+
+def available():
+    """Names of the backends that work here."""
+    return [name for name, (ok, _) in status().items() if ok]
+
+
+def _check_name(name):
+    if name not in NAMES:
+        raise ValueError(f"unknown fastcnn backend {name!r}; expected one of {', '.join(NAMES)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Run the ops inside the block on backend `name` (one of NAMES)."""
+    _check_name(name)
+    previous = getattr(_local, "backend", None)
+    _local.backend = name
+    try:
+        yield
+    finally:
+        _local.backend = previous
+
+
+def requested():
+    """The backend asked for: use_backend() > FASTCNN_BACKEND > 'auto'."""
+    name = getattr(_local, "backend", None)
+    if name is None:
+        name = os.environ.get("FASTCNN_BACKEND", "auto").strip().lower() or "auto"
+    return _check_name(name)
+
+
+def resolve(device):
+    """The concrete backend for tensors on `device`; raises when the requested one cannot run there."""
+    name = requested()
+    if name == "auto":
+        if not _extension.has_ops():
+            return "reference"
+        if device.type == "cpu":
+            return "cpu"
+        if device.type == "cuda" and status()["cuda"][0]:
+            return "cuda"
+        if device.type == "cuda" and _triton_status()[0]:
+            return "triton"
+        return "reference"
+    ok, why = status()[name]
+    if not ok:
+        raise RuntimeError(f"fastcnn backend {name!r} is not available here: {why}")
+    if name in ("cpu", "cuda") and device.type != name:
+        raise RuntimeError(f"fastcnn backend {name!r} cannot run on {device.type} tensors")
+    return name
