@@ -11,6 +11,8 @@ _state = {"loaded": None, "error": None}
 
 def load():
     if _state["loaded"] is None:
+        import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
         try:
             importlib.import_module("fastcnn._C")
             _state["loaded"] = True

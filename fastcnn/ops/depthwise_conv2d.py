@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 from .. import backends, reference
 from .._extension import has_ops
@@ -123,15 +124,16 @@ def _fake_forward(input, weight, bias, stride, padding, dilation):
     kh, kw = weight.shape[2:]
     ho = (h + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (w + padding[2] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return input.new_empty((n, c, ho, wo), memory_format=input.suggest_memory_format())
+    return torch.empty(
+        (n, c, ho, wo), dtype=input.dtype, device=input.device, memory_format=suggest_memory_format(input)
+    )
 
 
 def _fake_backward(grad_output, input, weight, stride, padding, dilation, output_mask):
-    empty = input.new_empty(0)
     return (
-        input.new_empty(input.shape, memory_format=input.suggest_memory_format()) if output_mask[0] else empty,
-        weight.new_empty(weight.shape) if output_mask[1] else empty,
-        weight.new_empty(weight.shape[:1]) if output_mask[2] else empty,
+        torch.empty_like(input, memory_format=suggest_memory_format(input)) if output_mask[0] else input.new_empty(0),
+        weight.new_empty(weight.shape) if output_mask[1] else input.new_empty(0),
+        weight.new_empty(weight.shape[:1]) if output_mask[2] else input.new_empty(0),
     )
 
 

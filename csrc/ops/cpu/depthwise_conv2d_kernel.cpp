@@ -32,6 +32,9 @@
 #define FASTCNN_SIMD_CLONES
 #endif
 #define FASTCNN_INLINE inline __attribute__((always_inline))
+// The hot loops read one buffer and write another; without this GCC versions them for aliasing
+// and gives up on vectorising once a window has more taps than it will check at run time.
+#define FASTCNN_IVDEP _Pragma("GCC ivdep")
 
 namespace fastcnn {
 namespace {
@@ -39,90 +42,187 @@ namespace {
 using depthwise::Geometry;
 
 // ---------------------------------------------------------------------------------------------
-// Plane kernels (NCHW). `T` is the accumulation type; planes are dense row-major.
+// Plane kernels (NCHW). `T` is the accumulation type.
+//
+// A padded input plane is stored with each row split into `stride_w` phases: column c lives at
+// (c % stride_w) * phase_w + c / stride_w. Output column x of tap kx then reads element
+// x + (kx*dw) / stride_w of one phase, so every load is unit-stride whatever the stride, and the
+// de-interleave is paid once per element on load instead of once per tap.
 
-template <typename T>
-FASTCNN_INLINE void axpy_strided(T* out, const T* src, T w, int64_t n, int64_t stride) {
-  if (stride == 1) {
-    for (int64_t x = 0; x < n; ++x) out[x] += w * src[x];
-  } else if (stride == 2) {
-    for (int64_t x = 0; x < n; ++x) out[x] += w * src[2 * x];
-  } else {
-    for (int64_t x = 0; x < n; ++x) out[x] += w * src[x * stride];
-  }
-}
-
-template <typename T>
-FASTCNN_INLINE void scatter_axpy_strided(T* dst, const T* src, T w, int64_t n, int64_t stride) {
-  if (stride == 1) {
-    for (int64_t x = 0; x < n; ++x) dst[x] += w * src[x];
-  } else if (stride == 2) {
-    for (int64_t x = 0; x < n; ++x) dst[2 * x] += w * src[x];
-  } else {
-    for (int64_t x = 0; x < n; ++x) dst[x * stride] += w * src[x];
-  }
-}
-
-template <typename T>
-FASTCNN_INLINE void mul_acc_strided(T* acc, const T* a, const T* b, int64_t n, int64_t stride) {
-  if (stride == 1) {
-    for (int64_t x = 0; x < n; ++x) acc[x] += a[x] * b[x];
-  } else if (stride == 2) {
-    for (int64_t x = 0; x < n; ++x) acc[x] += a[x] * b[2 * x];
-  } else {
-    for (int64_t x = 0; x < n; ++x) acc[x] += a[x] * b[x * stride];
-  }
-}
-
-// Geometry of one padded plane, passed by value into the hot loops.
 struct PlaneShape {
-  int64_t out_h, out_w, padded_w, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w;
+  int64_t out_h, out_w;
+  int64_t row_stride;  // elements per stored row: stride_w * phase_w
+  int64_t phase_w;     // elements per phase of a row
+  int64_t kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w;
+  // Offset of every tap (ky, kx) from the element of output (0, 0), in kernel order: divisions
+  // kept out of the hot loops.
+  std::vector<int64_t> tap_offsets;
 };
 
-// out[oy][ox] = bias + sum_{ky,kx} w[ky][kx] * padded[oy*sh + ky*dh][ox*sw + kx*dw]
+FASTCNN_INLINE int64_t column_offset(int64_t column, int64_t stride_w, int64_t phase_w) {
+  return (column % stride_w) * phase_w + column / stride_w;
+}
+
+PlaneShape make_plane_shape(int64_t out_h, int64_t out_w, int64_t padded_w, int64_t kernel_h, int64_t kernel_w,
+                            int64_t stride_h, int64_t stride_w, int64_t dilation_h, int64_t dilation_w) {
+  const int64_t phase_w = (padded_w + stride_w - 1) / stride_w;
+  PlaneShape s{out_h, out_w, phase_w * stride_w, phase_w, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w,
+               std::vector<int64_t>(kernel_h * kernel_w)};
+  for (int64_t ky = 0; ky < kernel_h; ++ky)
+    for (int64_t kx = 0; kx < kernel_w; ++kx)
+      s.tap_offsets[ky * kernel_w + kx] =
+          ky * dilation_h * s.row_stride + column_offset(kx * dilation_w, stride_w, phase_w);
+  return s;
+}
+
+// 32-byte vectors: native on AVX2 and AVX-512 alike. Wider GCC vectors on an AVX2 target are
+// split through the stack (seen here: a 20x slowdown), and memory bandwidth, not vector width,
+// bounds the common 3x3 layers.
 template <typename T>
-FASTCNN_INLINE void forward_plane_impl(const T* padded, const T* w, T bias, T* out, PlaneShape s) {
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float type __attribute__((vector_size(32)));
+  typedef float unaligned __attribute__((vector_size(32), aligned(4)));
+  typedef int32_t index __attribute__((vector_size(32)));
+  static constexpr int width = 8;
+};
+template <>
+struct Simd<double> {
+  typedef double type __attribute__((vector_size(32)));
+  typedef double unaligned __attribute__((vector_size(32), aligned(8)));
+  typedef int64_t index __attribute__((vector_size(32)));
+  static constexpr int width = 4;
+};
+
+template <typename T>
+FASTCNN_INLINE typename Simd<T>::type load(const T* p) {
+  return *reinterpret_cast<const typename Simd<T>::unaligned*>(p);
+}
+
+// Buffers read by the vector kernels carry this many elements of slack past their end, so a
+// vector that straddles the last row (its extra lanes discarded or masked) stays in bounds.
+constexpr int64_t kSlack = 64;
+
+// out[oy][ox] = bias + sum_{ky,kx} w[ky][kx] * padded[oy*sh + ky*dh][ox*sw + kx*dw]
+//
+// B vectors of adjacent outputs stay in registers while every tap of the window is added, so an
+// output is written once whatever the kernel size. Lanes past the row end are computed from
+// in-bounds (slack) memory and dropped on store.
+template <typename T, int B>
+FASTCNN_INLINE void forward_chunk(const T* row0, const T* w, T bias, T* out, int64_t valid, const PlaneShape& s) {
+  using V = typename Simd<T>::type;
+  constexpr int L = Simd<T>::width;
+  V acc[B];
+  for (int b = 0; b < B; ++b) acc[b] = V{} + bias;
+  const int64_t taps = s.kernel_h * s.kernel_w;
+  const int64_t* offsets = s.tap_offsets.data();
+  for (int64_t t = 0; t < taps; ++t) {
+    const T* p = row0 + offsets[t];
+    const T wv = w[t];
+    for (int b = 0; b < B; ++b) acc[b] += wv * load(p + b * L);
+  }
+  using U = typename Simd<T>::unaligned;
+  for (int b = 0; b < B; ++b) {
+    const int64_t lanes = std::min<int64_t>(L, valid - b * L);
+    if (lanes == L) {
+      *reinterpret_cast<U*>(out + b * L) = acc[b];
+    } else {
+      T spill[L];
+      *reinterpret_cast<U*>(spill) = acc[b];
+      for (int64_t i = 0; i < lanes; ++i) out[b * L + i] = spill[i];
+    }
+  }
+}
+
+template <typename T>
+FASTCNN_INLINE void forward_plane_impl(const T* padded, const T* w, T bias, T* out, const PlaneShape& s) {
+  constexpr int L = Simd<T>::width, B = 4;
   for (int64_t oy = 0; oy < s.out_h; ++oy) {
+    const T* row0 = padded + oy * s.stride_h * s.row_stride;
     T* out_row = out + oy * s.out_w;
-    for (int64_t x = 0; x < s.out_w; ++x) out_row[x] = bias;
-    for (int64_t ky = 0; ky < s.kernel_h; ++ky) {
-      const T* in_row = padded + (oy * s.stride_h + ky * s.dilation_h) * s.padded_w;
-      for (int64_t kx = 0; kx < s.kernel_w; ++kx) {
-        axpy_strided(out_row, in_row + kx * s.dilation_w, w[ky * s.kernel_w + kx], s.out_w, s.stride_w);
+    for (int64_t x = 0; x < s.out_w; x += B * L) {
+      const int64_t valid = std::min<int64_t>(B * L, s.out_w - x);
+      switch ((valid + L - 1) / L) {
+        case 1: forward_chunk<T, 1>(row0 + x, w, bias, out_row + x, valid, s); break;
+        case 2: forward_chunk<T, 2>(row0 + x, w, bias, out_row + x, valid, s); break;
+        case 3: forward_chunk<T, 3>(row0 + x, w, bias, out_row + x, valid, s); break;
+        default: forward_chunk<T, 4>(row0 + x, w, bias, out_row + x, valid, s); break;
       }
     }
   }
 }
 
-// The transpose of forward_plane: padded_grad (zeroed by the caller) receives every output's
-// gradient through every tap.
+// The transpose of the forward for strides > 1 (unit strides run as a forward convolution
+// instead): padded_grad, plain rows of `row_stride` and zeroed by the caller, receives every
+// output's gradient through every tap.
 template <typename T>
-FASTCNN_INLINE void backward_input_plane_impl(const T* grad_out, const T* w, T* padded_grad, PlaneShape s) {
+FASTCNN_INLINE void backward_input_plane_impl(const T* grad_out, const T* w, T* padded_grad, const PlaneShape& s) {
   for (int64_t oy = 0; oy < s.out_h; ++oy) {
     const T* go_row = grad_out + oy * s.out_w;
     for (int64_t ky = 0; ky < s.kernel_h; ++ky) {
-      T* gi_row = padded_grad + (oy * s.stride_h + ky * s.dilation_h) * s.padded_w;
+      T* gi_row = padded_grad + (oy * s.stride_h + ky * s.dilation_h) * s.row_stride;
       for (int64_t kx = 0; kx < s.kernel_w; ++kx) {
-        scatter_axpy_strided(gi_row + kx * s.dilation_w, go_row, w[ky * s.kernel_w + kx], s.out_w, s.stride_w);
+        T* dst = gi_row + kx * s.dilation_w;
+        const T wv = w[ky * s.kernel_w + kx];
+        const int64_t stride = s.stride_w;
+        FASTCNN_IVDEP
+        for (int64_t x = 0; x < s.out_w; ++x) dst[x * stride] += wv * go_row[x];
       }
     }
   }
 }
 
-// grad_w[ky][kx] += sum_{oy,ox} grad_out[oy][ox] * padded[oy*sh + ky*dh][ox*sw + kx*dw], summed
-// per column first (row_acc, vectorisable) and then across the row, in a fixed order.
-template <typename T>
-FASTCNN_INLINE void backward_weight_plane_impl(const T* grad_out, const T* padded, T* grad_w, T* row_acc, PlaneShape s) {
-  for (int64_t ky = 0; ky < s.kernel_h; ++ky) {
-    for (int64_t kx = 0; kx < s.kernel_w; ++kx) {
-      for (int64_t x = 0; x < s.out_w; ++x) row_acc[x] = T(0);
-      for (int64_t oy = 0; oy < s.out_h; ++oy) {
-        const T* in_row = padded + (oy * s.stride_h + ky * s.dilation_h) * s.padded_w + kx * s.dilation_w;
-        mul_acc_strided(row_acc, grad_out + oy * s.out_w, in_row, s.out_w, s.stride_w);
+// grad_w[ky][kx] += sum_{oy,ox} grad_out[oy][ox] * padded[oy*sh + ky*dh][ox*sw + kx*dw]
+//
+// Up to 10 taps at a time keep a vector accumulator each while the plane streams past once, so
+// grad_output is loaded once per group instead of once per tap. The last vector of a row is
+// masked with a select (never a multiply by zero: the lanes past the row may hold inf).
+template <typename T, int G>
+FASTCNN_INLINE void weight_grad_taps(const T* go, const T* padded, const int64_t* offsets, T* sums, const PlaneShape& s) {
+  using V = typename Simd<T>::type;
+  using I = typename Simd<T>::index;
+  using lane_t = std::remove_reference_t<decltype(std::declval<I>()[0])>;
+  constexpr int L = Simd<T>::width;
+  V lanes[G];
+  for (int j = 0; j < G; ++j) lanes[j] = V{};
+  I lane_index;
+  for (int i = 0; i < L; ++i) lane_index[i] = i;
+  for (int64_t xc = 0; xc < s.out_w; xc += L) {
+    const I limit = I{} + static_cast<lane_t>(s.out_w - xc);
+    const auto valid = lane_index < limit;
+    for (int64_t oy = 0; oy < s.out_h; ++oy) {
+      const V g = load(go + oy * s.out_w + xc);
+      const T* base = padded + oy * s.stride_h * s.row_stride + xc;
+      for (int j = 0; j < G; ++j) {
+        const V product = g * load(base + offsets[j]);
+        lanes[j] += valid ? product : V{};
       }
-      T sum = T(0);
-      for (int64_t x = 0; x < s.out_w; ++x) sum += row_acc[x];
-      grad_w[ky * s.kernel_w + kx] += sum;
+    }
+  }
+  for (int j = 0; j < G; ++j) {
+    T sum = T(0);
+    for (int i = 0; i < L; ++i) sum += lanes[j][i];
+    sums[j] += sum;
+  }
+}
+
+template <typename T>
+FASTCNN_INLINE void backward_weight_plane_impl(const T* go, const T* padded, T* grad_w, const PlaneShape& s) {
+  constexpr int G = 10;
+  const int64_t kernel_area = s.kernel_h * s.kernel_w;
+  for (int64_t t0 = 0; t0 < kernel_area; t0 += G) {
+    const int64_t count = std::min<int64_t>(G, kernel_area - t0);
+    const int64_t* offsets = s.tap_offsets.data() + t0;
+    T* sums = grad_w + t0;
+    switch (count) {
+#define FASTCNN_GROUP(N) \
+  case N:                \
+    weight_grad_taps<T, N>(go, padded, offsets, sums, s); \
+    break;
+      FASTCNN_GROUP(1) FASTCNN_GROUP(2) FASTCNN_GROUP(3) FASTCNN_GROUP(4) FASTCNN_GROUP(5) FASTCNN_GROUP(6)
+      FASTCNN_GROUP(7) FASTCNN_GROUP(8) FASTCNN_GROUP(9) FASTCNN_GROUP(10)
+#undef FASTCNN_GROUP
     }
   }
 }
@@ -132,19 +232,20 @@ FASTCNN_INLINE void backward_weight_plane_impl(const T* grad_out, const T* padde
 
 template <typename T>
 FASTCNN_INLINE void channel_axpy(T* acc, const T* w, const T* x, int64_t channels) {
+  FASTCNN_IVDEP
   for (int64_t c = 0; c < channels; ++c) acc[c] += w[c] * x[c];
 }
 
 // The non-inlined, multi-versioned entry points for float and double.
 #define FASTCNN_DEFINE_CLONES(T)                                                                          \
-  FASTCNN_SIMD_CLONES void forward_plane(const T* padded, const T* w, T bias, T* out, PlaneShape s) {     \
+  FASTCNN_SIMD_CLONES void forward_plane(const T* padded, const T* w, T bias, T* out, const PlaneShape& s) { \
     forward_plane_impl<T>(padded, w, bias, out, s);                                                       \
   }                                                                                                       \
-  FASTCNN_SIMD_CLONES void backward_input_plane(const T* go, const T* w, T* padded_grad, PlaneShape s) {  \
+  FASTCNN_SIMD_CLONES void backward_input_plane(const T* go, const T* w, T* padded_grad, const PlaneShape& s) { \
     backward_input_plane_impl<T>(go, w, padded_grad, s);                                                  \
   }                                                                                                       \
-  FASTCNN_SIMD_CLONES void backward_weight_plane(const T* go, const T* padded, T* gw, T* acc, PlaneShape s) { \
-    backward_weight_plane_impl<T>(go, padded, gw, acc, s);                                                \
+  FASTCNN_SIMD_CLONES void backward_weight_plane(const T* go, const T* padded, T* gw, const PlaneShape& s) { \
+    backward_weight_plane_impl<T>(go, padded, gw, s);                                                     \
   }                                                                                                       \
   FASTCNN_SIMD_CLONES void channel_axpy_n(T* acc, const T* w, const T* x, int64_t channels) {             \
     channel_axpy<T>(acc, w, x, channels);                                                                 \
@@ -156,32 +257,54 @@ FASTCNN_DEFINE_CLONES(double)
 // ---------------------------------------------------------------------------------------------
 // Plane loads and stores: any strides, any dtype, converted to/from the accumulation type.
 
-// Copies plane (h x w, strides sh, sw) into the interior of a zeroed padded buffer.
+// Padded row r, column c of a window is src[r - off_y][c - off_x], zero outside the source plane
+// (h x w, strides sh, sw); offsets may be negative (a crop). Rows are stored split into
+// `phases` phases as column_offset() describes (phases == 1: plain rows).
 template <typename scalar_t, typename T>
-void load_padded_plane(const scalar_t* src, int64_t h, int64_t w, int64_t sh, int64_t sw, const Geometry& g,
-                       T* padded, int64_t padded_h, int64_t padded_w) {
-  std::fill(padded, padded + g.pad_top * padded_w, T(0));
-  for (int64_t y = 0; y < h; ++y) {
-    T* row = padded + (y + g.pad_top) * padded_w;
-    std::fill(row, row + g.pad_left, T(0));
-    const scalar_t* src_row = src + y * sh;
-    if (sw == 1) {
-      for (int64_t x = 0; x < w; ++x) row[g.pad_left + x] = static_cast<T>(src_row[x]);
-    } else {
-      for (int64_t x = 0; x < w; ++x) row[g.pad_left + x] = static_cast<T>(src_row[x * sw]);
+void load_window(const scalar_t* src, int64_t h, int64_t w, int64_t sh, int64_t sw, int64_t off_y, int64_t off_x,
+                 T* dst, int64_t dst_h, int64_t dst_w, int64_t phases) {
+  const int64_t phase_w = (dst_w + phases - 1) / phases, row_stride = phase_w * phases;
+  const int64_t c_begin = std::clamp<int64_t>(off_x, 0, dst_w), c_end = std::clamp<int64_t>(off_x + w, 0, dst_w);
+  for (int64_t r = 0; r < dst_h; ++r) {
+    T* row = dst + r * row_stride;
+    const int64_t y = r - off_y;
+    if (!(y >= 0 && y < h) || c_begin >= c_end) {
+      std::fill(row, row + row_stride, T(0));
+      continue;
     }
-    std::fill(row + g.pad_left + w, row + padded_w, T(0));
+    const scalar_t* src_row = src + y * sh - off_x * sw;  // src_row[c * sw] is padded column c
+    if (phases == 1) {
+      std::fill(row, row + c_begin, T(0));
+      if (sw == 1) {
+        for (int64_t c = c_begin; c < c_end; ++c) row[c] = static_cast<T>(src_row[c]);
+      } else {
+        for (int64_t c = c_begin; c < c_end; ++c) row[c] = static_cast<T>(src_row[c * sw]);
+      }
+      std::fill(row + c_end, row + row_stride, T(0));
+      continue;
+    }
+    for (int64_t p = 0; p < phases; ++p) {
+      T* phase = row + p * phase_w;
+      // phase element i is padded column i * phases + p; [i_begin, i_end) are the source columns
+      const int64_t i_begin = std::min(phase_w, std::max<int64_t>(0, (c_begin - p + phases - 1) / phases));
+      const int64_t i_end = std::max(i_begin, std::min(phase_w, std::max<int64_t>(0, (c_end - p + phases - 1) / phases)));
+      std::fill(phase, phase + i_begin, T(0));
+      const scalar_t* column = src_row + p * sw;
+      const int64_t step = phases * sw;
+      for (int64_t i = i_begin; i < i_end; ++i) phase[i] = static_cast<T>(column[i * step]);
+      std::fill(phase + i_end, phase + phase_w, T(0));
+    }
   }
-  std::fill(padded + (g.pad_top + h) * padded_w, padded + padded_h * padded_w, T(0));
 }
 
 // A dense view of a (h x w) plane in type T: the plane itself when it already is one, else a copy.
 template <typename scalar_t, typename T>
-const T* dense_plane(const scalar_t* src, int64_t h, int64_t w, int64_t sh, int64_t sw, std::vector<T>& buffer) {
+const T* dense_plane(const scalar_t* src, int64_t h, int64_t w, int64_t sh, int64_t sw, std::vector<T>& buffer,
+                     bool with_slack) {
   if constexpr (std::is_same_v<scalar_t, T>) {
-    if (sw == 1 && sh == w) return src;
+    if (!with_slack && sw == 1 && sh == w) return src;
   }
-  buffer.resize(h * w);
+  buffer.resize(h * w + (with_slack ? kSlack : 0));
   for (int64_t y = 0; y < h; ++y)
     for (int64_t x = 0; x < w; ++x) buffer[y * w + x] = static_cast<T>(src[y * sh + x * sw]);
   return buffer.data();
@@ -197,8 +320,8 @@ void store_plane(const T* src, int64_t h, int64_t w, scalar_t* dst, int64_t sh, 
 }
 
 PlaneShape plane_shape(const Geometry& g) {
-  return {g.out_h, g.out_w, g.in_w + g.pad_left + g.pad_right, g.kernel_h, g.kernel_w,
-          g.stride_h, g.stride_w, g.dilation_h, g.dilation_w};
+  return make_plane_shape(g.out_h, g.out_w, g.in_w + g.pad_left + g.pad_right, g.kernel_h, g.kernel_w, g.stride_h,
+                          g.stride_w, g.dilation_h, g.dilation_w);
 }
 
 bool use_channels_last(const at::Tensor& input) {
@@ -213,7 +336,7 @@ void forward_nchw(const at::Tensor& input, const at::Tensor& weight, const at::T
                   const Geometry& g) {
   using T = at::opmath_type<scalar_t>;
   const PlaneShape s = plane_shape(g);
-  const int64_t padded_h = g.in_h + g.pad_top + g.pad_bottom;
+  const int64_t padded_h = g.in_h + g.pad_top + g.pad_bottom, padded_w = g.in_w + g.pad_left + g.pad_right;
   const auto in_strides = input.strides();
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   const scalar_t* w = weight.const_data_ptr<scalar_t>();
@@ -223,12 +346,12 @@ void forward_nchw(const at::Tensor& input, const at::Tensor& weight, const at::T
   const int64_t out_area = g.out_h * g.out_w;
 
   at::parallel_for(0, g.batch * g.channels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> padded(padded_h * s.padded_w), taps(kernel_area);
+    std::vector<T> padded(padded_h * s.row_stride + kSlack), taps(kernel_area);
     std::vector<T> out_buffer(std::is_same_v<scalar_t, T> ? 0 : out_area);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / g.channels, c = plane % g.channels;
-      load_padded_plane(in + n * in_strides[0] + c * in_strides[1], g.in_h, g.in_w, in_strides[2], in_strides[3], g,
-                        padded.data(), padded_h, s.padded_w);
+      load_window(in + n * in_strides[0] + c * in_strides[1], g.in_h, g.in_w, in_strides[2], in_strides[3], g.pad_top,
+                  g.pad_left, padded.data(), padded_h, padded_w, g.stride_w);
       for (int64_t t = 0; t < kernel_area; ++t) taps[t] = static_cast<T>(w[c * kernel_area + t]);
       const T bias_value = b ? static_cast<T>(b[c]) : T(0);
       scalar_t* out_plane = out + plane * out_area;
@@ -327,7 +450,7 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
                    at::Tensor& grad_input, at::Tensor& grad_weight, at::Tensor& grad_bias, const Geometry& g) {
   using T = at::opmath_type<scalar_t>;
   const PlaneShape s = plane_shape(g);
-  const int64_t padded_h = g.in_h + g.pad_top + g.pad_bottom;
+  const int64_t padded_h = g.in_h + g.pad_top + g.pad_bottom, padded_w = g.in_w + g.pad_left + g.pad_right;
   const int64_t kernel_area = g.kernel_h * g.kernel_w;
   const bool want_input = grad_input.defined(), want_weight = grad_weight.defined(), want_bias = grad_bias.defined();
   const auto go_strides = grad_output.strides();
@@ -339,35 +462,63 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
   scalar_t* gw = want_weight ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* gb = want_bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
   const auto gi_strides = want_input ? grad_input.strides() : at::IntArrayRef();
+  const bool gi_dense = want_input && gi_strides[3] == 1 && gi_strides[2] == g.in_w;
+  // With unit strides the input gradient is a forward convolution of grad_output, zero-padded
+  // by the window below, with the kernel flipped: it then runs on the fast forward kernels.
+  const bool transpose_as_forward = g.stride_h == 1 && g.stride_w == 1;
+  const int64_t window_top = (g.kernel_h - 1) * g.dilation_h - g.pad_top;
+  const int64_t window_left = (g.kernel_w - 1) * g.dilation_w - g.pad_left;
+  const int64_t window_h = g.in_h + (g.kernel_h - 1) * g.dilation_h;
+  const int64_t window_w = g.in_w + (g.kernel_w - 1) * g.dilation_w;
+  const PlaneShape transposed =
+      make_plane_shape(g.in_h, g.in_w, window_w, g.kernel_h, g.kernel_w, 1, 1, g.dilation_h, g.dilation_w);
+  PlaneShape scatter = s;  // plain rows (one phase) for the strided scatter
+  scatter.row_stride = scatter.phase_w = padded_w;
 
   // One thread owns a channel for the whole batch: the weight gradient is summed without atomics
   // and in the same order on every run.
   at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> padded(want_weight ? padded_h * s.padded_w : 0);
-    std::vector<T> padded_grad(want_input ? padded_h * s.padded_w : 0);
-    std::vector<T> go_buffer, taps(kernel_area), grad_taps(kernel_area), row_acc(g.out_w);
+    std::vector<T> padded(want_weight ? padded_h * s.row_stride + kSlack : 0);
+    std::vector<T> padded_grad(want_input && !transpose_as_forward ? padded_h * padded_w : 0);
+    std::vector<T> go_window(want_input && transpose_as_forward ? window_h * window_w + kSlack : 0);
+    std::vector<T> gi_buffer(want_input && transpose_as_forward && !gi_dense ? g.in_h * g.in_w : 0);
+    std::vector<T> go_buffer, taps(kernel_area), flipped(kernel_area), grad_taps(kernel_area);
     for (int64_t c = begin; c < end; ++c) {
       for (int64_t t = 0; t < kernel_area; ++t) taps[t] = static_cast<T>(w[c * kernel_area + t]);
+      for (int64_t t = 0; t < kernel_area; ++t) flipped[kernel_area - 1 - t] = taps[t];
       std::fill(grad_taps.begin(), grad_taps.end(), T(0));
       T bias_sum = T(0);
       for (int64_t n = 0; n < g.batch; ++n) {
         const T* go_plane = dense_plane<scalar_t, T>(go + n * go_strides[0] + c * go_strides[1], g.out_h, g.out_w,
-                                                     go_strides[2], go_strides[3], go_buffer);
+                                                     go_strides[2], go_strides[3], go_buffer,
+                                                     /*with_slack=*/want_weight);
         if (want_bias) {
           T plane_sum = T(0);
           for (int64_t i = 0; i < g.out_h * g.out_w; ++i) plane_sum += go_plane[i];
           bias_sum += plane_sum;
         }
         if (want_weight) {
-          load_padded_plane(in + n * in_strides[0] + c * in_strides[1], g.in_h, g.in_w, in_strides[2], in_strides[3],
-                            g, padded.data(), padded_h, s.padded_w);
-          backward_weight_plane(go_plane, padded.data(), grad_taps.data(), row_acc.data(), s);
+          load_window(in + n * in_strides[0] + c * in_strides[1], g.in_h, g.in_w, in_strides[2], in_strides[3],
+                      g.pad_top, g.pad_left, padded.data(), padded_h, padded_w, g.stride_w);
+          backward_weight_plane(go_plane, padded.data(), grad_taps.data(), s);
         }
-        if (want_input) {
+        if (want_input && transpose_as_forward) {
+          load_window(go + n * go_strides[0] + c * go_strides[1], g.out_h, g.out_w, go_strides[2], go_strides[3],
+                      window_top, window_left, go_window.data(), window_h, window_w, 1);
+          scalar_t* gi_plane = gi + n * gi_strides[0] + c * gi_strides[1];
+          if constexpr (std::is_same_v<scalar_t, T>) {
+            if (gi_dense) {
+              forward_plane(go_window.data(), flipped.data(), T(0), gi_plane, transposed);
+              continue;
+            }
+          }
+          forward_plane(go_window.data(), flipped.data(), T(0), gi_buffer.data(), transposed);
+          store_plane(gi_buffer.data(), g.in_h, g.in_w, gi_plane, gi_strides[2], gi_strides[3], g.in_w, 0);
+        } else if (want_input) {
           std::fill(padded_grad.begin(), padded_grad.end(), T(0));
-          backward_input_plane(go_plane, taps.data(), padded_grad.data(), s);
+          backward_input_plane(go_plane, taps.data(), padded_grad.data(), scatter);
           store_plane(padded_grad.data(), g.in_h, g.in_w, gi + n * gi_strides[0] + c * gi_strides[1], gi_strides[2],
-                      gi_strides[3], s.padded_w, g.pad_top * s.padded_w + g.pad_left);
+                      gi_strides[3], padded_w, g.pad_top * padded_w + g.pad_left);
         }
       }
       if (want_weight)
@@ -467,7 +618,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
   TORCH_CHECK(input.device().is_cpu(), "depthwise_conv2d backward (CPU kernel): expected CPU tensors, got ",
               input.device());
   const auto memory_format = input.suggest_memory_format();
-  const at::Tensor empty = at::empty({0}, input.options());
   at::Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options().memory_format(memory_format))
                                          : at::Tensor();
   at::Tensor grad_weight = output_mask[1] ? at::empty(weight.sizes(), weight.options()) : at::Tensor();
@@ -489,8 +639,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
       }
     });
   }
-  return {grad_input.defined() ? grad_input : empty, grad_weight.defined() ? grad_weight : empty,
-          grad_bias.defined() ? grad_bias : empty};
+  // Outputs not asked for are distinct empty tensors: a custom op's outputs may not alias.
+  const auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, input.options()); };
+  return {or_empty(grad_input), or_empty(grad_weight), or_empty(grad_bias)};
 }
 
 }  // namespace

@@ -1,0 +1,315 @@
+"""depthwise_conv2d through the public API on CPU: the C++ kernel against F.conv2d(groups=C).
+
+The Triton kernel (under the interpreter) and the CUDA kernel have their own files; this one
+covers the CPU kernel, the registration (opcheck, autograd, compile), argument errors and
+backend selection.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcnn
+from fastcnn.ops import depthwise_conv2d
+
+pytestmark = pytest.mark.skipif(not fastcnn._extension.has_ops(), reason="fastcnn._C is not built")
+
+
+def _layout(x, layout):
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # a non-contiguous view: every other column of a wider tensor
+        wide = torch.randn(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    return x
+
+
+def _reference(x, w, b, stride, padding, dilation):
+    return fastcnn.reference.depthwise_conv2d(x, w, b, stride, padding, dilation)
+
+
+def _random_case(n, c, h, w, kh, kw, dtype, layout, bias=True):
+    x = _layout(torch.randn(n, c, h, w, dtype=dtype), layout).requires_grad_()
+    weight = torch.randn(c, 1, kh, kw, dtype=dtype, requires_grad=True)
+    b = torch.randn(c, dtype=dtype, requires_grad=True) if bias else None
+    return x, weight, b
+
+
+def _grads(out, tensors, grad):
+    return torch.autograd.grad(out, [t for t in tensors if t is not None], grad)
+
+
+# (N, C, H, W, kH, kW, stride, padding, dilation): shapes that bite
+CASES = [
+    (2, 5, 9, 11, 3, 3, 1, 1, 1),  # odd sizes
+    (2, 17, 9, 9, 3, 3, 2, 1, 1),  # stride 2 on odd input, C not a multiple of 16
+    (1, 3, 7, 8, 3, 3, 1, 3, 1),  # padding larger than k//2
+    (3, 4, 13, 12, 3, 3, 1, 2, 2),  # dilation 2
+    (2, 6, 10, 9, 3, 5, (2, 1), (1, 2), 1),  # rectangular kernel, mixed strides
+    (1, 8, 1, 1, 1, 1, 1, 0, 1),  # 1x1 spatial, 1x1 kernel
+    (1, 2, 1, 1, 3, 3, 1, 1, 1),  # 1x1 spatial, 3x3 kernel: all but the centre tap is padding
+    (2, 3, 12, 12, 7, 7, 1, 3, 1),
+    (1, 2, 9, 10, 31, 31, 1, 15, 1),  # RepLKNet-size kernel on a small map
+    (2, 4, 11, 13, 5, 5, 3, (4, 0), (1, 2)),  # stride 3, asymmetric pad pair
+    (2, 4, 8, 8, 4, 2, 1, "same", 1),  # even kernel: PyTorch pads one more at the end
+    (2, 4, 9, 8, 3, 3, 1, "same", 2),
+    (1, 4, 6, 7, 3, 3, 2, "valid", 1),
+    (2, 3, 8, 9, 3, 3, 1, (0, 2, 1, 0), 1),  # explicit (top, bottom, left, right)
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-s{c[6]}-p{c[7]}-d{c[8]}")
+def test_matches_reference_fp64(case, layout):
+    n, c, h, w, kh, kw, stride, padding, dilation = case
+    x, weight, b = _random_case(n, c, h, w, kh, kw, torch.float64, layout)
+    out = depthwise_conv2d(x, weight, b, stride, padding, dilation)
+    expected = _reference(x, weight, b, stride, padding, dilation)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(expected)
+    for ours, theirs in zip(_grads(out, (x, weight, b), grad), _grads(expected, (x, weight, b), grad)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-11, atol=1e-11)
+    expected_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=expected_format)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize(
+    "shape", [(2, 32, 17, 19, 3, 1), (2, 24, 15, 15, 3, 2), (1, 40, 12, 12, 7, 1), (1, 8, 20, 20, 31, 1)]
+)
+def test_matches_reference_fp32(shape, layout):
+    n, c, h, w, k, stride = shape
+    x, weight, b = _random_case(n, c, h, w, k, k, torch.float32, layout)
+    out = depthwise_conv2d(x, weight, b, stride, k // 2)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, b))
+    truth = _reference(x64, w64, b64, stride, k // 2, 1)
+    torch.testing.assert_close(out.double(), truth, rtol=1e-5, atol=1e-5 * k)
+    grad = torch.randn_like(out)
+    ours = _grads(out, (x, weight, b), grad)
+    exact = _grads(truth, (x64, w64, b64), grad.double())
+    for g_ours, g_exact in zip(ours, exact):
+        scale = g_exact.abs().max().item() + 1
+        torch.testing.assert_close(g_ours.double(), g_exact, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_low_precision_error_within_twice_pytorch(dtype, layout):
+    """Our error against the fp64 truth is at most 2x PyTorch's own error in that dtype."""
+    torch.manual_seed(0)
+    x, weight, b = _random_case(2, 24, 15, 13, 5, 5, dtype, layout)
+    grad = torch.randn(2, 24, 8, 7, dtype=dtype)
+    args = (2, 2, 1)
+    ours = [depthwise_conv2d(x, weight, b, *args)]
+    ours += _grads(ours[0], (x, weight, b), grad)
+    theirs = [F.conv2d(x, weight, b, 2, 2, 1, groups=24)]
+    theirs += _grads(theirs[0], (x, weight, b), grad)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, b))
+    truth = [F.conv2d(x64, w64, b64, 2, 2, 1, groups=24)]
+    truth += _grads(truth[0], (x64, w64, b64), grad.double())
+    for name, o, t, e in zip(("output", "grad_input", "grad_weight", "grad_bias"), ours, theirs, truth):
+        assert o.dtype == dtype
+        our_error = (o.double() - e).abs().max().item()
+        their_error = (t.double() - e).abs().max().item()
+        assert our_error <= 2 * their_error + 1e-3 * e.abs().max().item(), (name, our_error, their_error)
+
+
+def test_gradcheck():
+    x, weight, b = _random_case(2, 3, 6, 7, 3, 3, torch.float64, "contiguous")
+    assert torch.autograd.gradcheck(lambda *a: depthwise_conv2d(*a, stride=2, padding=(1, 2), dilation=1), (x, weight, b))
+    x, weight, b = _random_case(1, 4, 5, 6, 3, 2, torch.float64, "channels_last")
+    assert torch.autograd.gradcheck(lambda *a: depthwise_conv2d(*a, stride=1, padding="same", dilation=2), (x, weight, b))
+
+
+def test_poisoned_outputs_are_fully_written(monkeypatch):
+    """Every output element is written: NaN-filled fresh buffers do not survive into results."""
+    real_empty = torch.empty
+
+    x, weight, b = _random_case(3, 7, 11, 9, 3, 3, torch.float32, "contiguous")
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last)
+    for inp in (x.detach(), x_cl):
+        # The C++ op allocates with at::empty: ask the caching allocator to hand back NaN-filled
+        # memory by freeing NaN buffers of the same sizes right before the call.
+        for _ in range(3):
+            real_empty(inp.shape, dtype=inp.dtype).fill_(float("nan"))
+        out = torch.ops.fastcnn.depthwise_conv2d(inp, weight.detach(), b.detach(), [2, 1], [1, 1, 1, 1], [1, 1])
+        assert torch.isfinite(out).all()
+        grads = torch.ops.fastcnn._depthwise_conv2d_backward(
+            torch.randn_like(out), inp, weight.detach(), [2, 1], [1, 1, 1, 1], [1, 1], [True, True, True]
+        )
+        assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch_zero_and_channel_edge(layout):
+    x, weight, b = _random_case(0, 5, 7, 7, 3, 3, torch.float32, layout)
+    out = depthwise_conv2d(x, weight, b, 1, 1)
+    assert out.shape == (0, 5, 7, 7)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+    assert torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("kind", ["sum", "expanded", "permuted"])
+def test_backward_with_odd_grad_output_strides(kind):
+    x, weight, b = _random_case(2, 6, 9, 10, 3, 3, torch.float64, "contiguous")
+    out = depthwise_conv2d(x, weight, b, 2, 1)
+    expected = _reference(x, weight, b, 2, 1, 1)
+    if kind == "sum":
+        ours, theirs = _grads(out.sum(), (x, weight, b), None), _grads(expected.sum(), (x, weight, b), None)
+    else:
+        if kind == "expanded":
+            grad = torch.randn(1, 6, 1, 1, dtype=torch.float64).expand_as(out)
+        else:
+            grad = torch.randn(out.shape[3], out.shape[2], out.shape[1], out.shape[0], dtype=torch.float64).permute(3, 2, 1, 0)
+        ours, theirs = _grads(out, (x, weight, b), grad), _grads(expected, (x, weight, b), grad)
+    for a, e in zip(ours, theirs):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_backward_only_what_is_needed():
+    x, weight, b = _random_case(2, 4, 8, 8, 3, 3, torch.float64, "contiguous")
+    (gx,) = torch.autograd.grad(depthwise_conv2d(x, weight.detach(), None, 1, 1).sum(), x)
+    (ex,) = torch.autograd.grad(_reference(x, weight.detach(), None, 1, 1, 1).sum(), x)
+    torch.testing.assert_close(gx, ex)
+    (gw,) = torch.autograd.grad(depthwise_conv2d(x.detach(), weight, None, 1, 1).sum(), weight)
+    (ew,) = torch.autograd.grad(_reference(x.detach(), weight, None, 1, 1, 1).sum(), weight)
+    torch.testing.assert_close(gw, ew)
+
+
+def test_backward_is_deterministic():
+    for layout in ("contiguous", "channels_last"):
+        x, weight, b = _random_case(4, 12, 20, 20, 5, 5, torch.float32, layout)
+        grad = torch.randn(4, 12, 20, 20)
+        first = _grads(depthwise_conv2d(x, weight, b, 1, 2), (x, weight, b), grad)
+        second = _grads(depthwise_conv2d(x, weight, b, 1, 2), (x, weight, b), grad)
+        for a, e in zip(first, second):
+            assert torch.equal(a, e)
+
+
+def _opcheck_samples():
+    samples = []
+    for layout in ("contiguous", "channels_last", "strided"):
+        for requires_grad in (False, True):
+            x = _layout(torch.randn(2, 5, 7, 9), layout)
+            w = torch.randn(5, 1, 3, 3)
+            b = torch.randn(5)
+            for t in (x, w, b):
+                t.requires_grad_(requires_grad)
+            samples.append((x, w, b, [2, 1], [1, 1, 2, 0], [1, 1]))
+            samples.append((x, w, None, [1, 1], [0, 0, 0, 0], [2, 1]))
+    return samples
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_opcheck(index):
+    args = _opcheck_samples()[index]
+    torch.library.opcheck(torch.ops.fastcnn.depthwise_conv2d.default, args)
+
+
+def test_opcheck_backward_op():
+    x = torch.randn(2, 5, 7, 9).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(5, 1, 3, 3)
+    go = torch.randn(2, 5, 4, 9).contiguous(memory_format=torch.channels_last)
+    for mask in ([True, True, True], [True, False, False], [False, True, True]):
+        torch.library.opcheck(
+            torch.ops.fastcnn._depthwise_conv2d_backward.default, (go, x, w, [2, 1], [1, 1, 1, 1], [1, 1], mask),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+
+    def f(x, w, b):
+        return depthwise_conv2d(x, w, b, stride=2, padding=1).relu().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    x, weight, b = _random_case(2, 6, 9, 9, 3, 3, torch.float32, "channels_last")
+    loss = compiled(x, weight, b)
+    grads = torch.autograd.grad(loss, (x, weight, b))
+    expected_loss = f(x, weight, b)
+    expected = torch.autograd.grad(expected_loss, (x, weight, b))
+    torch.testing.assert_close(loss, expected_loss)
+    for a, e in zip(grads, expected):
+        torch.testing.assert_close(a, e)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: (torch.randn(3, 8, 8), torch.randn(3, 1, 3, 3), None, {}), "input of shape \\[N, C, H, W\\]"),
+        (lambda: (torch.randn(1, 3, 8, 8), torch.randn(4, 1, 3, 3), None, {}), "weight of shape \\[C, 1, kH, kW\\] with C = 3"),
+        (lambda: (torch.randn(1, 3, 8, 8), torch.randn(3, 2, 3, 3), None, {}), "weight of shape"),
+        (lambda: (torch.randn(1, 3, 8, 8), torch.randn(3, 1, 3, 3), torch.randn(4), {}), "bias of shape \\[3\\]"),
+        (lambda: (torch.randn(1, 3, 8, 8), torch.randn(3, 1, 3, 3).double(), None, {}), "weight has dtype"),
+        (lambda: (torch.randn(1, 3, 8, 8), torch.randn(3, 1, 3, 3), None, {"padding": -1}), "padding must be non-negative"),
+        (lambda: (torch.randn(1, 3, 8, 8), torch.randn(3, 1, 3, 3), None, {"stride": 0}), "stride must be positive"),
+        (lambda: (torch.randn(1, 3, 8, 8), torch.randn(3, 1, 3, 3), None, {"dilation": 0}), "dilation must be positive"),
+        (lambda: (torch.randn(1, 3, 8, 8), torch.randn(3, 1, 3, 3), None, {"padding": "full"}), "'same' or 'valid'"),
+        (lambda: (torch.randn(1, 3, 8, 8), torch.randn(3, 1, 3, 3), None, {"padding": "same", "stride": 2}), "strided"),
+        (lambda: (torch.randn(1, 3, 2, 2), torch.randn(3, 1, 5, 5), None, {}), "smaller than the dilated kernel"),
+        (lambda: (torch.randint(0, 5, (1, 3, 8, 8)), torch.randint(0, 5, (3, 1, 3, 3)), None, {}), "floating-point"),
+    ],
+)
+def test_errors_name_the_argument(make, match):
+    x, w, b, kwargs = make()
+    with pytest.raises((ValueError, TypeError), match=match):
+        depthwise_conv2d(x, w, b, **kwargs)
+
+
+def test_cpp_op_checks_its_arguments_too():
+    with pytest.raises(RuntimeError, match="expected weight of shape \\[C, 1, kH, kW\\] with C = 3"):
+        torch.ops.fastcnn.depthwise_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 1, 3, 3), None, [1, 1], [1, 1, 1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="padding must be four non-negative ints"):
+        torch.ops.fastcnn.depthwise_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 1, 3, 3), None, [1, 1], [1, -1, 1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="expected grad_output of shape"):
+        torch.ops.fastcnn._depthwise_conv2d_backward(
+            torch.randn(1, 3, 7, 8), torch.randn(1, 3, 8, 8), torch.randn(3, 1, 3, 3), [1, 1], [1, 1, 1, 1], [1, 1], [True] * 3
+        )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.cuda
+def test_device_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="weight is on cuda"):
+        depthwise_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 1, 3, 3, device="cuda"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend selection
+
+
+def test_backends_listed_with_reasons():
+    status = fastcnn.backends.status()
+    assert set(status) == {"cpu", "cuda", "triton", "reference"}
+    assert status["cpu"][0] and status["reference"][0]
+    assert "cpu" in fastcnn.backends.available()
+    assert all(isinstance(reason, str) and reason for _, reason in status.values())
+
+
+def test_use_backend_selects_and_restores(monkeypatch):
+    x, weight, b = _random_case(1, 3, 6, 6, 3, 3, torch.float32, "contiguous")
+    calls = []
+    real = fastcnn.reference.depthwise_conv2d
+    monkeypatch.setattr(fastcnn.reference, "depthwise_conv2d", lambda *a: calls.append(1) or real(*a))
+    with fastcnn.use_backend("reference"):
+        depthwise_conv2d(x, weight, b, 1, 1)
+    assert calls == [1]
+    depthwise_conv2d(x, weight, b, 1, 1)
+    assert calls == [1]  # auto picks the C++ kernel again
+    monkeypatch.setenv("FASTCNN_BACKEND", "reference")
+    depthwise_conv2d(x, weight, b, 1, 1)
+    assert calls == [1, 1]
+    with pytest.raises(ValueError, match="unknown fastcnn backend"):
+        with fastcnn.use_backend("fast"):
+            pass
+    monkeypatch.setenv("FASTCNN_BACKEND", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+            depthwise_conv2d(x, weight, b, 1, 1)
