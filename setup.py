@@ -15,7 +15,10 @@ import torch
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["fastcnn", "fastcnn.ops", "fastcnn.reference", "fastcnn.nn", "fastcnn.models", "fastcnn.kernels"]
+PACKAGES = [
+    "fastcnn", "fastcnn.ops", "fastcnn.reference", "fastcnn.nn", "fastcnn.models", "fastcnn.bench_cases",
+    "fastcnn.kernels",
+]
 
 
 def _want_cuda():
