@@ -51,7 +51,7 @@ extras=test
 [ "$command" = bench ] && extras=bench
 # --no-build-isolation: compile against the torch installed above (an isolated build would use
 # another torch and fail at import with undefined symbols).
-"$py" -m pip install --no-build-isolation -e ".[$extras]" >"$venv/build.log" 2>&1 || {
+"$py" -m pip install -v --no-build-isolation -e ".[$extras]" >"$venv/build.log" 2>&1 || {
   tail -n 60 "$venv/build.log" >&2
   echo "== build failed; full log in $venv/build.log" >&2
   exit 1

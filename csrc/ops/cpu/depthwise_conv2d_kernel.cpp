@@ -154,21 +154,20 @@ FASTCNN_INLINE void forward_plane_impl(const T* padded, const T* w, T bias, T* o
 }
 
 // The transpose of the forward for strides > 1 (unit strides run as a forward convolution
-// instead): padded_grad, plain rows of `row_stride` and zeroed by the caller, receives every
-// output's gradient through every tap.
+// instead): padded_grad, in the same phase-split layout as the padded input and zeroed by the
+// caller, receives every output's gradient through every tap. In that layout each tap's targets
+// are contiguous, so each tap is a unit-stride axpy.
 template <typename T>
 FASTCNN_INLINE void backward_input_plane_impl(const T* grad_out, const T* w, T* padded_grad, const PlaneShape& s) {
+  const int64_t taps = s.kernel_h * s.kernel_w;
   for (int64_t oy = 0; oy < s.out_h; ++oy) {
     const T* go_row = grad_out + oy * s.out_w;
-    for (int64_t ky = 0; ky < s.kernel_h; ++ky) {
-      T* gi_row = padded_grad + (oy * s.stride_h + ky * s.dilation_h) * s.row_stride;
-      for (int64_t kx = 0; kx < s.kernel_w; ++kx) {
-        T* dst = gi_row + kx * s.dilation_w;
-        const T wv = w[ky * s.kernel_w + kx];
-        const int64_t stride = s.stride_w;
-        FASTCNN_IVDEP
-        for (int64_t x = 0; x < s.out_w; ++x) dst[x * stride] += wv * go_row[x];
-      }
+    T* base = padded_grad + oy * s.stride_h * s.row_stride;
+    for (int64_t t = 0; t < taps; ++t) {
+      T* dst = base + s.tap_offsets[t];
+      const T wv = w[t];
+      FASTCNN_IVDEP
+      for (int64_t x = 0; x < s.out_w; ++x) dst[x] += wv * go_row[x];
     }
   }
 }
@@ -179,7 +178,8 @@ FASTCNN_INLINE void backward_input_plane_impl(const T* grad_out, const T* w, T* 
 // grad_output is loaded once per group instead of once per tap. The last vector of a row is
 // masked with a select (never a multiply by zero: the lanes past the row may hold inf).
 template <typename T, int G>
-FASTCNN_INLINE void weight_grad_taps(const T* go, const T* padded, const int64_t* offsets, T* sums, const PlaneShape& s) {
+FASTCNN_INLINE void weight_grad_taps(const T* go, int64_t go_stride, const T* padded, const int64_t* offsets, T* sums,
+                                     const PlaneShape& s) {
   using V = typename Simd<T>::type;
   using I = typename Simd<T>::index;
   using lane_t = std::remove_reference_t<decltype(std::declval<I>()[0])>;
@@ -192,7 +192,7 @@ FASTCNN_INLINE void weight_grad_taps(const T* go, const T* padded, const int64_t
     const I limit = I{} + static_cast<lane_t>(s.out_w - xc);
     const auto valid = lane_index < limit;
     for (int64_t oy = 0; oy < s.out_h; ++oy) {
-      const V g = load(go + oy * s.out_w + xc);
+      const V g = load(go + oy * go_stride + xc);
       const T* base = padded + oy * s.stride_h * s.row_stride + xc;
       for (int j = 0; j < G; ++j) {
         const V product = g * load(base + offsets[j]);
@@ -208,7 +208,8 @@ FASTCNN_INLINE void weight_grad_taps(const T* go, const T* padded, const int64_t
 }
 
 template <typename T>
-FASTCNN_INLINE void backward_weight_plane_impl(const T* go, const T* padded, T* grad_w, const PlaneShape& s) {
+FASTCNN_INLINE void backward_weight_plane_impl(const T* go, int64_t go_stride, const T* padded, T* grad_w,
+                                               const PlaneShape& s) {
   constexpr int G = 10;
   const int64_t kernel_area = s.kernel_h * s.kernel_w;
   for (int64_t t0 = 0; t0 < kernel_area; t0 += G) {
@@ -218,7 +219,7 @@ FASTCNN_INLINE void backward_weight_plane_impl(const T* go, const T* padded, T* 
     switch (count) {
 #define FASTCNN_GROUP(N) \
   case N:                \
-    weight_grad_taps<T, N>(go, padded, offsets, sums, s); \
+    weight_grad_taps<T, N>(go, go_stride, padded, offsets, sums, s); \
     break;
       FASTCNN_GROUP(1) FASTCNN_GROUP(2) FASTCNN_GROUP(3) FASTCNN_GROUP(4) FASTCNN_GROUP(5) FASTCNN_GROUP(6)
       FASTCNN_GROUP(7) FASTCNN_GROUP(8) FASTCNN_GROUP(9) FASTCNN_GROUP(10)
@@ -236,6 +237,222 @@ FASTCNN_INLINE void channel_axpy(T* acc, const T* w, const T* x, int64_t channel
   for (int64_t c = 0; c < channels; ++c) acc[c] += w[c] * x[c];
 }
 
+// Geometry of a channels_last image for the row kernels. Padding may be negative (a crop): the
+// input gradient runs the forward row kernel over grad_output with that window.
+struct RowShape {
+  int64_t channels, in_h, in_w, out_w, kernel_h, kernel_w, stride_h, stride_w, pad_top, pad_left, dilation_h,
+      dilation_w;
+};
+
+// [first, last) of taps k with 0 <= o*stride - pad + k*dilation < size.
+FASTCNN_INLINE void valid_taps(int64_t o, int64_t stride, int64_t pad, int64_t dilation, int64_t size, int64_t kernel,
+                               int64_t* first, int64_t* last) {
+  const int64_t start = o * stride - pad;
+  int64_t lo = start >= 0 ? 0 : (-start + dilation - 1) / dilation;
+  int64_t hi = start > size - 1 ? 0 : (size - 1 - start) / dilation + 1;
+  *first = std::min(lo, kernel);
+  *last = std::max(*first, std::min(hi, kernel));
+}
+
+// R adjacent output pixels x B channel vectors in registers: each tap's weights are loaded once
+// for the R pixels. A pixel whose tap falls outside the image reads a zero vector instead, so
+// edges need no separate path.
+template <typename T, int R, int B>
+FASTCNN_INLINE void nhwc_pixels_block(const T* in, const T* taps, const T* bias, T* out_row, const T* zeros, int64_t c0,
+                                      int64_t ox0, int64_t ky0, int64_t ky1, int64_t iy0, const RowShape& s) {
+  using V = typename Simd<T>::type;
+  using U = typename Simd<T>::unaligned;
+  constexpr int L = Simd<T>::width;
+  const int64_t C = s.channels;
+  V acc[R][B];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) acc[r][b] = bias ? load(bias + c0 + b * L) : V{};
+  int64_t ix0[R];
+  for (int r = 0; r < R; ++r) ix0[r] = (ox0 + r) * s.stride_w - s.pad_left;
+  for (int64_t ky = ky0; ky < ky1; ++ky) {
+    const T* in_row = in + (iy0 + ky * s.dilation_h) * s.in_w * C + c0;
+    const T* tap_row = taps + ky * s.kernel_w * C + c0;
+    for (int64_t kx = 0; kx < s.kernel_w; ++kx) {
+      V w[B];
+      for (int b = 0; b < B; ++b) w[b] = load(tap_row + kx * C + b * L);
+      for (int r = 0; r < R; ++r) {
+        const int64_t ix = ix0[r] + kx * s.dilation_w;
+        const T* x = static_cast<uint64_t>(ix) < static_cast<uint64_t>(s.in_w) ? in_row + ix * C : zeros;
+        for (int b = 0; b < B; ++b) acc[r][b] += w[b] * load(x + b * L);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) *reinterpret_cast<U*>(out_row + (ox0 + r) * C + c0 + b * L) = acc[r][b];
+}
+
+template <typename T, int B>
+FASTCNN_INLINE void nhwc_row_channels(const T* in, const T* taps, const T* bias, T* out_row, const T* zeros, int64_t c0,
+                                      int64_t ky0, int64_t ky1, int64_t iy0, const RowShape& s) {
+  constexpr int R = 4;
+  int64_t ox = 0;
+  for (; ox + R <= s.out_w; ox += R) nhwc_pixels_block<T, R, B>(in, taps, bias, out_row, zeros, c0, ox, ky0, ky1, iy0, s);
+  for (; ox < s.out_w; ++ox) nhwc_pixels_block<T, 1, B>(in, taps, bias, out_row, zeros, c0, ox, ky0, ky1, iy0, s);
+}
+
+// Small windows: one pixel at a time with B channel vectors in registers, only its in-bounds taps.
+// The whole channel vector of a pixel is done while its few input rows sit in L1.
+template <typename T, int B>
+FASTCNN_INLINE void nhwc_pixel_channels(const T* in, const T* taps, const T* bias, T* out, int64_t c0, int64_t ky0,
+                                        int64_t ky1, int64_t kx0, int64_t kx1, int64_t iy0, int64_t ix0,
+                                        const RowShape& s) {
+  using V = typename Simd<T>::type;
+  using U = typename Simd<T>::unaligned;
+  constexpr int L = Simd<T>::width;
+  const int64_t C = s.channels;
+  V acc[B];
+  for (int b = 0; b < B; ++b) acc[b] = bias ? load(bias + c0 + b * L) : V{};
+  for (int64_t ky = ky0; ky < ky1; ++ky) {
+    const T* in_row = in + (iy0 + ky * s.dilation_h) * s.in_w * C + c0;
+    const T* tap_row = taps + ky * s.kernel_w * C + c0;
+    for (int64_t kx = kx0; kx < kx1; ++kx) {
+      const T* x = in_row + (ix0 + kx * s.dilation_w) * C;
+      const T* w = tap_row + kx * C;
+      for (int b = 0; b < B; ++b) acc[b] += load(w + b * L) * load(x + b * L);
+    }
+  }
+  for (int b = 0; b < B; ++b) *reinterpret_cast<U*>(out + c0 + b * L) = acc[b];
+}
+
+template <typename T>
+FASTCNN_INLINE void forward_row_nhwc_pixelwise(const T* in, const T* taps, const T* bias, T* out_row, int64_t ky0,
+                                               int64_t ky1, int64_t iy0, int64_t full, const RowShape& s) {
+  constexpr int L = Simd<T>::width;
+  for (int64_t ox = 0; ox < s.out_w; ++ox) {
+    int64_t kx0, kx1;
+    valid_taps(ox, s.stride_w, s.pad_left, s.dilation_w, s.in_w, s.kernel_w, &kx0, &kx1);
+    const int64_t ix0 = ox * s.stride_w - s.pad_left;
+    T* out = out_row + ox * s.channels;
+    int64_t c0 = 0;
+    for (; c0 + 4 * L <= full; c0 += 4 * L)
+      nhwc_pixel_channels<T, 4>(in, taps, bias, out, c0, ky0, ky1, kx0, kx1, iy0, ix0, s);
+    for (; c0 + L <= full; c0 += L) nhwc_pixel_channels<T, 1>(in, taps, bias, out, c0, ky0, ky1, kx0, kx1, iy0, ix0, s);
+  }
+}
+
+// `zeros` holds at least 2 * Simd<T>::width zeros.
+template <typename T>
+FASTCNN_INLINE void forward_row_nhwc_impl(const T* in, const T* taps, const T* bias, T* out_row, const T* zeros,
+                                          int64_t oy, const RowShape& s) {
+  constexpr int L = Simd<T>::width;
+  const int64_t C = s.channels, full = C / L * L;
+  int64_t ky0, ky1;
+  valid_taps(oy, s.stride_h, s.pad_top, s.dilation_h, s.in_h, s.kernel_h, &ky0, &ky1);
+  const int64_t iy0 = oy * s.stride_h - s.pad_top;
+  if (s.kernel_h * s.kernel_w <= 25) {
+    forward_row_nhwc_pixelwise(in, taps, bias, out_row, ky0, ky1, iy0, full, s);
+  } else {
+    // Large windows: channel blocks outermost, so one block's weights (kH*kW*16 values) and input
+    // columns stay in L2 for the whole row; pixels blocked by four to share each weight load.
+    int64_t c0 = 0;
+    for (; c0 + 2 * L <= full; c0 += 2 * L) nhwc_row_channels<T, 2>(in, taps, bias, out_row, zeros, c0, ky0, ky1, iy0, s);
+    for (; c0 + L <= full; c0 += L) nhwc_row_channels<T, 1>(in, taps, bias, out_row, zeros, c0, ky0, ky1, iy0, s);
+  }
+  if (full == C) return;
+  for (int64_t ox = 0; ox < s.out_w; ++ox) {
+    int64_t kx0, kx1;
+    valid_taps(ox, s.stride_w, s.pad_left, s.dilation_w, s.in_w, s.kernel_w, &kx0, &kx1);
+    const int64_t ix0 = ox * s.stride_w - s.pad_left;
+    for (int64_t c = full; c < C; ++c) {
+      T acc = bias ? bias[c] : T(0);
+      for (int64_t ky = ky0; ky < ky1; ++ky)
+        for (int64_t kx = kx0; kx < kx1; ++kx)
+          acc += taps[(ky * s.kernel_w + kx) * C + c] *
+                 in[((iy0 + ky * s.dilation_h) * s.in_w + ix0 + kx * s.dilation_w) * C + c];
+      out_row[ox * C + c] = acc;
+    }
+  }
+}
+
+// part[t][c] += sum over the row's outputs of go[ox][c] * in[iy][ix][c] for every in-bounds tap t,
+// and part_bias[c] += sum of go[ox][c]: each tap's sum over the row stays in registers.
+template <typename T, int B>
+FASTCNN_INLINE void nhwc_weight_grad_block(const T* in, const T* go_row, T* part, int64_t c0, int64_t ky0, int64_t ky1,
+                                           int64_t iy0, const RowShape& s) {
+  using V = typename Simd<T>::type;
+  using U = typename Simd<T>::unaligned;
+  constexpr int L = Simd<T>::width;
+  const int64_t C = s.channels;
+  for (int64_t ky = ky0; ky < ky1; ++ky) {
+    const T* in_row = in + (iy0 + ky * s.dilation_h) * s.in_w * C + c0;
+    for (int64_t kx = 0; kx < s.kernel_w; ++kx) {
+      // outputs whose tap kx lands inside the row
+      int64_t first, last;
+      depthwise::valid_output_range(kx, s.stride_w, s.pad_left, s.dilation_w, s.in_w, s.out_w, &first, &last);
+      V acc[B];
+      for (int b = 0; b < B; ++b) acc[b] = V{};
+      for (int64_t ox = first; ox < last; ++ox) {
+        const T* g = go_row + ox * C + c0;
+        const T* x = in_row + (ox * s.stride_w - s.pad_left + kx * s.dilation_w) * C;
+        for (int b = 0; b < B; ++b) acc[b] += load(g + b * L) * load(x + b * L);
+      }
+      T* dst = part + (ky * s.kernel_w + kx) * C + c0;
+      for (int b = 0; b < B; ++b) *reinterpret_cast<U*>(dst + b * L) = load(dst + b * L) + acc[b];
+    }
+  }
+}
+
+template <typename T>
+FASTCNN_INLINE void weight_grad_row_nhwc_impl(const T* in, const T* go_row, T* part, T* part_bias, int64_t oy,
+                                              const RowShape& s) {
+  constexpr int L = Simd<T>::width;
+  const int64_t C = s.channels, full = C / L * L;
+  if (part_bias) {
+    for (int64_t ox = 0; ox < s.out_w; ++ox) {
+      const T* g = go_row + ox * C;
+      FASTCNN_IVDEP
+      for (int64_t c = 0; c < C; ++c) part_bias[c] += g[c];
+    }
+  }
+  if (!part) return;
+  int64_t ky0, ky1;
+  valid_taps(oy, s.stride_h, s.pad_top, s.dilation_h, s.in_h, s.kernel_h, &ky0, &ky1);
+  const int64_t iy0 = oy * s.stride_h - s.pad_top;
+  int64_t c0 = 0;
+  for (; c0 + 4 * L <= full; c0 += 4 * L) nhwc_weight_grad_block<T, 4>(in, go_row, part, c0, ky0, ky1, iy0, s);
+  for (; c0 + L <= full; c0 += L) nhwc_weight_grad_block<T, 1>(in, go_row, part, c0, ky0, ky1, iy0, s);
+  for (int64_t c = full; c < C; ++c) {
+    for (int64_t ky = ky0; ky < ky1; ++ky) {
+      for (int64_t kx = 0; kx < s.kernel_w; ++kx) {
+        int64_t first, last;
+        depthwise::valid_output_range(kx, s.stride_w, s.pad_left, s.dilation_w, s.in_w, s.out_w, &first, &last);
+        T acc = T(0);
+        for (int64_t ox = first; ox < last; ++ox)
+          acc += go_row[ox * C + c] *
+                 in[((iy0 + ky * s.dilation_h) * s.in_w + ox * s.stride_w - s.pad_left + kx * s.dilation_w) * C + c];
+        part[(ky * s.kernel_w + kx) * C + c] += acc;
+      }
+    }
+  }
+}
+
+// dst[i] = src[i * step]: the row copies of load_window, unit and stride-2 steps vectorised.
+template <typename T>
+FASTCNN_INLINE void gather_strided_impl(T* dst, const T* src, int64_t n, int64_t step) {
+  if (step == 1) {
+    std::memcpy(dst, src, n * sizeof(T));
+  } else if (step == 2) {
+    using V = typename Simd<T>::type;
+    using I = typename Simd<T>::index;
+    constexpr int L = Simd<T>::width;
+    I even;
+    for (int i = 0; i < L; ++i) even[i] = 2 * i;
+    int64_t i = 0;
+    for (; i + L <= n; i += L) {
+      const V a = load(src + 2 * i), b = load(src + 2 * i + L);
+      *reinterpret_cast<typename Simd<T>::unaligned*>(dst + i) = __builtin_shuffle(a, b, even);
+    }
+    for (; i < n; ++i) dst[i] = src[2 * i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i * step];
+  }
+}
+
 // The non-inlined, multi-versioned entry points for float and double.
 #define FASTCNN_DEFINE_CLONES(T)                                                                          \
   FASTCNN_SIMD_CLONES void forward_plane(const T* padded, const T* w, T bias, T* out, const PlaneShape& s) { \
@@ -244,11 +461,23 @@ FASTCNN_INLINE void channel_axpy(T* acc, const T* w, const T* x, int64_t channel
   FASTCNN_SIMD_CLONES void backward_input_plane(const T* go, const T* w, T* padded_grad, const PlaneShape& s) { \
     backward_input_plane_impl<T>(go, w, padded_grad, s);                                                  \
   }                                                                                                       \
-  FASTCNN_SIMD_CLONES void backward_weight_plane(const T* go, const T* padded, T* gw, const PlaneShape& s) { \
-    backward_weight_plane_impl<T>(go, padded, gw, s);                                                     \
+  FASTCNN_SIMD_CLONES void backward_weight_plane(const T* go, int64_t go_stride, const T* padded, T* gw,  \
+                                                 const PlaneShape& s) {                                   \
+    backward_weight_plane_impl<T>(go, go_stride, padded, gw, s);                                          \
+  }                                                                                                       \
+  FASTCNN_SIMD_CLONES void gather_strided(T* dst, const T* src, int64_t n, int64_t step) {                \
+    gather_strided_impl<T>(dst, src, n, step);                                                            \
   }                                                                                                       \
   FASTCNN_SIMD_CLONES void channel_axpy_n(T* acc, const T* w, const T* x, int64_t channels) {             \
     channel_axpy<T>(acc, w, x, channels);                                                                 \
+  }                                                                                                       \
+  FASTCNN_SIMD_CLONES void forward_row_nhwc(const T* in, const T* taps, const T* bias, T* out_row,     \
+                                            const T* zeros, int64_t oy, const RowShape& s) {              \
+    forward_row_nhwc_impl<T>(in, taps, bias, out_row, zeros, oy, s);                                      \
+  }                                                                                                       \
+  FASTCNN_SIMD_CLONES void weight_grad_row_nhwc(const T* in, const T* go_row, T* part, T* part_bias, int64_t oy, \
+                                                const RowShape& s) {                                      \
+    weight_grad_row_nhwc_impl<T>(in, go_row, part, part_bias, oy, s);                                     \
   }
 FASTCNN_DEFINE_CLONES(float)
 FASTCNN_DEFINE_CLONES(double)
@@ -256,6 +485,15 @@ FASTCNN_DEFINE_CLONES(double)
 
 // ---------------------------------------------------------------------------------------------
 // Plane loads and stores: any strides, any dtype, converted to/from the accumulation type.
+
+template <typename scalar_t, typename T>
+void copy_columns(T* dst, const scalar_t* src, int64_t n, int64_t step) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    gather_strided(dst, src, n, step);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i * step]);
+  }
+}
 
 // Padded row r, column c of a window is src[r - off_y][c - off_x], zero outside the source plane
 // (h x w, strides sh, sw); offsets may be negative (a crop). Rows are stored split into
@@ -275,11 +513,7 @@ void load_window(const scalar_t* src, int64_t h, int64_t w, int64_t sh, int64_t 
     const scalar_t* src_row = src + y * sh - off_x * sw;  // src_row[c * sw] is padded column c
     if (phases == 1) {
       std::fill(row, row + c_begin, T(0));
-      if (sw == 1) {
-        for (int64_t c = c_begin; c < c_end; ++c) row[c] = static_cast<T>(src_row[c]);
-      } else {
-        for (int64_t c = c_begin; c < c_end; ++c) row[c] = static_cast<T>(src_row[c * sw]);
-      }
+      copy_columns(row + c_begin, src_row + c_begin * sw, c_end - c_begin, sw);
       std::fill(row + c_end, row + row_stride, T(0));
       continue;
     }
@@ -289,9 +523,7 @@ void load_window(const scalar_t* src, int64_t h, int64_t w, int64_t sh, int64_t 
       const int64_t i_begin = std::min(phase_w, std::max<int64_t>(0, (c_begin - p + phases - 1) / phases));
       const int64_t i_end = std::max(i_begin, std::min(phase_w, std::max<int64_t>(0, (c_end - p + phases - 1) / phases)));
       std::fill(phase, phase + i_begin, T(0));
-      const scalar_t* column = src_row + p * sw;
-      const int64_t step = phases * sw;
-      for (int64_t i = i_begin; i < i_end; ++i) phase[i] = static_cast<T>(column[i * step]);
+      copy_columns(phase + i_begin, src_row + (i_begin * phases + p) * sw, i_end - i_begin, phases * sw);
       std::fill(phase + i_end, phase + phase_w, T(0));
     }
   }
@@ -316,6 +548,27 @@ void store_plane(const T* src, int64_t h, int64_t w, scalar_t* dst, int64_t sh, 
   for (int64_t y = 0; y < h; ++y) {
     const T* row = src + src_offset + y * src_stride;
     for (int64_t x = 0; x < w; ++x) dst[y * sh + x * sw] = static_cast<scalar_t>(row[x]);
+  }
+}
+
+// dst[y][x] = padded row (y + top), padded column (x + left) of a phase-split buffer. Walks the
+// destination in order (contiguous stores into the large output), the phase and its index
+// advanced by counters rather than divisions.
+template <typename scalar_t, typename T>
+void store_phased_plane(const T* src, const PlaneShape& s, int64_t top, int64_t left, int64_t h, int64_t w,
+                        scalar_t* dst, int64_t sh, int64_t sw) {
+  const int64_t phases = s.stride_w;
+  for (int64_t y = 0; y < h; ++y) {
+    const T* row = src + (y + top) * s.row_stride;
+    scalar_t* out = dst + y * sh;
+    int64_t phase = left % phases, index = left / phases;
+    for (int64_t x = 0; x < w; ++x) {
+      out[x * sw] = static_cast<scalar_t>(row[phase * s.phase_w + index]);
+      if (++phase == phases) {
+        phase = 0;
+        ++index;
+      }
+    }
   }
 }
 
@@ -387,6 +640,11 @@ FASTCNN_INLINE const T* channel_vector(const scalar_t* src, int64_t channels, T*
   }
 }
 
+RowShape row_shape(const Geometry& g) {
+  return {g.channels, g.in_h, g.in_w, g.out_w, g.kernel_h, g.kernel_w, g.stride_h, g.stride_w,
+          g.pad_top, g.pad_left, g.dilation_h, g.dilation_w};
+}
+
 template <typename scalar_t>
 void forward_nhwc(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& output,
                   const Geometry& g) {
@@ -399,6 +657,18 @@ void forward_nhwc(const at::Tensor& input, const at::Tensor& weight, const at::T
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
 
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    const RowShape shape = row_shape(g);
+    const std::vector<T> zeros(kSlack, T(0));
+    at::parallel_for(0, g.batch * g.out_h, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / g.out_h, oy = row % g.out_h;
+        forward_row_nhwc(in + n * g.in_h * g.in_w * C, taps.data(), bias.defined() ? bias_values.data() : nullptr,
+                         out + row * g.out_w * C, zeros.data(), oy, shape);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, g.batch * g.out_h, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> acc(C), converted(C);
     for (int64_t row = begin; row < end; ++row) {
@@ -472,14 +742,15 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
   const int64_t window_w = g.in_w + (g.kernel_w - 1) * g.dilation_w;
   const PlaneShape transposed =
       make_plane_shape(g.in_h, g.in_w, window_w, g.kernel_h, g.kernel_w, 1, 1, g.dilation_h, g.dilation_w);
-  PlaneShape scatter = s;  // plain rows (one phase) for the strided scatter
-  scatter.row_stride = scatter.phase_w = padded_w;
+  // grad_output's rows inside the transposed window, when the window holds all of them: the
+  // weight gradient then reads them there instead of from a second copy.
+  const bool go_in_window = transpose_as_forward && want_input && window_top >= 0 && window_left >= 0;
 
   // One thread owns a channel for the whole batch: the weight gradient is summed without atomics
   // and in the same order on every run.
   at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> padded(want_weight ? padded_h * s.row_stride + kSlack : 0);
-    std::vector<T> padded_grad(want_input && !transpose_as_forward ? padded_h * padded_w : 0);
+    std::vector<T> padded_grad(want_input && !transpose_as_forward ? padded_h * s.row_stride : 0);
     std::vector<T> go_window(want_input && transpose_as_forward ? window_h * window_w + kSlack : 0);
     std::vector<T> gi_buffer(want_input && transpose_as_forward && !gi_dense ? g.in_h * g.in_w : 0);
     std::vector<T> go_buffer, taps(kernel_area), flipped(kernel_area), grad_taps(kernel_area);
@@ -489,23 +760,33 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
       std::fill(grad_taps.begin(), grad_taps.end(), T(0));
       T bias_sum = T(0);
       for (int64_t n = 0; n < g.batch; ++n) {
-        const T* go_plane = dense_plane<scalar_t, T>(go + n * go_strides[0] + c * go_strides[1], g.out_h, g.out_w,
-                                                     go_strides[2], go_strides[3], go_buffer,
-                                                     /*with_slack=*/want_weight);
+        const scalar_t* go_src = go + n * go_strides[0] + c * go_strides[1];
+        scalar_t* gi_plane = want_input ? gi + n * gi_strides[0] + c * gi_strides[1] : nullptr;
+        if (want_input && transpose_as_forward) {
+          load_window(go_src, g.out_h, g.out_w, go_strides[2], go_strides[3], window_top, window_left,
+                      go_window.data(), window_h, window_w, 1);
+        }
+        const T* go_plane;
+        int64_t go_stride = g.out_w;
+        if (go_in_window) {
+          go_plane = go_window.data() + window_top * window_w + window_left;
+          go_stride = window_w;
+        } else {
+          go_plane = dense_plane<scalar_t, T>(go_src, g.out_h, g.out_w, go_strides[2], go_strides[3], go_buffer,
+                                              /*with_slack=*/want_weight);
+        }
         if (want_bias) {
           T plane_sum = T(0);
-          for (int64_t i = 0; i < g.out_h * g.out_w; ++i) plane_sum += go_plane[i];
+          for (int64_t y = 0; y < g.out_h; ++y)
+            for (int64_t x = 0; x < g.out_w; ++x) plane_sum += go_plane[y * go_stride + x];
           bias_sum += plane_sum;
         }
         if (want_weight) {
           load_window(in + n * in_strides[0] + c * in_strides[1], g.in_h, g.in_w, in_strides[2], in_strides[3],
                       g.pad_top, g.pad_left, padded.data(), padded_h, padded_w, g.stride_w);
-          backward_weight_plane(go_plane, padded.data(), grad_taps.data(), s);
+          backward_weight_plane(go_plane, go_stride, padded.data(), grad_taps.data(), s);
         }
         if (want_input && transpose_as_forward) {
-          load_window(go + n * go_strides[0] + c * go_strides[1], g.out_h, g.out_w, go_strides[2], go_strides[3],
-                      window_top, window_left, go_window.data(), window_h, window_w, 1);
-          scalar_t* gi_plane = gi + n * gi_strides[0] + c * gi_strides[1];
           if constexpr (std::is_same_v<scalar_t, T>) {
             if (gi_dense) {
               forward_plane(go_window.data(), flipped.data(), T(0), gi_plane, transposed);
@@ -516,9 +797,9 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
           store_plane(gi_buffer.data(), g.in_h, g.in_w, gi_plane, gi_strides[2], gi_strides[3], g.in_w, 0);
         } else if (want_input) {
           std::fill(padded_grad.begin(), padded_grad.end(), T(0));
-          backward_input_plane(go_plane, taps.data(), padded_grad.data(), scatter);
-          store_plane(padded_grad.data(), g.in_h, g.in_w, gi + n * gi_strides[0] + c * gi_strides[1], gi_strides[2],
-                      gi_strides[3], padded_w, g.pad_top * padded_w + g.pad_left);
+          backward_input_plane(go_plane, taps.data(), padded_grad.data(), s);
+          store_phased_plane(padded_grad.data(), s, g.pad_top, g.pad_left, g.in_h, g.in_w, gi_plane, gi_strides[2],
+                             gi_strides[3]);
         }
       }
       if (want_weight)
@@ -539,7 +820,28 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
   if (grad_input.defined()) {
     const std::vector<T> taps = taps_by_channel<scalar_t>(weight, g);
     scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.batch * g.in_h, 1, [&](int64_t begin, int64_t end) {
+    bool fast_path = false;
+    if constexpr (std::is_same_v<scalar_t, T>) {
+      if (g.stride_h == 1 && g.stride_w == 1) {
+        // A forward convolution of grad_output with the flipped kernel (see backward_nchw).
+        std::vector<T> flipped(taps.size());
+        const std::vector<T> zeros(kSlack, T(0));
+        for (int64_t t = 0; t < kernel_area; ++t)
+          std::copy(taps.begin() + t * C, taps.begin() + (t + 1) * C, flipped.begin() + (kernel_area - 1 - t) * C);
+        const RowShape shape{C, g.out_h, g.out_w, g.in_w, g.kernel_h, g.kernel_w, 1, 1,
+                             (g.kernel_h - 1) * g.dilation_h - g.pad_top, (g.kernel_w - 1) * g.dilation_w - g.pad_left,
+                             g.dilation_h, g.dilation_w};
+        at::parallel_for(0, g.batch * g.in_h, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t row = begin; row < end; ++row) {
+            const int64_t n = row / g.in_h, iy = row % g.in_h;
+            forward_row_nhwc(go + n * g.out_h * g.out_w * C, flipped.data(), nullptr, gi + row * g.in_w * C,
+                             zeros.data(), iy, shape);
+          }
+        });
+        fast_path = true;
+      }
+    }
+    if (!fast_path) at::parallel_for(0, g.batch * g.in_h, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> acc(C), converted(C);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / g.in_h, iy = row % g.in_h;
@@ -572,6 +874,19 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
   const int64_t partial_size = (kernel_area + 1) * C;  // taps, then the bias sum
   std::vector<T> partials(chunks * partial_size, T(0));
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    const RowShape shape = row_shape(g);
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        T* part = partials.data() + chunk * partial_size;
+        for (int64_t row = chunk * rows / chunks; row < (chunk + 1) * rows / chunks; ++row) {
+          const int64_t n = row / g.out_h, oy = row % g.out_h;
+          weight_grad_row_nhwc(in + n * g.in_h * g.in_w * C, go + row * g.out_w * C, want_weight ? part : nullptr,
+                               want_bias ? part + kernel_area * C : nullptr, oy, shape);
+        }
+      }
+    });
+  } else {
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> converted_go(C), converted_in(C);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
@@ -597,6 +912,7 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
       }
     }
   });
+  }
   for (int64_t chunk = 1; chunk < chunks; ++chunk)
     for (int64_t i = 0; i < partial_size; ++i) partials[i] += partials[chunk * partial_size + i];
   if (want_weight) {
