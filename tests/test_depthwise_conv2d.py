@@ -55,6 +55,9 @@ CASES = [
     (2, 4, 9, 8, 3, 3, 1, "same", 2),
     (1, 4, 6, 7, 3, 3, 2, "valid", 1),
     (2, 3, 8, 9, 3, 3, 1, (0, 2, 1, 0), 1),  # explicit (top, bottom, left, right)
+    (2, 21, 10, 11, 7, 7, 1, 3, 1),  # vector blocks plus a channel tail, large-window path
+    (1, 19, 8, 9, 11, 11, 2, 5, 1),
+    (2, 37, 9, 10, 3, 3, 2, 1, 1),  # small-window path: 4-vector block, 1-vector block, tail
 ]
 
 

@@ -369,6 +369,68 @@ FASTCNN_INLINE void forward_row_nhwc_impl(const T* in, const T* taps, const T* b
   }
 }
 
+// grad_in[iy][ix][c] = sum over taps landing on (iy, ix) of taps[t][c] * grad_out[oy][ox][c]: the
+// gather form of the input gradient for any stride (a tap lands only when the stride divides).
+template <typename T, int B>
+FASTCNN_INLINE void nhwc_gather_channels(const T* go, const T* taps, T* out, int64_t c0, const int64_t* oys,
+                                         const int64_t* kys, int64_t rows, const int64_t* oxs, const int64_t* kxs,
+                                         int64_t cols, const RowShape& s) {
+  using V = typename Simd<T>::type;
+  using U = typename Simd<T>::unaligned;
+  constexpr int L = Simd<T>::width;
+  const int64_t C = s.channels;
+  V acc[B];
+  for (int b = 0; b < B; ++b) acc[b] = V{};
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* go_row = go + oys[i] * s.out_w * C + c0;
+    const T* tap_row = taps + kys[i] * s.kernel_w * C + c0;
+    for (int64_t j = 0; j < cols; ++j) {
+      const T* g = go_row + oxs[j] * C;
+      const T* w = tap_row + kxs[j] * C;
+      for (int b = 0; b < B; ++b) acc[b] += load(w + b * L) * load(g + b * L);
+    }
+  }
+  for (int b = 0; b < B; ++b) *reinterpret_cast<U*>(out + c0 + b * L) = acc[b];
+}
+
+// Here in_h/in_w are the input's (gradient's) size and out_w grad_output's width.
+template <typename T>
+FASTCNN_INLINE void grad_input_row_nhwc_impl(const T* go, const T* taps, T* gi_row, int64_t iy, int64_t out_h,
+                                             const RowShape& s) {
+  constexpr int L = Simd<T>::width;
+  const int64_t C = s.channels, full = C / L * L;
+  int64_t oys[64], kys[64], oxs[64], kxs[64];  // taps that land; a window of up to 64 x 64
+  int64_t rows = 0;
+  for (int64_t ky = 0; ky < s.kernel_h; ++ky) {
+    const int64_t oy = depthwise::output_index_for_input(iy, ky, s.stride_h, s.pad_top, s.dilation_h, out_h);
+    if (oy >= 0) {
+      oys[rows] = oy;
+      kys[rows++] = ky;
+    }
+  }
+  for (int64_t ix = 0; ix < s.in_w; ++ix) {
+    int64_t cols = 0;
+    for (int64_t kx = 0; kx < s.kernel_w; ++kx) {
+      const int64_t ox = depthwise::output_index_for_input(ix, kx, s.stride_w, s.pad_left, s.dilation_w, s.out_w);
+      if (ox >= 0) {
+        oxs[cols] = ox;
+        kxs[cols++] = kx;
+      }
+    }
+    T* out = gi_row + ix * C;
+    int64_t c0 = 0;
+    for (; c0 + 4 * L <= full; c0 += 4 * L) nhwc_gather_channels<T, 4>(go, taps, out, c0, oys, kys, rows, oxs, kxs, cols, s);
+    for (; c0 + L <= full; c0 += L) nhwc_gather_channels<T, 1>(go, taps, out, c0, oys, kys, rows, oxs, kxs, cols, s);
+    for (int64_t c = full; c < C; ++c) {
+      T acc = T(0);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < cols; ++j)
+          acc += taps[(kys[i] * s.kernel_w + kxs[j]) * C + c] * go[(oys[i] * s.out_w + oxs[j]) * C + c];
+      out[c] = acc;
+    }
+  }
+}
+
 // part[t][c] += sum over the row's outputs of go[ox][c] * in[iy][ix][c] for every in-bounds tap t,
 // and part_bias[c] += sum of go[ox][c]: each tap's sum over the row stays in registers.
 template <typename T, int B>
@@ -474,6 +536,10 @@ FASTCNN_INLINE void gather_strided_impl(T* dst, const T* src, int64_t n, int64_t
   FASTCNN_SIMD_CLONES void forward_row_nhwc(const T* in, const T* taps, const T* bias, T* out_row,     \
                                             const T* zeros, int64_t oy, const RowShape& s) {              \
     forward_row_nhwc_impl<T>(in, taps, bias, out_row, zeros, oy, s);                                      \
+  }                                                                                                       \
+  FASTCNN_SIMD_CLONES void grad_input_row_nhwc(const T* go, const T* taps, T* gi_row, int64_t iy,          \
+                                               int64_t out_h, const RowShape& s) {                        \
+    grad_input_row_nhwc_impl<T>(go, taps, gi_row, iy, out_h, s);                                          \
   }                                                                                                       \
   FASTCNN_SIMD_CLONES void weight_grad_row_nhwc(const T* in, const T* go_row, T* part, T* part_bias, int64_t oy, \
                                                 const RowShape& s) {                                      \
@@ -836,6 +902,15 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
             const int64_t n = row / g.in_h, iy = row % g.in_h;
             forward_row_nhwc(go + n * g.out_h * g.out_w * C, flipped.data(), nullptr, gi + row * g.in_w * C,
                              zeros.data(), iy, shape);
+          }
+        });
+        fast_path = true;
+      } else if (g.kernel_h <= 64 && g.kernel_w <= 64) {
+        const RowShape shape = row_shape(g);
+        at::parallel_for(0, g.batch * g.in_h, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t row = begin; row < end; ++row) {
+            const int64_t n = row / g.in_h, iy = row % g.in_h;
+            grad_input_row_nhwc(go + n * g.out_h * g.out_w * C, taps.data(), gi + row * g.in_w * C, iy, g.out_h, shape);
           }
         });
         fast_path = true;
