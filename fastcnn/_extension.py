@@ -28,7 +28,8 @@ def load():
 
 
 def has_ops():
-    return bool(load())
+    loaded = _state["loaded"]
+    return loaded if loaded is not None else bool(load())
 
 
 def load_error():

@@ -109,9 +109,9 @@ def depthwise_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1):
     _output_hw(input, weight, stride, padding, dilation)
     backend = backends.resolve(input.device)
     if backend in ("cpu", "cuda"):
-        return torch.ops.fastcnn.depthwise_conv2d(input, weight, bias, stride, padding, dilation)
+        return _native_op(input, weight, bias, stride, padding, dilation)
     if backend == "triton":
-        return torch.ops.fastcnn._depthwise_conv2d_triton(input, weight, bias, stride, padding, dilation)
+        return _triton_op(input, weight, bias, stride, padding, dilation)
     return reference.depthwise_conv2d(input, weight, bias, stride, padding, dilation)
 
 
@@ -162,6 +162,7 @@ def _make_backward(backward_op):
 
 
 if has_ops():
+    _native_op = torch.ops.fastcnn.depthwise_conv2d.default  # resolved once: attribute lookups cost µs per call
     torch.library.register_fake("fastcnn::depthwise_conv2d")(_fake_forward)
     torch.library.register_fake("fastcnn::_depthwise_conv2d_backward")(_fake_backward)
     torch.library.register_autograd(
@@ -195,6 +196,7 @@ def _depthwise_conv2d_triton_backward(
     return kernels.backward(grad_output, input, weight, stride, padding, dilation, output_mask)
 
 
+_triton_op = torch.ops.fastcnn._depthwise_conv2d_triton.default
 torch.library.register_autograd(
     "fastcnn::_depthwise_conv2d_triton",
     _make_backward(torch.ops.fastcnn._depthwise_conv2d_triton_backward),
