@@ -271,6 +271,8 @@ def test_cpp_op_checks_its_arguments_too():
         torch.ops.fastcnn.depthwise_conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 1, 3, 3), None, [1, 1], [1, 1, 1, 1], [1, 1])
     with pytest.raises(RuntimeError, match="padding must be four non-negative ints"):
         torch.ops.fastcnn.depthwise_conv2d(torch.randn(1, 3, 8, 8), torch.randn(3, 1, 3, 3), None, [1, 1], [1, -1, 1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
+        torch.ops.fastcnn.depthwise_conv2d(torch.ones(1, 3, 8, 8, dtype=torch.int32), torch.ones(3, 1, 3, 3, dtype=torch.int32), None, [1, 1], [1, 1, 1, 1], [1, 1])
     with pytest.raises(RuntimeError, match="expected grad_output of shape"):
         torch.ops.fastcnn._depthwise_conv2d_backward(
             torch.randn(1, 3, 7, 8), torch.randn(1, 3, 8, 8), torch.randn(3, 1, 3, 3), [1, 1], [1, 1, 1, 1], [1, 1], [True] * 3

@@ -21,6 +21,9 @@ inline Geometry check_arguments(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   TORCH_CHECK(input.dim() == 4, "depthwise_conv2d: expected input of shape [N, C, H, W] (4-D), got ",
               input.dim(), "-D tensor of shape ", input.sizes());
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "depthwise_conv2d: expected input of dtype float32, float64, float16 or bfloat16, got ", dtype);
   const int64_t channels = input.size(1);
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == channels && weight.size(1) == 1,
               "depthwise_conv2d: expected weight of shape [C, 1, kH, kW] with C = ", channels,

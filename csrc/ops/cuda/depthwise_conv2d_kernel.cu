@@ -41,6 +41,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common/depthwise_conv2d_checks.h"
 #include "common/depthwise_conv2d_index.h"
 
 namespace fastcnn {
@@ -912,65 +913,23 @@ void launch_grad_weight(
 // Argument checks and the registered functions.
 // ------------------------------------------------------------------------------------------------
 
-void check_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
-  TORCH_CHECK(t.is_cuda(), op, ": expected ", name, " to be a CUDA tensor, but got a tensor on ", t.device());
-  TORCH_CHECK(
-      t.device() == input.device(), op, ": expected ", name, " on the same device as input (", input.device(),
-      "), but got ", t.device());
-  TORCH_CHECK(
-      t.scalar_type() == input.scalar_type(), op, ": expected ", name, " to have the dtype of input (",
-      input.scalar_type(), "), but got ", t.scalar_type());
-}
-
-Geom check_args(
-    const char* op, const at::Tensor& input, const at::Tensor& weight, const at::Tensor* bias, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation) {
-  TORCH_CHECK(input.is_cuda(), op, ": expected input to be a CUDA tensor, but got a tensor on ", input.device());
-  const auto dtype = input.scalar_type();
-  TORCH_CHECK(
-      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-      ": expected input of dtype float32, float64, float16 or bfloat16, but got ", dtype);
-  TORCH_CHECK(input.dim() == 4, op, ": expected input of shape [N, C, H, W] (4-D), but got ", input.dim(),
-              "-D input of shape ", input.sizes());
-  check_tensor(op, "weight", weight, input);
-  const int64_t C = input.size(1);
-  TORCH_CHECK(
-      weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 && weight.size(2) >= 1 && weight.size(3) >= 1,
-      op, ": expected weight of shape [C, 1, kH, kW] with C = ", C, " (the channels of input) and kH, kW >= 1, but got ",
-      weight.sizes());
-  if (bias != nullptr) {
-    check_tensor(op, "bias", *bias, input);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C, op, ": expected bias of shape [", C, "], but got ",
-                bias->sizes());
-  }
-  TORCH_CHECK(stride.size() == 2, op, ": expected stride of 2 values [sH, sW], but got ", stride);
-  TORCH_CHECK(padding.size() == 4, op, ": expected padding of 4 values [top, bottom, left, right], but got ", padding);
-  TORCH_CHECK(dilation.size() == 2, op, ": expected dilation of 2 values [dH, dW], but got ", dilation);
-  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op, ": expected stride > 0, but got ", stride);
-  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op, ": expected dilation > 0, but got ", dilation);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0 && padding[2] >= 0 && padding[3] >= 0, op,
-              ": expected padding >= 0, but got ", padding);
-
+// The shared checks (csrc/common) name the argument; the kernels take their result as a Geom.
+Geom to_geom(const depthwise::Geometry& c) {
   Geom g;
-  g.N = input.size(0);
-  g.C = C;
-  g.Hi = input.size(2);
-  g.Wi = input.size(3);
-  g.kH = weight.size(2);
-  g.kW = weight.size(3);
-  g.sh = stride[0];
-  g.sw = stride[1];
-  g.pt = padding[0];
-  g.pl = padding[2];
-  g.dh = dilation[0];
-  g.dw = dilation[1];
-  g.Ho = depthwise::output_size(g.Hi, g.kH, g.sh, padding[0], padding[1], g.dh);
-  g.Wo = depthwise::output_size(g.Wi, g.kW, g.sw, padding[2], padding[3], g.dw);
-  TORCH_CHECK(
-      g.Ho > 0 && g.Wo > 0, op, ": the padded input (", g.Hi + padding[0] + padding[1], " x ",
-      g.Wi + padding[2] + padding[3], ") is smaller than the dilated kernel (", g.dh * (g.kH - 1) + 1, " x ",
-      g.dw * (g.kW - 1) + 1, "): input ", input.sizes(), ", weight ", weight.sizes(), ", padding ", padding,
-      ", dilation ", dilation);
+  g.N = c.batch;
+  g.C = c.channels;
+  g.Hi = c.in_h;
+  g.Wi = c.in_w;
+  g.kH = c.kernel_h;
+  g.kW = c.kernel_w;
+  g.sh = c.stride_h;
+  g.sw = c.stride_w;
+  g.pt = c.pad_top;
+  g.pl = c.pad_left;
+  g.dh = c.dilation_h;
+  g.dw = c.dilation_w;
+  g.Ho = c.out_h;
+  g.Wo = c.out_w;
   return g;
 }
 
@@ -984,7 +943,8 @@ at::Tensor depthwise_conv2d_cuda(
     at::IntArrayRef padding, at::IntArrayRef dilation) {
   constexpr const char* op = "fastcnn::depthwise_conv2d";
   const at::Tensor* bias_ptr = bias.has_value() && bias->defined() ? &*bias : nullptr;
-  const Geom g = check_args(op, input, weight, bias_ptr, stride, padding, dilation);
+  TORCH_CHECK(input.is_cuda(), op, ": expected input to be a CUDA tensor, but got a tensor on ", input.device());
+  const Geom g = to_geom(depthwise::check_arguments(input, weight, bias, stride, padding, dilation));
   c10::cuda::CUDAGuard guard(input.device());
   const auto format = input.suggest_memory_format();
   at::Tensor out = at::empty({g.N, g.C, g.Ho, g.Wo}, input.options().memory_format(format));
@@ -1006,13 +966,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, std::array<bool, 3> output_mask) {
   constexpr const char* op = "fastcnn::_depthwise_conv2d_backward";
-  const Geom g = check_args(op, input, weight, nullptr, stride, padding, dilation);
-  check_tensor(op, "grad_output", grad_output, input);
-  TORCH_CHECK(
-      grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.C &&
-          grad_output.size(2) == g.Ho && grad_output.size(3) == g.Wo,
-      op, ": expected grad_output of shape [", g.N, ", ", g.C, ", ", g.Ho, ", ", g.Wo, "] (the output's), but got ",
-      grad_output.sizes());
+  TORCH_CHECK(input.is_cuda(), op, ": expected input to be a CUDA tensor, but got a tensor on ", input.device());
+  const depthwise::Geometry checked = depthwise::check_arguments(input, weight, std::nullopt, stride, padding, dilation);
+  depthwise::check_grad_output(grad_output, input, checked);
+  const Geom g = to_geom(checked);
   c10::cuda::CUDAGuard guard(input.device());
   const auto format = input.suggest_memory_format();
   const bool channels_last = format == at::MemoryFormat::ChannelsLast;
