@@ -901,9 +901,12 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
   // One thread owns a channel for the whole batch: the weight gradient is summed without atomics
   // and in the same order on every run.
   at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> padded(want_weight ? padded_h * s.row_stride + kSlack : 0);
+    // Windows for two images: image n+1's are loaded before image n is processed, so small planes
+    // are not read back while their narrow stores are still in flight (see forward_nchw).
+    const int64_t padded_size = want_weight ? padded_h * s.row_stride + kSlack : 0;
+    const int64_t window_size = want_input && transpose_as_forward ? window_h * window_w + kSlack : 0;
+    std::vector<T> padded_pair(2 * padded_size), go_window_pair(2 * window_size);
     std::vector<T> padded_grad(want_input && !transpose_as_forward ? padded_h * s.row_stride : 0);
-    std::vector<T> go_window(want_input && transpose_as_forward ? window_h * window_w + kSlack : 0);
     std::vector<T> gi_buffer(want_input && transpose_as_forward && !gi_dense ? g.in_h * g.in_w : 0);
     std::vector<T> go_buffer, taps(kernel_area), flipped(kernel_area), grad_taps(kernel_area);
     for (int64_t c = begin; c < end; ++c) {
@@ -911,17 +914,25 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
       for (int64_t t = 0; t < kernel_area; ++t) flipped[kernel_area - 1 - t] = taps[t];
       std::fill(grad_taps.begin(), grad_taps.end(), T(0));
       T bias_sum = T(0);
+      const auto load_image = [&](int64_t n) {
+        if (window_size)
+          load_window(go + n * go_strides[0] + c * go_strides[1], g.out_h, g.out_w, go_strides[2], go_strides[3],
+                      window_top, window_left, go_window_pair.data() + n % 2 * window_size, window_h, window_w, 1);
+        if (padded_size)
+          load_window(in + n * in_strides[0] + c * in_strides[1], g.in_h, g.in_w, in_strides[2], in_strides[3],
+                      g.pad_top, g.pad_left, padded_pair.data() + n % 2 * padded_size, padded_h, padded_w, g.stride_w);
+      };
+      if (g.batch > 0) load_image(0);
       for (int64_t n = 0; n < g.batch; ++n) {
+        if (n + 1 < g.batch) load_image(n + 1);
+        const T* go_window = go_window_pair.data() + n % 2 * window_size;
+        const T* padded = padded_pair.data() + n % 2 * padded_size;
         const scalar_t* go_src = go + n * go_strides[0] + c * go_strides[1];
         scalar_t* gi_plane = want_input ? gi + n * gi_strides[0] + c * gi_strides[1] : nullptr;
-        if (want_input && transpose_as_forward) {
-          load_window(go_src, g.out_h, g.out_w, go_strides[2], go_strides[3], window_top, window_left,
-                      go_window.data(), window_h, window_w, 1);
-        }
         const T* go_plane;
         int64_t go_stride = g.out_w;
         if (go_in_window) {
-          go_plane = go_window.data() + window_top * window_w + window_left;
+          go_plane = go_window + window_top * window_w + window_left;
           go_stride = window_w;
         } else {
           go_plane = dense_plane<scalar_t, T>(go_src, g.out_h, g.out_w, go_strides[2], go_strides[3], go_buffer,
@@ -933,19 +944,15 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
             for (int64_t x = 0; x < g.out_w; ++x) plane_sum += go_plane[y * go_stride + x];
           bias_sum += plane_sum;
         }
-        if (want_weight) {
-          load_window(in + n * in_strides[0] + c * in_strides[1], g.in_h, g.in_w, in_strides[2], in_strides[3],
-                      g.pad_top, g.pad_left, padded.data(), padded_h, padded_w, g.stride_w);
-          backward_weight_plane(go_plane, go_stride, padded.data(), grad_taps.data(), s);
-        }
+        if (want_weight) backward_weight_plane(go_plane, go_stride, padded, grad_taps.data(), s);
         if (want_input && transpose_as_forward) {
           if constexpr (std::is_same_v<scalar_t, T>) {
             if (gi_dense) {
-              forward_plane(go_window.data(), flipped.data(), T(0), gi_plane, transposed);
+              forward_plane(go_window, flipped.data(), T(0), gi_plane, transposed);
               continue;
             }
           }
-          forward_plane(go_window.data(), flipped.data(), T(0), gi_buffer.data(), transposed);
+          forward_plane(go_window, flipped.data(), T(0), gi_buffer.data(), transposed);
           store_plane(gi_buffer.data(), g.in_h, g.in_w, gi_plane, gi_strides[2], gi_strides[3], g.in_w, 0);
         } else if (want_input) {
           std::fill(padded_grad.begin(), padded_grad.end(), T(0));
