@@ -556,6 +556,74 @@ FASTCNN_INLINE void forward_tile_impl(const T* tile, const T* taps, const T* bia
   }
 }
 
+// The backward of forward_tile for one image: grad_out_tile [out_h][out_w][L]; in_tile the
+// zero-padded input tile; grad_in_tile a zeroed padded tile that receives every output's
+// gradient through every tap (scatter form: no stride or bounds tests); grad_taps [taps][L]
+// accumulates the weight gradient, up to 10 taps per pass in registers.
+template <typename T, int G>
+FASTCNN_INLINE void tile_weight_grad_taps(const T* go_tile, const T* in_tile, const int64_t* offsets, T* grad_taps,
+                                          const PlaneShape& s, int64_t padded_w) {
+  using V = typename Simd<T>::type;
+  using U = typename Simd<T>::unaligned;
+  constexpr int L = Simd<T>::width;
+  V acc[G];
+  for (int j = 0; j < G; ++j) acc[j] = V{};
+  for (int64_t oy = 0; oy < s.out_h; ++oy) {
+    for (int64_t ox = 0; ox < s.out_w; ++ox) {
+      const V g = load(go_tile + (oy * s.out_w + ox) * L);
+      const T* origin = in_tile + (oy * s.stride_h * padded_w + ox * s.stride_w) * L;
+      for (int j = 0; j < G; ++j) acc[j] += g * load(origin + offsets[j]);
+    }
+  }
+  for (int j = 0; j < G; ++j) *reinterpret_cast<U*>(grad_taps + j * L) = load(grad_taps + j * L) + acc[j];
+}
+
+template <typename T>
+FASTCNN_INLINE void backward_tile_impl(const T* go_tile, const T* in_tile, const T* taps, T* grad_in_tile,
+                                       T* grad_taps, const PlaneShape& s, int64_t padded_w) {
+  using V = typename Simd<T>::type;
+  using U = typename Simd<T>::unaligned;
+  constexpr int L = Simd<T>::width;
+  constexpr int G = 10;
+  const int64_t kernel_area = s.kernel_h * s.kernel_w;
+  int64_t offsets[G];
+  if (grad_taps) {
+    for (int64_t t0 = 0; t0 < kernel_area; t0 += G) {
+      const int64_t count = std::min<int64_t>(G, kernel_area - t0);
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t ky = (t0 + j) / s.kernel_w, kx = (t0 + j) % s.kernel_w;
+        offsets[j] = (ky * s.dilation_h * padded_w + kx * s.dilation_w) * L;
+      }
+      T* sums = grad_taps + t0 * L;
+      switch (count) {
+#define FASTCNN_GROUP(N) \
+  case N:                \
+    tile_weight_grad_taps<T, N>(go_tile, in_tile, offsets, sums, s, padded_w); \
+    break;
+        FASTCNN_GROUP(1) FASTCNN_GROUP(2) FASTCNN_GROUP(3) FASTCNN_GROUP(4) FASTCNN_GROUP(5) FASTCNN_GROUP(6)
+        FASTCNN_GROUP(7) FASTCNN_GROUP(8) FASTCNN_GROUP(9) FASTCNN_GROUP(10)
+#undef FASTCNN_GROUP
+      }
+    }
+  }
+  if (grad_in_tile) {
+    for (int64_t oy = 0; oy < s.out_h; ++oy) {
+      for (int64_t ox = 0; ox < s.out_w; ++ox) {
+        const V g = load(go_tile + (oy * s.out_w + ox) * L);
+        T* origin = grad_in_tile + (oy * s.stride_h * padded_w + ox * s.stride_w) * L;
+        for (int64_t ky = 0; ky < s.kernel_h; ++ky) {
+          T* row = origin + ky * s.dilation_h * padded_w * L;
+          const T* w = taps + ky * s.kernel_w * L;
+          for (int64_t kx = 0; kx < s.kernel_w; ++kx) {
+            T* dst = row + kx * s.dilation_w * L;
+            *reinterpret_cast<U*>(dst) = load(dst) + load(w + kx * L) * g;
+          }
+        }
+      }
+    }
+  }
+}
+
 // The non-inlined, multi-versioned entry points for float and double.
 #define FASTCNN_DEFINE_CLONES(T)                                                                          \
   FASTCNN_SIMD_CLONES void forward_plane(const T* padded, const T* w, T bias, T* out, const PlaneShape& s) { \
@@ -571,6 +639,10 @@ FASTCNN_INLINE void forward_tile_impl(const T* tile, const T* taps, const T* bia
   FASTCNN_SIMD_CLONES void forward_tile(const T* tile, const T* taps, const T* bias, T* out_tile,        \
                                         const PlaneShape& s, int64_t padded_w) {                          \
     forward_tile_impl<T>(tile, taps, bias, out_tile, s, padded_w);                                        \
+  }                                                                                                       \
+  FASTCNN_SIMD_CLONES void backward_tile(const T* go_tile, const T* in_tile, const T* taps, T* grad_in_tile, \
+                                         T* grad_taps, const PlaneShape& s, int64_t padded_w) {           \
+    backward_tile_impl<T>(go_tile, in_tile, taps, grad_in_tile, grad_taps, s, padded_w);                  \
   }                                                                                                       \
   FASTCNN_SIMD_CLONES void gather_strided(T* dst, const T* src, int64_t n, int64_t step) {                \
     gather_strided_impl<T>(dst, src, n, step);                                                            \
@@ -684,6 +756,40 @@ void store_phased_plane(const T* src, const PlaneShape& s, int64_t top, int64_t 
   }
 }
 
+// Channel-block tiles (see forward_tile): tile[(y + top) * tile_w + x + left][l] holds channel l
+// of the block. Lanes past `lanes` repeat the last channel, so every lane stays finite.
+template <typename scalar_t, typename T>
+void load_tile(const scalar_t* block, int64_t channel_stride, int64_t lanes, int64_t h, int64_t w, int64_t sh,
+               int64_t sw, int64_t top, int64_t left, int64_t tile_w, T* tile) {
+  constexpr int64_t L = Simd<T>::width;
+  for (int64_t l = 0; l < L; ++l) {
+    const scalar_t* plane = block + std::min(l, lanes - 1) * channel_stride;
+    for (int64_t y = 0; y < h; ++y)
+      for (int64_t x = 0; x < w; ++x)
+        tile[((y + top) * tile_w + x + left) * L + l] = static_cast<T>(plane[y * sh + x * sw]);
+  }
+}
+
+template <typename scalar_t, typename T>
+void store_tile(const T* tile, int64_t top, int64_t left, int64_t tile_w, int64_t lanes, int64_t h, int64_t w,
+                scalar_t* block, int64_t channel_stride, int64_t sh, int64_t sw) {
+  constexpr int64_t L = Simd<T>::width;
+  for (int64_t l = 0; l < lanes; ++l) {
+    scalar_t* plane = block + l * channel_stride;
+    for (int64_t y = 0; y < h; ++y)
+      for (int64_t x = 0; x < w; ++x)
+        plane[y * sh + x * sw] = static_cast<scalar_t>(tile[((y + top) * tile_w + x + left) * L + l]);
+  }
+}
+
+// Measured here: tiles win on strided maps up to 28x28 and on rows narrower than a vector (7x7);
+// the plane kernels win on unit-stride 14x14 and larger.
+template <typename T>
+bool use_tiles(const Geometry& g) {
+  constexpr int64_t L = Simd<T>::width;
+  return g.in_h * g.in_w <= 32 * 32 && g.channels >= L && (g.stride_w > 1 || g.out_w < L);
+}
+
 PlaneShape plane_shape(const Geometry& g) {
   return make_plane_shape(g.out_h, g.out_w, g.in_w + g.pad_left + g.pad_right, g.kernel_h, g.kernel_w, g.stride_h,
                           g.stride_w, g.dilation_h, g.dilation_w);
@@ -711,10 +817,8 @@ void forward_nchw(const at::Tensor& input, const at::Tensor& weight, const at::T
   const int64_t out_area = g.out_h * g.out_w;
 
   if constexpr (std::is_same_v<scalar_t, T>) {
-    constexpr int64_t L = Simd<T>::width;
-    // Measured here: the tile wins on strided maps up to 28x28 and on rows narrower than a vector
-    // (7x7); the plane kernel wins on unit-stride 14x14 and 28x28.
-    if (g.in_h * g.in_w <= 32 * 32 && g.channels >= L && (g.stride_w > 1 || g.out_w < L)) {
+    if (use_tiles<T>(g)) {
+      constexpr int64_t L = Simd<T>::width;
       const int64_t blocks = (g.channels + L - 1) / L;
       at::parallel_for(0, g.batch * blocks, 1, [&](int64_t begin, int64_t end) {
         std::vector<T> tile(padded_h * padded_w * L, T(0)), out_tile(out_area * L), block_taps(kernel_area * L),
@@ -724,17 +828,11 @@ void forward_nchw(const at::Tensor& input, const at::Tensor& weight, const at::T
           for (int64_t t = 0; t < kernel_area; ++t)
             for (int64_t l = 0; l < L; ++l) block_taps[t * L + l] = l < lanes ? w[(c0 + l) * kernel_area + t] : T(0);
           for (int64_t l = 0; l < L; ++l) block_bias[l] = b && l < lanes ? b[c0 + l] : T(0);
-          for (int64_t l = 0; l < L; ++l) {
-            const scalar_t* plane = in + n * in_strides[0] + (c0 + std::min(l, lanes - 1)) * in_strides[1];
-            for (int64_t y = 0; y < g.in_h; ++y)
-              for (int64_t x = 0; x < g.in_w; ++x)
-                tile[((y + g.pad_top) * padded_w + x + g.pad_left) * L + l] = plane[y * in_strides[2] + x * in_strides[3]];
-          }
+          load_tile(in + n * in_strides[0] + c0 * in_strides[1], in_strides[1], lanes, g.in_h, g.in_w, in_strides[2],
+                    in_strides[3], g.pad_top, g.pad_left, padded_w, tile.data());
           forward_tile(tile.data(), block_taps.data(), block_bias.data(), out_tile.data(), s, padded_w);
-          for (int64_t l = 0; l < lanes; ++l) {
-            scalar_t* out_plane = out + (n * g.channels + c0 + l) * out_area;
-            for (int64_t i = 0; i < out_area; ++i) out_plane[i] = out_tile[i * L + l];
-          }
+          store_tile(out_tile.data(), 0, 0, g.out_w, lanes, g.out_h, g.out_w, out + (n * g.channels + c0) * out_area,
+                     out_area, g.out_w, 1);
         }
       });
       return;
@@ -897,6 +995,48 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
   // grad_output's rows inside the transposed window, when the window holds all of them: the
   // weight gradient then reads them there instead of from a second copy.
   const bool go_in_window = transpose_as_forward && want_input && window_top >= 0 && window_left >= 0;
+
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    if (use_tiles<T>(g)) {
+      // One thread owns a block of channels for the whole batch (deterministic weight gradient).
+      constexpr int64_t L = Simd<T>::width;
+      const int64_t blocks = (g.channels + L - 1) / L, out_area = g.out_h * g.out_w;
+      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<T> in_tile(want_weight ? padded_h * padded_w * L : 0, T(0)), go_tile(out_area * L),
+            grad_in_tile(want_input ? padded_h * padded_w * L : 0), block_taps(kernel_area * L),
+            grad_taps(kernel_area * L);
+        for (int64_t block = begin; block < end; ++block) {
+          const int64_t c0 = block * L, lanes = std::min(L, g.channels - c0);
+          for (int64_t t = 0; t < kernel_area; ++t)
+            for (int64_t l = 0; l < L; ++l) block_taps[t * L + l] = l < lanes ? w[(c0 + l) * kernel_area + t] : T(0);
+          std::fill(grad_taps.begin(), grad_taps.end(), T(0));
+          T bias_sums[L] = {};
+          for (int64_t n = 0; n < g.batch; ++n) {
+            load_tile(go + n * go_strides[0] + c0 * go_strides[1], go_strides[1], lanes, g.out_h, g.out_w,
+                      go_strides[2], go_strides[3], 0, 0, g.out_w, go_tile.data());
+            if (want_bias)
+              for (int64_t i = 0; i < out_area; ++i)
+                for (int64_t l = 0; l < L; ++l) bias_sums[l] += go_tile[i * L + l];
+            if (want_weight)
+              load_tile(in + n * in_strides[0] + c0 * in_strides[1], in_strides[1], lanes, g.in_h, g.in_w,
+                        in_strides[2], in_strides[3], g.pad_top, g.pad_left, padded_w, in_tile.data());
+            if (want_input) std::fill(grad_in_tile.begin(), grad_in_tile.end(), T(0));
+            backward_tile(go_tile.data(), in_tile.data(), block_taps.data(), want_input ? grad_in_tile.data() : nullptr,
+                          want_weight ? grad_taps.data() : nullptr, s, padded_w);
+            if (want_input)
+              store_tile(grad_in_tile.data(), g.pad_top, g.pad_left, padded_w, lanes, g.in_h, g.in_w,
+                         gi + n * gi_strides[0] + c0 * gi_strides[1], gi_strides[1], gi_strides[2], gi_strides[3]);
+          }
+          for (int64_t l = 0; l < lanes; ++l) {
+            if (want_weight)
+              for (int64_t t = 0; t < kernel_area; ++t) gw[(c0 + l) * kernel_area + t] = grad_taps[t * L + l];
+            if (want_bias) gb[c0 + l] = bias_sums[l];
+          }
+        }
+      });
+      return;
+    }
+  }
 
   // One thread owns a channel for the whole batch: the weight gradient is summed without atomics
   // and in the same order on every run.
