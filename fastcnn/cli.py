@@ -196,8 +196,39 @@ def render_markdown(record: Dict[str, Any], long: bool = False) -> str:
         out += _md_table(header, rows, right_from=4)
         out += ["", "× = median over interleaved rounds of t(torch eager) / t(provider): above 1 is faster. "
                 "% floor = max(bytes / copy bandwidth, flops / matmul rate) / time."]
+        summary = _geomean_rows(results, provs, allocs)
+        if summary:
+            out += ["", "Geometric means over a model's layers (each layer counted as often as the model has it):", ""]
+            header = ["model", "batch", "layout", "mode"] + [f"{p} × ({alloc_note})" for p in provs]
+            out += _md_table(header, summary, right_from=4)
     out += ["", *_env_summary(record), ""]
     return "\n".join(out)
+
+
+def _geomean_rows(results: Sequence[Dict[str, Any]], provs: Sequence[str], allocs: Sequence[str]) -> List[List[str]]:
+    """Cases named `<model>-<layer>` (e.g. mbv1-dw3) grouped by model, batch, layout and mode."""
+    groups: Dict[tuple, Dict[tuple, List[tuple]]] = {}
+    for r in results:
+        if "-" not in r["case"] or r["provider"] == "torch" or r.get("error") or not r.get("ratio"):
+            continue
+        key = (r["case"].split("-")[0], r["params"].get("N"), r["layout"], r["mode"])
+        weight = r["params"].get("repeat", 1)
+        groups.setdefault(key, {}).setdefault((r["provider"], r.get("allocator", "-")), []).append((r["ratio"], weight))
+    rows = []
+    for key, cells in groups.items():
+        row = [str(k) for k in key]
+        for p in provs:
+            figures = []
+            for a in allocs:
+                pairs = cells.get((p, a))
+                if not pairs:
+                    figures.append("-")
+                    continue
+                total = sum(w for _, w in pairs)
+                figures.append(_fmt_ratio(math.exp(sum(w * math.log(x) for x, w in pairs) / total)))
+            row.append(" / ".join(figures))
+        rows.append(row)
+    return rows
 
 
 def plot(record: Dict[str, Any], path: str) -> Optional[str]:

@@ -275,3 +275,16 @@ def test_python_m_fastcnn(monkeypatch, capsys):
         runpy.run_module("fastcnn", run_name="__main__")
     assert exit_.value.code == 0
     assert json.loads(capsys.readouterr().out)["torch"] == torch.__version__
+
+
+def test_report_geometric_mean_over_a_models_layers_weights_repeats():
+    def row(case, ratio, repeat, allocator):
+        return {"op": "depthwise", "case": case, "shape": "s", "params": {"N": 32, "repeat": repeat},
+                "layout": "nchw", "mode": "forward", "provider": "fastcnn[cpu]", "ratio": ratio,
+                "allocator": allocator, "time_ms": 1.0, "floor_fraction": 0.5, "error": None}
+
+    results = [row("mbv1-a", 2.0, 1, "default"), row("mbv1-b", 8.0, 3, "default"), row("k7", 100.0, 1, "default")]
+    md = cli.render_markdown({"settings": {"device": "cpu", "dtype": "float32"}, "runs": [], "results": results})
+    # (2 * 8^3)^(1/4) = 5.66; the single-case k7 is no model and stays out of the summary
+    assert "| mbv1 | 32 | nchw | forward | 5.66 |" in md
+    assert "| k7 |" not in md.split("Geometric means")[1]
