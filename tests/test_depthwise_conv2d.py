@@ -78,7 +78,14 @@ def test_matches_reference_fp64(case, layout):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize(
-    "shape", [(2, 32, 17, 19, 3, 1), (2, 24, 15, 15, 3, 2), (1, 40, 12, 12, 7, 1), (1, 8, 20, 20, 31, 1)]
+    "shape",
+    [
+        (2, 32, 17, 19, 3, 1),  # NCHW: plane kernels
+        (2, 24, 15, 15, 3, 2),  # NCHW: channel-block tiles, vector transposes with an overlapping last block
+        (2, 13, 14, 14, 3, 1),  # tiles with a partial channel block
+        (1, 40, 12, 12, 7, 1),
+        (1, 8, 20, 20, 31, 1),
+    ],
 )
 def test_matches_reference_fp32(shape, layout):
     n, c, h, w, k, stride = shape

@@ -624,6 +624,55 @@ FASTCNN_INLINE void backward_tile_impl(const T* go_tile, const T* in_tile, const
   }
 }
 
+// r[i] = row i of an 8x8 block in, column i out (three rounds of two-input shuffles; GCC picks the
+// instructions for the target: unpck/shufps/vperm2f128 on AVX2).
+FASTCNN_INLINE void transpose8x8(Simd<float>::type r[8]) {
+  using V = Simd<float>::type;
+  using I = Simd<float>::index;
+  const I lo_pairs = {0, 8, 1, 9, 4, 12, 5, 13}, hi_pairs = {2, 10, 3, 11, 6, 14, 7, 15};
+  const I lo_quads = {0, 1, 8, 9, 4, 5, 12, 13}, hi_quads = {2, 3, 10, 11, 6, 7, 14, 15};
+  const I lo_halves = {0, 1, 2, 3, 8, 9, 10, 11}, hi_halves = {4, 5, 6, 7, 12, 13, 14, 15};
+  V t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shuffle(r[i], r[i + 1], lo_pairs);
+    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi_pairs);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shuffle(t[i], t[i + 2], lo_quads);
+    u[i + 1] = __builtin_shuffle(t[i], t[i + 2], hi_quads);
+    u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], lo_quads);
+    u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], hi_quads);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = __builtin_shuffle(u[i], u[i + 4], lo_halves);
+    r[i + 4] = __builtin_shuffle(u[i], u[i + 4], hi_halves);
+  }
+}
+
+// One row of 8 channel planes (unit column stride, width >= 8) into tile pixels [x][8 channels]
+// and back; the last block overlaps the one before instead of a scalar tail.
+FASTCNN_INLINE void planes_to_tile_row(const float* const* rows, int64_t w, float* tile_row) {
+  using U = Simd<float>::unaligned;
+  for (int64_t x0 = 0; x0 < w; x0 += 8) {
+    const int64_t x = std::min(x0, w - 8);
+    Simd<float>::type r[8];
+    for (int l = 0; l < 8; ++l) r[l] = load(rows[l] + x);
+    transpose8x8(r);
+    for (int j = 0; j < 8; ++j) *reinterpret_cast<U*>(tile_row + (x + j) * 8) = r[j];
+  }
+}
+
+FASTCNN_INLINE void tile_row_to_planes(const float* tile_row, int64_t w, float* const* rows) {
+  using U = Simd<float>::unaligned;
+  for (int64_t x0 = 0; x0 < w; x0 += 8) {
+    const int64_t x = std::min(x0, w - 8);
+    Simd<float>::type r[8];
+    for (int j = 0; j < 8; ++j) r[j] = load(tile_row + (x + j) * 8);
+    transpose8x8(r);
+    for (int l = 0; l < 8; ++l) *reinterpret_cast<U*>(rows[l] + x) = r[l];
+  }
+}
+
 // The non-inlined, multi-versioned entry points for float and double.
 #define FASTCNN_DEFINE_CLONES(T)                                                                          \
   FASTCNN_SIMD_CLONES void forward_plane(const T* padded, const T* w, T bias, T* out, const PlaneShape& s) { \
@@ -665,6 +714,13 @@ FASTCNN_INLINE void backward_tile_impl(const T* go_tile, const T* in_tile, const
 FASTCNN_DEFINE_CLONES(float)
 FASTCNN_DEFINE_CLONES(double)
 #undef FASTCNN_DEFINE_CLONES
+
+FASTCNN_SIMD_CLONES void load_tile_rows(const float* const* rows, int64_t w, float* tile_row) {
+  planes_to_tile_row(rows, w, tile_row);
+}
+FASTCNN_SIMD_CLONES void store_tile_rows(const float* tile_row, int64_t w, float* const* rows) {
+  tile_row_to_planes(tile_row, w, rows);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Plane loads and stores: any strides, any dtype, converted to/from the accumulation type.
@@ -762,6 +818,16 @@ template <typename scalar_t, typename T>
 void load_tile(const scalar_t* block, int64_t channel_stride, int64_t lanes, int64_t h, int64_t w, int64_t sh,
                int64_t sw, int64_t top, int64_t left, int64_t tile_w, T* tile) {
   constexpr int64_t L = Simd<T>::width;
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<T, float>) {
+    if (sw == 1 && w >= 8) {
+      for (int64_t y = 0; y < h; ++y) {
+        const float* rows[8];
+        for (int64_t l = 0; l < 8; ++l) rows[l] = block + std::min(l, lanes - 1) * channel_stride + y * sh;
+        load_tile_rows(rows, w, tile + ((y + top) * tile_w + left) * L);
+      }
+      return;
+    }
+  }
   for (int64_t l = 0; l < L; ++l) {
     const scalar_t* plane = block + std::min(l, lanes - 1) * channel_stride;
     for (int64_t y = 0; y < h; ++y)
@@ -774,6 +840,16 @@ template <typename scalar_t, typename T>
 void store_tile(const T* tile, int64_t top, int64_t left, int64_t tile_w, int64_t lanes, int64_t h, int64_t w,
                 scalar_t* block, int64_t channel_stride, int64_t sh, int64_t sw) {
   constexpr int64_t L = Simd<T>::width;
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<T, float>) {
+    if (sw == 1 && w >= 8 && lanes == 8) {
+      for (int64_t y = 0; y < h; ++y) {
+        float* rows[8];
+        for (int64_t l = 0; l < 8; ++l) rows[l] = block + l * channel_stride + y * sh;
+        store_tile_rows(tile + ((y + top) * tile_w + left) * L, w, rows);
+      }
+      return;
+    }
+  }
   for (int64_t l = 0; l < lanes; ++l) {
     scalar_t* plane = block + l * channel_stride;
     for (int64_t y = 0; y < h; ++y)
@@ -782,12 +858,13 @@ void store_tile(const T* tile, int64_t top, int64_t left, int64_t tile_w, int64_
   }
 }
 
-// Measured here: tiles win on strided maps up to 28x28 and on rows narrower than a vector (7x7);
-// the plane kernels win on unit-stride 14x14 and larger.
+// Measured here (MobileNet layers, N=1 and 32): tiles win on maps up to 14x14 and on strided maps
+// up to 28x28; the plane kernels win on unit-stride 28x28 and larger.
 template <typename T>
 bool use_tiles(const Geometry& g) {
   constexpr int64_t L = Simd<T>::width;
-  return g.in_h * g.in_w <= 32 * 32 && g.channels >= L && (g.stride_w > 1 || g.out_w < L);
+  const int64_t area = g.in_h * g.in_w;
+  return g.channels >= L && (area <= 16 * 16 || (g.stride_w > 1 && area <= 32 * 32));
 }
 
 PlaneShape plane_shape(const Geometry& g) {
