@@ -58,6 +58,13 @@ CASES = [
     (2, 21, 10, 11, 7, 7, 1, 3, 1),  # vector blocks plus a channel tail, large-window path
     (1, 19, 8, 9, 11, 11, 2, 5, 1),
     (2, 37, 9, 10, 3, 3, 2, 1, 1),  # small-window path: 4-vector block, 1-vector block, tail
+    # wider rows, asymmetric padding and dilation on the plane path
+    (2, 5, 7, 37, 3, 3, 1, 1, 1),
+    (1, 3, 6, 40, 5, 5, 1, (2, 0, 4, 1), (1, 2)),
+    (1, 3, 5, 35, 3, 3, 1, 3, 1),
+    (2, 4, 9, 36, 3, 3, (2, 1), 1, 1),
+    (1, 2, 4, 33, 31, 31, 1, 15, 1),
+    (1, 2, 6, 50, 3, 7, 1, "valid", 1),
 ]
 
 
@@ -81,6 +88,7 @@ def test_matches_reference_fp64(case, layout):
     "shape",
     [
         (2, 32, 17, 19, 3, 1),  # NCHW: plane kernels
+        (2, 16, 20, 40, 3, 1),
         (2, 24, 15, 15, 3, 2),  # NCHW: channel-block tiles, vector transposes with an overlapping last block
         (2, 13, 14, 14, 3, 1),  # tiles with a partial channel block
         (1, 40, 12, 12, 7, 1),
