@@ -165,11 +165,7 @@ if has_ops():
     _native_op = torch.ops.fastcnn.depthwise_conv2d.default  # resolved once: attribute lookups cost µs per call
     torch.library.register_fake("fastcnn::depthwise_conv2d")(_fake_forward)
     torch.library.register_fake("fastcnn::_depthwise_conv2d_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "fastcnn::depthwise_conv2d",
-        _make_backward(torch.ops.fastcnn._depthwise_conv2d_backward),
-        setup_context=_setup_context,
-    )
+    # Autograd of the C++ op is registered in C++ (csrc/ops/autograd/): cheaper per call.
 
 
 @torch.library.triton_op("fastcnn::_depthwise_conv2d_triton", mutates_args=())
