@@ -2,16 +2,19 @@
 // (Howard et al., 2017) and large-kernel nets (RepLKNet, Ding et al., 2022).
 //
 // Why it is written this way:
-// - NCHW works one (n, c) plane at a time. The plane is copied, zero-padded and converted to the
-//   accumulation type, into a small per-thread buffer that stays in L1/L2; after that every tap
-//   of every output row is an unchecked, vectorisable axpy. This also reads any input strides
-//   without a .contiguous() copy, and costs one in-cache pass.
-// - channels_last vectorises over channels: each tap is an axpy over C.
-// - Backward never uses atomics: NCHW parallelises over channels (batch loop inside, so the weight
-//   gradient of a channel is summed by one thread in a fixed order); channels_last gathers the
-//   input gradient and reduces per-chunk weight-gradient partials in chunk order.
-// - Hot loops are compiled for AVX-512, AVX2+FMA and a baseline and picked at load time
-//   (GCC target_clones), so one build runs on any x86-64 and uses the widest vectors there.
+// - NCHW, large maps: one (n, c) plane at a time. The plane is copied, zero-padded, converted to
+//   the accumulation type and split into width-stride phases, into a per-thread buffer that
+//   stays in L1/L2. After that, every tap is an unchecked unit-stride vector load, with 4 output
+//   vectors kept in registers across the window. Any input strides are read without a
+//   .contiguous() copy. The copy costs one in-cache pass.
+// - NCHW, maps up to 14x14 and strided maps up to 28x28: the per-plane cost dominates. Here
+//   8-channel blocks are transposed (8x8 vector transposes) into channels-last tiles.
+// - channels_last vectorises over channels: each tap is a multiply-add of channel vectors.
+//   Small windows go pixel by pixel; large windows go channel block by channel block.
+// - Backward never uses atomics. The weight gradient of a channel (block) is summed by one thread
+//   in a fixed order. At unit stride the input gradient is a forward pass with the flipped kernel.
+// - Hot loops are compiled for x86-64-v4, v3 and a baseline, picked at load time by GCC's
+//   target_clones, with 32-byte GCC vectors (native on AVX2 and AVX-512).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
