@@ -87,8 +87,6 @@ def resolve(device):
     """The concrete backend for tensors on `device`; raises when the requested one cannot run there."""
     name = requested()
     if name == "auto":
-        if device.type == "cpu" and _extension.has_ops():
-            return "cpu"
         if not _extension.has_ops():
             return "reference"
         if device.type == "cpu":

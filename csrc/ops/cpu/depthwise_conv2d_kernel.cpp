@@ -20,7 +20,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -38,6 +37,21 @@
 // The hot loops read one buffer and write another; without this GCC versions them for aliasing
 // and gives up on vectorising once a window has more taps than it will check at run time.
 #define FASTCNN_IVDEP _Pragma("GCC ivdep")
+// The weight-gradient kernels keep a group of up to 10 taps in registers, the group size a
+// template parameter: this turns the run-time size `count` into CALL(1) ... CALL(10).
+#define FASTCNN_WITH_GROUP_SIZE(count, CALL) \
+  switch (count) {                           \
+    case 1: CALL(1); break;                  \
+    case 2: CALL(2); break;                  \
+    case 3: CALL(3); break;                  \
+    case 4: CALL(4); break;                  \
+    case 5: CALL(5); break;                  \
+    case 6: CALL(6); break;                  \
+    case 7: CALL(7); break;                  \
+    case 8: CALL(8); break;                  \
+    case 9: CALL(9); break;                  \
+    default: CALL(10); break;                \
+  }
 
 namespace fastcnn {
 namespace {
@@ -224,15 +238,9 @@ FASTCNN_INLINE void backward_weight_plane_impl(const T* go, int64_t go_stride, c
     const int64_t count = std::min<int64_t>(G, kernel_area - t0);
     const int64_t* offsets = s.tap_offsets.data() + t0;
     T* sums = grad_w + t0;
-    switch (count) {
-#define FASTCNN_GROUP(N) \
-  case N:                \
-    weight_grad_taps<T, N>(go, go_stride, padded, offsets, sums, s); \
-    break;
-      FASTCNN_GROUP(1) FASTCNN_GROUP(2) FASTCNN_GROUP(3) FASTCNN_GROUP(4) FASTCNN_GROUP(5) FASTCNN_GROUP(6)
-      FASTCNN_GROUP(7) FASTCNN_GROUP(8) FASTCNN_GROUP(9) FASTCNN_GROUP(10)
-#undef FASTCNN_GROUP
-    }
+#define FASTCNN_CALL(N) weight_grad_taps<T, N>(go, go_stride, padded, offsets, sums, s)
+    FASTCNN_WITH_GROUP_SIZE(count, FASTCNN_CALL);
+#undef FASTCNN_CALL
   }
 }
 
@@ -598,15 +606,9 @@ FASTCNN_INLINE void backward_tile_impl(const T* go_tile, const T* in_tile, const
         offsets[j] = (ky * s.dilation_h * padded_w + kx * s.dilation_w) * L;
       }
       T* sums = grad_taps + t0 * L;
-      switch (count) {
-#define FASTCNN_GROUP(N) \
-  case N:                \
-    tile_weight_grad_taps<T, N>(go_tile, in_tile, offsets, sums, s, padded_w); \
-    break;
-        FASTCNN_GROUP(1) FASTCNN_GROUP(2) FASTCNN_GROUP(3) FASTCNN_GROUP(4) FASTCNN_GROUP(5) FASTCNN_GROUP(6)
-        FASTCNN_GROUP(7) FASTCNN_GROUP(8) FASTCNN_GROUP(9) FASTCNN_GROUP(10)
-#undef FASTCNN_GROUP
-      }
+#define FASTCNN_CALL(N) tile_weight_grad_taps<T, N>(go_tile, in_tile, offsets, sums, s, padded_w)
+      FASTCNN_WITH_GROUP_SIZE(count, FASTCNN_CALL);
+#undef FASTCNN_CALL
     }
   }
   if (grad_in_tile) {
