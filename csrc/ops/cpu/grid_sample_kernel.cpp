@@ -1,0 +1,543 @@
+// Spatial Transformer sampler on CPU (Jaderberg et al., 2015). Reference ops: F.grid_sample and
+// F.affine_grid + F.grid_sample (2-D; bilinear and nearest; zeros, border and reflection padding).
+//
+// Output pixels are processed a row chunk at a time: the chunk's source coordinates (from the
+// grid, or from theta without any grid), tap offsets, weights and in-bounds masks are computed
+// once into small arrays, then reused for every channel. NCHW walks channel planes with the same
+// offsets; channels_last reads the four taps' channel vectors contiguously.
+//
+// The backward runs one batch element per task and sums in a fixed order: the input-gradient
+// scatter needs no atomics and results are bitwise identical run to run and across thread counts,
+// so torch.use_deterministic_algorithms costs nothing here. grad_theta is accumulated per batch
+// element in double.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/grid_sample_checks.h"
+
+namespace fastcnn {
+namespace grid_sample {
+namespace {
+
+// Output pixels whose taps are computed together; their arrays (about 3 KiB in fp32) stay in L1
+// while every channel is sampled with them.
+constexpr int kChunk = 64;
+constexpr uint8_t kAllTaps = 0xF;
+
+template <typename acc_t>
+struct Chunk {
+  int64_t offset[kChunk];  // flat input pixel of the north-west tap (nearest: of the sample)
+  acc_t w_nw[kChunk], w_ne[kChunk], w_sw[kChunk], w_se[kChunk];
+  acc_t dx0[kChunk], dx1[kChunk], dy0[kChunk], dy1[kChunk];
+  acc_t scale_x[kChunk], scale_y[kChunk];  // d(pixel coordinate)/d(grid coordinate)
+  acc_t gx[kChunk], gy[kChunk];            // normalised coordinates in; coordinate gradients out
+  uint8_t mask[kChunk];                    // bit k set when tap k (nw, ne, sw, se) is inside
+};
+
+// Source of the normalised sampling coordinates of one output row chunk.
+template <typename scalar_t, typename acc_t>
+struct GridSource {
+  const scalar_t* grid;  // [N, Ho, Wo, 2], contiguous
+  int64_t out_h, out_w;
+  void load(int64_t n, int64_t oy, int64_t ox0, int len, acc_t* gx, acc_t* gy) const {
+    const scalar_t* g = grid + ((n * out_h + oy) * out_w + ox0) * 2;
+    for (int p = 0; p < len; ++p) {
+      gx[p] = static_cast<acc_t>(g[2 * p]);
+      gy[p] = static_cast<acc_t>(g[2 * p + 1]);
+    }
+  }
+};
+
+template <typename acc_t>
+struct AffineSource {
+  const acc_t* theta;   // [N, 6] in acc_t
+  const acc_t* base_x;  // [Wo]: F.affine_grid's base grid
+  const acc_t* base_y;  // [Ho]
+  void load(int64_t n, int64_t oy, int64_t ox0, int len, acc_t* gx, acc_t* gy) const {
+    const acc_t* t = theta + n * 6;
+    const acc_t by = base_y[oy];
+    const acc_t cx = t[1] * by + t[2], cy = t[4] * by + t[5];
+    for (int p = 0; p < len; ++p) {
+      const acc_t bx = base_x[ox0 + p];
+      gx[p] = t[0] * bx + cx;
+      gy[p] = t[3] * bx + cy;
+    }
+  }
+};
+
+template <typename acc_t>
+void compute_taps(Chunk<acc_t>& ch, int len, const Geometry& g) {
+  for (int p = 0; p < len; ++p) {
+    acc_t sx, sy;
+    const acc_t ix = source_index(ch.gx[p], g.in_w, g.padding, g.align_corners, &sx);
+    const acc_t iy = source_index(ch.gy[p], g.in_h, g.padding, g.align_corners, &sy);
+    ch.scale_x[p] = sx;
+    ch.scale_y[p] = sy;
+    if (g.interpolation == Interpolation::Nearest) {
+      const int64_t x = nearest_index(ix), y = nearest_index(iy);
+      ch.offset[p] = y * g.in_w + x;
+      ch.mask[p] = in_bounds(x, y, g.in_w, g.in_h) ? 1 : 0;
+      continue;
+    }
+    const BilinearTaps<acc_t> t = bilinear_taps(ix, iy);
+    ch.offset[p] = t.y0 * g.in_w + t.x0;
+    ch.dx0[p] = t.dx0;
+    ch.dx1[p] = t.dx1;
+    ch.dy0[p] = t.dy0;
+    ch.dy1[p] = t.dy1;
+    ch.w_nw[p] = t.nw();
+    ch.w_ne[p] = t.ne();
+    ch.w_sw[p] = t.sw();
+    ch.w_se[p] = t.se();
+    const bool x0_in = t.x0 >= 0 && t.x0 < g.in_w, x1_in = t.x0 + 1 >= 0 && t.x0 + 1 < g.in_w;
+    const bool y0_in = t.y0 >= 0 && t.y0 < g.in_h, y1_in = t.y0 + 1 >= 0 && t.y0 + 1 < g.in_h;
+    ch.mask[p] = (x0_in && y0_in ? 1 : 0) | (x1_in && y0_in ? 2 : 0) | (x0_in && y1_in ? 4 : 0) |
+                 (x1_in && y1_in ? 8 : 0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+template <typename scalar_t, typename acc_t>
+inline acc_t sample_one(const scalar_t* plane, const Chunk<acc_t>& ch, int p, int64_t in_w, bool bilinear) {
+  const int64_t o = ch.offset[p];
+  const uint8_t m = ch.mask[p];
+  if (!bilinear) return m ? static_cast<acc_t>(plane[o]) : acc_t(0);
+  if (m == kAllTaps) {
+    return static_cast<acc_t>(plane[o]) * ch.w_nw[p] + static_cast<acc_t>(plane[o + 1]) * ch.w_ne[p] +
+           static_cast<acc_t>(plane[o + in_w]) * ch.w_sw[p] + static_cast<acc_t>(plane[o + in_w + 1]) * ch.w_se[p];
+  }
+  acc_t v = 0;
+  if (m & 1) v += static_cast<acc_t>(plane[o]) * ch.w_nw[p];
+  if (m & 2) v += static_cast<acc_t>(plane[o + 1]) * ch.w_ne[p];
+  if (m & 4) v += static_cast<acc_t>(plane[o + in_w]) * ch.w_sw[p];
+  if (m & 8) v += static_cast<acc_t>(plane[o + in_w + 1]) * ch.w_se[p];
+  return v;
+}
+
+template <typename scalar_t, typename acc_t, typename Source>
+void forward_kernel(const scalar_t* input, scalar_t* output, const Source& source, const Geometry& g,
+                    bool channels_last) {
+  const int64_t rows = g.batch * g.out_h;
+  const int64_t C = g.channels, in_hw = g.in_h * g.in_w, out_hw = g.out_h * g.out_w;
+  const bool bilinear = g.interpolation == Interpolation::Bilinear;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.out_w * C));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    Chunk<acc_t> ch;
+    std::vector<acc_t> acc(channels_last ? C : 0);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.out_h, oy = row % g.out_h;
+      for (int64_t ox0 = 0; ox0 < g.out_w; ox0 += kChunk) {
+        const int len = static_cast<int>(std::min<int64_t>(kChunk, g.out_w - ox0));
+        source.load(n, oy, ox0, len, ch.gx, ch.gy);
+        compute_taps(ch, len, g);
+        if (!channels_last) {
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t* plane = input + (n * C + c) * in_hw;
+            scalar_t* out = output + (n * C + c) * out_hw + oy * g.out_w + ox0;
+            for (int p = 0; p < len; ++p) out[p] = static_cast<scalar_t>(sample_one(plane, ch, p, g.in_w, bilinear));
+          }
+          continue;
+        }
+        const scalar_t* image = input + n * in_hw * C;
+        for (int p = 0; p < len; ++p) {
+          scalar_t* out = output + ((n * g.out_h + oy) * g.out_w + ox0 + p) * C;
+          const int64_t o = ch.offset[p];
+          const uint8_t m = ch.mask[p];
+          if (!bilinear) {
+            if (m) {
+              const scalar_t* src = image + o * C;
+              for (int64_t c = 0; c < C; ++c) out[c] = src[c];
+            } else {
+              for (int64_t c = 0; c < C; ++c) out[c] = scalar_t(0);
+            }
+            continue;
+          }
+          const scalar_t* nw = image + o * C;
+          const scalar_t* ne = nw + C;
+          const scalar_t* sw = nw + g.in_w * C;
+          const scalar_t* se = sw + C;
+          const acc_t a = ch.w_nw[p], b = ch.w_ne[p], s = ch.w_sw[p], e = ch.w_se[p];
+          if (m == kAllTaps) {
+            for (int64_t c = 0; c < C; ++c) {
+              out[c] = static_cast<scalar_t>(static_cast<acc_t>(nw[c]) * a + static_cast<acc_t>(ne[c]) * b +
+                                             static_cast<acc_t>(sw[c]) * s + static_cast<acc_t>(se[c]) * e);
+            }
+            continue;
+          }
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          const scalar_t* taps[4] = {nw, ne, sw, se};
+          const acc_t weights[4] = {a, b, s, e};
+          for (int k = 0; k < 4; ++k) {
+            if (!(m >> k & 1)) continue;
+            for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(taps[k][c]) * weights[k];
+          }
+          for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(acc[c]);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: one batch element per task; the scatter into grad_input and the coordinate-gradient
+// sums run in a fixed order.
+
+// Adds the gradients of one channel plane (NCHW) for a chunk; accumulates d/dx, d/dy in ch.gx/gy.
+template <typename scalar_t, typename acc_t>
+inline void backward_plane_chunk(const scalar_t* plane, const scalar_t* go, acc_t* gin, Chunk<acc_t>& ch, int len,
+                                 int64_t in_w, bool bilinear, bool want_input, bool want_coords) {
+  for (int p = 0; p < len; ++p) {
+    const acc_t gout = static_cast<acc_t>(go[p]);
+    const int64_t o = ch.offset[p];
+    const uint8_t m = ch.mask[p];
+    if (!bilinear) {
+      if (want_input && m) gin[o] += gout;
+      continue;
+    }
+    if (m == kAllTaps) {
+      if (want_input) {
+        gin[o] += ch.w_nw[p] * gout;
+        gin[o + 1] += ch.w_ne[p] * gout;
+        gin[o + in_w] += ch.w_sw[p] * gout;
+        gin[o + in_w + 1] += ch.w_se[p] * gout;
+      }
+      if (want_coords) {
+        const acc_t nw = static_cast<acc_t>(plane[o]), ne = static_cast<acc_t>(plane[o + 1]);
+        const acc_t sw = static_cast<acc_t>(plane[o + in_w]), se = static_cast<acc_t>(plane[o + in_w + 1]);
+        ch.gx[p] += gout * ((ne - nw) * ch.dy1[p] + (se - sw) * ch.dy0[p]);
+        ch.gy[p] += gout * ((sw - nw) * ch.dx1[p] + (se - ne) * ch.dx0[p]);
+      }
+      continue;
+    }
+    if (m == 0) continue;
+    const int64_t offs[4] = {o, o + 1, o + in_w, o + in_w + 1};
+    const acc_t weights[4] = {ch.w_nw[p], ch.w_ne[p], ch.w_sw[p], ch.w_se[p]};
+    acc_t v[4];
+    for (int k = 0; k < 4; ++k) {
+      const bool inside = m >> k & 1;
+      v[k] = inside ? static_cast<acc_t>(plane[offs[k]]) : acc_t(0);
+      if (want_input && inside) gin[offs[k]] += weights[k] * gout;
+    }
+    if (want_coords) {
+      ch.gx[p] += gout * ((v[1] - v[0]) * ch.dy1[p] + (v[3] - v[2]) * ch.dy0[p]);
+      ch.gy[p] += gout * ((v[2] - v[0]) * ch.dx1[p] + (v[3] - v[1]) * ch.dx0[p]);
+    }
+  }
+}
+
+// The same for one channels_last pixel: C contiguous channels per tap.
+template <typename scalar_t, typename acc_t>
+inline void backward_pixel_nhwc(const scalar_t* image, const scalar_t* go, acc_t* gin, Chunk<acc_t>& ch, int p,
+                                int64_t C, int64_t in_w, bool bilinear, bool want_input, bool want_coords) {
+  const int64_t o = ch.offset[p];
+  const uint8_t m = ch.mask[p];
+  if (!bilinear) {
+    if (want_input && m) {
+      acc_t* dst = gin + o * C;
+      for (int64_t c = 0; c < C; ++c) dst[c] += static_cast<acc_t>(go[c]);
+    }
+    return;
+  }
+  if (m == 0) return;
+  const int64_t offs[4] = {o * C, (o + 1) * C, (o + in_w) * C, (o + in_w + 1) * C};
+  const acc_t weights[4] = {ch.w_nw[p], ch.w_ne[p], ch.w_sw[p], ch.w_se[p]};
+  if (want_input) {
+    for (int k = 0; k < 4; ++k) {
+      if (!(m >> k & 1)) continue;
+      acc_t* dst = gin + offs[k];
+      const acc_t w = weights[k];
+      for (int64_t c = 0; c < C; ++c) dst[c] += w * static_cast<acc_t>(go[c]);
+    }
+  }
+  if (!want_coords) return;
+  if (m == kAllTaps) {
+    const scalar_t *nw = image + offs[0], *ne = image + offs[1], *sw = image + offs[2], *se = image + offs[3];
+    acc_t sum_x0 = 0, sum_x1 = 0, sum_y0 = 0, sum_y1 = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t gout = static_cast<acc_t>(go[c]);
+      const acc_t a = static_cast<acc_t>(nw[c]), b = static_cast<acc_t>(ne[c]);
+      const acc_t s = static_cast<acc_t>(sw[c]), e = static_cast<acc_t>(se[c]);
+      sum_x1 += gout * (b - a);
+      sum_x0 += gout * (e - s);
+      sum_y1 += gout * (s - a);
+      sum_y0 += gout * (e - b);
+    }
+    ch.gx[p] += sum_x1 * ch.dy1[p] + sum_x0 * ch.dy0[p];
+    ch.gy[p] += sum_y1 * ch.dx1[p] + sum_y0 * ch.dx0[p];
+    return;
+  }
+  acc_t sum_x = 0, sum_y = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t v[4];
+    for (int k = 0; k < 4; ++k) v[k] = (m >> k & 1) ? static_cast<acc_t>(image[offs[k] + c]) : acc_t(0);
+    const acc_t gout = static_cast<acc_t>(go[c]);
+    sum_x += gout * ((v[1] - v[0]) * ch.dy1[p] + (v[3] - v[2]) * ch.dy0[p]);
+    sum_y += gout * ((v[2] - v[0]) * ch.dx1[p] + (v[3] - v[1]) * ch.dx0[p]);
+  }
+  ch.gx[p] += sum_x;
+  ch.gy[p] += sum_y;
+}
+
+// Where the coordinate gradient of each output pixel goes: the grid gradient, or theta's.
+template <typename scalar_t, typename acc_t>
+struct GridSink {
+  scalar_t* grad_grid;  // [N, Ho, Wo, 2], or null
+  int64_t out_h, out_w;
+  void begin(int64_t) {}
+  void add(int64_t n, int64_t oy, int64_t ox0, int len, const Chunk<acc_t>& ch) {
+    scalar_t* dst = grad_grid + ((n * out_h + oy) * out_w + ox0) * 2;
+    for (int p = 0; p < len; ++p) {
+      dst[2 * p] = static_cast<scalar_t>(ch.gx[p] * ch.scale_x[p]);
+      dst[2 * p + 1] = static_cast<scalar_t>(ch.gy[p] * ch.scale_y[p]);
+    }
+  }
+  void end(int64_t) {}
+};
+
+template <typename scalar_t, typename acc_t>
+struct ThetaSink {
+  scalar_t* grad_theta;  // [N, 2, 3]
+  const acc_t* base_x;
+  const acc_t* base_y;
+  double sums[6];
+  void begin(int64_t) { std::fill(sums, sums + 6, 0.0); }
+  void add(int64_t, int64_t oy, int64_t ox0, int len, const Chunk<acc_t>& ch) {
+    // Row sums in double, added once per chunk: a fixed order, and no fp32 drift over 50k pixels.
+    double sx = 0, sxx = 0, sy = 0, syx = 0;
+    for (int p = 0; p < len; ++p) {
+      const double bx = base_x[ox0 + p];
+      const double dx = static_cast<double>(ch.gx[p] * ch.scale_x[p]);
+      const double dy = static_cast<double>(ch.gy[p] * ch.scale_y[p]);
+      sx += dx;
+      sxx += dx * bx;
+      sy += dy;
+      syx += dy * bx;
+    }
+    const double by = base_y[oy];
+    sums[0] += sxx;
+    sums[1] += sx * by;
+    sums[2] += sx;
+    sums[3] += syx;
+    sums[4] += sy * by;
+    sums[5] += sy;
+  }
+  void end(int64_t n) {
+    for (int k = 0; k < 6; ++k) grad_theta[n * 6 + k] = static_cast<scalar_t>(sums[k]);
+  }
+};
+
+template <typename scalar_t, typename acc_t, typename Source, typename Sink>
+void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* grad_input, const Source& source,
+                     const Sink& sink_proto, const Geometry& g, bool channels_last, bool want_input,
+                     bool want_coords) {
+  const int64_t C = g.channels, in_hw = g.in_h * g.in_w, out_hw = g.out_h * g.out_w;
+  const bool bilinear = g.interpolation == Interpolation::Bilinear;
+  // Nearest sampling has a zero coordinate gradient; the sink still writes the zeros.
+  const bool coords = want_coords && bilinear;
+  at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+    Chunk<acc_t> ch;
+    Sink sink = sink_proto;
+    for (int64_t n = begin; n < end; ++n) {
+      acc_t* gin = want_input ? grad_input + n * C * in_hw : nullptr;
+      if (want_input) std::memset(gin, 0, sizeof(acc_t) * C * in_hw);  // first touch by the owning thread
+      if (want_coords) sink.begin(n);
+      for (int64_t oy = 0; oy < g.out_h; ++oy) {
+        for (int64_t ox0 = 0; ox0 < g.out_w; ox0 += kChunk) {
+          const int len = static_cast<int>(std::min<int64_t>(kChunk, g.out_w - ox0));
+          source.load(n, oy, ox0, len, ch.gx, ch.gy);
+          compute_taps(ch, len, g);
+          std::fill(ch.gx, ch.gx + len, acc_t(0));
+          std::fill(ch.gy, ch.gy + len, acc_t(0));
+          if (want_input || coords) {
+            if (!channels_last) {
+              for (int64_t c = 0; c < C; ++c) {
+                backward_plane_chunk(input + (n * C + c) * in_hw,
+                                     grad_output + (n * C + c) * out_hw + oy * g.out_w + ox0,
+                                     want_input ? gin + c * in_hw : nullptr, ch, len, g.in_w, bilinear, want_input,
+                                     coords);
+              }
+            } else {
+              const scalar_t* image = input + n * in_hw * C;
+              for (int p = 0; p < len; ++p) {
+                backward_pixel_nhwc(image, grad_output + ((n * g.out_h + oy) * g.out_w + ox0 + p) * C, gin, ch, p,
+                                    C, g.in_w, bilinear, want_input, coords);
+              }
+            }
+          }
+          if (want_coords) sink.add(n, oy, ox0, len, ch);
+        }
+      }
+      if (want_coords) sink.end(n);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Op entry points
+
+bool is_channels_last(const at::Tensor& input) {
+  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+at::MemoryFormat format_of(const at::Tensor& input) {
+  return is_channels_last(input) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+template <typename acc_t>
+std::vector<acc_t> affine_base(int64_t size, bool align_corners) {
+  std::vector<acc_t> base(size);
+  for (int64_t i = 0; i < size; ++i) base[i] = affine_base_coord<acc_t>(i, size, align_corners);
+  return base;
+}
+
+void check_cpu(const char* op, const at::Tensor& input) {
+  TORCH_CHECK(input.device().is_cpu(), op, ": the CPU kernel got a tensor on ", input.device());
+}
+
+template <typename Launch>
+at::Tensor forward_common(const at::Tensor& input, const Geometry& g, Launch&& launch) {
+  const auto format = format_of(input);
+  auto output = at::empty({g.batch, g.channels, g.out_h, g.out_w}, input.options(), format);
+  if (output.numel() == 0) return output;
+  const auto in = input.contiguous(format);
+  launch(in, output, format == at::MemoryFormat::ChannelsLast);
+  return output;
+}
+
+at::Tensor grid_sample_cpu(const at::Tensor& input, const at::Tensor& grid, int64_t interpolation,
+                           int64_t padding_mode, bool align_corners) {
+  check_cpu("grid_sample", input);
+  const Geometry g = check_grid_sample(input, grid, interpolation, padding_mode, align_corners);
+  return forward_common(input, g, [&](const at::Tensor& in, at::Tensor& out, bool channels_last) {
+    const auto grid_c = grid.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "grid_sample_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      GridSource<scalar_t, acc_t> source{grid_c.const_data_ptr<scalar_t>(), g.out_h, g.out_w};
+      forward_kernel<scalar_t, acc_t>(in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), source, g,
+                                      channels_last);
+    });
+  });
+}
+
+at::Tensor affine_grid_sample_cpu(const at::Tensor& input, const at::Tensor& theta, at::IntArrayRef out_size,
+                                  int64_t interpolation, int64_t padding_mode, bool align_corners) {
+  check_cpu("affine_grid_sample", input);
+  TORCH_CHECK(out_size.size() == 2, "affine_grid_sample: out_size must be [H_out, W_out], got ", out_size);
+  const Geometry g =
+      check_affine_grid_sample(input, theta, out_size[0], out_size[1], interpolation, padding_mode, align_corners);
+  return forward_common(input, g, [&](const at::Tensor& in, at::Tensor& out, bool channels_last) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "affine_grid_sample_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto theta_acc = theta.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+      const auto base_x = affine_base<acc_t>(g.out_w, align_corners);
+      const auto base_y = affine_base<acc_t>(g.out_h, align_corners);
+      AffineSource<acc_t> source{theta_acc.const_data_ptr<acc_t>(), base_x.data(), base_y.data()};
+      forward_kernel<scalar_t, acc_t>(in.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), source, g,
+                                      channels_last);
+    });
+  });
+}
+
+// Runs the backward kernel with a grad_input buffer in acc_t (the output itself for fp32/fp64, a
+// scratch cast once at the end for fp16/bf16).
+template <typename scalar_t, typename Source, typename Sink>
+at::Tensor run_backward(const at::Tensor& grad_output, const at::Tensor& input, const Source& source, const Sink& sink,
+                        const Geometry& g, bool want_input, bool want_coords) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto format = format_of(input);
+  const bool channels_last = format == at::MemoryFormat::ChannelsLast;
+  const auto in = input.contiguous(format);
+  const auto go = grad_output.contiguous(format);
+  at::Tensor grad_input, buffer;
+  if (want_input) {
+    grad_input = at::empty(input.sizes(), input.options(), format);
+    buffer = std::is_same_v<scalar_t, acc_t> ? grad_input
+                                             : at::empty(input.sizes(), input.options().dtype(at::kFloat), format);
+  }
+  backward_kernel<scalar_t, acc_t>(go.const_data_ptr<scalar_t>(), in.const_data_ptr<scalar_t>(),
+                                   want_input ? buffer.mutable_data_ptr<acc_t>() : nullptr, source, sink, g,
+                                   channels_last, want_input, want_coords);
+  if (want_input && !std::is_same_v<scalar_t, acc_t>) grad_input.copy_(buffer);
+  return grad_input;
+}
+
+std::tuple<at::Tensor, at::Tensor> grid_sample_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                                            const at::Tensor& grid, int64_t interpolation,
+                                                            int64_t padding_mode, bool align_corners,
+                                                            std::array<bool, 2> output_mask) {
+  check_cpu("grid_sample", input);
+  const Geometry g = check_grid_sample(input, grid, interpolation, padding_mode, align_corners);
+  check_grad_output("grid_sample", grad_output, input, g);
+  at::Tensor grad_input = input.new_empty({0});
+  at::Tensor grad_grid = output_mask[1] ? at::empty(grid.sizes(), grid.options()) : input.new_empty({0});
+  if (input.numel() == 0 || g.out_h * g.out_w == 0) {
+    if (output_mask[0]) grad_input = at::zeros_like(input, input.suggest_memory_format());
+    if (output_mask[1]) grad_grid.zero_();
+    return {grad_input, grad_grid};
+  }
+  const auto grid_c = grid.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "grid_sample_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    GridSource<scalar_t, acc_t> source{grid_c.const_data_ptr<scalar_t>(), g.out_h, g.out_w};
+    GridSink<scalar_t, acc_t> sink{output_mask[1] ? grad_grid.mutable_data_ptr<scalar_t>() : nullptr, g.out_h,
+                                   g.out_w};
+    auto gi = run_backward<scalar_t>(grad_output, input, source, sink, g, output_mask[0], output_mask[1]);
+    if (output_mask[0]) grad_input = gi;
+  });
+  return {grad_input, grad_grid};
+}
+
+std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Tensor& grad_output,
+                                                                   const at::Tensor& input, const at::Tensor& theta,
+                                                                   int64_t interpolation, int64_t padding_mode,
+                                                                   bool align_corners,
+                                                                   std::array<bool, 2> output_mask) {
+  check_cpu("affine_grid_sample", input);
+  TORCH_CHECK(grad_output.dim() == 4, "affine_grid_sample backward: expected a 4-D grad_output, got ",
+              grad_output.sizes());
+  const Geometry g = check_affine_grid_sample(input, theta, grad_output.size(2), grad_output.size(3), interpolation,
+                                              padding_mode, align_corners);
+  check_grad_output("affine_grid_sample", grad_output, input, g);
+  at::Tensor grad_input = input.new_empty({0});
+  at::Tensor grad_theta = output_mask[1] ? at::empty(theta.sizes(), theta.options()) : input.new_empty({0});
+  if (input.numel() == 0) {
+    if (output_mask[0]) grad_input = at::zeros_like(input, input.suggest_memory_format());
+    if (output_mask[1]) grad_theta.zero_();
+    return {grad_input, grad_theta};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "affine_grid_sample_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto theta_acc = theta.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const auto base_x = affine_base<acc_t>(g.out_w, align_corners);
+    const auto base_y = affine_base<acc_t>(g.out_h, align_corners);
+    AffineSource<acc_t> source{theta_acc.const_data_ptr<acc_t>(), base_x.data(), base_y.data()};
+    ThetaSink<scalar_t, acc_t> sink{output_mask[1] ? grad_theta.mutable_data_ptr<scalar_t>() : nullptr, base_x.data(),
+                                    base_y.data(), {}};
+    auto gi = run_backward<scalar_t>(grad_output, input, source, sink, g, output_mask[0], output_mask[1]);
+    if (output_mask[0]) grad_input = gi;
+  });
+  return {grad_input, grad_theta};
+}
+
+}  // namespace
+}  // namespace grid_sample
+}  // namespace fastcnn
+
+TORCH_LIBRARY_IMPL(fastcnn, CPU, m) {
+  m.impl("grid_sample", TORCH_FN(fastcnn::grid_sample::grid_sample_cpu));
+  m.impl("_grid_sample_backward", TORCH_FN(fastcnn::grid_sample::grid_sample_backward_cpu));
+  m.impl("affine_grid_sample", TORCH_FN(fastcnn::grid_sample::affine_grid_sample_cpu));
+  m.impl("_affine_grid_sample_backward", TORCH_FN(fastcnn::grid_sample::affine_grid_sample_backward_cpu));
+}
