@@ -4,7 +4,8 @@ the project's pytest settings point testpaths at tests/, so a plain `pytest` nev
 Options:
     --bench-device cpu|cuda   default: cuda when a GPU is visible, else cpu
     --bench-dtype float32|float16|bfloat16|float64
-    --bench-quick             the `fastcnn bench --quick` subset (batch 1, no 31x31)
+    --bench-quick             the `fastcnn bench --quick` subset of each op (depthwise: batch 1, no
+                              31x31; grid_sample: the first three shapes)
     --compile / --no-compile  race torch.compile too (default on; FASTCNN_BENCH_COMPILE=0 turns it
                               off; a first compile on a 2-core CPU takes about 20 s per case)
 

@@ -128,11 +128,41 @@ def fastcnn_backends(device) -> List[str]:
     return [name for name in backends.available() if name in usable]
 
 
-def fastcnn_context(backend: str) -> Callable[[], ContextManager]:
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True, fill_uninitialized_memory: bool = False):
+    """`torch.use_deterministic_algorithms(enabled)` inside the block, the previous setting (and
+    its warn_only) restored after. With deterministic algorithms on, PyTorch by default also fills
+    every torch.empty with NaN (torch.utils.deterministic.fill_uninitialized_memory), a debugging
+    aid that adds a full write of every fresh output; it is off inside the block unless asked for,
+    so a deterministic provider is billed for its algorithm, not for that fill."""
+    import torch.utils.deterministic as deterministic
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    previous_fill = deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(enabled)
+    deterministic.fill_uninitialized_memory = fill_uninitialized_memory
+    try:
+        yield
+    finally:
+        deterministic.fill_uninitialized_memory = previous_fill
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
+
+
+def fastcnn_context(backend: str, deterministic: bool = False) -> Callable[[], ContextManager]:
+    """A context factory for a ProviderSpec: fastcnn.use_backend(backend), and with
+    `deterministic` also torch.use_deterministic_algorithms(True) (see deterministic_algorithms)."""
+
+    @contextlib.contextmanager
     def context():
         import fastcnn
 
-        return fastcnn.use_backend(backend)
+        with fastcnn.use_backend(backend):
+            if deterministic:
+                with deterministic_algorithms(True):
+                    yield
+            else:
+                yield
 
     return context
 
@@ -452,9 +482,12 @@ def _max_abs_error(got, want) -> float:
     return float((got.detach().to(want.dtype) - want).abs().max())
 
 
-def reference_dtype(device, dtype) -> torch.dtype:
-    """fp64 on GPUs; on CPU fp64 convolutions are orders of magnitude slower (seconds per layer),
-    so fp32 there (PyTorch eager then matches the reference exactly in fp32)."""
+def reference_dtype(device, dtype, op=None) -> torch.dtype:
+    """The op module's REFERENCE_DTYPE when it declares one; else fp64 on GPUs, and fp32 on CPU,
+    where fp64 convolutions are orders of magnitude slower (seconds per layer; PyTorch eager then
+    matches the reference exactly in fp32)."""
+    if getattr(op, "REFERENCE_DTYPE", None) is not None:
+        return op.REFERENCE_DTYPE
     if torch.device(device).type == "cuda":
         return torch.float64
     return torch.float32
@@ -617,7 +650,7 @@ def run_op(
     device = torch.device(device)
     shapes = list(op.shapes() if shapes is None else shapes)
     modes = list(op.MODES if modes is None else modes)
-    ref_dtype = reference_dtype(device, dtype)
+    ref_dtype = reference_dtype(device, dtype, op)
     element_size = torch.empty((), dtype=dtype).element_size()
     rows: List[Dict[str, Any]] = []
     for shape in shapes:

@@ -3,10 +3,11 @@
     fastcnn info [--json]
         versions, build configuration, backends (with the reason when one is missing), CPU ISA,
         GPU, allocator setting.
-    fastcnn bench [--op depthwise] [--quick] [--out DIR] [--rounds R] [--compile] ...
-        races fastcnn's backends against PyTorch eager (and torch.compile) on the op's cases, on
-        CUDA when a GPU is visible, else on CPU; prints a table, writes DIR/<op>.json (results +
-        environment), DIR/<op>.md (markdown table) and DIR/<op>.png (bar chart of the ratios).
+    fastcnn bench [--op all|depthwise|grid_sample] [--quick] [--out DIR] [--rounds R] [--compile] ...
+        races fastcnn's backends against PyTorch eager (and torch.compile) on the op's cases (every
+        op by default), on CUDA when a GPU is visible, else on CPU; prints a table (and the ops'
+        summary geometric means), writes DIR/<op>.json (results + environment), DIR/<op>.md
+        (markdown table) and DIR/<op>.png (bar chart of the ratios).
     fastcnn report FILE.json [--long] [--output FILE.md]
         renders a results JSON as a markdown table (how the README table is regenerated).
 
@@ -127,9 +128,13 @@ def _long_rows(results: Sequence[Dict[str, Any]]) -> List[List[str]]:
 
 def render_table(results: Sequence[Dict[str, Any]]) -> str:
     """Plain-text table, one row per result."""
-    rows = [list(LONG_COLUMNS)] + _long_rows(results)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(LONG_COLUMNS))]
-    right = {7, 8, 9, 10}
+    return _plain_table(LONG_COLUMNS, _long_rows(results), right_from=7)
+
+
+def _plain_table(header: Sequence[str], body: Sequence[Sequence[str]], right_from: int) -> str:
+    rows = [list(header)] + [list(row) for row in body]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    right = set(range(right_from, len(header)))
     out = []
     for k, row in enumerate(rows):
         out.append("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
@@ -196,27 +201,62 @@ def render_markdown(record: Dict[str, Any], long: bool = False) -> str:
         out += _md_table(header, rows, right_from=4)
         out += ["", "× = median over interleaved rounds of t(torch eager) / t(provider): above 1 is faster. "
                 "% floor = max(bytes / copy bandwidth, flops / matmul rate) / time."]
-        summary = _geomean_rows(results, provs, allocs)
-        if summary:
-            out += ["", "Geometric means over a model's layers (each layer counted as often as the model has it):", ""]
-            header = ["model", "batch", "layout", "mode"] + [f"{p} × ({alloc_note})" for p in provs]
-            out += _md_table(header, summary, right_from=4)
+        for summary, header, rows in summary_tables(results, allocs):
+            out += ["", summary.note, ""]
+            out += _md_table(header, rows, right_from=4)
+        det_header, det_rows = determinism_table(results, allocs)
+        if det_rows:
+            out += ["", DETERMINISM_NOTE, ""]
+            out += _md_table(det_header, det_rows, right_from=4)
     out += ["", *_env_summary(record), ""]
     return "\n".join(out)
 
 
-def _geomean_rows(results: Sequence[Dict[str, Any]], provs: Sequence[str], allocs: Sequence[str]) -> List[List[str]]:
-    """Cases named `<model>-<layer>` (e.g. mbv1-dw3) grouped by model, batch, layout and mode."""
-    groups: Dict[tuple, Dict[tuple, List[tuple]]] = {}
-    for r in results:
-        if "-" not in r["case"] or r["provider"] == "torch" or r.get("error") or not r.get("ratio"):
+def summary_tables(results: Sequence[Dict[str, Any]], allocs: Optional[Sequence[str]] = None):
+    """Per op that declares a Summary (fastcnn.bench_cases) and has results in it:
+    (summary, header, rows) of the geometric means of each provider's ratios over each group."""
+    from . import bench_cases
+
+    if allocs is None:
+        allocs = list(dict.fromkeys(r.get("allocator", "-") for r in results))
+    alloc_note = " / ".join(allocs)
+    tables = []
+    for op in dict.fromkeys(r["op"] for r in results):
+        summary = bench_cases.summary(op)
+        if summary is None:
             continue
-        key = (r["case"].split("-")[0], r["params"].get("N"), r["layout"], r["mode"])
+        mine = [r for r in results if r["op"] == op]
+        provs = [p for p in dict.fromkeys(r["provider"] for r in mine) if p != "torch"]
+        rows = _geomean_rows(mine, provs, allocs, summary)
+        if rows:
+            header = [summary.column, "batch", "layout", "mode"] + [f"{p} × ({alloc_note})" for p in provs]
+            tables.append((summary, header, rows))
+    return tables
+
+
+def _geomean_rows(results: Sequence[Dict[str, Any]], provs: Sequence[str], allocs: Sequence[str],
+                  summary) -> List[List[str]]:
+    """The results of `summary`'s groups by group, layout and mode (and batch when by_batch)."""
+    groups: Dict[tuple, Dict[tuple, List[tuple]]] = {}
+    batches: Dict[tuple, Dict[Any, None]] = {}
+    cases: Dict[tuple, Dict[str, None]] = {}
+    for r in results:
+        label = summary.group_of(r["case"])
+        if label is None or r["provider"] == "torch" or r.get("error") or not r.get("ratio"):
+            continue
+        n = r["params"].get("N")
+        key = (label, n if summary.by_batch else None, r["layout"], r["mode"])
         weight = r["params"].get("repeat", 1)
         groups.setdefault(key, {}).setdefault((r["provider"], r.get("allocator", "-")), []).append((r["ratio"], weight))
+        batches.setdefault(key, {})[n] = None
+        cases.setdefault(key, {})[r["case"]] = None
     rows = []
     for key, cells in groups.items():
-        row = [str(k) for k in key]
+        label, _, layout, mode = key
+        expected = summary.expected(label)
+        if expected is not None and len(cases[key]) < expected:
+            label = f"{label} ({len(cases[key])} of {expected} cases)"
+        row = [label, "/".join(str(n) for n in batches[key]), layout, mode]
         for p in provs:
             figures = []
             for a in allocs:
@@ -229,6 +269,62 @@ def _geomean_rows(results: Sequence[Dict[str, Any]], provs: Sequence[str], alloc
             row.append(" / ".join(figures))
         rows.append(row)
     return rows
+
+
+DETERMINISTIC_SUFFIX = ",deterministic]"
+DETERMINISM_NOTE = ("Cost of determinism: time under torch.use_deterministic_algorithms(True) / time of the "
+                    "default (atomic) kernels, median of the per-round ratios (above 1 is slower):")
+
+
+def determinism_table(results: Sequence[Dict[str, Any]], allocs: Optional[Sequence[str]] = None):
+    """(header, rows): for every provider `name[backend,deterministic]` whose `name[backend]` ran on
+    the same case, t(deterministic) / t(default) per case x layout x mode, from the interleaved
+    per-round times (the ratio of the medians where the rounds do not pair up)."""
+    import statistics
+
+    if allocs is None:
+        allocs = list(dict.fromkeys(r.get("allocator", "-") for r in results))
+    index = {(r["op"], r["case"], r["shape"], r["layout"], r["mode"], r["provider"], r.get("allocator", "-")): r
+             for r in results}
+    pairs = [(p, p[: -len(DETERMINISTIC_SUFFIX)] + "]")
+             for p in dict.fromkeys(r["provider"] for r in results) if p.endswith(DETERMINISTIC_SUFFIX)]
+    pairs = [(det, base) for det, base in pairs if any(r["provider"] == base for r in results)]
+    if not pairs:
+        return [], []
+
+    def relative(det, base):
+        if not det or not base or det.get("error") or base.get("error") or not det.get("time_ms") \
+                or not base.get("time_ms"):
+            return None
+        dt, bt = det.get("times_ms") or [], base.get("times_ms") or []
+        if dt and len(dt) == len(bt) and all(t > 0 for t in bt):
+            return statistics.median(d / b for d, b in zip(dt, bt))
+        return det["time_ms"] / base["time_ms"]
+
+    alloc_note = " / ".join(allocs)
+    header = ["case", "shape", "layout", "mode"] + [
+        f"{base} deterministic / default" + (f" ({alloc_note})" if len(allocs) > 1 else "") for _, base in pairs]
+    rows = []
+    for key in dict.fromkeys((r["op"], r["case"], r["shape"], r["layout"], r["mode"]) for r in results):
+        cells, found = [], False
+        for det, base in pairs:
+            figures = [relative(index.get(key + (det, a)), index.get(key + (base, a))) for a in allocs]
+            found = found or any(f is not None for f in figures)
+            cells.append(" / ".join(_fmt_ratio(f) for f in figures))
+        if found:
+            rows.append([key[1], key[2], key[3], key[4], *cells])
+    return header, rows
+
+
+def render_summaries(results: Sequence[Dict[str, Any]]) -> str:
+    """Plain-text geometric means (the ops' Summary groups) and cost of determinism, '' if none."""
+    out = []
+    for summary, header, rows in summary_tables(results):
+        out += ["", summary.note, _plain_table(header, rows, right_from=4)]
+    det_header, det_rows = determinism_table(results)
+    if det_rows:
+        out += ["", DETERMINISM_NOTE, _plain_table(det_header, det_rows, right_from=4)]
+    return "\n".join(out)
 
 
 def plot(record: Dict[str, Any], path: str) -> Optional[str]:
@@ -422,6 +518,8 @@ def _bench_here(args) -> Dict[str, Dict[str, Any]]:
     for name in ops:
         op = bench_cases.get(name)
         shapes = _select_shapes(op, args)
+        if not shapes:  # e.g. --cases names another op's cases only
+            continue
         layouts = [l for l in (args.layouts or op.LAYOUTS) if l in op.LAYOUTS]
         modes = args.modes or list(op.MODES)
         progress = _Progress(len(shapes) * len(layouts) * len(modes), enabled=not args.quiet)
@@ -439,10 +537,12 @@ def _bench_here(args) -> Dict[str, Dict[str, Any]]:
             "min_time_s": args.min_time, "max_time_s": args.max_time, "compile": args.compile,
             "layouts": layouts, "modes": modes, "batches": args.batch, "cases": args.cases,
             "providers": args.providers, "seed": args.seed, "check": not args.no_check,
-            "reference_dtype": str(benchmarking.reference_dtype(device, dtype)).replace("torch.", ""),
+            "reference_dtype": str(benchmarking.reference_dtype(device, dtype, op)).replace("torch.", ""),
             "baseline": benchmarking.BASELINE,
         }
         records[name] = benchmarking.run_record(rows, device=device, dtype=dtype, settings=settings)
+    if not records:
+        raise SystemExit(f"fastcnn bench: no case of {', '.join(ops)} matches --cases {' '.join(args.cases or [])}")
     return records
 
 
@@ -479,7 +579,13 @@ def cmd_bench(args, argv: Sequence[str]) -> int:
             else:
                 print("fastcnn bench: matplotlib is not installed; no chart", file=sys.stderr)
         if not args.quiet:
-            print(markdown if args.markdown else render_table(record["results"]))
+            if args.markdown:
+                print(markdown)
+            else:
+                print(render_table(record["results"]))
+                summaries = render_summaries(record["results"])
+                if summaries:
+                    print(summaries)
             print("\nwrote " + ", ".join(written))
         if args.quiet:
             continue
@@ -541,7 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="race fastcnn against PyTorch on real-model shapes")
     p.add_argument("--op", default="all", choices=["all", *bench_cases.names()],
                    help="op to benchmark (the modules of fastcnn.bench_cases; default all)")
-    p.add_argument("--quick", action="store_true", help="batch 1, no 31x31, 5 rounds: about a minute on 2 CPU cores")
+    p.add_argument("--quick", action="store_true",
+                   help="5 rounds on a subset (depthwise: batch 1, no 31x31; grid_sample: the first three shapes): "
+                        "about a minute per op on 2 CPU cores")
     p.add_argument("--out", default=os.path.join("bench", "out"), help="directory for <op>.json/.md/.png")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 15; 5 with --quick)")
     p.add_argument("--min-time", type=float, help="seconds per measurement; calls are repeated to reach it")
@@ -550,8 +658,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="also race torch.compile (slow to compile on CPU)")
     p.add_argument("--layouts", nargs="+", choices=("nchw", "channels_last"))
     p.add_argument("--modes", nargs="+", choices=("forward", "forward+backward", "backward"))
-    p.add_argument("--batch", nargs="+", type=int, help="batch sizes of the model-layer cases (default 1 32)")
-    p.add_argument("--cases", nargs="+", metavar="GLOB", help="only cases whose name matches, e.g. 'mbv1-*' k7")
+    p.add_argument("--batch", nargs="+", type=int,
+                   help="batch sizes: of depthwise's model-layer cases (default 1 32); for grid_sample they replace "
+                        "each case's own")
+    p.add_argument("--cases", nargs="+", metavar="GLOB",
+                   help="only cases whose name matches, e.g. 'mbv1-*' k7 (depthwise), mnist28 (grid_sample)")
     p.add_argument("--providers", nargs="+", help="only these providers, e.g. torch 'fastcnn[cpu]'")
     p.add_argument("--device", help="cpu or cuda (default: cuda when a GPU is visible)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)

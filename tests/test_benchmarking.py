@@ -2,6 +2,7 @@
 interleaving and ratio math on fake providers with a fake clock, floors, the environment record,
 `fastcnn info`, and a tiny `fastcnn bench` that writes JSON, markdown and PNG."""
 import json
+import math
 import statistics
 import sys
 import time
@@ -288,3 +289,183 @@ def test_report_geometric_mean_over_a_models_layers_weights_repeats():
     # (2 * 8^3)^(1/4) = 5.66; the single-case k7 is no model and stays out of the summary
     assert "| mbv1 | 32 | nchw | forward | 5.66 |" in md
     assert "| k7 |" not in md.split("Geometric means")[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# The Spatial Transformer sampler cases (fastcnn.bench_cases.grid_sample)
+
+from fastcnn import bench_cases  # noqa: E402
+from fastcnn.bench_cases import grid_sample  # noqa: E402
+
+
+def test_grid_sample_cases_are_the_issues_shapes():
+    shapes = grid_sample.shapes()
+    assert [(s.n, s.c, s.h, s.w) for s in shapes] == [(64, 1, 28, 28), (32, 3, 64, 64), (8, 3, 224, 224),
+                                                       (32, 64, 56, 56)]
+    assert len({s.name for s in shapes}) == 4 and all(s.size == (s.n, s.c, s.h, s.w) for s in shapes)
+    assert {(s.mode, s.padding_mode, s.align_corners) for s in shapes} == {("bilinear", "zeros", False)}
+    assert grid_sample.shapes(quick=True) == shapes[:3]
+    assert [(s.name, s.n) for s in grid_sample.shapes(quick=True, batches=[2])] == [(s.name, 2) for s in shapes[:3]]
+    assert bench_cases.get("grid_sample") is grid_sample and grid_sample.OP == "grid_sample"
+    assert set(bench_cases.names()) >= {"depthwise", "grid_sample"}
+
+
+def test_grid_sample_summary_is_the_first_three_shapes():
+    summary = grid_sample.SUMMARY
+    first_three = [s.name for s in grid_sample.shapes()[:3]]
+    assert list(summary.groups.values()) == [tuple(first_three)]
+    label = next(iter(summary.groups))
+    assert [summary.group_of(s.name) for s in grid_sample.shapes()] == [label] * 3 + [None]
+    assert summary.expected(label) == 3 and not summary.by_batch
+    assert bench_cases.summary("grid_sample") is summary and bench_cases.summary("no-such-op") is None
+    dw = bench_cases.summary("depthwise")
+    assert dw.by_batch and dw.group_of("mbv1-dw3") == "mbv1" and dw.group_of("k7") is None
+    assert dw.expected("mbv1") is None  # a glob: the group's size is not known
+
+
+def test_grid_sample_inputs_theta_near_identity_and_reference():
+    shape = grid_sample.Shape("t", 16, 2, 9, 7)
+    x, theta, size, mode, padding_mode, align_corners = grid_sample.make_inputs(shape, torch.Generator().manual_seed(0))
+    assert x.shape == (16, 2, 9, 7) and theta.shape == (16, 2, 3) and theta.dtype == torch.float32
+    assert (size, mode, padding_mode, align_corners) == ((16, 2, 9, 7), "bilinear", "zeros", False)
+    a = theta[:, :, :2].double()
+    scale = torch.linalg.det(a).sqrt()
+    angle = torch.atan2(a[:, 1, 0], a[:, 0, 0])
+    assert ((scale >= 0.8 - 1e-6) & (scale <= 1.2 + 1e-6)).all()
+    assert (angle.abs() <= math.radians(30) + 1e-6).all() and (theta[:, :, 2].abs() <= 0.2 + 1e-6).all()
+    torch.testing.assert_close(a[:, 0, 0], a[:, 1, 1]) and torch.testing.assert_close(a[:, 0, 1], -a[:, 1, 0])
+    assert theta.std(0).min() > 0  # one θ per sample
+    again = grid_sample.make_inputs(shape, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], x) and torch.equal(again[1], theta)  # a fixed generator: fixed inputs
+    args, grad = benchmarking.case_inputs(grid_sample, shape)
+    assert grad.shape == x.shape  # output size = input size
+    torch.testing.assert_close(grid_sample.reference(*args), grid_sample._torch(*args))
+
+
+def test_grid_sample_cost():
+    s = grid_sample.Shape("t", 2, 3, 4, 5)
+    e = 2 * 3 * 4 * 5
+    assert grid_sample.cost(s, "forward", 4) == (2 * e * 4, 8 * e)
+    assert grid_sample.cost(s, "backward", 2) == (3 * e * 2, 24 * e)
+    assert grid_sample.cost(s, "forward+backward", 4) == (5 * e * 4, 32 * e)
+    with pytest.raises(ValueError):
+        grid_sample.cost(s, "sideways", 4)
+
+
+def test_grid_sample_errors_are_measured_in_fp64_on_every_device():
+    # grad_theta is a long fp32 sum in PyTorch too: an fp32 reference would not be ground truth
+    assert benchmarking.reference_dtype("cpu", torch.float32, grid_sample) == torch.float64
+    assert benchmarking.reference_dtype("cpu", torch.float32, depthwise) == torch.float32
+    assert benchmarking.reference_dtype("cpu", torch.float32) == torch.float32
+
+
+def test_grid_sample_providers(monkeypatch):
+    names = [p.name for p in grid_sample.providers("cpu")]
+    assert names[-1] == "torch" and "torch.compile" not in names and "fastcnn[reference]" not in names
+    assert all(f"{n[:-1]},deterministic]" in names for n in names if n.startswith("fastcnn[") and "," not in n)
+    monkeypatch.setattr(benchmarking, "fastcnn_backends", lambda device: ["cuda", "triton"])
+    assert [p.name for p in grid_sample.providers("cuda")] == [
+        "fastcnn[cuda]", "fastcnn[cuda,deterministic]", "fastcnn[triton]", "fastcnn[triton,deterministic]", "torch"]
+
+
+def test_deterministic_context_sets_and_restores_the_global_setting():
+    import torch.utils.deterministic as deterministic
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              deterministic.fill_uninitialized_memory)
+    with benchmarking.fastcnn_context("reference")():
+        assert not torch.are_deterministic_algorithms_enabled()
+    with benchmarking.fastcnn_context("reference", deterministic=True)():
+        import fastcnn
+
+        assert torch.are_deterministic_algorithms_enabled() and fastcnn.backends.requested() == "reference"
+        assert not deterministic.fill_uninitialized_memory  # torch.empty's NaN fill is not billed
+    with pytest.raises(RuntimeError):
+        with benchmarking.fastcnn_context("reference", deterministic=True)():
+            raise RuntimeError("boom")
+    after = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             deterministic.fill_uninitialized_memory)
+    assert after == before
+
+
+@pytest.fixture
+def grid_sample_op(monkeypatch):
+    """fastcnn.ops.affine_grid_sample replaced by the reference, recording whether each call ran
+    under deterministic algorithms; fastcnn[reference] offered so the test needs no fastcnn._C."""
+    import fastcnn
+    from fastcnn import reference
+
+    calls = []
+
+    def op(*args):
+        calls.append(torch.are_deterministic_algorithms_enabled())
+        return reference.affine_grid_sample(*args)
+
+    monkeypatch.setattr(fastcnn.ops, "affine_grid_sample", op, raising=False)
+    monkeypatch.setattr(benchmarking, "fastcnn_backends", lambda device: ["reference"])
+    return calls
+
+
+def test_grid_sample_run_op_rows_errors_and_deterministic_provider(grid_sample_op):
+    shapes = [grid_sample.Shape("tiny", 3, 2, 7, 6)]
+    rows = benchmarking.run_op(grid_sample, shapes=shapes, layouts=("channels_last",), rounds=2, min_time=0.0)
+    assert [(r["mode"], r["provider"]) for r in rows] == [
+        (m, p) for m in ("forward", "forward+backward")
+        for p in ("fastcnn[reference]", "fastcnn[reference,deterministic]", "torch")]
+    assert all(r["error"] is None and r["max_rel_error"] < 1e-5 and r["rounds"] == 2 for r in rows)
+    fb = [r for r in rows if r["mode"] == "forward+backward"]
+    assert all(set(r["errors"]) == {"output", "grad_input", "grad_theta"} for r in fb)
+    assert True in grid_sample_op and False in grid_sample_op
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def _stn_row(case, provider, ratio, times, n=8, allocator="default", layout="nchw", mode="forward+backward"):
+    return {"op": "grid_sample", "case": case, "shape": f"{n}x3", "params": {"N": n}, "layout": layout,
+            "mode": mode, "provider": provider, "ratio": ratio, "allocator": allocator, "time_ms": times[1],
+            "times_ms": times, "floor_fraction": 0.5, "max_abs_error": 0.0, "error": None}
+
+
+def test_report_grid_sample_headline_geomean_and_cost_of_determinism():
+    results = []
+    for case, n, ratio in (("mnist28", 64, 2.0), ("rgb64", 32, 4.0), ("imagenet224", 8, 8.0), ("feat56", 32, 1000.0)):
+        results += [_stn_row(case, "torch", 1.0, [2.0, 2.0, 2.0], n),
+                    _stn_row(case, "fastcnn[cuda]", ratio, [1.0, 1.0, 1.0], n),
+                    _stn_row(case, "fastcnn[cuda,deterministic]", ratio / 2, [1.0, 1.5, 2.0], n)]
+    record = {"settings": {"device": "cuda", "dtype": "float32"}, "runs": [], "results": results}
+    md = cli.render_markdown(record)
+    # (2 * 4 * 8)^(1/3) = 4: feat56 stays out of the headline
+    assert "| STN shapes (first three) | 64/32/8 | nchw | forward+backward | 4.00 | 2.00 |" in md
+    assert "| cases | batch | layout | mode | fastcnn[cuda] × (default) |" in md
+    # median of the per-round ratios 1.0, 1.5, 2.0
+    assert "| mnist28 | 64x3 | nchw | forward+backward | 1.50 |" in md
+    assert "fastcnn[cuda] deterministic / default" in md
+    plain = cli.render_summaries(results)
+    assert "STN shapes (first three)" in plain and "4.00" in plain and "1.50" in plain
+    partial = [r for r in results if r["case"] != "rgb64"]
+    assert "| STN shapes (first three) (2 of 3 cases) |" in cli.render_markdown(dict(record, results=partial))
+
+
+def test_cli_bench_grid_sample_and_all_ops(tmp_path, capsys, restore_threads, grid_sample_op):
+    out = tmp_path / "out"
+    argv = ["bench", "--op", "grid_sample", "--device", "cpu", "--cases", "mnist28", "--batch", "2", "--rounds", "2",
+            "--min-time", "0.0005", "--threads", "1", "--layouts", "nchw", "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "fastcnn[reference,deterministic]" in printed and "STN shapes (first three) (1 of 3 cases)" in printed
+    record = json.loads((out / "grid_sample.json").read_text())
+    assert {(r["mode"], r["provider"]) for r in record["results"]} == {
+        (m, p) for m in ("forward", "forward+backward")
+        for p in ("fastcnn[reference]", "fastcnn[reference,deterministic]", "torch")}
+    assert all(r["error"] is None for r in record["results"])
+    assert (out / "grid_sample.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "deterministic / default" in (out / "grid_sample.md").read_text()
+    assert not (out / "depthwise.json").exists()
+    # No --op: every op, each into its own files.
+    both = tmp_path / "both"
+    argv = ["bench", "--device", "cpu", "--cases", "mnist28", "mbv1-dw13", "--batch", "1", "--rounds", "2",
+            "--min-time", "0.0005", "--threads", "1", "--layouts", "nchw", "--modes", "forward", "--providers",
+            "torch", "--no-plot", "--out", str(both)]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in both.iterdir()) == ["depthwise.json", "depthwise.md", "grid_sample.json",
+                                                       "grid_sample.md"]

@@ -17,12 +17,56 @@ Adding an op to the benchmarks is adding one module here and one line to OPS. A 
     providers(device, compile=False) -> list of benchmarking.ProviderSpec; the PyTorch eager
                   baseline is named benchmarking.BASELINE ("torch")
     cost(shape, mode, element_size) -> (bytes that must move, flops) for the floor
+
+and optionally
+
+    SUMMARY       a Summary: groups of cases whose ratios the report condenses into one geometric
+                  mean each (a model's layers, the shapes of an issue's headline figure)
+    REFERENCE_DTYPE  the dtype errors are measured in on every device (default: fp64 on GPUs,
+                  fp32 on CPU; see benchmarking.reference_dtype)
 """
+import dataclasses
+import fnmatch
 import importlib
+from typing import Dict, Optional, Sequence
 
 OPS = {
     "depthwise": "fastcnn.bench_cases.depthwise",
+    "grid_sample": "fastcnn.bench_cases.grid_sample",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """How `fastcnn report` condenses an op's results: one row per group x layout x mode (x batch
+    size when `by_batch`), per provider the geometric mean of its ratios over the group's cases,
+    each case weighted by its params["repeat"] (default 1).
+
+    groups    label -> case-name patterns (fnmatch globs; a plain name matches itself)
+    note      the sentence above the table
+    column    header of the label column
+    by_batch  one row per batch size (params["N"]); otherwise the batch column lists the sizes
+              that went into the mean
+    """
+
+    groups: Dict[str, Sequence[str]]
+    note: str = "Geometric means over groups of cases:"
+    column: str = "group"
+    by_batch: bool = False
+
+    def group_of(self, case: str) -> Optional[str]:
+        """The label of the first group with a pattern matching `case`, else None."""
+        for label, patterns in self.groups.items():
+            if any(fnmatch.fnmatchcase(case, pattern) for pattern in patterns):
+                return label
+        return None
+
+    def expected(self, label: str) -> Optional[int]:
+        """How many cases the group has when its patterns are all plain names, else None."""
+        patterns = self.groups[label]
+        if any(ch in pattern for pattern in patterns for ch in "*?["):
+            return None
+        return len(set(patterns))
 
 
 def names():
@@ -33,3 +77,12 @@ def get(name):
     if name not in OPS:
         raise ValueError(f"unknown benchmark op {name!r}; known: {', '.join(OPS)}")
     return importlib.import_module(OPS[name])
+
+
+def summary(name) -> Optional[Summary]:
+    """The Summary op `name` declares; None for an op without one or unknown here."""
+    try:
+        module = get(name)
+    except (ValueError, ImportError):
+        return None
+    return getattr(module, "SUMMARY", None)

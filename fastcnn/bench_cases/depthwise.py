@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import benchmarking
+from . import Summary
 
 OP = "depthwise"
 TITLE = "Depthwise conv2d"
@@ -64,6 +65,14 @@ MOBILENET_V1 = (
     ("mbv1-dw7-11", 512, 14, 1, 5),
     ("mbv1-dw12", 512, 14, 2, 1),
     ("mbv1-dw13", 1024, 7, 1, 1),
+)
+# The report's geometric mean over the MobileNet v1 layers, one per batch size, each layer counted
+# as often as the network has it.
+SUMMARY = Summary(
+    groups={"mbv1": ("mbv1-*",)},
+    note="Geometric means over a model's layers (each layer counted as often as the model has it):",
+    column="model",
+    by_batch=True,
 )
 # Large kernels at 8x128x56x56: (name, k, bias).
 LARGE_KERNELS = (("k7", 7, True), ("k31", 31, False))
