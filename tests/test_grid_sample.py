@@ -1,0 +1,443 @@
+"""grid_sample and affine_grid_sample through the public API on CPU: the C++ kernel against
+F.grid_sample and F.affine_grid + F.grid_sample.
+
+The Triton kernels (under the interpreter) and the CUDA kernels have their own files; this one
+covers the CPU kernel (scalar fp64/fp16/bf16 path and the AVX2 fp32 path), the registration
+(opcheck, autograd, compile), determinism, non-finite coordinates and argument errors.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcnn
+from torch._prims_common import suggest_memory_format
+from fastcnn import benchmarking
+from fastcnn.ops import affine_grid_sample, grid_sample
+
+pytestmark = pytest.mark.skipif(not fastcnn._extension.has_ops(), reason="fastcnn._C is not built")
+
+MODES = ["bilinear", "nearest"]
+PADDINGS = ["zeros", "border", "reflection"]
+
+
+def _layout(x, layout):
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # a non-contiguous view: every other column of a wider tensor
+        wide = torch.randn(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    return x
+
+
+def _theta(n, dtype=torch.float64, spread=0.6, generator=None):
+    """Random affine maps around the identity: rotations, shears, scales and shifts that sample
+    partly outside the input."""
+    eye = torch.eye(2, 3, dtype=dtype).repeat(n, 1, 1)
+    return eye + spread * torch.randn(n, 2, 3, dtype=dtype, generator=generator)
+
+
+def _stn_theta(n, generator):
+    """The benchmark's transforms: rotation within 30 degrees, scale 0.8-1.2, shift within 0.2."""
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(30)
+    scale = 0.8 + 0.4 * torch.rand(n, generator=generator)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = scale * torch.cos(angle)
+    theta[:, 0, 1] = -scale * torch.sin(angle)
+    theta[:, 1, 0] = scale * torch.sin(angle)
+    theta[:, 1, 1] = scale * torch.cos(angle)
+    theta[:, :, 2] = (torch.rand(n, 2, generator=generator) * 2 - 1) * 0.2
+    return theta
+
+
+def _grads(out, tensors, grad):
+    return torch.autograd.grad(out, tensors, grad)
+
+
+def _check_affine(x, theta, size, mode, padding, align, rtol, atol):
+    x = x.detach().requires_grad_()
+    theta = theta.detach().requires_grad_()
+    out = affine_grid_sample(x, theta, size, mode, padding, align)
+    expected = fastcnn.reference.affine_grid_sample(x, theta, size, mode, padding, align)
+    assert out.shape == expected.shape
+    assert out.is_contiguous(memory_format=suggest_memory_format(x))
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+    grad = torch.randn_like(expected)
+    for name, a, e in zip(("grad_input", "grad_theta"), _grads(out, (x, theta), grad), _grads(expected, (x, theta), grad)):
+        scale = max(1.0, e.abs().max().item())
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol * scale, msg=lambda m: f"{name}: {m}")
+
+
+def _check_grid(x, grid, mode, padding, align, rtol, atol):
+    x = x.detach().requires_grad_()
+    grid = grid.detach().requires_grad_()
+    out = grid_sample(x, grid, mode, padding, align)
+    expected = F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=align)
+    assert out.is_contiguous(memory_format=suggest_memory_format(x))
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+    grad = torch.randn_like(expected)
+    for name, a, e in zip(("grad_input", "grad_grid"), _grads(out, (x, grid), grad), _grads(expected, (x, grid), grad)):
+        scale = max(1.0, e.abs().max().item())
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol * scale, msg=lambda m: f"{name}: {m}")
+
+
+# (N, C, H, W, H_out, W_out): odd sizes, output smaller and larger than the input, 1x1 input,
+# channel counts around the 8-lane vector width.
+SHAPES = [(2, 3, 7, 9, 7, 9), (3, 5, 6, 11, 9, 4), (1, 9, 1, 1, 3, 5), (2, 1, 13, 5, 2, 17)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_reference_fp64(mode, padding, align, layout):
+    torch.manual_seed(0)
+    for n, c, h, w, ho, wo in SHAPES:
+        x = _layout(torch.randn(n, c, h, w, dtype=torch.float64), layout)
+        _check_affine(x, _theta(n), (n, c, ho, wo), mode, padding, align, 1e-12, 1e-12)
+        grid = torch.rand(n, ho, wo, 2, dtype=torch.float64) * 3 - 1.5  # about a third outside
+        _check_grid(x, grid, mode, padding, align, 1e-12, 1e-12)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_matches_fp64_truth_fp32(padding, align, layout):
+    """fp32 (the AVX2 path on NCHW) on rows longer than one chunk: error against the fp64 truth
+    within 2x PyTorch's own fp32 error (coordinates of 80 pixels carry ~5e-6 of rounding)."""
+    g = torch.Generator().manual_seed(1)
+    n, c, h, w = 3, 6, 21, 83
+    x = _layout(torch.randn(n, c, h, w, generator=g), layout)
+    theta = _theta(n, torch.float32, 0.4, g)
+    size = (n, c, 19, 71)
+    grad = torch.randn(size, generator=g)
+
+    def run(fn, dtype):
+        a, t = x.to(dtype).requires_grad_(), theta.to(dtype).requires_grad_()
+        out = fn(a, t, size, "bilinear", padding, align)
+        return [out.double()] + [r.double() for r in _grads(out, (a, t), grad.to(dtype))]
+
+    ours = run(affine_grid_sample, torch.float32)
+    theirs = run(fastcnn.reference.affine_grid_sample, torch.float32)
+    truth = run(fastcnn.reference.affine_grid_sample, torch.float64)
+    for name, o, t, e in zip(("output", "grad_input", "grad_theta"), ours, theirs, truth):
+        our_error = (o - e).abs().max().item()
+        their_error = (t - e).abs().max().item()
+        assert our_error <= 2 * their_error + 1e-6 * e.abs().max().item(), (name, our_error, their_error)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_nearest_fp32_equals_pytorch(padding, layout):
+    """Nearest sampling picks the same pixels as PyTorch (ties to even) on random transforms."""
+    g = torch.Generator().manual_seed(2)
+    x = _layout(torch.randn(4, 5, 17, 29, generator=g), layout)
+    theta = _stn_theta(4, g)
+    size = (4, 5, 23, 70)
+    out = affine_grid_sample(x, theta, size, "nearest", padding, False)
+    expected = fastcnn.reference.affine_grid_sample(x, theta, size, "nearest", padding, False)
+    assert torch.equal(out, expected)
+    grid = torch.rand(4, 9, 70, 2, generator=g) * 2.4 - 1.2
+    assert torch.equal(grid_sample(x, grid, "nearest", padding, True), F.grid_sample(x, grid, "nearest", padding, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_low_precision_error_within_twice_pytorch(dtype, layout):
+    """Our error against the fp64 truth is at most 2x PyTorch's own error in that dtype."""
+    g = torch.Generator().manual_seed(3)
+    x = _layout(torch.randn(2, 12, 15, 13, generator=g), layout).to(dtype).requires_grad_()
+    theta = _stn_theta(2, g).to(dtype).requires_grad_()
+    size = (2, 12, 11, 17)
+    grad = torch.randn(size, generator=g).to(dtype)
+    ours = [affine_grid_sample(x, theta, size)]
+    ours += _grads(ours[0], (x, theta), grad)
+    theirs = [fastcnn.reference.affine_grid_sample(x, theta, size)]
+    theirs += _grads(theirs[0], (x, theta), grad)
+    x64, t64 = (t.detach().double().requires_grad_() for t in (x, theta))
+    truth = [fastcnn.reference.affine_grid_sample(x64, t64, size)]
+    truth += _grads(truth[0], (x64, t64), grad.double())
+    for name, o, t, e in zip(("output", "grad_input", "grad_theta"), ours, theirs, truth):
+        assert o.dtype == dtype
+        our_error = (o.double() - e).abs().max().item()
+        their_error = (t.double() - e).abs().max().item()
+        assert our_error <= 2 * their_error + 1e-3 * e.abs().max().item(), (name, our_error, their_error)
+
+
+def test_gradcheck():
+    torch.manual_seed(4)
+    for padding, align in itertools.product(PADDINGS, (False, True)):
+        x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+        theta = _theta(2, spread=0.3).requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda a, t: affine_grid_sample(a, t, (2, 3, 4, 7), "bilinear", padding, align), (x, theta)
+        )
+        grid = (torch.rand(2, 3, 4, 2, dtype=torch.float64) * 2.2 - 1.1).requires_grad_()
+        xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        assert torch.autograd.gradcheck(lambda a, gr: grid_sample(a, gr, "bilinear", padding, align), (xc, grid))
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    theta = _theta(2, spread=0.3)
+    assert torch.autograd.gradcheck(lambda a: affine_grid_sample(a, theta, (2, 3, 4, 4), "nearest"), (x,))
+
+
+def test_output_size_differs_from_input():
+    x = torch.randn(2, 4, 10, 12, dtype=torch.float64)
+    out = affine_grid_sample(x, _theta(2), (2, 4, 3, 25))
+    assert out.shape == (2, 4, 3, 25)
+    _check_affine(x, _theta(2), (2, 4, 1, 1), "bilinear", "zeros", False, 1e-12, 1e-12)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_sampling_entirely_outside(padding):
+    """A shift of 5 (normalised) puts every sample outside the input: zeros pads with zeros,
+    border and reflection still match PyTorch."""
+    x = torch.randn(2, 3, 8, 9, dtype=torch.float64)
+    theta = torch.tensor([[[1.0, 0.0, 5.0], [0.0, 1.0, 0.0]], [[0.5, 0.2, -7.0], [0.1, 2.0, 9.0]]], dtype=torch.float64)
+    if padding == "zeros":
+        assert torch.equal(affine_grid_sample(x, theta, (2, 3, 8, 9), padding_mode=padding), torch.zeros(2, 3, 8, 9, dtype=torch.float64))
+    for mode, align in itertools.product(MODES, (False, True)):
+        _check_affine(x, theta, (2, 3, 8, 9), mode, padding, align, 1e-12, 1e-12)
+    # Far outside in every direction, for the grid too.
+    grid = torch.tensor([-1e6, 1e6, -30.0, 30.0], dtype=torch.float64)[torch.randint(0, 4, (2, 5, 6, 2))]
+    for mode, align in itertools.product(MODES, (False, True)):
+        _check_grid(x, grid, mode, padding, align, 1e-12, 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("mode", MODES)
+def test_non_finite_coordinates_sample_as_padding(mode, padding, layout, dtype):
+    """A NaN coordinate reads as zero padding (PyTorch's CUDA rule; its CPU kernel returns NaN
+    under zeros padding), never reaches an integer cast, and leaves every gradient finite. An
+    infinite one is padding too, except under border padding, where it clamps to the edge as in
+    PyTorch. The finite samples match PyTorch."""
+    x = _layout(torch.randn(3, 4, 6, 7, dtype=dtype), layout).requires_grad_()
+    grid = torch.rand(3, 5, 8, 2, dtype=dtype) * 2 - 1
+    bad = torch.zeros(3, 5, 8, dtype=torch.bool)
+    values = (float("nan"), float("inf"), -float("inf"))
+    for k, value in enumerate(values):
+        grid[k, k + 1, 2 * k, k % 2] = value
+        grid[k, 0, 7, :] = value
+        if k == 0 or padding != "border":
+            bad[k, k + 1, 2 * k] = True
+            bad[k, 0, 7] = True
+    grid.requires_grad_()
+    out = grid_sample(x, grid, mode, padding)
+    assert torch.equal(out.permute(0, 2, 3, 1)[bad], torch.zeros_like(out.permute(0, 2, 3, 1)[bad]))
+    # PyTorch on the same grid with the padding samples replaced by anything finite; under border,
+    # an infinity clamps exactly like a huge finite value.
+    finite = torch.where(bad[..., None], 0.0, grid.detach().clamp(-1e6, 1e6))
+    expected = F.grid_sample(x, finite, mode, padding, False)
+    keep = ~bad[:, None].expand_as(out)
+    torch.testing.assert_close(out[keep], expected[keep])
+    gx, gg = torch.autograd.grad(out, (x, grid), torch.randn_like(out))
+    assert torch.isfinite(gx).all() and torch.isfinite(gg).all()
+
+    theta = _theta(3, dtype).detach()
+    theta[1, 0, 1] = float("nan")
+    theta[2, 1, 0] = float("nan")
+    theta.requires_grad_()
+    out = affine_grid_sample(x, theta, (3, 4, 5, 5), mode, padding)
+    assert torch.equal(out[1:], torch.zeros_like(out[1:]))
+    expected = fastcnn.reference.affine_grid_sample(x[:1], theta[:1], (1, 4, 5, 5), mode, padding)
+    torch.testing.assert_close(out[:1], expected)
+    gx, gt = torch.autograd.grad(out, (x, theta), torch.randn_like(out))
+    assert torch.isfinite(gx).all() and torch.isfinite(gt[:1]).all()
+
+
+def test_poisoned_outputs_are_fully_written():
+    """Every output element is written: NaN-filled freed buffers do not survive into results."""
+    x = torch.randn(3, 7, 11, 9)
+    theta = _theta(3, torch.float32)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        for mode in MODES:
+            for _ in range(3):
+                torch.empty(inp.shape).fill_(float("nan"))
+            out = torch.ops.fastcnn.affine_grid_sample(inp, theta, [11, 9], MODES.index(mode), 0, False)
+            assert torch.isfinite(out).all()
+            grads = torch.ops.fastcnn._affine_grid_sample_backward(
+                torch.randn_like(out), inp, theta, MODES.index(mode), 0, False, [True, True]
+            )
+            assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_empty_batch_and_channels(layout):
+    for n, c in ((0, 3), (2, 0)):
+        x = _layout(torch.randn(n, c, 5, 6), layout).requires_grad_()
+        theta = _theta(n, torch.float32).requires_grad_()
+        out = affine_grid_sample(x, theta, (n, c, 4, 4))
+        assert out.shape == (n, c, 4, 4)
+        gx, gt = torch.autograd.grad(out.sum(), (x, theta), allow_unused=True)
+        assert gx.shape == x.shape and torch.equal(gt, torch.zeros_like(theta))
+
+
+@pytest.mark.parametrize("kind", ["sum", "expanded", "permuted"])
+def test_backward_with_odd_grad_output_strides(kind):
+    x = torch.randn(2, 6, 9, 10, dtype=torch.float64, requires_grad=True)
+    theta = _theta(2).requires_grad_()
+    size = (2, 6, 7, 8)
+    out = affine_grid_sample(x, theta, size)
+    expected = fastcnn.reference.affine_grid_sample(x, theta, size)
+    if kind == "sum":
+        ours, theirs = _grads(out.sum(), (x, theta), None), _grads(expected.sum(), (x, theta), None)
+    else:
+        if kind == "expanded":
+            grad = torch.randn(1, 6, 1, 1, dtype=torch.float64).expand_as(out)
+        else:
+            grad = torch.randn(8, 7, 6, 2, dtype=torch.float64).permute(3, 2, 1, 0)
+        ours, theirs = _grads(out, (x, theta), grad), _grads(expected, (x, theta), grad)
+    for a, e in zip(ours, theirs):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-11)
+
+
+def test_backward_only_what_is_needed():
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    theta = _theta(2).requires_grad_()
+    (gx,) = torch.autograd.grad(affine_grid_sample(x, theta.detach(), (2, 4, 8, 8)).sum(), x)
+    (ex,) = torch.autograd.grad(fastcnn.reference.affine_grid_sample(x, theta.detach(), (2, 4, 8, 8)).sum(), x)
+    torch.testing.assert_close(gx, ex)
+    (gt,) = torch.autograd.grad(affine_grid_sample(x.detach(), theta, (2, 4, 8, 8)).sum(), theta)
+    (et,) = torch.autograd.grad(fastcnn.reference.affine_grid_sample(x.detach(), theta, (2, 4, 8, 8)).sum(), theta)
+    torch.testing.assert_close(gt, et)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_backward_is_deterministic_across_runs_and_threads(layout):
+    """Bitwise identical gradients run to run and with 1 or 2 threads, in deterministic mode."""
+    g = torch.Generator().manual_seed(5)
+    x = _layout(torch.randn(5, 6, 30, 31, generator=g), layout).requires_grad_()
+    theta = _stn_theta(5, g).requires_grad_()
+    grid = (torch.rand(5, 17, 40, 2, generator=g) * 2.2 - 1.1).requires_grad_()
+    grad = torch.randn(5, 6, 17, 40, generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        with benchmarking.deterministic_algorithms():
+            for num_threads in (threads, threads, 1):
+                torch.set_num_threads(num_threads)
+                a = _grads(affine_grid_sample(x, theta, (5, 6, 17, 40)), (x, theta), grad)
+                b = _grads(grid_sample(x, grid), (x, grid), grad)
+                results.append(a + b)
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, e in zip(results[0], other):
+            assert torch.equal(a, e)
+
+
+def _opcheck_samples():
+    samples = []
+    for layout in ("contiguous", "channels_last", "strided"):
+        for requires_grad in (False, True):
+            x = _layout(torch.randn(2, 5, 7, 9), layout).requires_grad_(requires_grad)
+            theta = _theta(2, torch.float32).requires_grad_(requires_grad)
+            grid = (torch.rand(2, 4, 6, 2) * 2.4 - 1.2).requires_grad_(requires_grad)
+            samples.append((torch.ops.fastcnn.affine_grid_sample.default, (x, theta, [6, 8], 0, 0, False)))
+            samples.append((torch.ops.fastcnn.affine_grid_sample.default, (x, theta, [3, 11], 1, 2, True)))
+            samples.append((torch.ops.fastcnn.grid_sample.default, (x, grid, 0, 1, False)))
+            samples.append((torch.ops.fastcnn.grid_sample.default, (x, grid, 1, 0, True)))
+    return samples
+
+
+@pytest.mark.parametrize("index", range(24))
+def test_opcheck(index):
+    op, args = _opcheck_samples()[index]
+    torch.library.opcheck(op, args)
+
+
+def test_opcheck_backward_ops():
+    x = torch.randn(2, 5, 7, 9).contiguous(memory_format=torch.channels_last)
+    theta = _theta(2, torch.float32)
+    grid = torch.rand(2, 4, 6, 2) * 2 - 1
+    for mask in ([True, True], [True, False], [False, True]):
+        torch.library.opcheck(
+            torch.ops.fastcnn._affine_grid_sample_backward.default,
+            (torch.randn(2, 5, 3, 4).contiguous(memory_format=torch.channels_last), x, theta, 0, 2, False, mask),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+        torch.library.opcheck(
+            torch.ops.fastcnn._grid_sample_backward.default,
+            (torch.randn(2, 5, 4, 6), x, grid, 0, 1, True, mask),
+            test_utils=("test_schema", "test_faketensor"),
+        )
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+
+    def f(x, theta, grid):
+        warped = affine_grid_sample(x, theta, (2, 3, 8, 8), padding_mode="border")
+        return grid_sample(warped, grid).relu().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    x = torch.randn(2, 3, 9, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+    theta = _theta(2, torch.float32).requires_grad_()
+    grid = (torch.rand(2, 5, 6, 2) * 2 - 1).requires_grad_()
+    loss = compiled(x, theta, grid)
+    grads = torch.autograd.grad(loss, (x, theta, grid))
+    expected_loss = f(x, theta, grid)
+    expected = torch.autograd.grad(expected_loss, (x, theta, grid))
+    torch.testing.assert_close(loss, expected_loss)
+    for a, e in zip(grads, expected):
+        torch.testing.assert_close(a, e)
+
+
+def test_reference_backend_and_cpu_backend_agree():
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    theta = _theta(2)
+    with fastcnn.use_backend("reference"):
+        ref = affine_grid_sample(x, theta, (2, 3, 5, 5), "bilinear", "reflection", True)
+    with fastcnn.use_backend("cpu"):
+        ours = affine_grid_sample(x, theta, (2, 3, 5, 5), "bilinear", "reflection", True)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+X = torch.randn(2, 3, 5, 5)
+THETA = torch.zeros(2, 2, 3)
+GRID = torch.zeros(2, 4, 4, 2)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: affine_grid_sample(X, torch.zeros(2, 3, 3), (2, 3, 5, 5)), ValueError, r"theta of shape \[N, 2, 3\]"),
+        (lambda: affine_grid_sample(X, torch.zeros(3, 2, 3), (2, 3, 5, 5)), ValueError, r"theta .* N = 2"),
+        (lambda: affine_grid_sample(X, THETA, (2, 4, 5, 5)), ValueError, r"size .* does not match .* C = 3"),
+        (lambda: affine_grid_sample(X, THETA, (3, 3, 5, 5)), ValueError, r"size .* does not match .* N = 2"),
+        (lambda: affine_grid_sample(X, THETA, (2, 3, 5)), ValueError, r"size must be the output size"),
+        (lambda: affine_grid_sample(X, THETA, (2, 3, 0, 5)), ValueError, r"positive"),
+        (lambda: affine_grid_sample(X, THETA.double(), (2, 3, 5, 5)), TypeError, r"theta has dtype torch.float64"),
+        (lambda: affine_grid_sample(X, THETA, (2, 3, 5, 5), mode="bicubic"), ValueError, r"mode must be"),
+        (lambda: affine_grid_sample(X, THETA, (2, 3, 5, 5), padding_mode="wrap"), ValueError, r"padding_mode must be"),
+        (lambda: affine_grid_sample(X[0], THETA, (2, 3, 5, 5)), ValueError, r"input of shape \[N, C, H, W\]"),
+        (lambda: affine_grid_sample(X.long(), THETA, (2, 3, 5, 5)), TypeError, r"floating-point input"),
+        (lambda: grid_sample(X, torch.zeros(2, 4, 4, 3)), ValueError, r"grid of shape \[N, H_out, W_out, 2\]"),
+        (lambda: grid_sample(X, torch.zeros(1, 4, 4, 2)), ValueError, r"grid .* N = 2"),
+        (lambda: grid_sample(X, GRID.half()), TypeError, r"grid has dtype torch.float16"),
+        (lambda: grid_sample(X, GRID, mode="area"), ValueError, r"mode must be"),
+    ],
+)
+def test_errors_name_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_cpp_ops_check_their_arguments_too():
+    with pytest.raises(RuntimeError, match=r"theta of shape \[N, 2, 3\]"):
+        torch.ops.fastcnn.affine_grid_sample(X, torch.zeros(2, 3, 2), [5, 5], 0, 0, False)
+    with pytest.raises(RuntimeError, match=r"grid of shape"):
+        torch.ops.fastcnn.grid_sample(X, torch.zeros(2, 4, 4), 0, 0, False)
+    with pytest.raises(RuntimeError, match=r"interpolation must be 0 \(bilinear\) or 1 \(nearest\)"):
+        torch.ops.fastcnn.grid_sample(X, GRID, 2, 0, False)
+    with pytest.raises(RuntimeError, match=r"padding_mode must be"):
+        torch.ops.fastcnn.affine_grid_sample(X, THETA, [5, 5], 0, 3, False)
+    with pytest.raises(RuntimeError, match=r"expected grad_output of shape"):
+        torch.ops.fastcnn._grid_sample_backward(torch.zeros(2, 3, 4, 5), X, GRID, 0, 0, False, [True, True])
