@@ -232,52 +232,60 @@ inline __m256 gather(const float* base, __m256i offset, const int32_t* lane, int
   return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, offset, mask, 4);
 }
 
-// One NCHW row chunk, every channel. Pixel by pixel with scalar loads: the four taps of a pixel
-// sit in two cache lines of each plane, and scalar loads beat vgatherdps on this CPU (measured:
-// 3x faster on 3x224x224); the pixel's weights stay in registers across its channels.
-void forward_nchw(const float* input, float* output, const Chunk<float>& ch, int len, int64_t channels,
-                  int64_t in_hw, int64_t out_hw, int64_t in_w, bool bilinear) {
+// Strides of one image in elements: channel stride and pixel stride (NCHW: H*W and 1;
+// channels_last: 1 and C). The pixel loops below serve NCHW at any C and channels_last at small C.
+struct Strides {
+  int64_t in_c, in_p, out_c, out_p;
+};
+
+// One row chunk, every channel. Pixel by pixel with scalar loads: the four taps of a pixel sit in
+// two cache lines of each plane, and scalar loads beat vgatherdps on this CPU (measured: 3x
+// faster on 3x224x224); the pixel's weights stay in registers across its channels.
+void forward_pixels(const float* input, float* output, const Chunk<float>& ch, int len, int64_t channels,
+                    const Strides& st, int64_t in_w, bool bilinear) {
+  const int64_t right = st.in_p, down = in_w * st.in_p;
   for (int p = 0; p < len; ++p) {
-    const float* src = input + ch.offset32[p];
-    float* out = output + p;
+    const float* src = input + ch.offset32[p] * st.in_p;
+    float* out = output + p * st.out_p;
     if (!bilinear) {
       if (ch.lane_nw[p]) {
-        for (int64_t c = 0; c < channels; ++c) out[c * out_hw] = src[c * in_hw];
+        for (int64_t c = 0; c < channels; ++c) out[c * st.out_c] = src[c * st.in_c];
       } else {
-        for (int64_t c = 0; c < channels; ++c) out[c * out_hw] = 0.0f;
+        for (int64_t c = 0; c < channels; ++c) out[c * st.out_c] = 0.0f;
       }
       continue;
     }
     const float w_nw = ch.w_nw[p], w_ne = ch.w_ne[p], w_sw = ch.w_sw[p], w_se = ch.w_se[p];
     if ((ch.lane_nw[p] & ch.lane_ne[p] & ch.lane_sw[p] & ch.lane_se[p]) != 0) {
       for (int64_t c = 0; c < channels; ++c) {
-        const float* s = src + c * in_hw;
-        out[c * out_hw] = s[0] * w_nw + s[1] * w_ne + s[in_w] * w_sw + s[in_w + 1] * w_se;
+        const float* s = src + c * st.in_c;
+        out[c * st.out_c] = s[0] * w_nw + s[right] * w_ne + s[down] * w_sw + s[down + right] * w_se;
       }
       continue;
     }
     const bool nw = ch.lane_nw[p], ne = ch.lane_ne[p], sw = ch.lane_sw[p], se = ch.lane_se[p];
     for (int64_t c = 0; c < channels; ++c) {
-      const float* s = src + c * in_hw;
+      const float* s = src + c * st.in_c;
       float v = 0.0f;
       if (nw) v += s[0] * w_nw;
-      if (ne) v += s[1] * w_ne;
-      if (sw) v += s[in_w] * w_sw;
-      if (se) v += s[in_w + 1] * w_se;
-      out[c * out_hw] = v;
+      if (ne) v += s[right] * w_ne;
+      if (sw) v += s[down] * w_sw;
+      if (se) v += s[down + right] * w_se;
+      out[c * st.out_c] = v;
     }
   }
 }
 
-// One NCHW row chunk of the backward, every channel, in a fixed order: pixel by pixel, and for
-// each pixel its channels (scatter into grad_input, and the coordinate gradient summed over
+// One row chunk of the backward, every channel, in a fixed order: pixel by pixel, and for each
+// pixel its channels (scatter into grad_input, and the coordinate gradient summed over
 // channels into ch.gx / ch.gy, before the scale).
-void backward_nchw(const float* input, const float* grad_output, float* grad_input, Chunk<float>& ch, int len,
-                   int64_t channels, int64_t in_hw, int64_t out_hw, int64_t in_w, bool bilinear, bool want_input,
-                   bool want_coords) {
+void backward_pixels(const float* input, const float* grad_output, float* grad_input, Chunk<float>& ch, int len,
+                     int64_t channels, const Strides& st, int64_t in_w, bool bilinear, bool want_input,
+                     bool want_coords) {
+  const int64_t in_hw = st.in_c, out_hw = st.out_c, right = st.in_p, down = in_w * st.in_p;
   for (int p = 0; p < len; ++p) {
-    const int64_t o = ch.offset32[p];
-    const float* go = grad_output + p;
+    const int64_t o = ch.offset32[p] * st.in_p;
+    const float* go = grad_output + p * st.out_p;
     if (!bilinear) {
       if (want_input && ch.lane_nw[p]) {
         for (int64_t c = 0; c < channels; ++c) grad_input[o + c * in_hw] += go[c * out_hw];
@@ -293,16 +301,16 @@ void backward_nchw(const float* input, const float* grad_output, float* grad_inp
         const float g = go[c * out_hw];
         if (want_coords) {
           const float* s = input + o + c * in_hw;
-          const float nw = s[0], ne = s[1], sw = s[in_w], se = s[in_w + 1];
+          const float nw = s[0], ne = s[right], sw = s[down], se = s[down + right];
           gx += g * ((ne - nw) * dy1 + (se - sw) * dy0);
           gy += g * ((sw - nw) * dx1 + (se - ne) * dx0);
         }
         if (want_input) {
           float* d = grad_input + o + c * in_hw;
           d[0] += w_nw * g;
-          d[1] += w_ne * g;
-          d[in_w] += w_sw * g;
-          d[in_w + 1] += w_se * g;
+          d[right] += w_ne * g;
+          d[down] += w_sw * g;
+          d[down + right] += w_se * g;
         }
       }
     } else if ((ch.lane_nw[p] | ch.lane_ne[p] | ch.lane_sw[p] | ch.lane_se[p]) != 0) {
@@ -311,17 +319,17 @@ void backward_nchw(const float* input, const float* grad_output, float* grad_inp
         const float g = go[c * out_hw];
         const float* s = input + o + c * in_hw;
         if (want_coords) {
-          const float nw = in_nw ? s[0] : 0.0f, ne = in_ne ? s[1] : 0.0f;
-          const float sw = in_sw ? s[in_w] : 0.0f, se = in_se ? s[in_w + 1] : 0.0f;
+          const float nw = in_nw ? s[0] : 0.0f, ne = in_ne ? s[right] : 0.0f;
+          const float sw = in_sw ? s[down] : 0.0f, se = in_se ? s[down + right] : 0.0f;
           gx += g * ((ne - nw) * dy1 + (se - sw) * dy0);
           gy += g * ((sw - nw) * dx1 + (se - ne) * dx0);
         }
         if (want_input) {
           float* d = grad_input + o + c * in_hw;
           if (in_nw) d[0] += w_nw * g;
-          if (in_ne) d[1] += w_ne * g;
-          if (in_sw) d[in_w] += w_sw * g;
-          if (in_se) d[in_w + 1] += w_se * g;
+          if (in_ne) d[right] += w_ne * g;
+          if (in_sw) d[down] += w_sw * g;
+          if (in_se) d[down + right] += w_se * g;
         }
       }
     }
@@ -333,11 +341,18 @@ void backward_nchw(const float* input, const float* grad_output, float* grad_inp
 }  // namespace avx2
 #pragma GCC pop_options
 
+using avx2_strides = avx2::Strides;
+avx2_strides layout_strides(bool channels_last, int64_t C, int64_t in_hw, int64_t out_hw) {
+  return channels_last ? avx2_strides{1, C, 1, C} : avx2_strides{in_hw, 1, out_hw, 1};
+}
+
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
 }
 #else
+struct avx2_strides {};
+avx2_strides layout_strides(bool, int64_t, int64_t, int64_t) { return {}; }
 bool cpu_has_avx2() { return false; }
 #endif
 
@@ -387,7 +402,11 @@ void forward_kernel(const scalar_t* input, scalar_t* output, const Source& sourc
   const int64_t C = g.channels, in_hw = g.in_h * g.in_w, out_hw = g.out_h * g.out_w;
   const bool bilinear = g.interpolation == Interpolation::Bilinear;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.out_w * C));
-  const bool vector_nchw = !channels_last && cpu_has_avx2();
+  // The pixel loops take NCHW at any C and channels_last up to 8 channels; wider channels_last
+  // rows are better served by the channel-vector loops below.
+  const bool vector_taps = cpu_has_avx2();
+  const bool vector_pixels = vector_taps && (!channels_last || C <= 8);
+  const avx2_strides st = layout_strides(channels_last, C, in_hw, out_hw);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     Chunk<acc_t> ch;
     std::vector<acc_t> acc(channels_last ? C : 0);
@@ -396,17 +415,18 @@ void forward_kernel(const scalar_t* input, scalar_t* output, const Source& sourc
       for (int64_t ox0 = 0; ox0 < g.out_w; ox0 += kChunk) {
         const int len = static_cast<int>(std::min<int64_t>(kChunk, g.out_w - ox0));
         source.load(n, oy, ox0, len, ch.gx, ch.gy);
-        chunk_taps(ch, len, g, vector_nchw);
-        if (!channels_last) {
+        chunk_taps(ch, len, g, vector_taps);
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            if (vector_nchw) {
-              avx2::forward_nchw(input + n * C * in_hw, output + n * C * out_hw + oy * g.out_w + ox0, ch, len, C,
-                                 in_hw, out_hw, g.in_w, bilinear);
-              continue;
-            }
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (vector_pixels) {
+            const int64_t out_offset = channels_last ? ((n * g.out_h + oy) * g.out_w + ox0) * C
+                                                     : n * C * out_hw + oy * g.out_w + ox0;
+            avx2::forward_pixels(input + n * C * in_hw, output + out_offset, ch, len, C, st, g.in_w, bilinear);
+            continue;
           }
+        }
 #endif
+        if (!channels_last) {
           for (int64_t c = 0; c < C; ++c) {
             const scalar_t* plane = input + (n * C + c) * in_hw;
             scalar_t* out = output + (n * C + c) * out_hw + oy * g.out_w + ox0;
@@ -610,7 +630,9 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
   const bool bilinear = g.interpolation == Interpolation::Bilinear;
   // Nearest sampling has a zero coordinate gradient; the sink still writes the zeros.
   const bool coords = want_coords && bilinear;
-  const bool vector_nchw = !channels_last && cpu_has_avx2();
+  const bool vector_taps = cpu_has_avx2();
+  const bool vector_pixels = vector_taps && (!channels_last || C <= 8);
+  const avx2_strides st = layout_strides(channels_last, C, in_hw, out_hw);
   at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
     Chunk<acc_t> ch;
     Sink sink = sink_proto;
@@ -622,12 +644,14 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
         for (int64_t ox0 = 0; ox0 < g.out_w; ox0 += kChunk) {
           const int len = static_cast<int>(std::min<int64_t>(kChunk, g.out_w - ox0));
           source.load(n, oy, ox0, len, ch.gx, ch.gy);
-          chunk_taps(ch, len, g, vector_nchw);
+          chunk_taps(ch, len, g, vector_taps);
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
           if constexpr (std::is_same_v<scalar_t, float>) {
-            if (vector_nchw) {
-              avx2::backward_nchw(input + n * C * in_hw, grad_output + n * C * out_hw + oy * g.out_w + ox0, gin, ch,
-                                  len, C, in_hw, out_hw, g.in_w, bilinear, want_input, coords);
+            if (vector_pixels) {
+              const int64_t out_offset = channels_last ? ((n * g.out_h + oy) * g.out_w + ox0) * C
+                                                       : n * C * out_hw + oy * g.out_w + ox0;
+              avx2::backward_pixels(input + n * C * in_hw, grad_output + out_offset, gin, ch, len, C, st, g.in_w,
+                                    bilinear, want_input, coords);
               if (want_coords) sink.add(n, oy, ox0, len, ch);
               continue;
             }
