@@ -157,14 +157,7 @@ if has_ops():
     torch.library.register_fake("fastcnn::affine_grid_sample")(_fake_affine_grid_sample)
     torch.library.register_fake("fastcnn::_grid_sample_backward")(_fake_backward)
     torch.library.register_fake("fastcnn::_affine_grid_sample_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "fastcnn::grid_sample", _make_backward(torch.ops.fastcnn._grid_sample_backward.default),
-        setup_context=_setup_context,
-    )
-    torch.library.register_autograd(
-        "fastcnn::affine_grid_sample", _make_backward(torch.ops.fastcnn._affine_grid_sample_backward.default),
-        setup_context=_setup_context,
-    )
+    # Autograd of the C++ ops is registered in C++ (csrc/ops/autograd/): cheaper per call.
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ struct alignas(32) Chunk {
   // The fp32 AVX2 path gathers with 32-bit offsets and all-ones lane masks per tap.
   int32_t offset32[kChunk];
   int32_t lane_nw[kChunk], lane_ne[kChunk], lane_sw[kChunk], lane_se[kChunk];
+  int32_t lane_all[kChunk];  // all four taps inside
   int64_t offset[kChunk];  // flat input pixel of the north-west tap (nearest: of the sample)
   acc_t w_nw[kChunk], w_ne[kChunk], w_sw[kChunk], w_se[kChunk];
   acc_t dx0[kChunk], dx1[kChunk], dy0[kChunk], dy1[kChunk];
@@ -126,6 +127,7 @@ void fill_lanes(Chunk<acc_t>& ch, int len) {
     ch.lane_ne[p] = m & 2 ? -1 : 0;
     ch.lane_sw[p] = m & 4 ? -1 : 0;
     ch.lane_se[p] = m & 8 ? -1 : 0;
+    ch.lane_all[p] = m == kAllTaps ? -1 : 0;
   }
 }
 
@@ -177,8 +179,9 @@ inline __m256i inside(__m256i i, int64_t size) {
                           _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(size)), i));
 }
 
-// compute_taps for fp32 with zeros or border padding; also fills the scalar arrays.
-void taps(Chunk<float>& ch, int len, const Geometry& g) {
+// compute_taps for fp32 with zeros or border padding; fills the scalar offset/mask arrays too when
+// scalar consumers (the wide channels_last loops) will read them.
+void taps(Chunk<float>& ch, int len, const Geometry& g, bool scalar_arrays) {
   const bool border = g.padding == Padding::Border;
   const bool nearest = g.interpolation == Interpolation::Nearest;
   const __m256i width = _mm256_set1_epi32(static_cast<int32_t>(g.in_w));
@@ -219,8 +222,10 @@ void taps(Chunk<float>& ch, int len, const Geometry& g) {
     _mm256_store_si256(reinterpret_cast<__m256i*>(ch.lane_ne + p), _mm256_and_si256(x1_in, y0_in));
     _mm256_store_si256(reinterpret_cast<__m256i*>(ch.lane_sw + p), _mm256_and_si256(x0_in, y1_in));
     _mm256_store_si256(reinterpret_cast<__m256i*>(ch.lane_se + p), _mm256_and_si256(x1_in, y1_in));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(ch.lane_all + p),
+                       _mm256_and_si256(_mm256_and_si256(x0_in, x1_in), _mm256_and_si256(y0_in, y1_in)));
   }
-  for (int p = 0; p < len; ++p) {
+  for (int p = 0; scalar_arrays && p < len; ++p) {
     ch.offset[p] = ch.offset32[p];
     ch.mask[p] = nearest ? (ch.lane_nw[p] ? 1 : 0)
                          : (ch.lane_nw[p] & 1) | (ch.lane_ne[p] & 2) | (ch.lane_sw[p] & 4) | (ch.lane_se[p] & 8);
@@ -241,8 +246,12 @@ struct Strides {
 // One row chunk, every channel. Pixel by pixel with scalar loads: the four taps of a pixel sit in
 // two cache lines of each plane, and scalar loads beat vgatherdps on this CPU (measured: 3x
 // faster on 3x224x224); the pixel's weights stay in registers across its channels.
-void forward_pixels(const float* input, float* output, const Chunk<float>& ch, int len, int64_t channels,
+// kChannels > 0 fixes the channel count at compile time (1 and 3: grayscale and RGB inputs, where
+// a runtime channel loop per pixel costs more than the pixel's arithmetic).
+template <int kChannels>
+void forward_pixels(const float* input, float* output, const Chunk<float>& ch, int len, int64_t channels_arg,
                     const Strides& st, int64_t in_w, bool bilinear) {
+  const int64_t channels = kChannels > 0 ? kChannels : channels_arg;
   const int64_t right = st.in_p, down = in_w * st.in_p;
   for (int p = 0; p < len; ++p) {
     const float* src = input + ch.offset32[p] * st.in_p;
@@ -256,10 +265,11 @@ void forward_pixels(const float* input, float* output, const Chunk<float>& ch, i
       continue;
     }
     const float w_nw = ch.w_nw[p], w_ne = ch.w_ne[p], w_sw = ch.w_sw[p], w_se = ch.w_se[p];
-    if ((ch.lane_nw[p] & ch.lane_ne[p] & ch.lane_sw[p] & ch.lane_se[p]) != 0) {
+    if (ch.lane_all[p]) {
       for (int64_t c = 0; c < channels; ++c) {
         const float* s = src + c * st.in_c;
-        out[c * st.out_c] = s[0] * w_nw + s[right] * w_ne + s[down] * w_sw + s[down + right] * w_se;
+        // Two independent halves: a shorter dependency chain than four chained FMAs.
+        out[c * st.out_c] = (s[0] * w_nw + s[right] * w_ne) + (s[down] * w_sw + s[down + right] * w_se);
       }
       continue;
     }
@@ -279,9 +289,11 @@ void forward_pixels(const float* input, float* output, const Chunk<float>& ch, i
 // One row chunk of the backward, every channel, in a fixed order: pixel by pixel, and for each
 // pixel its channels (scatter into grad_input, and the coordinate gradient summed over
 // channels into ch.gx / ch.gy, before the scale).
+template <int kChannels>
 void backward_pixels(const float* input, const float* grad_output, float* grad_input, Chunk<float>& ch, int len,
-                     int64_t channels, const Strides& st, int64_t in_w, bool bilinear, bool want_input,
+                     int64_t channels_arg, const Strides& st, int64_t in_w, bool bilinear, bool want_input,
                      bool want_coords) {
+  const int64_t channels = kChannels > 0 ? kChannels : channels_arg;
   const int64_t in_hw = st.in_c, out_hw = st.out_c, right = st.in_p, down = in_w * st.in_p;
   for (int p = 0; p < len; ++p) {
     const int64_t o = ch.offset32[p] * st.in_p;
@@ -296,7 +308,7 @@ void backward_pixels(const float* input, const float* grad_output, float* grad_i
     const float w_nw = ch.w_nw[p], w_ne = ch.w_ne[p], w_sw = ch.w_sw[p], w_se = ch.w_se[p];
     const float dx0 = ch.dx0[p], dx1 = ch.dx1[p], dy0 = ch.dy0[p], dy1 = ch.dy1[p];
     float gx = 0.0f, gy = 0.0f;
-    if ((ch.lane_nw[p] & ch.lane_ne[p] & ch.lane_sw[p] & ch.lane_se[p]) != 0) {
+    if (ch.lane_all[p]) {
       for (int64_t c = 0; c < channels; ++c) {
         const float g = go[c * out_hw];
         if (want_coords) {
@@ -338,6 +350,24 @@ void backward_pixels(const float* input, const float* grad_output, float* grad_i
   }
 }
 
+void forward_row(const float* input, float* output, const Chunk<float>& ch, int len, int64_t channels,
+                 const Strides& st, int64_t in_w, bool bilinear) {
+  if (channels == 1) return forward_pixels<1>(input, output, ch, len, channels, st, in_w, bilinear);
+  if (channels == 3) return forward_pixels<3>(input, output, ch, len, channels, st, in_w, bilinear);
+  forward_pixels<0>(input, output, ch, len, channels, st, in_w, bilinear);
+}
+
+void backward_row(const float* input, const float* grad_output, float* grad_input, Chunk<float>& ch, int len,
+                  int64_t channels, const Strides& st, int64_t in_w, bool bilinear, bool want_input, bool want_coords) {
+  if (channels == 1)
+    return backward_pixels<1>(input, grad_output, grad_input, ch, len, channels, st, in_w, bilinear, want_input,
+                              want_coords);
+  if (channels == 3)
+    return backward_pixels<3>(input, grad_output, grad_input, ch, len, channels, st, in_w, bilinear, want_input,
+                              want_coords);
+  backward_pixels<0>(input, grad_output, grad_input, ch, len, channels, st, in_w, bilinear, want_input, want_coords);
+}
+
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -358,7 +388,7 @@ bool cpu_has_avx2() { return false; }
 
 // The taps of a chunk: lane arrays filled too when the AVX2 consumers will read them.
 template <typename acc_t>
-void chunk_taps(Chunk<acc_t>& ch, int len, const Geometry& g, bool vector_path) {
+void chunk_taps(Chunk<acc_t>& ch, int len, const Geometry& g, bool vector_path, bool scalar_arrays = true) {
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
   if constexpr (std::is_same_v<acc_t, float>) {
     if (vector_path) {
@@ -366,7 +396,7 @@ void chunk_taps(Chunk<acc_t>& ch, int len, const Geometry& g, bool vector_path) 
         compute_taps(ch, len, g);
         fill_lanes(ch, len);
       } else {
-        avx2::taps(ch, len, g);
+        avx2::taps(ch, len, g, scalar_arrays);
       }
       return;
     }
@@ -405,7 +435,7 @@ void forward_kernel(const scalar_t* input, scalar_t* output, const Source& sourc
   // The pixel loops take NCHW at any C and channels_last up to 8 channels; wider channels_last
   // rows are better served by the channel-vector loops below.
   const bool vector_taps = cpu_has_avx2();
-  const bool vector_pixels = vector_taps && (!channels_last || C <= 8);
+  const bool vector_pixels = std::is_same_v<scalar_t, float> && vector_taps && (!channels_last || C <= 8);
   const avx2_strides st = layout_strides(channels_last, C, in_hw, out_hw);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     Chunk<acc_t> ch;
@@ -415,13 +445,13 @@ void forward_kernel(const scalar_t* input, scalar_t* output, const Source& sourc
       for (int64_t ox0 = 0; ox0 < g.out_w; ox0 += kChunk) {
         const int len = static_cast<int>(std::min<int64_t>(kChunk, g.out_w - ox0));
         source.load(n, oy, ox0, len, ch.gx, ch.gy);
-        chunk_taps(ch, len, g, vector_taps);
+        chunk_taps(ch, len, g, vector_taps, !vector_pixels);
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (vector_pixels) {
             const int64_t out_offset = channels_last ? ((n * g.out_h + oy) * g.out_w + ox0) * C
                                                      : n * C * out_hw + oy * g.out_w + ox0;
-            avx2::forward_pixels(input + n * C * in_hw, output + out_offset, ch, len, C, st, g.in_w, bilinear);
+            avx2::forward_row(input + n * C * in_hw, output + out_offset, ch, len, C, st, g.in_w, bilinear);
             continue;
           }
         }
@@ -631,7 +661,7 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
   // Nearest sampling has a zero coordinate gradient; the sink still writes the zeros.
   const bool coords = want_coords && bilinear;
   const bool vector_taps = cpu_has_avx2();
-  const bool vector_pixels = vector_taps && (!channels_last || C <= 8);
+  const bool vector_pixels = std::is_same_v<scalar_t, float> && vector_taps && (!channels_last || C <= 8);
   const avx2_strides st = layout_strides(channels_last, C, in_hw, out_hw);
   at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
     Chunk<acc_t> ch;
@@ -644,13 +674,13 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
         for (int64_t ox0 = 0; ox0 < g.out_w; ox0 += kChunk) {
           const int len = static_cast<int>(std::min<int64_t>(kChunk, g.out_w - ox0));
           source.load(n, oy, ox0, len, ch.gx, ch.gy);
-          chunk_taps(ch, len, g, vector_taps);
+          chunk_taps(ch, len, g, vector_taps, !vector_pixels);
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
           if constexpr (std::is_same_v<scalar_t, float>) {
             if (vector_pixels) {
               const int64_t out_offset = channels_last ? ((n * g.out_h + oy) * g.out_w + ox0) * C
                                                        : n * C * out_hw + oy * g.out_w + ox0;
-              avx2::backward_pixels(input + n * C * in_hw, grad_output + out_offset, gin, ch, len, C, st, g.in_w,
+              avx2::backward_row(input + n * C * in_hw, grad_output + out_offset, gin, ch, len, C, st, g.in_w,
                                     bilinear, want_input, coords);
               if (want_coords) sink.add(n, oy, ox0, len, ch);
               continue;
