@@ -102,14 +102,16 @@ def test_matches_reference_fp64(mode, padding, align, layout):
         _check_grid(x, grid, mode, padding, align, 1e-12, 1e-12)
 
 
+@pytest.mark.parametrize("channels", [1, 3, 6, 11])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("align", [False, True])
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_matches_fp64_truth_fp32(padding, align, layout):
-    """fp32 (the AVX2 path on NCHW) on rows longer than one chunk: error against the fp64 truth
-    within 2x PyTorch's own fp32 error (coordinates of 80 pixels carry ~5e-6 of rounding)."""
+def test_matches_fp64_truth_fp32(padding, align, layout, channels):
+    """fp32 on rows longer than one chunk, through every AVX2 path (fixed 1 and 3 channels,
+    pixel by pixel, plane by plane, wide channels_last): error against the fp64 truth within 2x
+    PyTorch's own fp32 error (coordinates of 80 pixels carry ~5e-6 of rounding)."""
     g = torch.Generator().manual_seed(1)
-    n, c, h, w = 3, 6, 21, 83
+    n, c, h, w = 3, channels, 21, 83
     x = _layout(torch.randn(n, c, h, w, generator=g), layout)
     theta = _theta(n, torch.float32, 0.4, g)
     size = (n, c, 19, 71)
