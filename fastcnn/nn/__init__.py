@@ -1,4 +1,5 @@
 """Drop-in layers built on fastcnn.ops."""
 from .depthwise_conv2d import DepthwiseConv2d
+from .spatial_transformer import AffineGridSample, SpatialTransformer
 
-__all__ = ["DepthwiseConv2d"]
+__all__ = ["AffineGridSample", "DepthwiseConv2d", "SpatialTransformer"]
