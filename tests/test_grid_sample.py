@@ -125,10 +125,15 @@ def test_matches_fp64_truth_fp32(padding, align, layout, channels):
     ours = run(affine_grid_sample, torch.float32)
     theirs = run(fastcnn.reference.affine_grid_sample, torch.float32)
     truth = run(fastcnn.reference.affine_grid_sample, torch.float64)
+    # The coordinate gradient of bilinear sampling jumps at integer coordinates: where an fp32
+    # coordinate lands within an ulp of one, our rounding and PyTorch's can fall on different
+    # sides and move one pixel's whole contribution (seen: 8 on a grad_theta of 1500). The fp64
+    # tests check grad_theta to 1e-12; here it gets a tolerance of 1% of its scale.
+    slack = {"output": 1e-6, "grad_input": 1e-6, "grad_theta": 1e-2}
     for name, o, t, e in zip(("output", "grad_input", "grad_theta"), ours, theirs, truth):
         our_error = (o - e).abs().max().item()
         their_error = (t - e).abs().max().item()
-        assert our_error <= 2 * their_error + 1e-6 * e.abs().max().item(), (name, our_error, their_error)
+        assert our_error <= 2 * their_error + slack[name] * e.abs().max().item(), (name, our_error, their_error)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
