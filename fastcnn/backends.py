@@ -79,7 +79,10 @@ def requested():
     """The backend asked for: use_backend() > FASTCNN_BACKEND > 'auto'."""
     name = getattr(_local, "backend", None)
     if name is None:
-        name = os.environ.get("FASTCNN_BACKEND", "auto").strip().lower() or "auto"
+        env = os.environ.get("FASTCNN_BACKEND")
+        if not env:  # the common case, on every op call: keep it cheap
+            return "auto"
+        name = env.strip().lower() or "auto"
     return _check_name(name)
 
 

@@ -12,7 +12,7 @@ infinite source coordinate samples as padding (zero), as PyTorch's CUDA kernel d
 kernel returns NaN under zeros padding). The backwards are deterministic under
 ``torch.use_deterministic_algorithms(True)``; the CPU kernel always is.
 """
-from typing import List, Sequence
+from typing import List
 
 import torch
 from torch import Tensor
@@ -24,6 +24,7 @@ from .._extension import has_ops
 INTERPOLATIONS = {"bilinear": 0, "nearest": 1}
 PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTS = (int, torch.SymInt)
 
 
 def _codes(op, mode, padding_mode):
@@ -88,7 +89,8 @@ def affine_grid_sample(input, theta, size, mode="bilinear", padding_mode="zeros"
         got = tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__
         raise ValueError(f"{op}: expected theta of shape [N, 2, 3] with N = {n}, got {got}")
     _check_same(op, "theta", theta, input)
-    if not isinstance(size, Sequence) or len(size) != 4 or not all(isinstance(s, int) for s in size):
+    # tuple covers torch.Size; SymInt entries come from shapes traced with dynamic=True.
+    if not isinstance(size, (tuple, list)) or len(size) != 4 or not all(isinstance(s, _INTS) for s in size):
         raise ValueError(f"{op}: size must be the output size (N, C, H_out, W_out) as 4 ints, got {size!r}")
     if size[0] != n or size[1] != c:
         raise ValueError(

@@ -42,10 +42,9 @@ constexpr uint8_t kAllTaps = 0xF;
 
 template <typename acc_t>
 struct alignas(32) Chunk {
-  // The fp32 AVX2 path gathers with 32-bit offsets and all-ones lane masks per tap.
+  // The fp32 AVX2 path: 32-bit offsets, and the tap mask widened to 32 bits (one vector store).
   int32_t offset32[kChunk];
-  int32_t lane_nw[kChunk], lane_ne[kChunk], lane_sw[kChunk], lane_se[kChunk];
-  int32_t lane_all[kChunk];  // all four taps inside
+  int32_t bits[kChunk];
   int64_t offset[kChunk];  // flat input pixel of the north-west tap (nearest: of the sample)
   acc_t w_nw[kChunk], w_ne[kChunk], w_sw[kChunk], w_se[kChunk];
   acc_t dx0[kChunk], dx1[kChunk], dy0[kChunk], dy1[kChunk];
@@ -116,18 +115,14 @@ void compute_taps(Chunk<acc_t>& ch, int len, const Geometry& g) {
   }
 }
 
-// Copies the scalar taps' masks and offsets into the 32-bit lane arrays the AVX2 path gathers
-// with (used after compute_taps for reflection padding, which that path leaves to scalar code).
+// Copies the scalar taps' masks and offsets into the 32-bit arrays the AVX2 path reads (used after
+// compute_taps for reflection padding, which that path leaves to scalar code).
 template <typename acc_t>
 void fill_lanes(Chunk<acc_t>& ch, int len) {
   for (int p = 0; p < kChunk; ++p) {
     const uint8_t m = p < len ? ch.mask[p] : 0;
     ch.offset32[p] = m ? static_cast<int32_t>(ch.offset[p]) : 0;
-    ch.lane_nw[p] = m & 1 ? -1 : 0;
-    ch.lane_ne[p] = m & 2 ? -1 : 0;
-    ch.lane_sw[p] = m & 4 ? -1 : 0;
-    ch.lane_se[p] = m & 8 ? -1 : 0;
-    ch.lane_all[p] = m == kAllTaps ? -1 : 0;
+    ch.bits[p] = m;
   }
 }
 
@@ -180,8 +175,9 @@ inline __m256i inside(__m256i i, int64_t size) {
 }
 
 // compute_taps for fp32 with zeros or border padding; fills the scalar offset/mask arrays too when
-// scalar consumers (the wide channels_last loops) will read them.
-void taps(Chunk<float>& ch, int len, const Geometry& g, bool scalar_arrays) {
+// scalar consumers (the wide channels_last loops) will read them, and the coordinate-gradient
+// terms only for a backward: stores, not arithmetic, bound this loop.
+void taps(Chunk<float>& ch, int len, const Geometry& g, bool scalar_arrays, bool grad_terms) {
   const bool border = g.padding == Padding::Border;
   const bool nearest = g.interpolation == Interpolation::Nearest;
   const __m256i width = _mm256_set1_epi32(static_cast<int32_t>(g.in_w));
@@ -190,24 +186,28 @@ void taps(Chunk<float>& ch, int len, const Geometry& g, bool scalar_arrays) {
     __m256 sx, sy;
     const __m256 ix = source_index8(_mm256_load_ps(ch.gx + p), g.in_w, border, g.align_corners, &sx);
     const __m256 iy = source_index8(_mm256_load_ps(ch.gy + p), g.in_h, border, g.align_corners, &sy);
-    _mm256_store_ps(ch.scale_x + p, sx);
-    _mm256_store_ps(ch.scale_y + p, sy);
+    if (grad_terms) {
+      _mm256_store_ps(ch.scale_x + p, sx);
+      _mm256_store_ps(ch.scale_y + p, sy);
+    }
     if (nearest) {
       const int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
       const __m256i x = to_index(_mm256_round_ps(ix, round), g.in_w), y = to_index(_mm256_round_ps(iy, round), g.in_h);
       const __m256i in = _mm256_and_si256(_mm256_and_si256(inside(x, g.in_w), inside(y, g.in_h)), live);
       _mm256_store_si256(reinterpret_cast<__m256i*>(ch.offset32 + p), _mm256_add_epi32(_mm256_mullo_epi32(y, width), x));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(ch.lane_nw + p), in);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(ch.bits + p), _mm256_and_si256(in, _mm256_set1_epi32(1)));
       continue;
     }
     const __m256 one = _mm256_set1_ps(1.0f);
     const __m256 fx = _mm256_floor_ps(ix), fy = _mm256_floor_ps(iy);
     const __m256 dx0 = _mm256_sub_ps(ix, fx), dx1 = _mm256_sub_ps(_mm256_add_ps(fx, one), ix);
     const __m256 dy0 = _mm256_sub_ps(iy, fy), dy1 = _mm256_sub_ps(_mm256_add_ps(fy, one), iy);
-    _mm256_store_ps(ch.dx0 + p, dx0);
-    _mm256_store_ps(ch.dx1 + p, dx1);
-    _mm256_store_ps(ch.dy0 + p, dy0);
-    _mm256_store_ps(ch.dy1 + p, dy1);
+    if (grad_terms) {
+      _mm256_store_ps(ch.dx0 + p, dx0);
+      _mm256_store_ps(ch.dx1 + p, dx1);
+      _mm256_store_ps(ch.dy0 + p, dy0);
+      _mm256_store_ps(ch.dy1 + p, dy1);
+    }
     _mm256_store_ps(ch.w_nw + p, _mm256_mul_ps(dx1, dy1));
     _mm256_store_ps(ch.w_ne + p, _mm256_mul_ps(dx0, dy1));
     _mm256_store_ps(ch.w_sw + p, _mm256_mul_ps(dx1, dy0));
@@ -218,24 +218,19 @@ void taps(Chunk<float>& ch, int len, const Geometry& g, bool scalar_arrays) {
     const __m256i y0_in = _mm256_and_si256(inside(y0, g.in_h), live);
     const __m256i y1_in = _mm256_and_si256(inside(_mm256_add_epi32(y0, ones), g.in_h), live);
     _mm256_store_si256(reinterpret_cast<__m256i*>(ch.offset32 + p), _mm256_add_epi32(_mm256_mullo_epi32(y0, width), x0));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(ch.lane_nw + p), _mm256_and_si256(x0_in, y0_in));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(ch.lane_ne + p), _mm256_and_si256(x1_in, y0_in));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(ch.lane_sw + p), _mm256_and_si256(x0_in, y1_in));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(ch.lane_se + p), _mm256_and_si256(x1_in, y1_in));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(ch.lane_all + p),
-                       _mm256_and_si256(_mm256_and_si256(x0_in, x1_in), _mm256_and_si256(y0_in, y1_in)));
+    const __m256i bit = _mm256_set1_epi32(1);
+    __m256i bits = _mm256_and_si256(_mm256_and_si256(x0_in, y0_in), bit);
+    bits = _mm256_or_si256(bits, _mm256_and_si256(_mm256_and_si256(x1_in, y0_in), _mm256_slli_epi32(bit, 1)));
+    bits = _mm256_or_si256(bits, _mm256_and_si256(_mm256_and_si256(x0_in, y1_in), _mm256_slli_epi32(bit, 2)));
+    bits = _mm256_or_si256(bits, _mm256_and_si256(_mm256_and_si256(x1_in, y1_in), _mm256_slli_epi32(bit, 3)));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(ch.bits + p), bits);
   }
   for (int p = 0; scalar_arrays && p < len; ++p) {
     ch.offset[p] = ch.offset32[p];
-    ch.mask[p] = nearest ? (ch.lane_nw[p] ? 1 : 0)
-                         : (ch.lane_nw[p] & 1) | (ch.lane_ne[p] & 2) | (ch.lane_sw[p] & 4) | (ch.lane_se[p] & 8);
+    ch.mask[p] = static_cast<uint8_t>(ch.bits[p]);
   }
 }
 
-inline __m256 gather(const float* base, __m256i offset, const int32_t* lane, int p) {
-  const __m256 mask = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(lane + p)));
-  return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base, offset, mask, 4);
-}
 
 // Strides of one image in elements: channel stride and pixel stride (NCHW: H*W and 1;
 // channels_last: 1 and C). The pixel loops below serve NCHW at any C and channels_last at small C.
@@ -257,7 +252,7 @@ void forward_pixels(const float* input, float* output, const Chunk<float>& ch, i
     const float* src = input + ch.offset32[p] * st.in_p;
     float* out = output + p * st.out_p;
     if (!bilinear) {
-      if (ch.lane_nw[p]) {
+      if (ch.bits[p]) {
         for (int64_t c = 0; c < channels; ++c) out[c * st.out_c] = src[c * st.in_c];
       } else {
         for (int64_t c = 0; c < channels; ++c) out[c * st.out_c] = 0.0f;
@@ -265,7 +260,7 @@ void forward_pixels(const float* input, float* output, const Chunk<float>& ch, i
       continue;
     }
     const float w_nw = ch.w_nw[p], w_ne = ch.w_ne[p], w_sw = ch.w_sw[p], w_se = ch.w_se[p];
-    if (ch.lane_all[p]) {
+    if (ch.bits[p] == kAllTaps) {
       for (int64_t c = 0; c < channels; ++c) {
         const float* s = src + c * st.in_c;
         // Two independent halves: a shorter dependency chain than four chained FMAs.
@@ -273,7 +268,8 @@ void forward_pixels(const float* input, float* output, const Chunk<float>& ch, i
       }
       continue;
     }
-    const bool nw = ch.lane_nw[p], ne = ch.lane_ne[p], sw = ch.lane_sw[p], se = ch.lane_se[p];
+    const int32_t m = ch.bits[p];
+    const bool nw = m & 1, ne = m & 2, sw = m & 4, se = m & 8;
     for (int64_t c = 0; c < channels; ++c) {
       const float* s = src + c * st.in_c;
       float v = 0.0f;
@@ -299,7 +295,7 @@ void backward_pixels(const float* input, const float* grad_output, float* grad_i
     const int64_t o = ch.offset32[p] * st.in_p;
     const float* go = grad_output + p * st.out_p;
     if (!bilinear) {
-      if (want_input && ch.lane_nw[p]) {
+      if (want_input && ch.bits[p]) {
         for (int64_t c = 0; c < channels; ++c) grad_input[o + c * in_hw] += go[c * out_hw];
       }
       if (!kAccumulate) ch.gx[p] = ch.gy[p] = 0.0f;
@@ -308,7 +304,7 @@ void backward_pixels(const float* input, const float* grad_output, float* grad_i
     const float w_nw = ch.w_nw[p], w_ne = ch.w_ne[p], w_sw = ch.w_sw[p], w_se = ch.w_se[p];
     const float dx0 = ch.dx0[p], dx1 = ch.dx1[p], dy0 = ch.dy0[p], dy1 = ch.dy1[p];
     float gx = 0.0f, gy = 0.0f;
-    if (ch.lane_all[p]) {
+    if (ch.bits[p] == kAllTaps) {
       for (int64_t c = 0; c < channels; ++c) {
         const float g = go[c * out_hw];
         if (want_coords) {
@@ -325,8 +321,9 @@ void backward_pixels(const float* input, const float* grad_output, float* grad_i
           d[down + right] += w_se * g;
         }
       }
-    } else if ((ch.lane_nw[p] | ch.lane_ne[p] | ch.lane_sw[p] | ch.lane_se[p]) != 0) {
-      const bool in_nw = ch.lane_nw[p], in_ne = ch.lane_ne[p], in_sw = ch.lane_sw[p], in_se = ch.lane_se[p];
+    } else if (ch.bits[p] != 0) {
+      const int32_t m = ch.bits[p];
+      const bool in_nw = m & 1, in_ne = m & 2, in_sw = m & 4, in_se = m & 8;
       for (int64_t c = 0; c < channels; ++c) {
         const float g = go[c * out_hw];
         const float* s = input + o + c * in_hw;
@@ -412,7 +409,7 @@ bool cpu_has_avx2() { return false; }
 
 // The taps of a chunk: lane arrays filled too when the AVX2 consumers will read them.
 template <typename acc_t>
-void chunk_taps(Chunk<acc_t>& ch, int len, const Geometry& g, bool vector_path, bool scalar_arrays = true) {
+void chunk_taps(Chunk<acc_t>& ch, int len, const Geometry& g, bool vector_path, bool scalar_arrays, bool grad_terms) {
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
   if constexpr (std::is_same_v<acc_t, float>) {
     if (vector_path) {
@@ -420,7 +417,7 @@ void chunk_taps(Chunk<acc_t>& ch, int len, const Geometry& g, bool vector_path, 
         compute_taps(ch, len, g);
         fill_lanes(ch, len);
       } else {
-        avx2::taps(ch, len, g, scalar_arrays);
+        avx2::taps(ch, len, g, scalar_arrays, grad_terms);
       }
       return;
     }
@@ -455,7 +452,11 @@ void forward_kernel(const scalar_t* input, scalar_t* output, const Source& sourc
   const int64_t rows = g.batch * g.out_h;
   const int64_t C = g.channels, in_hw = g.in_h * g.in_w, out_hw = g.out_h * g.out_w;
   const bool bilinear = g.interpolation == Interpolation::Bilinear;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, g.out_w * C));
+  // About 32k output elements a task, but never fewer tasks than threads: one task of 1170 rows
+  // and one of 622 (64x1x28x28) left a thread idle for a third of the call.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(
+      1, std::min<int64_t>(32768 / std::max<int64_t>(1, g.out_w * C), (rows + threads - 1) / threads));
   // The pixel loops take NCHW at any C and channels_last up to 8 channels; wider channels_last
   // rows are better served by the channel-vector loops below.
   const bool vector_taps = cpu_has_avx2();
@@ -469,7 +470,7 @@ void forward_kernel(const scalar_t* input, scalar_t* output, const Source& sourc
       for (int64_t ox0 = 0; ox0 < g.out_w; ox0 += kChunk) {
         const int len = static_cast<int>(std::min<int64_t>(kChunk, g.out_w - ox0));
         source.load(n, oy, ox0, len, ch.gx, ch.gy);
-        chunk_taps(ch, len, g, vector_taps, !vector_pixels);
+        chunk_taps(ch, len, g, vector_taps, !vector_pixels, false);
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (vector_pixels) {
@@ -698,7 +699,7 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
         for (int64_t ox0 = 0; ox0 < g.out_w; ox0 += kChunk) {
           const int len = static_cast<int>(std::min<int64_t>(kChunk, g.out_w - ox0));
           source.load(n, oy, ox0, len, ch.gx, ch.gy);
-          chunk_taps(ch, len, g, vector_taps, !vector_pixels);
+          chunk_taps(ch, len, g, vector_taps, !vector_pixels, true);
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
           if constexpr (std::is_same_v<scalar_t, float>) {
             if (vector_pixels) {
