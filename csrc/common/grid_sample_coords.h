@@ -5,9 +5,11 @@
 // A source coordinate goes: normalised grid value in [-1, 1] -> pixel space (unnormalize) ->
 // padding rule (border clips, reflection folds then clips) -> safe_coordinate, which sends NaN,
 // Inf and anything outside the int32 range to -100: out of bounds for every tap, so such a
-// sample reads as zero padding and no NaN ever reaches an integer cast. That is PyTorch's CUDA
-// rule (safe_downgrade_to_int_range); PyTorch's vectorised CPU kernel instead returns NaN for a
-// NaN coordinate under zeros padding and clamps it under border/reflection.
+// sample reads as zero padding and no NaN ever reaches an integer cast. Under zeros padding that
+// is what PyTorch's CUDA kernel does (safe_downgrade_to_int_range); its vectorised CPU kernel
+// returns NaN there instead. Under border padding +-Inf clamps to the edge, as in PyTorch. Where
+// PyTorch clamps a NaN (border, reflection) or a reflected Inf onto pixel 0, we sample padding:
+// a non-finite coordinate never picks a pixel.
 //
 // Every range test is written so that a NaN fails it.
 #pragma once

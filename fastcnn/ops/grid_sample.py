@@ -7,10 +7,13 @@ grid never exists, and the backward accumulates grad_theta in the same pass as g
 
 Both dispatch to the backend chosen by `fastcnn.backends`: the C++ ops (CPU and CUDA kernels by
 dispatch key), the Triton ops, or the reference. Autograd and fake implementations are registered
-here. Semantics follow PyTorch, with one documented choice for non-finite coordinates: a NaN or
-infinite source coordinate samples as padding (zero), as PyTorch's CUDA kernel does (its CPU
-kernel returns NaN under zeros padding). The backwards are deterministic under
-``torch.use_deterministic_algorithms(True)``; the CPU kernel always is.
+here. Semantics follow PyTorch, with one documented choice for non-finite coordinates: a NaN
+source coordinate, or an infinite one under zeros or reflection padding, samples as padding (zero)
+and gets a zero gradient. Under zeros padding that is PyTorch's CUDA behaviour (its CPU kernel
+returns NaN); under border padding an infinite coordinate clamps to the edge as in PyTorch.
+The backwards are deterministic under ``torch.use_deterministic_algorithms(True)``: the CPU
+kernel always is (one batch element per thread, fixed order), CUDA and Triton switch from atomics
+to a sorted, fixed-order gather. Bicubic sampling is not implemented (use F.grid_sample).
 """
 from typing import List
 
