@@ -67,6 +67,12 @@ struct GridSource {
   }
 };
 
+// One output row of an affine map: x = ax * base_x + cx, y = ay * base_x + cy.
+struct AffineRow {
+  float ax, cx, ay, cy;
+  const float* base_x;  // at the chunk's first pixel; readable 8 past the row's end
+};
+
 template <typename acc_t>
 struct AffineSource {
   const acc_t* theta;   // [N, 6] in acc_t
@@ -81,6 +87,11 @@ struct AffineSource {
       gx[p] = t[0] * bx + cx;
       gy[p] = t[3] * bx + cy;
     }
+  }
+  AffineRow row(int64_t n, int64_t oy, int64_t ox0) const {
+    const acc_t* t = theta + n * 6;
+    const acc_t by = base_y[oy];
+    return {float(t[0]), float(t[1] * by + t[2]), float(t[3]), float(t[4] * by + t[5]), nullptr};
   }
 };
 
@@ -139,23 +150,34 @@ inline __m256i tail_mask(int remaining) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(remaining), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// Per-axis constants of the taps loop, broadcast once per call rather than per 8 pixels.
+struct Axis {
+  __m256 size, size_m1, scale, clamp_high;
+  __m256i size_i;
+  Axis(int64_t n, bool align_corners)
+      : size(_mm256_set1_ps(float(n))),
+        size_m1(_mm256_set1_ps(float(n - 1))),
+        scale(_mm256_set1_ps(align_corners ? float(n - 1) / 2.0f : float(n) / 2.0f)),
+        clamp_high(_mm256_set1_ps(float(n))),
+        size_i(_mm256_set1_epi32(static_cast<int32_t>(n))) {}
+};
+
 // unnormalize + (border) clip + safe_coordinate for 8 lanes; *scale as in source_index.
-inline __m256 source_index8(__m256 coord, int64_t size, bool border, bool align_corners, __m256* scale) {
+inline __m256 source_index8(__m256 coord, const Axis& axis, bool border, bool align_corners, __m256* scale) {
   const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
   __m256 x;
   if (align_corners) {
-    x = _mm256_mul_ps(_mm256_mul_ps(_mm256_add_ps(coord, one), half), _mm256_set1_ps(float(size - 1)));
-    *scale = _mm256_set1_ps(float(size - 1) / 2.0f);
+    x = _mm256_mul_ps(_mm256_mul_ps(_mm256_add_ps(coord, one), half), axis.size_m1);
   } else {
-    x = _mm256_mul_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_add_ps(coord, one), _mm256_set1_ps(float(size))), one), half);
-    *scale = _mm256_set1_ps(float(size) / 2.0f);
+    x = _mm256_mul_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_add_ps(coord, one), axis.size), one), half);
   }
+  *scale = axis.scale;
   if (border) {
-    const __m256 high = _mm256_set1_ps(float(size - 1)), zero = _mm256_setzero_ps();
-    const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ), _mm256_cmp_ps(x, high, _CMP_LT_OQ));
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ), _mm256_cmp_ps(x, axis.size_m1, _CMP_LT_OQ));
     *scale = _mm256_and_ps(*scale, inside);
     // Operand order keeps NaN (max/min return the second operand when either is NaN).
-    x = _mm256_min_ps(high, _mm256_max_ps(zero, x));
+    x = _mm256_min_ps(axis.size_m1, _mm256_max_ps(zero, x));
   }
   const __m256 ok = _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-2147483648.0f), _CMP_GT_OQ),
                                   _mm256_cmp_ps(x, _mm256_set1_ps(2147483520.0f), _CMP_LT_OQ));
@@ -164,36 +186,47 @@ inline __m256 source_index8(__m256 coord, int64_t size, bool border, bool align_
 
 // Integer pixel of a floored/rounded coordinate, clamped to [-2, size] first so the cast and the
 // offset arithmetic stay small; every clamped value is still outside for the taps it must miss.
-inline __m256i to_index(__m256 f, int64_t size) {
-  const __m256 c = _mm256_min_ps(_mm256_max_ps(f, _mm256_set1_ps(-2.0f)), _mm256_set1_ps(float(size)));
-  return _mm256_cvttps_epi32(c);
+inline __m256i to_index(__m256 f, const Axis& axis) {
+  return _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(f, _mm256_set1_ps(-2.0f)), axis.clamp_high));
 }
 
-inline __m256i inside(__m256i i, int64_t size) {
-  return _mm256_and_si256(_mm256_cmpgt_epi32(i, _mm256_set1_epi32(-1)),
-                          _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(size)), i));
+inline __m256i inside(__m256i i, const Axis& axis) {
+  return _mm256_and_si256(_mm256_cmpgt_epi32(i, _mm256_set1_epi32(-1)), _mm256_cmpgt_epi32(axis.size_i, i));
 }
 
 // compute_taps for fp32 with zeros or border padding; fills the scalar offset/mask arrays too when
 // scalar consumers (the wide channels_last loops) will read them, and the coordinate-gradient
 // terms only for a backward: stores, not arithmetic, bound this loop.
-void taps(Chunk<float>& ch, int len, const Geometry& g, bool scalar_arrays, bool grad_terms) {
+// With `affine`, the normalised coordinates come from the row's map in registers instead of
+// ch.gx / ch.gy.
+void taps(Chunk<float>& ch, int len, const Geometry& g, bool scalar_arrays, bool grad_terms, const AffineRow* affine) {
   const bool border = g.padding == Padding::Border;
   const bool nearest = g.interpolation == Interpolation::Nearest;
   const __m256i width = _mm256_set1_epi32(static_cast<int32_t>(g.in_w));
+  const Axis ax(g.in_w, g.align_corners), ay(g.in_h, g.align_corners);
   for (int p = 0; p < len; p += 8) {
     const __m256i live = tail_mask(len - p);
     __m256 sx, sy;
-    const __m256 ix = source_index8(_mm256_load_ps(ch.gx + p), g.in_w, border, g.align_corners, &sx);
-    const __m256 iy = source_index8(_mm256_load_ps(ch.gy + p), g.in_h, border, g.align_corners, &sy);
+    __m256 gx, gy;
+    if (affine) {
+      const __m256 bx = _mm256_loadu_ps(affine->base_x + p);
+      // mul then add, not fma: the same rounding as AffineSource::load and the scalar path.
+      gx = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(affine->ax), bx), _mm256_set1_ps(affine->cx));
+      gy = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(affine->ay), bx), _mm256_set1_ps(affine->cy));
+    } else {
+      gx = _mm256_load_ps(ch.gx + p);
+      gy = _mm256_load_ps(ch.gy + p);
+    }
+    const __m256 ix = source_index8(gx, ax, border, g.align_corners, &sx);
+    const __m256 iy = source_index8(gy, ay, border, g.align_corners, &sy);
     if (grad_terms) {
       _mm256_store_ps(ch.scale_x + p, sx);
       _mm256_store_ps(ch.scale_y + p, sy);
     }
     if (nearest) {
       const int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-      const __m256i x = to_index(_mm256_round_ps(ix, round), g.in_w), y = to_index(_mm256_round_ps(iy, round), g.in_h);
-      const __m256i in = _mm256_and_si256(_mm256_and_si256(inside(x, g.in_w), inside(y, g.in_h)), live);
+      const __m256i x = to_index(_mm256_round_ps(ix, round), ax), y = to_index(_mm256_round_ps(iy, round), ay);
+      const __m256i in = _mm256_and_si256(_mm256_and_si256(inside(x, ax), inside(y, ay)), live);
       _mm256_store_si256(reinterpret_cast<__m256i*>(ch.offset32 + p), _mm256_add_epi32(_mm256_mullo_epi32(y, width), x));
       _mm256_store_si256(reinterpret_cast<__m256i*>(ch.bits + p), _mm256_and_si256(in, _mm256_set1_epi32(1)));
       continue;
@@ -212,11 +245,11 @@ void taps(Chunk<float>& ch, int len, const Geometry& g, bool scalar_arrays, bool
     _mm256_store_ps(ch.w_ne + p, _mm256_mul_ps(dx0, dy1));
     _mm256_store_ps(ch.w_sw + p, _mm256_mul_ps(dx1, dy0));
     _mm256_store_ps(ch.w_se + p, _mm256_mul_ps(dx0, dy0));
-    const __m256i x0 = to_index(fx, g.in_w), y0 = to_index(fy, g.in_h);
+    const __m256i x0 = to_index(fx, ax), y0 = to_index(fy, ay);
     const __m256i ones = _mm256_set1_epi32(1);
-    const __m256i x0_in = inside(x0, g.in_w), x1_in = inside(_mm256_add_epi32(x0, ones), g.in_w);
-    const __m256i y0_in = _mm256_and_si256(inside(y0, g.in_h), live);
-    const __m256i y1_in = _mm256_and_si256(inside(_mm256_add_epi32(y0, ones), g.in_h), live);
+    const __m256i x0_in = inside(x0, ax), x1_in = inside(_mm256_add_epi32(x0, ones), ax);
+    const __m256i y0_in = _mm256_and_si256(inside(y0, ay), live);
+    const __m256i y1_in = _mm256_and_si256(inside(_mm256_add_epi32(y0, ones), ay), live);
     _mm256_store_si256(reinterpret_cast<__m256i*>(ch.offset32 + p), _mm256_add_epi32(_mm256_mullo_epi32(y0, width), x0));
     const __m256i bit = _mm256_set1_epi32(1);
     __m256i bits = _mm256_and_si256(_mm256_and_si256(x0_in, y0_in), bit);
@@ -429,7 +462,8 @@ bool cpu_has_avx2() { return false; }
 
 // The taps of a chunk: lane arrays filled too when the AVX2 consumers will read them.
 template <typename acc_t>
-void chunk_taps(Chunk<acc_t>& ch, int len, const Geometry& g, bool vector_path, bool scalar_arrays, bool grad_terms) {
+void chunk_taps(Chunk<acc_t>& ch, int len, const Geometry& g, bool vector_path, bool scalar_arrays, bool grad_terms,
+                const AffineRow* affine = nullptr) {
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
   if constexpr (std::is_same_v<acc_t, float>) {
     if (vector_path) {
@@ -437,7 +471,7 @@ void chunk_taps(Chunk<acc_t>& ch, int len, const Geometry& g, bool vector_path, 
         compute_taps(ch, len, g);
         fill_lanes(ch, len);
       } else {
-        avx2::taps(ch, len, g, scalar_arrays, grad_terms);
+        avx2::taps(ch, len, g, scalar_arrays, grad_terms, affine);
       }
       return;
     }
@@ -482,6 +516,8 @@ void forward_kernel(const scalar_t* input, scalar_t* output, const Source& sourc
   const bool vector_taps = cpu_has_avx2();
   const bool vector_pixels = std::is_same_v<scalar_t, float> && vector_taps && (!channels_last || C <= 8);
   const avx2_strides st = layout_strides(channels_last, C, in_hw, out_hw);
+  // The AVX2 taps compute an affine map's coordinates in registers (reflection goes scalar).
+  const bool fused_affine = vector_taps && g.padding != Padding::Reflection;
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     Chunk<acc_t> ch;
     std::vector<acc_t> acc(channels_last ? C : 0);
@@ -489,8 +525,17 @@ void forward_kernel(const scalar_t* input, scalar_t* output, const Source& sourc
       const int64_t n = row / g.out_h, oy = row % g.out_h;
       for (int64_t ox0 = 0; ox0 < g.out_w; ox0 += kChunk) {
         const int len = static_cast<int>(std::min<int64_t>(kChunk, g.out_w - ox0));
-        source.load(n, oy, ox0, len, ch.gx, ch.gy);
-        chunk_taps(ch, len, g, vector_taps, !vector_pixels, false);
+        AffineRow row{};
+        const AffineRow* fused = nullptr;
+        if constexpr (std::is_same_v<Source, AffineSource<float>>) {
+          if (fused_affine) {
+            row = source.row(n, oy, ox0);
+            row.base_x = source.base_x + ox0;
+            fused = &row;
+          }
+        }
+        if (!fused) source.load(n, oy, ox0, len, ch.gx, ch.gy);
+        chunk_taps(ch, len, g, vector_taps, !vector_pixels, false, fused);
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (vector_pixels) {
@@ -708,6 +753,7 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
   const bool vector_taps = cpu_has_avx2();
   const bool vector_pixels = std::is_same_v<scalar_t, float> && vector_taps && (!channels_last || C <= 8);
   const avx2_strides st = layout_strides(channels_last, C, in_hw, out_hw);
+  const bool fused_affine = vector_taps && g.padding != Padding::Reflection;
   at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
     Chunk<acc_t> ch;
     Sink sink = sink_proto;
@@ -718,8 +764,17 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
       for (int64_t oy = 0; oy < g.out_h; ++oy) {
         for (int64_t ox0 = 0; ox0 < g.out_w; ox0 += kChunk) {
           const int len = static_cast<int>(std::min<int64_t>(kChunk, g.out_w - ox0));
-          source.load(n, oy, ox0, len, ch.gx, ch.gy);
-          chunk_taps(ch, len, g, vector_taps, !vector_pixels, true);
+          AffineRow row{};
+          const AffineRow* fused = nullptr;
+          if constexpr (std::is_same_v<Source, AffineSource<float>>) {
+            if (fused_affine) {
+              row = source.row(n, oy, ox0);
+              row.base_x = source.base_x + ox0;
+              fused = &row;
+            }
+          }
+          if (!fused) source.load(n, oy, ox0, len, ch.gx, ch.gy);
+          chunk_taps(ch, len, g, vector_taps, !vector_pixels, true, fused);
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
           if constexpr (std::is_same_v<scalar_t, float>) {
             if (vector_pixels) {
@@ -771,7 +826,7 @@ at::MemoryFormat format_of(const at::Tensor& input) {
 
 template <typename acc_t>
 std::vector<acc_t> affine_base(int64_t size, bool align_corners) {
-  std::vector<acc_t> base(size);
+  std::vector<acc_t> base(size + 8);  // the AVX2 taps read a whole vector past the last pixel
   for (int64_t i = 0; i < size; ++i) base[i] = affine_base_coord<acc_t>(i, size, align_corners);
   return base;
 }
