@@ -19,6 +19,13 @@ from . import _extension
 
 NAMES = ("auto", "cpu", "cuda", "triton", "reference")
 _local = threading.local()
+# How many use_backend() blocks are open, in any thread. requested() runs on every op call, and
+# right after a C++ op a threading.local lookup costs ~3 us; at zero it is skipped.
+_open_overrides = 0
+# os.environ's own mapping and key, read directly: os.environ.get costs ~1.5 us a call, the dict
+# lookup 50 ns. monkeypatch.setenv and os.environ[...] = ... update the same mapping.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("FASTCNN_BACKEND") if hasattr(os.environ, "encodekey") else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,21 +73,27 @@ def _check_name(name):
 @contextlib.contextmanager
 def use_backend(name):
     """Run the ops inside the block on backend `name` (one of NAMES)."""
+    global _open_overrides
     _check_name(name)
     previous = getattr(_local, "backend", None)
     _local.backend = name
+    _open_overrides += 1
     try:
         yield
     finally:
         _local.backend = previous
+        _open_overrides -= 1
 
 
 def requested():
     """The backend asked for: use_backend() > FASTCNN_BACKEND > 'auto'."""
-    name = getattr(_local, "backend", None)
+    name = getattr(_local, "backend", None) if _open_overrides else None
     if name is None:
+        if _ENV_DATA is not None and _ENV_KEY is not None:
+            if not _ENV_DATA.get(_ENV_KEY):  # the common case, on every op call: keep it cheap
+                return "auto"
         env = os.environ.get("FASTCNN_BACKEND")
-        if not env:  # the common case, on every op call: keep it cheap
+        if not env:
             return "auto"
         name = env.strip().lower() or "auto"
     return _check_name(name)
