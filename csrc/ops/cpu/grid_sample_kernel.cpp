@@ -492,6 +492,11 @@ avx2_strides layout_strides(bool, int64_t, int64_t, int64_t) { return {}; }
 bool cpu_has_avx2() { return false; }
 #endif
 
+// The AVX2 path keeps flat tap offsets (y * W + x, with x, y clamped to [-2, size]) in int32.
+bool use_vector_taps(const Geometry& g) {
+  return cpu_has_avx2() && (g.in_h + 4) * (g.in_w + 4) < (int64_t(1) << 31);
+}
+
 // The taps of a chunk: lane arrays filled too when the AVX2 consumers will read them.
 template <typename acc_t>
 void chunk_taps(Chunk<acc_t>& ch, int len, const Geometry& g, bool vector_path, bool scalar_arrays, bool grad_terms,
@@ -545,7 +550,7 @@ void forward_kernel(const scalar_t* input, scalar_t* output, const Source& sourc
       1, std::min<int64_t>(32768 / std::max<int64_t>(1, g.out_w * C), (rows + threads - 1) / threads));
   // The pixel loops take NCHW at any C and channels_last up to 8 channels; wider channels_last
   // rows are better served by the channel-vector loops below.
-  const bool vector_taps = cpu_has_avx2();
+  const bool vector_taps = use_vector_taps(g);
   const bool vector_pixels = std::is_same_v<scalar_t, float> && vector_taps && (!channels_last || C <= 8);
   const avx2_strides st = layout_strides(channels_last, C, in_hw, out_hw);
   // The AVX2 taps compute an affine map's coordinates in registers (reflection goes scalar).
@@ -792,7 +797,7 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
   const bool bilinear = g.interpolation == Interpolation::Bilinear;
   // Nearest sampling has a zero coordinate gradient; the sink still writes the zeros.
   const bool coords = want_coords && bilinear;
-  const bool vector_taps = cpu_has_avx2();
+  const bool vector_taps = use_vector_taps(g);
   const bool vector_pixels = std::is_same_v<scalar_t, float> && vector_taps && (!channels_last || C <= 8);
   const avx2_strides st = layout_strides(channels_last, C, in_hw, out_hw);
   const bool fused_affine = vector_taps && g.padding != Padding::Reflection;
