@@ -517,6 +517,29 @@ void chunk_taps(Chunk<acc_t>& ch, int len, const Geometry& g, bool vector_path, 
   compute_taps(ch, len, g);
 }
 
+// The taps of output pixels [ox0, ox0 + len) of row oy of image n, coordinates from `source`. The
+// AVX2 taps compute an affine map's coordinates in registers (reflection goes scalar).
+template <typename acc_t, typename Source>
+void source_taps(Chunk<acc_t>& ch, int64_t n, int64_t oy, int64_t ox0, int len, const Source& source,
+                 const Geometry& g, bool vector_taps, bool scalar_arrays, bool grad_terms) {
+  if constexpr (std::is_same_v<Source, AffineSource<float>>) {
+    if (vector_taps && g.padding != Padding::Reflection) {
+      AffineRow row = source.row(n, oy, ox0);
+      row.base_x = source.base_x + ox0;
+      chunk_taps(ch, len, g, vector_taps, scalar_arrays, grad_terms, &row);
+      return;
+    }
+  }
+  source.load(n, oy, ox0, len, ch.gx, ch.gy);
+  chunk_taps(ch, len, g, vector_taps, scalar_arrays, grad_terms);
+}
+
+// Offset of output pixel (n, oy, ox0), channel 0, in an NCHW or channels_last [N, C, Ho, Wo] tensor.
+inline int64_t output_offset(const Geometry& g, bool channels_last, int64_t n, int64_t oy, int64_t ox0) {
+  return channels_last ? ((n * g.out_h + oy) * g.out_w + ox0) * g.channels
+                       : n * g.channels * g.out_h * g.out_w + oy * g.out_w + ox0;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 
@@ -553,8 +576,6 @@ void forward_kernel(const scalar_t* input, scalar_t* output, const Source& sourc
   const bool vector_taps = use_vector_taps(g);
   const bool vector_pixels = std::is_same_v<scalar_t, float> && vector_taps && (!channels_last || C <= 8);
   const avx2_strides st = layout_strides(channels_last, C, in_hw, out_hw);
-  // The AVX2 taps compute an affine map's coordinates in registers (reflection goes scalar).
-  const bool fused_affine = vector_taps && g.padding != Padding::Reflection;
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     Chunk<acc_t> ch;
     std::vector<acc_t> acc(channels_last ? C : 0);
@@ -562,23 +583,12 @@ void forward_kernel(const scalar_t* input, scalar_t* output, const Source& sourc
       const int64_t n = row / g.out_h, oy = row % g.out_h;
       for (int64_t ox0 = 0; ox0 < g.out_w; ox0 += kChunk) {
         const int len = static_cast<int>(std::min<int64_t>(kChunk, g.out_w - ox0));
-        AffineRow row{};
-        const AffineRow* fused = nullptr;
-        if constexpr (std::is_same_v<Source, AffineSource<float>>) {
-          if (fused_affine) {
-            row = source.row(n, oy, ox0);
-            row.base_x = source.base_x + ox0;
-            fused = &row;
-          }
-        }
-        if (!fused) source.load(n, oy, ox0, len, ch.gx, ch.gy);
-        chunk_taps(ch, len, g, vector_taps, !vector_pixels, false, fused);
+        source_taps(ch, n, oy, ox0, len, source, g, vector_taps, !vector_pixels, false);
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (vector_pixels) {
-            const int64_t out_offset = channels_last ? ((n * g.out_h + oy) * g.out_w + ox0) * C
-                                                     : n * C * out_hw + oy * g.out_w + ox0;
-            avx2::forward_row(input + n * C * in_hw, output + out_offset, ch, len, C, st, g.in_w, bilinear);
+            avx2::forward_row(input + n * C * in_hw, output + output_offset(g, channels_last, n, oy, ox0), ch, len, C,
+                              st, g.in_w, bilinear);
             continue;
           }
         }
@@ -800,7 +810,6 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
   const bool vector_taps = use_vector_taps(g);
   const bool vector_pixels = std::is_same_v<scalar_t, float> && vector_taps && (!channels_last || C <= 8);
   const avx2_strides st = layout_strides(channels_last, C, in_hw, out_hw);
-  const bool fused_affine = vector_taps && g.padding != Padding::Reflection;
   at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
     Chunk<acc_t> ch;
     Sink sink = sink_proto;
@@ -811,23 +820,12 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
       for (int64_t oy = 0; oy < g.out_h; ++oy) {
         for (int64_t ox0 = 0; ox0 < g.out_w; ox0 += kChunk) {
           const int len = static_cast<int>(std::min<int64_t>(kChunk, g.out_w - ox0));
-          AffineRow row{};
-          const AffineRow* fused = nullptr;
-          if constexpr (std::is_same_v<Source, AffineSource<float>>) {
-            if (fused_affine) {
-              row = source.row(n, oy, ox0);
-              row.base_x = source.base_x + ox0;
-              fused = &row;
-            }
-          }
-          if (!fused) source.load(n, oy, ox0, len, ch.gx, ch.gy);
-          chunk_taps(ch, len, g, vector_taps, !vector_pixels, true, fused);
+          source_taps(ch, n, oy, ox0, len, source, g, vector_taps, !vector_pixels, true);
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
           if constexpr (std::is_same_v<scalar_t, float>) {
             if (vector_pixels) {
-              const int64_t out_offset = channels_last ? ((n * g.out_h + oy) * g.out_w + ox0) * C
-                                                       : n * C * out_hw + oy * g.out_w + ox0;
-              avx2::backward_row(input + n * C * in_hw, grad_output + out_offset, gin, ch, len, C, st, g.in_w,
+              avx2::backward_row(input + n * C * in_hw, grad_output + output_offset(g, channels_last, n, oy, ox0), gin,
+                                 ch, len, C, st, g.in_w,
                                     bilinear, want_input, coords);
               if (want_coords) sink.add(n, oy, ox0, len, ch);
               continue;
