@@ -102,7 +102,7 @@ def test_matches_reference_fp64(mode, padding, align, layout):
         _check_grid(x, grid, mode, padding, align, 1e-12, 1e-12)
 
 
-@pytest.mark.parametrize("channels", [1, 3, 6, 11])
+@pytest.mark.parametrize("channels", [1, 3, 6, 11, 13])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("align", [False, True])
 @pytest.mark.parametrize("padding", PADDINGS)
