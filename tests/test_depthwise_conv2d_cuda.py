@@ -11,31 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_test_support import ERROR_FLOOR as FLOOR, LAYOUTS, cuda_kernel_marks
 import fastcnn  # noqa: F401  (loads fastcnn._C, which registers the ops)
 
 
-def _has_cuda_kernels():
-    if not torch.cuda.is_available():
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("fastcnn::depthwise_conv2d", "CUDA")
-    except RuntimeError:  # the op itself is not registered: no extension
-        return False
-
-
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
-    pytest.mark.skipif(
-        torch.cuda.is_available() and not _has_cuda_kernels(),
-        reason="fastcnn._C was built without its CUDA sources",
-    ),
-]
+pytestmark = cuda_kernel_marks("fastcnn::depthwise_conv2d")
 
 DEVICE = "cuda"
-# floor of the allowed error, relative to max |truth|
-FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 @pytest.fixture(autouse=True)

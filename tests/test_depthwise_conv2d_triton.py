@@ -16,6 +16,8 @@ import sys
 import pytest
 import torch
 
+from kernel_test_support import compile_sm90, needs_ptxas
+
 pytest.importorskip("triton")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,19 +44,6 @@ def test_kernels_under_interpreter():
 # Compilation for sm_90 without a GPU
 
 
-def _compile_sm90(kernel, pointer_types, constexprs):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = kernel.arg_names
-    signature = {name: "constexpr" if name in constexprs else pointer_types.get(name, "i32") for name in names}
-    try:
-        source = ASTSource(fn=kernel, signature=signature,
-                           constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    except TypeError as exc:  # the ASTSource signature moves between Triton releases
-        pytest.skip(f"triton.compiler.ASTSource API differs in this Triton: {exc}")
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32))
 
 
 @pytest.mark.parametrize("dtype,channels_last,blocks", [
@@ -63,19 +52,17 @@ def _compile_sm90(kernel, pointer_types, constexprs):
     ("bf16", False, (64, 16)),
 ])
 def test_kernels_compile_for_sm90(dtype, channels_last, blocks):
-    ptxas = os.path.join(os.path.dirname(__import__("triton").__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("Triton's bundled ptxas is missing")
+    needs_ptxas()
     block_p, block_c = blocks
     pointers = {name: f"*{dtype}" for name in ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "g_ptr", "gx_ptr")}
     layout = dict(CHANNELS_LAST=channels_last, ACC_F64=False, BLOCK_P=block_p, BLOCK_C=block_c)
-    _compile_sm90(K._depthwise_conv2d_fwd_kernel, pointers,
+    compile_sm90(K._depthwise_conv2d_fwd_kernel, pointers,
                   dict(KH=3, KW=3, SH=2, SW=2, HAS_BIAS=True, **layout))
-    _compile_sm90(K._depthwise_conv2d_grad_input_kernel, pointers, dict(KH=3, KW=5, SH=2, SW=1, **layout))
-    _compile_sm90(K._depthwise_conv2d_grad_weight_partial_kernel,
+    compile_sm90(K._depthwise_conv2d_grad_input_kernel, pointers, dict(KH=3, KW=5, SH=2, SW=1, **layout))
+    compile_sm90(K._depthwise_conv2d_grad_weight_partial_kernel,
                   dict(pointers, pw_ptr="*fp32", pb_ptr="*fp32"),
                   dict(KW=3, SH=1, SW=1, NEED_W=True, NEED_B=True, **layout))
-    _compile_sm90(K._depthwise_conv2d_sum_partials_kernel, dict(part_ptr="*fp32", out_ptr=f"*{dtype}"),
+    compile_sm90(K._depthwise_conv2d_sum_partials_kernel, dict(part_ptr="*fp32", out_ptr=f"*{dtype}"),
                   dict(ACC_F64=False, BLOCK=256))
 
 

@@ -20,32 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
+from kernel_test_support import ERROR_FLOOR as FLOOR, LAYOUTS, cuda_kernel_marks
 import fastcnn
 from fastcnn.ops import affine_grid_sample, grid_sample
 
 
-def _has_cuda_kernels():
-    if not torch.cuda.is_available():
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("fastcnn::grid_sample", "CUDA")
-    except RuntimeError:  # the op itself is not registered: no extension
-        return False
-
-
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
-    pytest.mark.skipif(
-        torch.cuda.is_available() and not _has_cuda_kernels(),
-        reason="fastcnn._C was built without its CUDA sources",
-    ),
-]
+pytestmark = cuda_kernel_marks("fastcnn::grid_sample")
 
 DEVICE = "cuda"
-# floor of the allowed error, relative to max |truth|
-FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 MODES = {"bilinear": 0, "nearest": 1}
 PADDINGS = {"zeros": 0, "border": 1, "reflection": 2}
 OPS = ["grid", "affine"]

@@ -19,6 +19,8 @@ import sys
 import pytest
 import torch
 
+from kernel_test_support import compile_sm90, needs_ptxas
+
 pytest.importorskip("triton")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,28 +47,7 @@ def test_kernels_under_interpreter():
 # Compilation for sm_90 without a GPU
 
 
-def _compile_sm90(kernel, pointer_types, constexprs, int64_args=()):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    names = kernel.arg_names
-    signature = {
-        name: "constexpr" if name in constexprs else pointer_types.get(name, "i64" if name in int64_args else "i32")
-        for name in names
-    }
-    try:
-        source = ASTSource(fn=kernel, signature=signature,
-                           constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    except TypeError as exc:  # the ASTSource signature moves between Triton releases
-        pytest.skip(f"triton.compiler.ASTSource API differs in this Triton: {exc}")
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32))
-
-
-def _needs_ptxas():
-    ptxas = os.path.join(os.path.dirname(__import__("triton").__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("Triton's bundled ptxas is missing")
 
 
 @pytest.mark.parametrize("dtype,channels_last,blocks,modes", [
@@ -76,21 +57,21 @@ def _needs_ptxas():
     ("fp64", True, (32, 32), dict(INTERPOLATION=0, PADDING=2, ALIGN=True, AFFINE=True)),
 ])
 def test_kernels_compile_for_sm90(dtype, channels_last, blocks, modes):
-    _needs_ptxas()
+    needs_ptxas()
     block_p, block_c = blocks
     acc = "*fp64" if dtype == "fp64" else "*fp32"
     pointers = {name: f"*{dtype}" for name in ("x_ptr", "coord_ptr", "y_ptr", "g_ptr", "gc_ptr")}
     pointers.update(part_ptr=acc, wt_ptr=acc, key_ptr="*i32")
     layout = dict(CHANNELS_LAST=channels_last, ACC_F64=dtype == "fp64")
-    _compile_sm90(K._grid_sample_fwd_kernel, pointers, dict(modes, **layout, BLOCK_P=block_p, BLOCK_C=block_c))
+    compile_sm90(K._grid_sample_fwd_kernel, pointers, dict(modes, **layout, BLOCK_P=block_p, BLOCK_C=block_c))
     bilinear = modes["INTERPOLATION"] == 0
     # Atomic backward (fp32/fp64 accumulator) with the coordinate gradient, then the
     # deterministic configuration: keys and weights, and the gather.
-    _compile_sm90(K._grid_sample_bwd_kernel, dict(pointers, gi_ptr=acc),
+    compile_sm90(K._grid_sample_bwd_kernel, dict(pointers, gi_ptr=acc),
                   dict(modes, ATOMIC=True, KEYS=False, COORD_GRAD=bilinear, **layout, BLOCK_P=block_p, BLOCK_C=block_c))
-    _compile_sm90(K._grid_sample_bwd_kernel, dict(pointers, gi_ptr=f"*{dtype}"),
+    compile_sm90(K._grid_sample_bwd_kernel, dict(pointers, gi_ptr=f"*{dtype}"),
                   dict(modes, ATOMIC=False, KEYS=True, COORD_GRAD=bilinear, **layout, BLOCK_P=block_p, BLOCK_C=block_c))
-    _compile_sm90(K._grid_sample_gather_kernel,
+    compile_sm90(K._grid_sample_gather_kernel,
                   dict(g_ptr=f"*{dtype}", off_ptr="*i64", perm_ptr="*i64", wt_ptr=acc, gi_ptr=f"*{dtype}"),
                   dict(TAPS=4 if bilinear else 1, **layout, BLOCK_Q=block_p, BLOCK_C=block_c))
 
@@ -98,18 +79,18 @@ def test_kernels_compile_for_sm90(dtype, channels_last, blocks, modes):
 def test_kernels_compile_with_size_arguments_specialised_to_one():
     """Triton releases before 3.8 turn an int argument equal to 1 into a constexpr: the kernels
     must still compile when every size is 1."""
-    _needs_ptxas()
+    needs_ptxas()
     pointers = {name: "*fp32" for name in ("x_ptr", "coord_ptr", "y_ptr", "g_ptr", "gi_ptr", "gc_ptr", "part_ptr",
                                            "wt_ptr")}
     pointers["key_ptr"] = "*i64"
     ones = dict(C=1, H=1, W=1, Ho=1, Wo=1)
     layout = dict(CHANNELS_LAST=False, ACC_F64=False, BLOCK_P=1, BLOCK_C=1)
-    _compile_sm90(K._grid_sample_fwd_kernel, pointers,
+    compile_sm90(K._grid_sample_fwd_kernel, pointers,
                   dict(ones, INTERPOLATION=0, PADDING=2, ALIGN=True, AFFINE=True, **layout))
-    _compile_sm90(K._grid_sample_bwd_kernel, pointers,
+    compile_sm90(K._grid_sample_bwd_kernel, pointers,
                   dict(ones, SENTINEL=1, C_PER_PROGRAM=1, INTERPOLATION=0, PADDING=2, ALIGN=False, AFFINE=True,
                        ATOMIC=True, KEYS=True, COORD_GRAD=True, **layout))
-    _compile_sm90(K._grid_sample_gather_kernel,
+    compile_sm90(K._grid_sample_gather_kernel,
                   dict(g_ptr="*fp32", off_ptr="*i64", perm_ptr="*i64", wt_ptr="*fp32", gi_ptr="*fp32"),
                   dict(C=1, H=1, W=1, Wo=1, P=1, TAPS=4, CHANNELS_LAST=False, ACC_F64=False, BLOCK_Q=2, BLOCK_C=1))
 
