@@ -19,7 +19,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
@@ -56,6 +55,21 @@ struct alignas(32) Chunk {
   acc_t gx[kChunk], gy[kChunk];            // normalised coordinates in; coordinate gradients out
   uint8_t mask[kChunk];                    // bit k set when tap k (nw, ne, sw, se) is inside
 };
+
+// Adds gout * d(sample)/d(x, y) of pixel p, from its tap values (zero outside), to ch.gx / ch.gy:
+// the shared header's bilinear_coordinate_grad, the arithmetic the CUDA kernel uses.
+template <typename acc_t>
+inline void add_coordinate_grad(Chunk<acc_t>& ch, int p, acc_t gout, acc_t v_nw, acc_t v_ne, acc_t v_sw, acc_t v_se) {
+  BilinearTaps<acc_t> taps;
+  taps.dx0 = ch.dx0[p];
+  taps.dx1 = ch.dx1[p];
+  taps.dy0 = ch.dy0[p];
+  taps.dy1 = ch.dy1[p];
+  acc_t d_dx, d_dy;
+  bilinear_coordinate_grad(taps, v_nw, v_ne, v_sw, v_se, &d_dx, &d_dy);
+  ch.gx[p] += gout * d_dx;
+  ch.gy[p] += gout * d_dy;
+}
 
 // Source of the normalised sampling coordinates of one output row chunk.
 template <typename scalar_t, typename acc_t>
@@ -677,10 +691,8 @@ inline void backward_plane_chunk(const scalar_t* plane, const scalar_t* go, acc_
         gin[o + in_w + 1] += ch.w_se[p] * gout;
       }
       if (want_coords) {
-        const acc_t nw = static_cast<acc_t>(plane[o]), ne = static_cast<acc_t>(plane[o + 1]);
-        const acc_t sw = static_cast<acc_t>(plane[o + in_w]), se = static_cast<acc_t>(plane[o + in_w + 1]);
-        ch.gx[p] += gout * ((ne - nw) * ch.dy1[p] + (se - sw) * ch.dy0[p]);
-        ch.gy[p] += gout * ((sw - nw) * ch.dx1[p] + (se - ne) * ch.dx0[p]);
+        add_coordinate_grad(ch, p, gout, static_cast<acc_t>(plane[o]), static_cast<acc_t>(plane[o + 1]),
+                            static_cast<acc_t>(plane[o + in_w]), static_cast<acc_t>(plane[o + in_w + 1]));
       }
       continue;
     }
@@ -693,10 +705,7 @@ inline void backward_plane_chunk(const scalar_t* plane, const scalar_t* go, acc_
       v[k] = inside ? static_cast<acc_t>(plane[offs[k]]) : acc_t(0);
       if (want_input && inside) gin[offs[k]] += weights[k] * gout;
     }
-    if (want_coords) {
-      ch.gx[p] += gout * ((v[1] - v[0]) * ch.dy1[p] + (v[3] - v[2]) * ch.dy0[p]);
-      ch.gy[p] += gout * ((v[2] - v[0]) * ch.dx1[p] + (v[3] - v[1]) * ch.dx0[p]);
-    }
+    if (want_coords) add_coordinate_grad(ch, p, gout, v[0], v[1], v[2], v[3]);
   }
 }
 
@@ -741,16 +750,11 @@ inline void backward_pixel_nhwc(const scalar_t* image, const scalar_t* go, acc_t
     ch.gy[p] += sum_y1 * ch.dx1[p] + sum_y0 * ch.dx0[p];
     return;
   }
-  acc_t sum_x = 0, sum_y = 0;
   for (int64_t c = 0; c < C; ++c) {
     acc_t v[4];
     for (int k = 0; k < 4; ++k) v[k] = (m >> k & 1) ? static_cast<acc_t>(image[offs[k] + c]) : acc_t(0);
-    const acc_t gout = static_cast<acc_t>(go[c]);
-    sum_x += gout * ((v[1] - v[0]) * ch.dy1[p] + (v[3] - v[2]) * ch.dy0[p]);
-    sum_y += gout * ((v[2] - v[0]) * ch.dx1[p] + (v[3] - v[1]) * ch.dx0[p]);
+    add_coordinate_grad(ch, p, static_cast<acc_t>(go[c]), v[0], v[1], v[2], v[3]);
   }
-  ch.gx[p] += sum_x;
-  ch.gy[p] += sum_y;
 }
 
 // Where the coordinate gradient of each output pixel goes: the grid gradient, or theta's.
