@@ -22,6 +22,7 @@ _local = threading.local()
 # How many use_backend() blocks are open, in any thread. requested() runs on every op call, and
 # right after a C++ op a threading.local lookup costs ~3 us; at zero it is skipped.
 _open_overrides = 0
+_open_overrides_lock = threading.Lock()  # += on a global is not atomic across threads
 # os.environ's own mapping and key, read directly: os.environ.get costs ~1.5 us a call, the dict
 # lookup 50 ns. monkeypatch.setenv and os.environ[...] = ... update the same mapping.
 _ENV_DATA = getattr(os.environ, "_data", None)
@@ -77,12 +78,14 @@ def use_backend(name):
     _check_name(name)
     previous = getattr(_local, "backend", None)
     _local.backend = name
-    _open_overrides += 1
+    with _open_overrides_lock:
+        _open_overrides += 1
     try:
         yield
     finally:
         _local.backend = previous
-        _open_overrides -= 1
+        with _open_overrides_lock:
+            _open_overrides -= 1
 
 
 def requested():
