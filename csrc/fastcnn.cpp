@@ -1,11 +1,14 @@
 // The Python module stub for fastcnn._C. Ops register themselves with the dispatcher from their
 // own files (TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL); importing this module runs those
-// static registrations. `_build_info` tells `fastcnn info` how the extension was built.
+// static registrations. `_build_info` tells `fastcnn info` how the extension was built (and whether CPU outputs
+// go to huge pages, see ops/cpu/output_allocator.h).
 #include <Python.h>
 
 #include <string>
 
 #include <torch/library.h>
+
+#include "ops/cpu/output_allocator.h"
 
 namespace {
 
@@ -24,6 +27,8 @@ std::string build_info() {
 #else
   info += ";baseline_isa=default";
 #endif
+  info += ";huge_page_outputs=";
+  info += fastcnn::cpu::huge_page_outputs_enabled() ? "1" : "0";
   return info;
 }
 

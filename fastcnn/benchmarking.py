@@ -367,7 +367,20 @@ def allocator() -> Dict[str, Any]:
     """The glibc malloc setting: 'reuse' when GLIBC_TUNABLES holds mmap_max=0, else 'default'."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     reuse = "mmap_max=0" in tunables
-    return {"name": "reuse" if reuse else "default", "mmap_max_0": reuse, "GLIBC_TUNABLES": tunables}
+    return {"name": "reuse" if reuse else "default", "mmap_max_0": reuse, "GLIBC_TUNABLES": tunables,
+            "transparent_hugepage": _transparent_hugepage()}
+
+
+def _transparent_hugepage() -> Optional[str]:
+    """The kernel's THP mode ('always', 'madvise' or 'never'): fastcnn's CPU outputs of 2 MiB and
+    more ask for huge pages, which the kernel grants under 'always' and 'madvise'."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else None
 
 
 def _git_revision() -> Optional[str]:
@@ -434,7 +447,8 @@ def environment() -> Dict[str, Any]:
         "allocator": allocator(),
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTORCH_CUDA_ALLOC_CONF",
-                                            "TRITON_INTERPRET", "FASTCNN_BACKEND", "CUDA_VISIBLE_DEVICES")
+                                            "TRITON_INTERPRET", "FASTCNN_BACKEND", "CUDA_VISIBLE_DEVICES",
+                                            "FASTCNN_HUGE_PAGES")
                 if k in os.environ},
     }
 

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common/depthwise_conv2d_checks.h"
+#include "ops/cpu/output_allocator.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FASTCNN_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -1030,7 +1031,7 @@ at::Tensor depthwise_conv2d_cpu(const at::Tensor& input, const at::Tensor& weigh
   const Geometry g = depthwise::check_arguments(input, weight, bias_opt, stride, padding, dilation);
   TORCH_CHECK(input.device().is_cpu(), "depthwise_conv2d (CPU kernel): expected CPU tensors, got ", input.device());
   const auto memory_format = input.suggest_memory_format();
-  at::Tensor output = at::empty({g.batch, g.channels, g.out_h, g.out_w}, input.options().memory_format(memory_format));
+  at::Tensor output = cpu::empty_output({g.batch, g.channels, g.out_h, g.out_w}, input.options(), memory_format);
   if (output.numel() == 0) return output;
   const at::Tensor weight_c = weight.contiguous();
   const at::Tensor bias = bias_opt.has_value() && bias_opt->defined() ? bias_opt->contiguous() : at::Tensor();
@@ -1324,8 +1325,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
   TORCH_CHECK(input.device().is_cpu(), "depthwise_conv2d backward (CPU kernel): expected CPU tensors, got ",
               input.device());
   const auto memory_format = input.suggest_memory_format();
-  at::Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options().memory_format(memory_format))
-                                         : at::Tensor();
+  at::Tensor grad_input =
+      output_mask[0] ? cpu::empty_output(input.sizes(), input.options(), memory_format) : at::Tensor();
   at::Tensor grad_weight = output_mask[1] ? at::empty(weight.sizes(), weight.options()) : at::Tensor();
   at::Tensor grad_bias = output_mask[2] ? at::empty({g.channels}, weight.options()) : at::Tensor();
   const bool no_work = g.batch == 0 || g.channels == 0 || (grad_input.defined() && grad_input.numel() == 0 &&

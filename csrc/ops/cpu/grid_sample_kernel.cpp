@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "common/grid_sample_checks.h"
+#include "ops/cpu/output_allocator.h"
 
 namespace fastcnn {
 namespace grid_sample {
@@ -899,7 +900,7 @@ void check_cpu(const char* op, const at::Tensor& input) {
 template <typename Launch>
 at::Tensor forward_common(const at::Tensor& input, const Geometry& g, Launch&& launch) {
   const auto format = format_of(input);
-  auto output = at::empty({g.batch, g.channels, g.out_h, g.out_w}, input.options(), format);
+  auto output = cpu::empty_output({g.batch, g.channels, g.out_h, g.out_w}, input.options(), format);
   if (output.numel() == 0) return output;
   const auto in = input.contiguous(format);
   launch(in, output, format == at::MemoryFormat::ChannelsLast);
@@ -952,9 +953,9 @@ at::Tensor run_backward(const at::Tensor& grad_output, const at::Tensor& input, 
   const auto go = grad_output.contiguous(format);
   at::Tensor grad_input, buffer;
   if (want_input) {
-    grad_input = at::empty(input.sizes(), input.options(), format);
+    grad_input = cpu::empty_output(input.sizes(), input.options(), format);
     buffer = std::is_same_v<scalar_t, acc_t> ? grad_input
-                                             : at::empty(input.sizes(), input.options().dtype(at::kFloat), format);
+                                             : cpu::empty_output(input.sizes(), input.options().dtype(at::kFloat), format);
   }
   backward_kernel<scalar_t, acc_t>(go.const_data_ptr<scalar_t>(), in.const_data_ptr<scalar_t>(),
                                    want_input ? buffer.mutable_data_ptr<acc_t>() : nullptr, source, sink, g,

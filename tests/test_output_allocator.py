@@ -1,0 +1,92 @@
+"""CPU outputs of 2 MiB and more come from fastcnn's huge-page allocator (csrc/ops/cpu/output_allocator.h):
+2 MiB-aligned, correct, and ordinary tensors in every other respect. FASTCNN_HUGE_PAGES=0 turns it off."""
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcnn
+from fastcnn import _extension
+
+HUGE_PAGE = 2 << 20
+
+pytestmark = pytest.mark.skipif(
+    _extension.build_info().get("huge_page_outputs") != "1",
+    reason="huge-page outputs are off here (FASTCNN_HUGE_PAGES=0, or no madvise on this platform)",
+)
+
+
+def large_outputs():
+    """(name, fastcnn tensor, expected) for every kernel output that is at least 2 MiB."""
+    x = torch.randn(4, 32, 64, 64, requires_grad=True)  # 2 MiB in fp32
+    w = torch.randn(32, 1, 3, 3)
+    y = fastcnn.ops.depthwise_conv2d(x, w, None, 1, 1)
+    (grad_x,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    x_ref = x.detach().requires_grad_()
+    y_ref = F.conv2d(x_ref, w, None, 1, 1, 1, 32)
+    (grad_ref,) = torch.autograd.grad(y_ref, x_ref, torch.ones_like(y_ref))
+
+    image = torch.randn(2, 3, 512, 512).contiguous(memory_format=torch.channels_last).requires_grad_()
+    theta = torch.tensor([[[0.9, 0.1, 0.05], [-0.1, 0.9, 0.0]]]).repeat(2, 1, 1)
+    sampled = fastcnn.ops.affine_grid_sample(image, theta, (2, 3, 512, 512))
+    (grad_image,) = torch.autograd.grad(sampled.sum(), image)
+    image_ref = image.detach().requires_grad_()
+    sampled_ref = F.grid_sample(image_ref, F.affine_grid(theta, (2, 3, 512, 512), align_corners=False),
+                                align_corners=False)
+    (grad_image_ref,) = torch.autograd.grad(sampled_ref.sum(), image_ref)
+    nchw, channels_last = torch.contiguous_format, torch.channels_last
+    return [
+        ("depthwise output", y, y_ref, nchw),
+        ("depthwise grad_input", grad_x, grad_ref, nchw),
+        ("grid_sample output", sampled, sampled_ref, channels_last),
+        ("grid_sample grad_input", grad_image, grad_image_ref, channels_last),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_large_outputs_are_huge_page_aligned_and_correct(index):
+    name, got, expected, layout = large_outputs()[index]
+    assert got.untyped_storage().nbytes() >= HUGE_PAGE, name
+    assert got.data_ptr() % HUGE_PAGE == 0, f"{name} is not 2 MiB-aligned"
+    # Loose: the ops' own tests hold them to PyTorch; here a wrong or stale buffer would be far off.
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    assert got.is_contiguous(memory_format=layout), name
+
+
+def test_small_outputs_use_the_default_allocator():
+    y = fastcnn.ops.depthwise_conv2d(torch.randn(1, 8, 16, 16), torch.randn(8, 1, 3, 3), None, 1, 1)
+    assert y.untyped_storage().nbytes() < HUGE_PAGE
+    y.add_(1)  # an ordinary writable tensor
+
+
+def test_huge_page_tensor_behaves_like_any_other():
+    y = fastcnn.ops.depthwise_conv2d(torch.randn(4, 32, 64, 64), torch.randn(32, 1, 3, 3), None, 1, 1)
+    assert y.data_ptr() % HUGE_PAGE == 0
+    before = y.clone()
+    y.resize_(8, 32, 64, 64)  # grows through the storage's allocator: old values kept
+    torch.testing.assert_close(y[:4], before, rtol=0, atol=0)
+    y[4:] = 3.0
+    buffer = io.BytesIO()
+    torch.save(y, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.load(buffer), y, rtol=0, atol=0)
+    torch.testing.assert_close(torch.from_numpy(y.numpy()), y, rtol=0, atol=0)
+    shared = y.clone().share_memory_()
+    torch.testing.assert_close(shared, y, rtol=0, atol=0)
+    del y  # freed through the allocator's own deleter
+
+
+def test_environment_variable_turns_huge_pages_off():
+    script = (
+        "import torch, fastcnn\n"
+        "from fastcnn import _extension\n"
+        "print(_extension.build_info()['huge_page_outputs'])\n"
+    )
+    env = dict(os.environ, FASTCNN_HUGE_PAGES="0")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "0"
