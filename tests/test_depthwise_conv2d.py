@@ -83,7 +83,7 @@ def test_matches_reference_fp64(case, layout):
     assert out.is_contiguous(memory_format=expected_format)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize(
     "shape",
     [
@@ -91,6 +91,9 @@ def test_matches_reference_fp64(case, layout):
         (2, 16, 20, 40, 3, 1),
         (2, 24, 15, 15, 3, 2),  # NCHW: channel-block tiles, vector transposes with an overlapping last block
         (2, 13, 14, 14, 3, 1),  # tiles with a partial channel block
+        (2, 16, 7, 7, 3, 1),  # maps narrower than a vector: whole-plane transposes, overlapping pixel blocks
+        (3, 11, 5, 6, 3, 2),  # 3x3 output: pixel by pixel, partial channel block
+        (2, 9, 2, 3, 3, 1),  # fewer pixels than a vector: element-wise tile loads
         (1, 40, 12, 12, 7, 1),
         (1, 8, 20, 20, 31, 1),
     ],

@@ -547,23 +547,53 @@ FASTCNN_INLINE void gather_strided_impl(T* dst, const T* src, int64_t n, int64_t
 // channels is transposed into a zero-padded channels-last tile [padded_h][padded_w][L] and
 // convolved one output pixel at a time, each tap one vector multiply-add over the L channels;
 // out_tile is [out_h][out_w][L].
-template <typename T>
-FASTCNN_INLINE void forward_tile_impl(const T* tile, const T* taps, const T* bias, T* out_tile, const PlaneShape& s,
-                                      int64_t padded_w) {
+// RY x RX output pixels at a time: one weight load feeds RY * RX independent accumulators. One
+// pixel at a time, each output waited on a chain of kernel_area dependent multiply-adds (4 cycles
+// each), which made the 14x14 layers latency-bound at a fifth of the FMA rate.
+template <typename T, int RY, int RX>
+FASTCNN_INLINE void forward_tile_pixels(const T* tile, const T* taps, typename Simd<T>::type b, T* out_tile,
+                                        int64_t oy, int64_t ox, const PlaneShape& s, int64_t padded_w) {
   using V = typename Simd<T>::type;
   using U = typename Simd<T>::unaligned;
   constexpr int L = Simd<T>::width;
-  const V b = load(bias);
-  for (int64_t oy = 0; oy < s.out_h; ++oy) {
-    for (int64_t ox = 0; ox < s.out_w; ++ox) {
-      V acc = b;
-      const T* origin = tile + (oy * s.stride_h * padded_w + ox * s.stride_w) * L;
-      for (int64_t ky = 0; ky < s.kernel_h; ++ky) {
-        const T* row = origin + ky * s.dilation_h * padded_w * L;
-        const T* w = taps + ky * s.kernel_w * L;
-        for (int64_t kx = 0; kx < s.kernel_w; ++kx) acc += load(w + kx * L) * load(row + kx * s.dilation_w * L);
-      }
-      *reinterpret_cast<U*>(out_tile + (oy * s.out_w + ox) * L) = acc;
+  V acc[RY][RX];
+  for (int i = 0; i < RY; ++i)
+    for (int j = 0; j < RX; ++j) acc[i][j] = b;
+  const int64_t step_x = s.stride_w * L, step_y = s.stride_h * padded_w * L;
+  const T* origin = tile + (oy * s.stride_h * padded_w + ox * s.stride_w) * L;
+  for (int64_t ky = 0; ky < s.kernel_h; ++ky) {
+    const T* row = origin + ky * s.dilation_h * padded_w * L;
+    const T* w = taps + ky * s.kernel_w * L;
+    for (int64_t kx = 0; kx < s.kernel_w; ++kx) {
+      const V weight = load(w + kx * L);
+      const T* p = row + kx * s.dilation_w * L;
+      for (int i = 0; i < RY; ++i)
+        for (int j = 0; j < RX; ++j) acc[i][j] += weight * load(p + i * step_y + j * step_x);
+    }
+  }
+  for (int i = 0; i < RY; ++i)
+    for (int j = 0; j < RX; ++j) *reinterpret_cast<U*>(out_tile + ((oy + i) * s.out_w + ox + j) * L) = acc[i][j];
+}
+
+// Small NCHW maps (14x14, 7x7) cost more per plane than per output. There, one vector's worth of
+// channels is transposed into a zero-padded channels-last tile [padded_h][padded_w][L] and
+// convolved a block of output pixels at a time, each tap one vector multiply-add over the L
+// channels; out_tile is [out_h][out_w][L]. Edge blocks overlap the previous ones (out_tile is
+// scratch: a pixel computed twice is written twice with the same value).
+template <typename T>
+FASTCNN_INLINE void forward_tile_impl(const T* tile, const T* taps, const T* bias, T* out_tile, const PlaneShape& s,
+                                      int64_t padded_w) {
+  constexpr int RY = 2, RX = 4;
+  const typename Simd<T>::type b = load(bias);
+  if (s.out_h < RY || s.out_w < RX) {
+    for (int64_t oy = 0; oy < s.out_h; ++oy)
+      for (int64_t ox = 0; ox < s.out_w; ++ox) forward_tile_pixels<T, 1, 1>(tile, taps, b, out_tile, oy, ox, s, padded_w);
+    return;
+  }
+  for (int64_t oy0 = 0; oy0 < s.out_h; oy0 += RY) {
+    const int64_t oy = std::min(oy0, s.out_h - RY);
+    for (int64_t ox0 = 0; ox0 < s.out_w; ox0 += RX) {
+      forward_tile_pixels<T, RY, RX>(tile, taps, b, out_tile, oy, std::min(ox0, s.out_w - RX), s, padded_w);
     }
   }
 }
@@ -679,6 +709,42 @@ FASTCNN_INLINE void tile_row_to_planes(const float* tile_row, int64_t w, float* 
   }
 }
 
+// Dense (h x w) planes, any w: the plane is one run of `count` = h * w pixels, transposed 8
+// pixels at a time (the last block overlapping the one before), each pixel then stored at its
+// place in a tile with rows tile_w wide, offset by (top, left). Maps narrower than 8 (7x7) get
+// vector transposes too instead of element-by-element copies.
+FASTCNN_INLINE void planes_to_tile_flat(const float* const* planes, int64_t count, int64_t w, int64_t tile_w,
+                                        int64_t top, int64_t left, float* tile) {
+  using U = Simd<float>::unaligned;
+  for (int64_t p0 = 0; p0 < count; p0 += 8) {
+    const int64_t p = std::min(p0, count - 8);
+    Simd<float>::type r[8];
+    for (int l = 0; l < 8; ++l) r[l] = load(planes[l] + p);
+    transpose8x8(r);
+    int64_t y = p / w, x = p % w;
+    for (int j = 0; j < 8; ++j) {
+      *reinterpret_cast<U*>(tile + ((y + top) * tile_w + x + left) * 8) = r[j];
+      if (++x == w) x = 0, ++y;
+    }
+  }
+}
+
+FASTCNN_INLINE void tile_to_planes_flat(const float* tile, int64_t count, int64_t w, int64_t tile_w, int64_t top,
+                                        int64_t left, float* const* planes) {
+  using U = Simd<float>::unaligned;
+  for (int64_t p0 = 0; p0 < count; p0 += 8) {
+    const int64_t p = std::min(p0, count - 8);
+    Simd<float>::type r[8];
+    int64_t y = p / w, x = p % w;
+    for (int j = 0; j < 8; ++j) {
+      r[j] = load(tile + ((y + top) * tile_w + x + left) * 8);
+      if (++x == w) x = 0, ++y;
+    }
+    transpose8x8(r);
+    for (int l = 0; l < 8; ++l) *reinterpret_cast<U*>(planes[l] + p) = r[l];
+  }
+}
+
 // The non-inlined, multi-versioned entry points for float and double.
 #define FASTCNN_DEFINE_CLONES(T)                                                                          \
   FASTCNN_SIMD_CLONES void forward_plane(const T* padded, const T* w, T bias, T* out, const PlaneShape& s) { \
@@ -726,6 +792,14 @@ FASTCNN_SIMD_CLONES void load_tile_rows(const float* const* rows, int64_t w, flo
 }
 FASTCNN_SIMD_CLONES void store_tile_rows(const float* tile_row, int64_t w, float* const* rows) {
   tile_row_to_planes(tile_row, w, rows);
+}
+FASTCNN_SIMD_CLONES void load_tile_flat(const float* const* planes, int64_t count, int64_t w, int64_t tile_w,
+                                        int64_t top, int64_t left, float* tile) {
+  planes_to_tile_flat(planes, count, w, tile_w, top, left, tile);
+}
+FASTCNN_SIMD_CLONES void store_tile_flat(const float* tile, int64_t count, int64_t w, int64_t tile_w, int64_t top,
+                                         int64_t left, float* const* planes) {
+  tile_to_planes_flat(tile, count, w, tile_w, top, left, planes);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -825,6 +899,12 @@ void load_tile(const scalar_t* block, int64_t channel_stride, int64_t lanes, int
                int64_t sw, int64_t top, int64_t left, int64_t tile_w, T* tile) {
   constexpr int64_t L = Simd<T>::width;
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<T, float>) {
+    if (sw == 1 && sh == w && h * w >= 8) {
+      const float* planes[8];
+      for (int64_t l = 0; l < 8; ++l) planes[l] = block + std::min(l, lanes - 1) * channel_stride;
+      load_tile_flat(planes, h * w, w, tile_w, top, left, tile);
+      return;
+    }
     if (sw == 1 && w >= 8) {
       for (int64_t y = 0; y < h; ++y) {
         const float* rows[8];
@@ -847,6 +927,12 @@ void store_tile(const T* tile, int64_t top, int64_t left, int64_t tile_w, int64_
                 scalar_t* block, int64_t channel_stride, int64_t sh, int64_t sw) {
   constexpr int64_t L = Simd<T>::width;
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<T, float>) {
+    if (sw == 1 && sh == w && h * w >= 8 && lanes == 8) {
+      float* planes[8];
+      for (int64_t l = 0; l < 8; ++l) planes[l] = block + l * channel_stride;
+      store_tile_flat(tile, h * w, w, tile_w, top, left, planes);
+      return;
+    }
     if (sw == 1 && w >= 8 && lanes == 8) {
       for (int64_t y = 0; y < h; ++y) {
         float* rows[8];
