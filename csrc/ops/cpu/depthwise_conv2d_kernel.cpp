@@ -603,8 +603,8 @@ FASTCNN_INLINE void forward_tile_impl(const T* tile, const T* taps, const T* bia
 // gradient through every tap (scatter form: no stride or bounds tests); grad_taps [taps][L]
 // accumulates the weight gradient, up to 10 taps per pass in registers.
 template <typename T, int G>
-FASTCNN_INLINE void tile_weight_grad_taps(const T* go_tile, const T* in_tile, const int64_t* offsets, T* grad_taps,
-                                          const PlaneShape& s, int64_t padded_w) {
+FASTCNN_INLINE void tile_weight_grad_taps(const T* go_tile, int64_t go_w, const T* in_tile, const int64_t* offsets,
+                                          T* grad_taps, const PlaneShape& s, int64_t padded_w) {
   using V = typename Simd<T>::type;
   using U = typename Simd<T>::unaligned;
   constexpr int L = Simd<T>::width;
@@ -612,7 +612,7 @@ FASTCNN_INLINE void tile_weight_grad_taps(const T* go_tile, const T* in_tile, co
   for (int j = 0; j < G; ++j) acc[j] = V{};
   for (int64_t oy = 0; oy < s.out_h; ++oy) {
     for (int64_t ox = 0; ox < s.out_w; ++ox) {
-      const V g = load(go_tile + (oy * s.out_w + ox) * L);
+      const V g = load(go_tile + (oy * go_w + ox) * L);
       const T* origin = in_tile + (oy * s.stride_h * padded_w + ox * s.stride_w) * L;
       for (int j = 0; j < G; ++j) acc[j] += g * load(origin + offsets[j]);
     }
@@ -621,8 +621,8 @@ FASTCNN_INLINE void tile_weight_grad_taps(const T* go_tile, const T* in_tile, co
 }
 
 template <typename T>
-FASTCNN_INLINE void backward_tile_impl(const T* go_tile, const T* in_tile, const T* taps, T* grad_in_tile,
-                                       T* grad_taps, const PlaneShape& s, int64_t padded_w) {
+FASTCNN_INLINE void backward_tile_impl(const T* go_tile, int64_t go_w, const T* in_tile, const T* taps,
+                                       T* grad_in_tile, T* grad_taps, const PlaneShape& s, int64_t padded_w) {
   using V = typename Simd<T>::type;
   using U = typename Simd<T>::unaligned;
   constexpr int L = Simd<T>::width;
@@ -637,7 +637,7 @@ FASTCNN_INLINE void backward_tile_impl(const T* go_tile, const T* in_tile, const
         offsets[j] = (ky * s.dilation_h * padded_w + kx * s.dilation_w) * L;
       }
       T* sums = grad_taps + t0 * L;
-#define FASTCNN_CALL(N) tile_weight_grad_taps<T, N>(go_tile, in_tile, offsets, sums, s, padded_w)
+#define FASTCNN_CALL(N) tile_weight_grad_taps<T, N>(go_tile, go_w, in_tile, offsets, sums, s, padded_w)
       FASTCNN_WITH_GROUP_SIZE(count, FASTCNN_CALL);
 #undef FASTCNN_CALL
     }
@@ -645,7 +645,7 @@ FASTCNN_INLINE void backward_tile_impl(const T* go_tile, const T* in_tile, const
   if (grad_in_tile) {
     for (int64_t oy = 0; oy < s.out_h; ++oy) {
       for (int64_t ox = 0; ox < s.out_w; ++ox) {
-        const V g = load(go_tile + (oy * s.out_w + ox) * L);
+        const V g = load(go_tile + (oy * go_w + ox) * L);
         T* origin = grad_in_tile + (oy * s.stride_h * padded_w + ox * s.stride_w) * L;
         for (int64_t ky = 0; ky < s.kernel_h; ++ky) {
           T* row = origin + ky * s.dilation_h * padded_w * L;
@@ -761,9 +761,10 @@ FASTCNN_INLINE void tile_to_planes_flat(const float* tile, int64_t count, int64_
                                         const PlaneShape& s, int64_t padded_w) {                          \
     forward_tile_impl<T>(tile, taps, bias, out_tile, s, padded_w);                                        \
   }                                                                                                       \
-  FASTCNN_SIMD_CLONES void backward_tile(const T* go_tile, const T* in_tile, const T* taps, T* grad_in_tile, \
-                                         T* grad_taps, const PlaneShape& s, int64_t padded_w) {           \
-    backward_tile_impl<T>(go_tile, in_tile, taps, grad_in_tile, grad_taps, s, padded_w);                  \
+  FASTCNN_SIMD_CLONES void backward_tile(const T* go_tile, int64_t go_w, const T* in_tile, const T* taps, \
+                                         T* grad_in_tile, T* grad_taps, const PlaneShape& s,              \
+                                         int64_t padded_w) {                                              \
+    backward_tile_impl<T>(go_tile, go_w, in_tile, taps, grad_in_tile, grad_taps, s, padded_w);            \
   }                                                                                                       \
   FASTCNN_SIMD_CLONES void gather_strided(T* dst, const T* src, int64_t n, int64_t step) {                \
     gather_strided_impl<T>(dst, src, n, step);                                                            \
@@ -1169,31 +1170,51 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
     if (use_tiles<T>(g)) {
       // One thread owns a block of channels for the whole batch (deterministic weight gradient).
       constexpr int64_t L = Simd<T>::width;
-      const int64_t blocks = (g.channels + L - 1) / L, out_area = g.out_h * g.out_w;
+      const int64_t blocks = (g.channels + L - 1) / L;
+      // At unit stride, with the window holding all of grad_output, the input gradient is
+      // gathered: grad_output goes into the zero-padded transposed window and is convolved with
+      // the flipped kernel by the forward tile kernel. Otherwise every output's gradient is
+      // scattered through every tap (read-modify-writes that wait on each other: about 2x slower).
+      const bool gather_input = want_input && transpose_as_forward && window_top >= 0 && window_left >= 0 &&
+                                (g.kernel_h - 1) * g.dilation_h >= g.pad_bottom &&
+                                (g.kernel_w - 1) * g.dilation_w >= g.pad_right;
+      const int64_t go_h = gather_input ? window_h : g.out_h, go_w = gather_input ? window_w : g.out_w;
+      const int64_t go_top = gather_input ? window_top : 0, go_left = gather_input ? window_left : 0;
+      const int64_t grad_in_area = gather_input ? g.in_h * g.in_w : padded_h * padded_w;
       at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> in_tile(want_weight ? padded_h * padded_w * L : 0, T(0)), go_tile(out_area * L),
-            grad_in_tile(want_input ? padded_h * padded_w * L : 0), block_taps(kernel_area * L),
-            grad_taps(kernel_area * L);
+        std::vector<T> in_tile(want_weight ? padded_h * padded_w * L : 0, T(0)), go_tile(go_h * go_w * L, T(0)),
+            grad_in_tile(want_input ? grad_in_area * L : 0), block_taps(kernel_area * L),
+            flipped_taps(gather_input ? kernel_area * L : 0), zero_bias(L, T(0)), grad_taps(kernel_area * L);
+        const T* go_pixels = go_tile.data() + (go_top * go_w + go_left) * L;
         for (int64_t block = begin; block < end; ++block) {
           const int64_t c0 = block * L, lanes = std::min(L, g.channels - c0);
           for (int64_t t = 0; t < kernel_area; ++t)
             for (int64_t l = 0; l < L; ++l) block_taps[t * L + l] = l < lanes ? w[(c0 + l) * kernel_area + t] : T(0);
+          for (int64_t t = 0; t < (gather_input ? kernel_area : 0); ++t)
+            for (int64_t l = 0; l < L; ++l) flipped_taps[t * L + l] = block_taps[(kernel_area - 1 - t) * L + l];
           std::fill(grad_taps.begin(), grad_taps.end(), T(0));
           T bias_sums[L] = {};
           for (int64_t n = 0; n < g.batch; ++n) {
             load_tile(go + n * go_strides[0] + c0 * go_strides[1], go_strides[1], lanes, g.out_h, g.out_w,
-                      go_strides[2], go_strides[3], 0, 0, g.out_w, go_tile.data());
+                      go_strides[2], go_strides[3], go_top, go_left, go_w, go_tile.data());
             if (want_bias)
-              for (int64_t i = 0; i < out_area; ++i)
-                for (int64_t l = 0; l < L; ++l) bias_sums[l] += go_tile[i * L + l];
+              for (int64_t oy = 0; oy < g.out_h; ++oy)
+                for (int64_t ox = 0; ox < g.out_w; ++ox)
+                  for (int64_t l = 0; l < L; ++l) bias_sums[l] += go_pixels[(oy * go_w + ox) * L + l];
             if (want_weight)
               load_tile(in + n * in_strides[0] + c0 * in_strides[1], in_strides[1], lanes, g.in_h, g.in_w,
                         in_strides[2], in_strides[3], g.pad_top, g.pad_left, padded_w, in_tile.data());
-            if (want_input) std::fill(grad_in_tile.begin(), grad_in_tile.end(), T(0));
-            backward_tile(go_tile.data(), in_tile.data(), block_taps.data(), want_input ? grad_in_tile.data() : nullptr,
-                          want_weight ? grad_taps.data() : nullptr, s, padded_w);
+            if (want_input && !gather_input) std::fill(grad_in_tile.begin(), grad_in_tile.end(), T(0));
+            T* scatter_into = want_input && !gather_input ? grad_in_tile.data() : nullptr;
+            if (want_weight || scatter_into)
+              backward_tile(go_pixels, go_w, in_tile.data(), block_taps.data(), scatter_into,
+                            want_weight ? grad_taps.data() : nullptr, s, padded_w);
+            if (gather_input)
+              forward_tile(go_tile.data(), flipped_taps.data(), zero_bias.data(), grad_in_tile.data(), transposed,
+                           window_w);
             if (want_input)
-              store_tile(grad_in_tile.data(), g.pad_top, g.pad_left, padded_w, lanes, g.in_h, g.in_w,
+              store_tile(grad_in_tile.data(), gather_input ? 0 : g.pad_top, gather_input ? 0 : g.pad_left,
+                         gather_input ? g.in_w : padded_w, lanes, g.in_h, g.in_w,
                          gi + n * gi_strides[0] + c0 * gi_strides[1], gi_strides[1], gi_strides[2], gi_strides[3]);
           }
           for (int64_t l = 0; l < lanes; ++l) {
