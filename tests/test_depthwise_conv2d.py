@@ -87,8 +87,11 @@ def test_matches_reference_fp64(case, layout):
 @pytest.mark.parametrize(
     "shape",
     [
-        (2, 32, 17, 19, 3, 1),  # NCHW: plane kernels
+        (2, 5, 17, 19, 3, 1),  # NCHW with fewer channels than a vector: plane kernels
+        (2, 3, 21, 19, 5, 2),
+        (2, 32, 17, 19, 3, 1),  # NCHW: channel-block tiles
         (2, 16, 20, 40, 3, 1),
+        (2, 8, 23, 29, 3, 2),  # strided tiles: scattered input gradient
         (2, 24, 15, 15, 3, 2),  # NCHW: channel-block tiles, vector transposes with an overlapping last block
         (2, 13, 14, 14, 3, 1),  # tiles with a partial channel block
         (2, 16, 7, 7, 3, 1),  # maps narrower than a vector: whole-plane transposes, overlapping pixel blocks

@@ -2,13 +2,15 @@
 // (Howard et al., 2017) and large-kernel nets (RepLKNet, Ding et al., 2022).
 //
 // Why it is written this way:
-// - NCHW, large maps: one (n, c) plane at a time. The plane is copied, zero-padded, converted to
-//   the accumulation type and split into width-stride phases, into a per-thread buffer that
-//   stays in L1/L2. After that, every tap is an unchecked unit-stride vector load, with 4 output
-//   vectors kept in registers across the window. Any input strides are read without a
-//   .contiguous() copy. The copy costs one in-cache pass.
-// - NCHW, maps up to 14x14 and strided maps up to 28x28: the per-plane cost dominates. Here
-//   8-channel blocks are transposed (8x8 vector transposes) into channels-last tiles.
+// - NCHW, fp32/fp64 with at least a vector's worth of channels: blocks of 8 (4) channels are
+//   transposed (8x8 vector transposes) into zero-padded channels-last tiles, and each tap is one
+//   multiply-add over the block's channels, 2x4 output pixels at a time. The unit-stride input
+//   gradient is gathered (a flipped-kernel forward); strided ones are scattered.
+// - NCHW otherwise (fewer channels, fp16/bf16): one (n, c) plane at a time. The plane is copied,
+//   zero-padded, converted to the accumulation type and split into width-stride phases, into a
+//   per-thread buffer that stays in L1/L2. After that, every tap is an unchecked unit-stride
+//   vector load, with 4 output vectors kept in registers across the window. Any input strides
+//   are read without a .contiguous() copy.
 // - channels_last vectorises over channels: each tap is a multiply-add of channel vectors.
 //   Small windows go pixel by pixel; large windows go channel block by channel block.
 // - Backward never uses atomics. The weight gradient of a channel (block) is summed by one thread
@@ -575,9 +577,9 @@ FASTCNN_INLINE void forward_tile_pixels(const T* tile, const T* taps, typename S
     for (int j = 0; j < RX; ++j) *reinterpret_cast<U*>(out_tile + ((oy + i) * s.out_w + ox + j) * L) = acc[i][j];
 }
 
-// Small NCHW maps (14x14, 7x7) cost more per plane than per output. There, one vector's worth of
-// channels is transposed into a zero-padded channels-last tile [padded_h][padded_w][L] and
-// convolved a block of output pixels at a time, each tap one vector multiply-add over the L
+// NCHW channel-block tiles (see use_tiles): one vector's worth of channels is transposed into a
+// zero-padded channels-last tile [padded_h][padded_w][L] and convolved a block of output pixels
+// at a time, each tap one vector multiply-add over the L
 // channels; out_tile is [out_h][out_w][L]. Edge blocks overlap the previous ones (out_tile is
 // scratch: a pixel computed twice is written twice with the same value).
 template <typename T>
@@ -951,13 +953,14 @@ void store_tile(const T* tile, int64_t top, int64_t left, int64_t tile_w, int64_
   }
 }
 
-// Measured here (MobileNet layers, N=1 and 32): tiles win on maps up to 14x14 and on strided maps
-// up to 28x28; the plane kernels win on unit-stride 28x28 and larger.
+// Tiles need a vector's worth of channels. Measured here once the tile kernels blocked their
+// output pixels (one thread, freed memory reused, ms forward / backward, planes -> tiles):
+// 32x64x112x112 stride 2 8.5/23.4 -> 4.9/11.3, 32x32x112x112 5.5/10.6 -> 4.6/8.3,
+// 8x128x56x56 7x7 9.0/17.9 -> 5.9/12.1, 31x31 146/281 -> 123/199. At N=1 with unit stride the two
+// are within 10% of each other; strided N=1 maps are 2-3x faster in tiles.
 template <typename T>
 bool use_tiles(const Geometry& g) {
-  constexpr int64_t L = Simd<T>::width;
-  const int64_t area = g.in_h * g.in_w;
-  return g.channels >= L && (area <= 16 * 16 || (g.stride_w > 1 && area <= 32 * 32));
+  return g.channels >= Simd<T>::width;
 }
 
 PlaneShape plane_shape(const Geometry& g) {
