@@ -27,7 +27,7 @@ std::string build_info() {
 #else
   info += ";baseline_isa=default";
 #endif
-  info += ";huge_page_outputs=";
+  info += ";huge_pages=";
   info += fastcnn::cpu::huge_page_outputs_enabled() ? "1" : "0";
   return info;
 }

@@ -69,6 +69,7 @@ def _info_lines(env: Dict[str, Any]) -> List[str]:
     lines.append(
         f"allocator: {alloc['name']}"
         + (f" (GLIBC_TUNABLES={alloc['GLIBC_TUNABLES']})" if alloc["GLIBC_TUNABLES"] else " (glibc defaults)")
+        + f"; transparent huge pages: {alloc.get('transparent_hugepage') or 'unknown'}"
     )
     return lines
 

@@ -15,7 +15,7 @@ from fastcnn import _extension
 HUGE_PAGE = 2 << 20
 
 pytestmark = pytest.mark.skipif(
-    _extension.build_info().get("huge_page_outputs") != "1",
+    _extension.build_info().get("huge_pages") != "1",
     reason="huge-page outputs are off here (FASTCNN_HUGE_PAGES=0, or no madvise on this platform)",
 )
 
@@ -84,7 +84,7 @@ def test_environment_variable_turns_huge_pages_off():
     script = (
         "import torch, fastcnn\n"
         "from fastcnn import _extension\n"
-        "print(_extension.build_info()['huge_page_outputs'])\n"
+        "print(_extension.build_info()['huge_pages'])\n"
     )
     env = dict(os.environ, FASTCNN_HUGE_PAGES="0")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
