@@ -549,16 +549,15 @@ FASTCNN_INLINE void gather_strided_impl(T* dst, const T* src, int64_t n, int64_t
 // channels is transposed into a zero-padded channels-last tile [padded_h][padded_w][L] and
 // convolved one output pixel at a time, each tap one vector multiply-add over the L channels;
 // out_tile is [out_h][out_w][L].
-// RY x RX output pixels at a time: one weight load feeds RY * RX independent accumulators. One
-// pixel at a time, each output waited on a chain of kernel_area dependent multiply-adds (4 cycles
-// each), which made the 14x14 layers latency-bound at a fifth of the FMA rate.
+// acc[i][j] = b + the window sum of output pixel (oy + i, ox + j) over a channel tile. RY x RX
+// pixels at a time: one weight load feeds RY * RX independent accumulators. One pixel at a time,
+// each output waited on a chain of kernel_area dependent multiply-adds (4 cycles each), which
+// made the 14x14 layers latency-bound at a fifth of the FMA rate.
 template <typename T, int RY, int RX>
-FASTCNN_INLINE void forward_tile_pixels(const T* tile, const T* taps, typename Simd<T>::type b, T* out_tile,
-                                        int64_t oy, int64_t ox, const PlaneShape& s, int64_t padded_w) {
+FASTCNN_INLINE void tile_window_sums(const T* tile, const T* taps, typename Simd<T>::type b, int64_t oy, int64_t ox,
+                                     const PlaneShape& s, int64_t padded_w, typename Simd<T>::type (&acc)[RY][RX]) {
   using V = typename Simd<T>::type;
-  using U = typename Simd<T>::unaligned;
   constexpr int L = Simd<T>::width;
-  V acc[RY][RX];
   for (int i = 0; i < RY; ++i)
     for (int j = 0; j < RX; ++j) acc[i][j] = b;
   const int64_t step_x = s.stride_w * L, step_y = s.stride_h * padded_w * L;
@@ -573,14 +572,22 @@ FASTCNN_INLINE void forward_tile_pixels(const T* tile, const T* taps, typename S
         for (int j = 0; j < RX; ++j) acc[i][j] += weight * load(p + i * step_y + j * step_x);
     }
   }
+}
+
+template <typename T, int RY, int RX>
+FASTCNN_INLINE void forward_tile_pixels(const T* tile, const T* taps, typename Simd<T>::type b, T* out_tile,
+                                        int64_t oy, int64_t ox, const PlaneShape& s, int64_t padded_w) {
+  using U = typename Simd<T>::unaligned;
+  constexpr int L = Simd<T>::width;
+  typename Simd<T>::type acc[RY][RX];
+  tile_window_sums<T, RY, RX>(tile, taps, b, oy, ox, s, padded_w, acc);
   for (int i = 0; i < RY; ++i)
     for (int j = 0; j < RX; ++j) *reinterpret_cast<U*>(out_tile + ((oy + i) * s.out_w + ox + j) * L) = acc[i][j];
 }
 
 // NCHW channel-block tiles (see use_tiles): one vector's worth of channels is transposed into a
 // zero-padded channels-last tile [padded_h][padded_w][L] and convolved a block of output pixels
-// at a time, each tap one vector multiply-add over the L
-// channels; out_tile is [out_h][out_w][L]. Edge blocks overlap the previous ones (out_tile is
+// at a time, each tap one vector multiply-add over the L channels; out_tile is [out_h][out_w][L]. Edge blocks overlap the previous ones (out_tile is
 // scratch: a pixel computed twice is written twice with the same value).
 template <typename T>
 FASTCNN_INLINE void forward_tile_impl(const T* tile, const T* taps, const T* bias, T* out_tile, const PlaneShape& s,
@@ -816,24 +823,13 @@ FASTCNN_SIMD_CLONES void forward_tile_to_planes(const float* tile, const float* 
   using U = Simd<float>::unaligned;
   constexpr int L = 8;
   const V b = load(bias);
-  const int64_t step_x = s.stride_w * L;
   for (int64_t oy = 0; oy < s.out_h; ++oy) {
     for (int64_t ox0 = 0; ox0 < s.out_w; ox0 += L) {
       const int64_t ox = std::min(ox0, s.out_w - L);
-      V acc[L];
-      for (int j = 0; j < L; ++j) acc[j] = b;
-      const float* origin = tile + (oy * s.stride_h * padded_w + ox * s.stride_w) * L;
-      for (int64_t ky = 0; ky < s.kernel_h; ++ky) {
-        const float* row = origin + ky * s.dilation_h * padded_w * L;
-        const float* w = taps + ky * s.kernel_w * L;
-        for (int64_t kx = 0; kx < s.kernel_w; ++kx) {
-          const V weight = load(w + kx * L);
-          const float* p = row + kx * s.dilation_w * L;
-          for (int j = 0; j < L; ++j) acc[j] += weight * load(p + j * step_x);
-        }
-      }
-      transpose8x8(acc);
-      for (int64_t l = 0; l < lanes; ++l) *reinterpret_cast<U*>(planes[l] + oy * row_stride + ox) = acc[l];
+      V acc[1][L];
+      tile_window_sums<float, 1, L>(tile, taps, b, oy, ox, s, padded_w, acc);
+      transpose8x8(acc[0]);
+      for (int64_t l = 0; l < lanes; ++l) *reinterpret_cast<U*>(planes[l] + oy * row_stride + ox) = acc[0][l];
     }
   }
 }
