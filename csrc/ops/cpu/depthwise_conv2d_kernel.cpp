@@ -4,8 +4,9 @@
 // Why it is written this way:
 // - NCHW, fp32/fp64 with at least a vector's worth of channels: blocks of 8 (4) channels are
 //   transposed (8x8 vector transposes) into zero-padded channels-last tiles, and each tap is one
-//   multiply-add over the block's channels, 2x4 output pixels at a time. The unit-stride input
-//   gradient is gathered (a flipped-kernel forward); strided ones are scattered.
+//   multiply-add over the block's channels, 8 output pixels at a time (transposed in registers
+//   and stored straight into the NCHW planes when the map is 8 or more wide). The unit-stride
+//   input gradient is gathered (a flipped-kernel forward); strided ones are scattered.
 // - NCHW otherwise (fewer channels, fp16/bf16): one (n, c) plane at a time. The plane is copied,
 //   zero-padded, converted to the accumulation type and split into width-stride phases, into a
 //   per-thread buffer that stays in L1/L2. After that, every tap is an unchecked unit-stride
