@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "common/depthwise_conv2d_checks.h"
@@ -983,6 +984,32 @@ void store_tile(const T* tile, int64_t top, int64_t left, int64_t tile_w, int64_
   }
 }
 
+// Per-thread tile buffers, left uninitialised: std::vector zeroed the whole tile on every call,
+// about 0.8 MB per thread for a 112x112 map (in and out tiles), a sixth of an N=1 layer.
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t size) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(size)]);
+}
+
+// A [tile_h][tile_w][L] tile whose (h x w) interior at (top, left) every item overwrites: only
+// the border around it is zeroed, once.
+template <typename T>
+std::unique_ptr<T[]> bordered_tile(int64_t tile_h, int64_t tile_w, int64_t top, int64_t left, int64_t h, int64_t w) {
+  constexpr int64_t L = Simd<T>::width;
+  auto tile = scratch<T>(tile_h * tile_w * L);
+  T* data = tile.get();
+  for (int64_t y = 0; y < tile_h; ++y) {
+    T* row = data + y * tile_w * L;
+    if (y < top || y >= top + h) {
+      std::fill(row, row + tile_w * L, T(0));
+    } else {
+      std::fill(row, row + left * L, T(0));
+      std::fill(row + (left + w) * L, row + tile_w * L, T(0));
+    }
+  }
+  return tile;
+}
+
 // Tiles need a vector's worth of channels. Measured here once the tile kernels blocked their
 // output pixels (one thread, freed memory reused, ms forward / backward, planes -> tiles):
 // 32x64x112x112 stride 2 8.5/23.4 -> 4.9/11.3, 32x32x112x112 5.5/10.6 -> 4.6/8.3,
@@ -1024,27 +1051,30 @@ void forward_nchw(const at::Tensor& input, const at::Tensor& weight, const at::T
       constexpr int64_t L = Simd<T>::width;
       const int64_t blocks = (g.channels + L - 1) / L;
       at::parallel_for(0, g.batch * blocks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> tile(padded_h * padded_w * L, T(0)), out_tile(out_area * L), block_taps(kernel_area * L),
-            block_bias(L);
+        const auto tile_buffer = bordered_tile<T>(padded_h, padded_w, g.pad_top, g.pad_left, g.in_h, g.in_w);
+        const bool direct_output = std::is_same_v<T, float> && g.out_w >= L;
+        const auto out_buffer = scratch<T>(direct_output ? 0 : out_area * L);
+        T* tile = tile_buffer.get();
+        T* out_tile = out_buffer.get();
+        std::vector<T> block_taps(kernel_area * L), block_bias(L);
         for (int64_t item = begin; item < end; ++item) {
           const int64_t n = item / blocks, c0 = item % blocks * L, lanes = std::min(L, g.channels - c0);
           for (int64_t t = 0; t < kernel_area; ++t)
             for (int64_t l = 0; l < L; ++l) block_taps[t * L + l] = l < lanes ? w[(c0 + l) * kernel_area + t] : T(0);
           for (int64_t l = 0; l < L; ++l) block_bias[l] = b && l < lanes ? b[c0 + l] : T(0);
           load_tile(in + n * in_strides[0] + c0 * in_strides[1], in_strides[1], lanes, g.in_h, g.in_w, in_strides[2],
-                    in_strides[3], g.pad_top, g.pad_left, padded_w, tile.data());
+                    in_strides[3], g.pad_top, g.pad_left, padded_w, tile);
           scalar_t* out_block = out + (n * g.channels + c0) * out_area;
           if constexpr (std::is_same_v<T, float>) {
-            if (g.out_w >= L) {
+            if (direct_output) {
               float* planes[L];
               for (int64_t l = 0; l < L; ++l) planes[l] = out_block + std::min(l, lanes - 1) * out_area;
-              forward_tile_to_planes(tile.data(), block_taps.data(), block_bias.data(), planes, lanes, g.out_w, s,
-                                     padded_w);
+              forward_tile_to_planes(tile, block_taps.data(), block_bias.data(), planes, lanes, g.out_w, s, padded_w);
               continue;
             }
           }
-          forward_tile(tile.data(), block_taps.data(), block_bias.data(), out_tile.data(), s, padded_w);
-          store_tile(out_tile.data(), 0, 0, g.out_w, lanes, g.out_h, g.out_w, out_block, out_area, g.out_w, 1);
+          forward_tile(tile, block_taps.data(), block_bias.data(), out_tile, s, padded_w);
+          store_tile(out_tile, 0, 0, g.out_w, lanes, g.out_h, g.out_w, out_block, out_area, g.out_w, 1);
         }
       });
       return;
@@ -1224,10 +1254,17 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
       const int64_t go_top = gather_input ? window_top : 0, go_left = gather_input ? window_left : 0;
       const int64_t grad_in_area = gather_input ? g.in_h * g.in_w : padded_h * padded_w;
       at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> in_tile(want_weight ? padded_h * padded_w * L : 0, T(0)), go_tile(go_h * go_w * L, T(0)),
-            grad_in_tile(want_input ? grad_in_area * L : 0), block_taps(kernel_area * L),
-            flipped_taps(gather_input ? kernel_area * L : 0), zero_bias(L, T(0)), grad_taps(kernel_area * L);
-        const T* go_pixels = go_tile.data() + (go_top * go_w + go_left) * L;
+        const auto in_buffer = want_weight ? bordered_tile<T>(padded_h, padded_w, g.pad_top, g.pad_left, g.in_h, g.in_w)
+                                           : scratch<T>(0);
+        const auto go_buffer = bordered_tile<T>(go_h, go_w, go_top, go_left, g.out_h, g.out_w);
+        const bool direct_input = std::is_same_v<T, float> && gather_input && g.in_w >= L && gi_strides[3] == 1;
+        const auto grad_in_buffer = scratch<T>(want_input && !direct_input ? grad_in_area * L : 0);
+        T* in_tile = in_buffer.get();
+        T* go_tile = go_buffer.get();
+        T* grad_in_tile = grad_in_buffer.get();
+        std::vector<T> block_taps(kernel_area * L), flipped_taps(gather_input ? kernel_area * L : 0), zero_bias(L, T(0)),
+            grad_taps(kernel_area * L);
+        const T* go_pixels = go_tile + (go_top * go_w + go_left) * L;
         for (int64_t block = begin; block < end; ++block) {
           const int64_t c0 = block * L, lanes = std::min(L, g.channels - c0);
           for (int64_t t = 0; t < kernel_area; ++t)
@@ -1238,34 +1275,34 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
           T bias_sums[L] = {};
           for (int64_t n = 0; n < g.batch; ++n) {
             load_tile(go + n * go_strides[0] + c0 * go_strides[1], go_strides[1], lanes, g.out_h, g.out_w,
-                      go_strides[2], go_strides[3], go_top, go_left, go_w, go_tile.data());
+                      go_strides[2], go_strides[3], go_top, go_left, go_w, go_tile);
             if (want_bias)
               for (int64_t oy = 0; oy < g.out_h; ++oy)
                 for (int64_t ox = 0; ox < g.out_w; ++ox)
                   for (int64_t l = 0; l < L; ++l) bias_sums[l] += go_pixels[(oy * go_w + ox) * L + l];
             if (want_weight)
               load_tile(in + n * in_strides[0] + c0 * in_strides[1], in_strides[1], lanes, g.in_h, g.in_w,
-                        in_strides[2], in_strides[3], g.pad_top, g.pad_left, padded_w, in_tile.data());
-            if (want_input && !gather_input) std::fill(grad_in_tile.begin(), grad_in_tile.end(), T(0));
-            T* scatter_into = want_input && !gather_input ? grad_in_tile.data() : nullptr;
+                        in_strides[2], in_strides[3], g.pad_top, g.pad_left, padded_w, in_tile);
+            if (want_input && !gather_input) std::fill(grad_in_tile, grad_in_tile + grad_in_area * L, T(0));
+            T* scatter_into = want_input && !gather_input ? grad_in_tile : nullptr;
             if (want_weight || scatter_into)
-              backward_tile(go_pixels, go_w, in_tile.data(), block_taps.data(), scatter_into,
+              backward_tile(go_pixels, go_w, in_tile, block_taps.data(), scatter_into,
                             want_weight ? grad_taps.data() : nullptr, s, padded_w);
             scalar_t* gi_block = want_input ? gi + n * gi_strides[0] + c0 * gi_strides[1] : nullptr;
             if constexpr (std::is_same_v<T, float>) {
-              if (gather_input && g.in_w >= L && gi_strides[3] == 1) {
+              if (direct_input) {
                 float* planes[L];
                 for (int64_t l = 0; l < L; ++l) planes[l] = gi_block + std::min(l, lanes - 1) * gi_strides[1];
-                forward_tile_to_planes(go_tile.data(), flipped_taps.data(), zero_bias.data(), planes, lanes,
+                forward_tile_to_planes(go_tile, flipped_taps.data(), zero_bias.data(), planes, lanes,
                                        gi_strides[2], transposed, window_w);
                 continue;
               }
             }
             if (gather_input)
-              forward_tile(go_tile.data(), flipped_taps.data(), zero_bias.data(), grad_in_tile.data(), transposed,
+              forward_tile(go_tile, flipped_taps.data(), zero_bias.data(), grad_in_tile, transposed,
                            window_w);
             if (want_input)
-              store_tile(grad_in_tile.data(), gather_input ? 0 : g.pad_top, gather_input ? 0 : g.pad_left,
+              store_tile(grad_in_tile, gather_input ? 0 : g.pad_top, gather_input ? 0 : g.pad_left,
                          gather_input ? g.in_w : padded_w, lanes, g.in_h, g.in_w, gi_block, gi_strides[1],
                          gi_strides[2], gi_strides[3]);
           }
