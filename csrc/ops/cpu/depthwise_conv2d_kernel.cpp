@@ -696,34 +696,11 @@ FASTCNN_INLINE void transpose8x8(Simd<float>::type r[8]) {
   }
 }
 
-// One row of 8 channel planes (unit column stride, width >= 8) into tile pixels [x][8 channels]
-// and back; the last block overlaps the one before instead of a scalar tail.
-FASTCNN_INLINE void planes_to_tile_row(const float* const* rows, int64_t w, float* tile_row) {
-  using U = Simd<float>::unaligned;
-  for (int64_t x0 = 0; x0 < w; x0 += 8) {
-    const int64_t x = std::min(x0, w - 8);
-    Simd<float>::type r[8];
-    for (int l = 0; l < 8; ++l) r[l] = load(rows[l] + x);
-    transpose8x8(r);
-    for (int j = 0; j < 8; ++j) *reinterpret_cast<U*>(tile_row + (x + j) * 8) = r[j];
-  }
-}
-
-FASTCNN_INLINE void tile_row_to_planes(const float* tile_row, int64_t w, float* const* rows) {
-  using U = Simd<float>::unaligned;
-  for (int64_t x0 = 0; x0 < w; x0 += 8) {
-    const int64_t x = std::min(x0, w - 8);
-    Simd<float>::type r[8];
-    for (int j = 0; j < 8; ++j) r[j] = load(tile_row + (x + j) * 8);
-    transpose8x8(r);
-    for (int l = 0; l < 8; ++l) *reinterpret_cast<U*>(rows[l] + x) = r[l];
-  }
-}
-
-// Dense (h x w) planes, any w: the plane is one run of `count` = h * w pixels, transposed 8
-// pixels at a time (the last block overlapping the one before), each pixel then stored at its
-// place in a tile with rows tile_w wide, offset by (top, left). Maps narrower than 8 (7x7) get
-// vector transposes too instead of element-by-element copies.
+// 8 channel planes, each a run of `count` pixels of a map w wide (a whole dense plane, or one row
+// of a strided one), into tile pixels [..][8 channels] and back: transposed 8 pixels at a time
+// (the last block overlapping the one before), each pixel stored at its place in a tile with
+// rows tile_w wide, offset by (top, left). Maps narrower than 8 (7x7) get vector transposes too
+// instead of element-by-element copies.
 FASTCNN_INLINE void planes_to_tile_flat(const float* const* planes, int64_t count, int64_t w, int64_t tile_w,
                                         int64_t top, int64_t left, float* tile) {
   using U = Simd<float>::unaligned;
@@ -799,12 +776,6 @@ FASTCNN_DEFINE_CLONES(float)
 FASTCNN_DEFINE_CLONES(double)
 #undef FASTCNN_DEFINE_CLONES
 
-FASTCNN_SIMD_CLONES void load_tile_rows(const float* const* rows, int64_t w, float* tile_row) {
-  planes_to_tile_row(rows, w, tile_row);
-}
-FASTCNN_SIMD_CLONES void store_tile_rows(const float* tile_row, int64_t w, float* const* rows) {
-  tile_row_to_planes(tile_row, w, rows);
-}
 FASTCNN_SIMD_CLONES void load_tile_flat(const float* const* planes, int64_t count, int64_t w, int64_t tile_w,
                                         int64_t top, int64_t left, float* tile) {
   planes_to_tile_flat(planes, count, w, tile_w, top, left, tile);
@@ -943,7 +914,7 @@ void load_tile(const scalar_t* block, int64_t channel_stride, int64_t lanes, int
       for (int64_t y = 0; y < h; ++y) {
         const float* rows[8];
         for (int64_t l = 0; l < 8; ++l) rows[l] = block + std::min(l, lanes - 1) * channel_stride + y * sh;
-        load_tile_rows(rows, w, tile + ((y + top) * tile_w + left) * L);
+        load_tile_flat(rows, w, w, tile_w, y + top, left, tile);
       }
       return;
     }
@@ -971,7 +942,7 @@ void store_tile(const T* tile, int64_t top, int64_t left, int64_t tile_w, int64_
       for (int64_t y = 0; y < h; ++y) {
         float* rows[8];
         for (int64_t l = 0; l < 8; ++l) rows[l] = block + l * channel_stride + y * sh;
-        store_tile_rows(tile + ((y + top) * tile_w + left) * L, w, rows);
+        store_tile_flat(tile, w, w, tile_w, y + top, left, rows);
       }
       return;
     }
