@@ -1,13 +1,14 @@
 // The Python module stub for fastcnn._C. Ops register themselves with the dispatcher from their
 // own files (TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL); importing this module runs those
 // static registrations. `_build_info` tells `fastcnn info` how the extension was built (and whether CPU outputs
-// go to huge pages, see ops/cpu/output_allocator.h).
+// go to huge pages, see ops/cpu/output_allocator.h, and whether the AVX-512 depthwise planes run).
 #include <Python.h>
 
 #include <string>
 
 #include <torch/library.h>
 
+#include "ops/cpu/depthwise_conv2d_avx512.h"
 #include "ops/cpu/output_allocator.h"
 
 namespace {
@@ -29,6 +30,8 @@ std::string build_info() {
 #endif
   info += ";huge_pages=";
   info += fastcnn::cpu::huge_page_outputs_enabled() ? "1" : "0";
+  info += ";avx512_depthwise=";
+  info += fastcnn::depthwise::avx512::enabled() ? "1" : "0";
   return info;
 }
 

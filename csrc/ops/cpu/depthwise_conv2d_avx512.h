@@ -1,0 +1,56 @@
+// Depthwise convolution on NCHW fp32 planes at unit stride, read in place with AVX-512 masked
+// loads (csrc/ops/cpu/depthwise_conv2d_avx512.cpp). Plain types only: this header is shared by a
+// translation unit compiled for AVX-512 and one that is not.
+#pragma once
+
+#include <cstdint>
+
+// GCC on x86-64 builds these kernels (the translation unit uses `#pragma GCC target`); elsewhere
+// enabled() is false and the portable kernels run.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTCNN_AVX512_PLANES 1
+#else
+#define FASTCNN_AVX512_PLANES 0
+#endif
+
+namespace fastcnn {
+namespace depthwise {
+namespace avx512 {
+
+// One input plane and one output plane of a unit-stride depthwise convolution. Columns are
+// adjacent in memory; rows are `*_row_stride` floats apart. The output has out_h x out_w pixels:
+// out[oy][ox] reads in[oy - pad_top + ky*dilation_h][ox - pad_left + kx*dilation_w], zero outside
+// the input. Pads may be negative (the input gradient's window is a crop when the padding is wider
+// than the kernel's reach).
+struct PlaneGeometry {
+  int64_t in_h, in_w, in_row_stride;
+  int64_t out_h, out_w, out_row_stride;
+  int64_t kernel_h, kernel_w, pad_top, pad_left, dilation_h, dilation_w;
+};
+
+// enabled() and supports() are defined in depthwise_conv2d_kernel.cpp: code in the AVX-512
+// translation unit must not run before the CPU check.
+
+// Whether these kernels run here: the CPU has AVX-512F and FASTCNN_AVX512 is not 0 (read on every
+// call, so that tests can run both paths in one process).
+bool enabled();
+
+// The windows these kernels are written for: 3x3 and 5x5 (weights in registers), dilation_h 1.
+// Others take the portable kernels.
+bool supports(int64_t kernel_h, int64_t kernel_w, int64_t dilation_h);
+
+// out = bias + the window sums of `in` with `taps` ([kernel_h][kernel_w], row-major).
+void forward_plane(const float* in, const float* taps, float bias, float* out, const PlaneGeometry& g);
+
+// The weight and bias gradients of one plane, added into per-lane partial sums: tap_lanes is
+// [kernel_h * kernel_w][16] and bias_lanes [16] floats. They stay in vector form from plane to
+// plane so a small plane is not dominated by horizontal sums; the caller adds the 16 lanes once
+// per channel. bias_lanes may be null. Here `in` is the forward's input and out_* are grad_out's.
+void weight_grad_plane(const float* grad_out, const float* in, float* tap_lanes, float* bias_lanes,
+                       const PlaneGeometry& g);
+
+constexpr int64_t kLanes = 16;
+
+}  // namespace avx512
+}  // namespace depthwise
+}  // namespace fastcnn
