@@ -117,30 +117,39 @@ def test_matches_reference_fp32(shape, layout):
         torch.testing.assert_close(g_ours.double(), g_exact, rtol=1e-5, atol=1e-5 * scale)
 
 
-# fp32 NCHW at unit stride with 3x3 and 5x5 windows: the AVX-512 plane kernels where the CPU has
-# them (FASTCNN_AVX512=1), the portable kernels otherwise. (N, C, H, W, k, padding, dilation)
+# fp32 NCHW with 3x3 and 5x5 windows at stride 1 and 2: the AVX-512 plane kernels where the CPU
+# has them (FASTCNN_AVX512=1), the portable kernels otherwise.
+# (N, C, H, W, k, stride, padding, dilation)
 PLANE_CASES = [
-    (2, 3, 7, 7, 3, 1, 1),  # one partial vector per row, 7 rows: exactly one row block
-    (2, 4, 15, 17, 3, 1, 1),  # a full vector and a one-lane tail; rows past a block's end
-    (1, 2, 9, 16, 3, 1, 1),  # rows exactly one vector wide
-    (2, 3, 11, 33, 5, 2, 1),
-    (1, 2, 6, 5, 3, 4, 1),  # padding beyond the kernel's reach: the gradient's window is a crop
-    (2, 3, 10, 20, 3, (0, 2, 1, 0), (1, 2)),  # asymmetric padding, dilation along the rows only
-    (1, 2, 1, 1, 3, 1, 1),  # 1x1 map: every tap but the centre is padding
-    (1, 2, 20, 3, 5, (2, 0, 3, 1), 1),
-    (3, 5, 8, 40, 3, 0, 1),  # no padding: the output is smaller than the input
-    (1, 2, 3, 2, 5, 2, 1),  # kernel taller and wider than the map
+    (2, 3, 7, 7, 3, 1, 1, 1),  # one partial vector per row, 7 rows: exactly one row block
+    (2, 4, 15, 17, 3, 1, 1, 1),  # a full vector and a one-lane tail; rows past a block's end
+    (1, 2, 9, 16, 3, 1, 1, 1),  # rows exactly one vector wide
+    (2, 3, 11, 33, 5, 1, 2, 1),
+    (1, 2, 6, 5, 3, 1, 4, 1),  # padding beyond the kernel's reach: the gradient's window is a crop
+    (2, 3, 10, 20, 3, 1, (0, 2, 1, 0), (1, 2)),  # asymmetric padding, dilation along the rows only
+    (1, 2, 1, 1, 3, 1, 1, 1),  # 1x1 map: every tap but the centre is padding
+    (1, 2, 20, 3, 5, 1, (2, 0, 3, 1), 1),
+    (3, 5, 8, 40, 3, 1, 0, 1),  # no padding: the output is smaller than the input
+    (1, 2, 3, 2, 5, 1, 2, 1),  # kernel taller and wider than the map
+    (2, 3, 14, 14, 3, 2, 1, 1),  # stride 2: 7x7 output, one partial vector
+    (2, 3, 15, 35, 3, 2, 1, 1),  # odd input: the last input column feeds only the last output
+    (1, 2, 5, 17, 3, 2, 1, 1),  # the last output's right tap is padding, in the second load of a pair
+    (1, 2, 33, 34, 3, 2, (0, 1, 1, 0), 1),  # TF-style "same" padding of a stride-2 layer
+    (2, 3, 17, 40, 5, 2, 2, 1),  # 5x5: three load pairs per row
+    (1, 2, 9, 9, 5, 2, (4, 0, 0, 4), 1),
+    (1, 2, 2, 3, 3, 2, 2, 1),  # padding wider than the map
+    (2, 4, 40, 70, 3, 2, 1, 1),  # several row blocks and vectors: rows inside and at the border
 ]
 
 
 @pytest.mark.parametrize("avx512", ["1", "0"], ids=["avx512", "portable"])
 @pytest.mark.parametrize("layout", ["contiguous", "row_strided"])
-@pytest.mark.parametrize("case", PLANE_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-p{c[5]}-d{c[6]}")
-def test_fp32_unit_stride_planes(case, layout, avx512, monkeypatch):
+@pytest.mark.parametrize("case", PLANE_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-s{c[5]}-p{c[6]}-d{c[7]}")
+def test_fp32_planes(case, layout, avx512, monkeypatch):
     monkeypatch.setenv("FASTCNN_AVX512", avx512)
     if avx512 == "1" and fastcnn.benchmarking.cpu_isa().get("avx512f"):
         assert fastcnn._extension.build_info()["avx512_depthwise"] == "1"
-    n, c, h, w, k, padding, dilation = case
+    n, c, h, w, k, stride, padding, dilation = case
 
     def rows_apart(t):  # rows of a wider tensor: columns adjacent, rows and planes farther apart
         if layout == "contiguous":
@@ -153,10 +162,10 @@ def test_fp32_unit_stride_planes(case, layout, avx512, monkeypatch):
     weight = torch.randn(c, 1, k, k, requires_grad=True)
     b = torch.randn(c, requires_grad=True)
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, b))
-    truth = _reference(x64, w64, b64, 1, padding, dilation)
+    truth = _reference(x64, w64, b64, stride, padding, dilation)
     for _ in range(2):  # freed NaN buffers of the output's size: an unwritten element shows
         torch.empty(truth.shape).fill_(float("nan"))
-    out = depthwise_conv2d(x, weight, b, 1, padding, dilation)
+    out = depthwise_conv2d(x, weight, b, stride, padding, dilation)
     torch.testing.assert_close(out.double(), truth, rtol=1e-5, atol=1e-5 * k)
     grad = rows_apart(torch.randn(truth.shape))
     ours = _grads(out, (x, weight, b), grad)
@@ -165,22 +174,23 @@ def test_fp32_unit_stride_planes(case, layout, avx512, monkeypatch):
         scale = g_exact.abs().max().item() + 1
         torch.testing.assert_close(g_ours.double(), g_exact, rtol=1e-5, atol=1e-5 * scale)
     # The bias gradient alone (weight frozen), and the input gradient alone.
-    (g_bias,) = torch.autograd.grad(depthwise_conv2d(x.detach(), weight.detach(), b, 1, padding, dilation), b, grad)
+    (g_bias,) = torch.autograd.grad(depthwise_conv2d(x.detach(), weight.detach(), b, stride, padding, dilation), b, grad)
     torch.testing.assert_close(g_bias.double(), exact[2], rtol=1e-5, atol=1e-5 * (exact[2].abs().max().item() + 1))
-    (g_input,) = torch.autograd.grad(depthwise_conv2d(x, weight.detach(), None, 1, padding, dilation), x, grad)
+    (g_input,) = torch.autograd.grad(depthwise_conv2d(x, weight.detach(), None, stride, padding, dilation), x, grad)
     torch.testing.assert_close(g_input, ours[0], rtol=1e-6, atol=1e-6)
 
 
-def test_fp32_unit_stride_planes_do_not_depend_on_threads(monkeypatch):
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fp32_planes_do_not_depend_on_threads(stride):
     """The weight gradient is summed in the same order whatever the split across threads."""
     x, weight, b = _random_case(3, 9, 14, 14, 3, 3, torch.float32, "contiguous")
-    grad = torch.randn(3, 9, 14, 14)
+    grad = torch.randn(3, 9, 14 // stride, 14 // stride)
     threads = torch.get_num_threads()
     results = []
     try:
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            results.append(_grads(depthwise_conv2d(x, weight, b, 1, 1), (x, weight, b), grad))
+            results.append(_grads(depthwise_conv2d(x, weight, b, stride, 1), (x, weight, b), grad))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:

@@ -17,15 +17,16 @@ namespace fastcnn {
 namespace depthwise {
 namespace avx512 {
 
-// One input plane and one output plane of a unit-stride depthwise convolution. Columns are
-// adjacent in memory; rows are `*_row_stride` floats apart. The output has out_h x out_w pixels:
-// out[oy][ox] reads in[oy - pad_top + ky*dilation_h][ox - pad_left + kx*dilation_w], zero outside
-// the input. Pads may be negative (the input gradient's window is a crop when the padding is wider
-// than the kernel's reach).
+// One input plane and one output plane of a depthwise convolution with stride 1 or 2 (the same
+// along both axes). Columns are adjacent in memory; rows are `*_row_stride` floats apart. The
+// output has out_h x out_w pixels: out[oy][ox] reads
+// in[oy*stride - pad_top + ky*dilation_h][ox*stride - pad_left + kx*dilation_w], zero outside the
+// input. Pads may be negative (the unit-stride input gradient's window is a crop when the padding
+// is wider than the kernel's reach).
 struct PlaneGeometry {
   int64_t in_h, in_w, in_row_stride;
   int64_t out_h, out_w, out_row_stride;
-  int64_t kernel_h, kernel_w, pad_top, pad_left, dilation_h, dilation_w;
+  int64_t kernel_h, kernel_w, pad_top, pad_left, dilation_h, dilation_w, stride;
 };
 
 // enabled() and supports() are defined in depthwise_conv2d_kernel.cpp: code in the AVX-512
@@ -35,12 +36,19 @@ struct PlaneGeometry {
 // call, so that tests can run both paths in one process).
 bool enabled();
 
-// The windows these kernels are written for: 3x3 and 5x5 (weights in registers), dilation_h 1.
-// Others take the portable kernels.
-bool supports(int64_t kernel_h, int64_t kernel_w, int64_t dilation_h);
+// The windows these kernels are written for: 3x3 and 5x5 (weights in registers); stride 1 with
+// dilation_h 1, or stride 2 with dilation 1. Others take the portable kernels.
+bool supports(int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t dilation_h,
+              int64_t dilation_w);
 
 // out = bias + the window sums of `in` with `taps` ([kernel_h][kernel_w], row-major).
 void forward_plane(const float* in, const float* taps, float bias, float* out, const PlaneGeometry& g);
+
+// The input gradient of one plane at stride 2 (at stride 1 it is forward_plane over grad_out with
+// the flipped kernel): grad_in[iy][ix] = sum of taps[ky][kx] * grad_out[oy][ox] over the taps with
+// oy*2 - pad_top + ky = iy and ox*2 - pad_left + kx = ix. `g` is the forward's geometry with
+// in_row_stride grad_in's; out_* are grad_out's.
+void grad_input_plane_stride2(const float* grad_out, const float* taps, float* grad_in, const PlaneGeometry& g);
 
 // The weight and bias gradients of one plane, added into per-lane partial sums: tap_lanes is
 // [kernel_h * kernel_w][16] and bias_lanes [16] floats. They stay in vector form from plane to

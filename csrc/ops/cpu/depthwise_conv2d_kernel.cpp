@@ -73,8 +73,10 @@ bool depthwise::avx512::enabled() {
   return !(flag && flag[0] == '0');
 }
 
-bool depthwise::avx512::supports(int64_t kernel_h, int64_t kernel_w, int64_t dilation_h) {
-  return dilation_h == 1 && kernel_h == kernel_w && (kernel_h == 3 || kernel_h == 5);
+bool depthwise::avx512::supports(int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
+                                 int64_t dilation_h, int64_t dilation_w) {
+  if (kernel_h != kernel_w || !(kernel_h == 3 || kernel_h == 5) || dilation_h != 1) return false;
+  return (stride_h == 1 && stride_w == 1) || (stride_h == 2 && stride_w == 2 && dilation_w == 1);
 }
 
 namespace {
@@ -1018,17 +1020,17 @@ bool use_channels_last(const at::Tensor& input) {
   return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
 
-// Unit-stride fp32 NCHW 3x3 and 5x5 windows go to the AVX-512 plane kernels where the CPU has
-// them (planes read in place: no padded copy, no transpose to channel blocks).
+// fp32 NCHW 3x3 and 5x5 windows at stride 1 or 2 go to the AVX-512 plane kernels where the CPU
+// has them (planes read in place: no padded copy, no transpose to channel blocks).
 bool use_avx512_planes(const Geometry& g) {
-  return g.stride_h == 1 && g.stride_w == 1 && depthwise::avx512::supports(g.kernel_h, g.kernel_w, g.dilation_h) &&
+  return depthwise::avx512::supports(g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.dilation_h, g.dilation_w) &&
          depthwise::avx512::enabled();
 }
 
 depthwise::avx512::PlaneGeometry avx512_forward_geometry(const Geometry& g, int64_t in_row_stride,
                                                          int64_t out_row_stride) {
   return {g.in_h, g.in_w, in_row_stride, g.out_h, g.out_w, out_row_stride,
-          g.kernel_h, g.kernel_w, g.pad_top, g.pad_left, g.dilation_h, g.dilation_w};
+          g.kernel_h, g.kernel_w, g.pad_top, g.pad_left, g.dilation_h, g.dilation_w, g.stride_h};
 }
 
 // The unit-stride input gradient as a forward convolution: grad_output read through the window
@@ -1037,7 +1039,7 @@ depthwise::avx512::PlaneGeometry avx512_grad_input_geometry(const Geometry& g, i
                                                             int64_t gi_row_stride) {
   return {g.out_h, g.out_w, go_row_stride, g.in_h, g.in_w, gi_row_stride,
           g.kernel_h, g.kernel_w, (g.kernel_h - 1) * g.dilation_h - g.pad_top,
-          (g.kernel_w - 1) * g.dilation_w - g.pad_left, g.dilation_h, g.dilation_w};
+          (g.kernel_w - 1) * g.dilation_w - g.pad_left, g.dilation_h, g.dilation_w, 1};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1266,7 +1268,11 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
     if (go_strides[3] == 1 && (!want_weight || in_strides[3] == 1) && (!want_input || gi_strides[3] == 1) &&
         use_avx512_planes(g)) {
       const auto forward_shape = avx512_forward_geometry(g, in_strides[2], go_strides[2]);
-      const auto grad_input_shape = avx512_grad_input_geometry(g, go_strides[2], want_input ? gi_strides[2] : 0);
+      const int64_t gi_row_stride = want_input ? gi_strides[2] : 0;
+      const bool unit_stride = g.stride_h == 1;
+      // stride 1: a forward pass over grad_output with the flipped kernel; stride 2: a gather.
+      const auto grad_input_shape = unit_stride ? avx512_grad_input_geometry(g, go_strides[2], gi_row_stride)
+                                                : avx512_forward_geometry(g, gi_row_stride, go_strides[2]);
       // One thread owns a range of channels for the whole batch: each weight gradient is summed
       // without atomics, image after image, the same on every run and thread count. The thread
       // walks its channels image by image, so its planes are read in address order (channel by
@@ -1285,9 +1291,12 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
             const float* go_plane = go + n * go_strides[0] + c * go_strides[1];
             float* tap_lanes = &lanes[(c - begin) * lanes_per_channel];
             float* bias_lanes = tap_lanes + kernel_area * L;
-            if (want_input)
-              depthwise::avx512::forward_plane(go_plane, &flipped[(c - begin) * kernel_area], 0.f,
-                                               gi + n * gi_strides[0] + c * gi_strides[1], grad_input_shape);
+            float* gi_plane = want_input ? gi + n * gi_strides[0] + c * gi_strides[1] : nullptr;
+            if (want_input && unit_stride)
+              depthwise::avx512::forward_plane(go_plane, &flipped[(c - begin) * kernel_area], 0.f, gi_plane,
+                                               grad_input_shape);
+            else if (want_input)
+              depthwise::avx512::grad_input_plane_stride2(go_plane, w + c * kernel_area, gi_plane, grad_input_shape);
             if (want_weight) {
               depthwise::avx512::weight_grad_plane(go_plane, in + n * in_strides[0] + c * in_strides[1], tap_lanes,
                                                    want_bias ? bias_lanes : nullptr, forward_shape);
