@@ -343,6 +343,21 @@ def test_torch_compile_fullgraph():
 
 
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "stride, padding, dilation",
+    [(1, 1, 1), ((1, 1), (1, 1), (1, 1)), ([1, 1], [1, 1], [1, 1]), (1, "same", 1), (1, (1, 1, 1, 1), 1)],
+)
+def test_argument_forms_agree_on_every_call(stride, padding, dilation):
+    """Normalised arguments are cached per form: the second call (from the cache) and an unhashable
+    list form give what the first gave, and a bad form after a good one still raises."""
+    x, weight, b = (t.detach() for t in _random_case(2, 3, 7, 6, 3, 3, torch.float64, "contiguous"))
+    expected = _reference(x, weight, b, 1, 1, 1)
+    for _ in range(2):
+        torch.testing.assert_close(depthwise_conv2d(x, weight, b, stride, padding, dilation), expected)
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        depthwise_conv2d(x[:, :, :1, :1], weight, b, stride, 0, dilation)
+
+
 # Errors
 
 

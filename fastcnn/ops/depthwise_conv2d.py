@@ -97,6 +97,48 @@ def _output_hw(input, weight, stride, padding, dilation):
     return sizes
 
 
+def _well_formed(input, weight, bias):
+    """The common case of _check in one expression (about 1 us instead of 4: a batch-1 7x7 layer
+    takes 60 us); _check explains whatever this rejects."""
+    try:
+        shape, kernel = input.shape, weight.shape
+        return (
+            len(shape) == 4
+            and len(kernel) == 4
+            and kernel[0] == shape[1]
+            and kernel[1] == 1
+            and kernel[2] >= 1
+            and kernel[3] >= 1
+            and input.dtype in _FLOAT_DTYPES
+            and weight.dtype == input.dtype
+            and weight.device == input.device
+            and (bias is None or (bias.shape == kernel[:1] and bias.dtype == input.dtype and bias.device == input.device))
+        )
+    except AttributeError:
+        return False
+
+
+# (H, W, kH, kW, stride, padding, dilation) as passed -> the normalised (stride, padding, dilation),
+# for the argument forms that hash (ints, tuples, strings). Bounded: a model has a few dozen.
+_GEOMETRY_CACHE = {}
+_GEOMETRY_CACHE_SIZE = 1024
+
+
+def _geometry(input, weight, stride, padding, dilation):
+    try:
+        key = (*input.shape[2:], *weight.shape[2:], stride, padding, dilation)
+        hit = _GEOMETRY_CACHE.get(key)
+    except TypeError:  # lists: not hashable
+        key, hit = None, None
+    if hit is not None:
+        return hit
+    stride, padding, dilation = _normalize(weight, stride, padding, dilation)
+    _output_hw(input, weight, stride, padding, dilation)
+    if key is not None and len(_GEOMETRY_CACHE) < _GEOMETRY_CACHE_SIZE:
+        _GEOMETRY_CACHE[key] = (stride, padding, dilation)
+    return stride, padding, dilation
+
+
 def depthwise_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1):
     """Depthwise convolution, identical to ``F.conv2d(input, weight, bias, stride, padding,
     dilation, groups=C)`` for weight of shape [C, 1, kH, kW].
@@ -104,9 +146,9 @@ def depthwise_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1):
     padding: int, (pH, pW), 'same', 'valid', or an explicit (top, bottom, left, right).
     Layouts NCHW and channels_last are both native; the output follows the input's layout.
     """
-    _check(input, weight, bias)
-    stride, padding, dilation = _normalize(weight, stride, padding, dilation)
-    _output_hw(input, weight, stride, padding, dilation)
+    if not _well_formed(input, weight, bias):
+        _check(input, weight, bias)
+    stride, padding, dilation = _geometry(input, weight, stride, padding, dilation)
     backend = backends.resolve(input.device)
     if backend in ("cpu", "cuda"):
         return _native_op(input, weight, bias, stride, padding, dilation)
