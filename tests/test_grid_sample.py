@@ -116,6 +116,16 @@ def test_matches_fp64_truth_fp32(padding, align, layout, channels):
     theta = _theta(n, torch.float32, 0.4, g)
     size = (n, c, 19, 71)
     grad = torch.randn(size, generator=g)
+    # The coordinate gradient of bilinear sampling jumps where a coordinate crosses an integer: an
+    # fp32 coordinate within rounding of one can land on either side, ours and PyTorch's apart,
+    # and move one pixel's whole contribution to grad_theta (seen: 8 and 17 on a grad_theta of
+    # 1300, on two CPUs). Output pixels whose source lies within 1e-3 pixel of an integer get a
+    # zero gradient, so grad_theta is compared where it is continuous.
+    grid = F.affine_grid(theta.double(), size, align_corners=align)
+    extent = torch.tensor([w, h], dtype=torch.float64)
+    pixel = (grid + 1) / 2 * (extent - 1) if align else ((grid + 1) * extent - 1) / 2
+    near_integer = ((pixel - pixel.round()).abs() < 1e-3).any(dim=-1)
+    grad = grad.masked_fill(near_integer[:, None], 0.0)
 
     def run(fn, dtype):
         a, t = x.to(dtype).requires_grad_(), theta.to(dtype).requires_grad_()
@@ -125,11 +135,7 @@ def test_matches_fp64_truth_fp32(padding, align, layout, channels):
     ours = run(affine_grid_sample, torch.float32)
     theirs = run(fastcnn.reference.affine_grid_sample, torch.float32)
     truth = run(fastcnn.reference.affine_grid_sample, torch.float64)
-    # The coordinate gradient of bilinear sampling jumps at integer coordinates: where an fp32
-    # coordinate lands within an ulp of one, our rounding and PyTorch's can fall on different
-    # sides and move one pixel's whole contribution (seen: 8 on a grad_theta of 1500). The fp64
-    # tests check grad_theta to 1e-12; here it gets a tolerance of 1% of its scale.
-    slack = {"output": 1e-6, "grad_input": 1e-6, "grad_theta": 1e-2}
+    slack = {"output": 1e-6, "grad_input": 1e-6, "grad_theta": 1e-5}
     for name, o, t, e in zip(("output", "grad_input", "grad_theta"), ours, theirs, truth):
         our_error = (o - e).abs().max().item()
         their_error = (t - e).abs().max().item()
