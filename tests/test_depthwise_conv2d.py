@@ -117,8 +117,9 @@ def test_matches_reference_fp32(shape, layout):
         torch.testing.assert_close(g_ours.double(), g_exact, rtol=1e-5, atol=1e-5 * scale)
 
 
-# fp32 NCHW with 3x3 and 5x5 windows at stride 1 and 2: the AVX-512 plane kernels where the CPU
-# has them (FASTCNN_AVX512=1), the portable kernels otherwise.
+# fp32 on the AVX-512 kernels where the CPU has them (FASTCNN_AVX512=1) and on the portable ones
+# (FASTCNN_AVX512=0): NCHW planes with 3x3 and 5x5 windows at stride 1 and 2; channels_last rows
+# for every window, in groups of 4, 2 and 1 channel vectors with a masked tail.
 # (N, C, H, W, k, stride, padding, dilation)
 PLANE_CASES = [
     (2, 3, 7, 7, 3, 1, 1, 1),  # one partial vector per row, 7 rows: exactly one row block
@@ -139,11 +140,15 @@ PLANE_CASES = [
     (1, 2, 9, 9, 5, 2, (4, 0, 0, 4), 1),
     (1, 2, 2, 3, 3, 2, 2, 1),  # padding wider than the map
     (2, 4, 40, 70, 3, 2, 1, 1),  # several row blocks and vectors: rows inside and at the border
+    (2, 70, 9, 12, 3, 1, 1, 1),  # channels_last: a group of 4 vectors, then a 6-channel tail
+    (1, 37, 11, 10, 5, 2, 2, 1),  # channels_last: a group of 2 vectors, then a 5-channel tail
+    (2, 33, 10, 13, 7, 1, 3, 1),  # other windows: the portable NCHW kernels, AVX-512 channels_last
+    (1, 20, 12, 11, 3, 1, 2, 2),
 ]
 
 
 @pytest.mark.parametrize("avx512", ["1", "0"], ids=["avx512", "portable"])
-@pytest.mark.parametrize("layout", ["contiguous", "row_strided"])
+@pytest.mark.parametrize("layout", ["contiguous", "row_strided", "channels_last"])
 @pytest.mark.parametrize("case", PLANE_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-s{c[5]}-p{c[6]}-d{c[7]}")
 def test_fp32_planes(case, layout, avx512, monkeypatch):
     monkeypatch.setenv("FASTCNN_AVX512", avx512)
@@ -152,6 +157,8 @@ def test_fp32_planes(case, layout, avx512, monkeypatch):
     n, c, h, w, k, stride, padding, dilation = case
 
     def rows_apart(t):  # rows of a wider tensor: columns adjacent, rows and planes farther apart
+        if layout == "channels_last":
+            return t.contiguous(memory_format=torch.channels_last)
         if layout == "contiguous":
             return t
         wide = torch.randn(*t.shape[:3], t.shape[3] + 5, dtype=t.dtype)

@@ -59,6 +59,26 @@ void weight_grad_plane(const float* grad_out, const float* in, float* tap_lanes,
 
 constexpr int64_t kLanes = 16;
 
+// channels_last: one image of in_h x in_w pixels of `channels` floats each, and its output of
+// out_h x out_w pixels, both dense. Any stride, padding (may be negative) and dilation.
+struct ImageGeometry {
+  int64_t channels, in_h, in_w, out_h, out_w;
+  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w;
+};
+
+// Output row oy of a channels_last image: out_row[ox][c] = bias[c] + sum over the window of
+// taps[t][c] * in[...][c], with taps [kernel_h * kernel_w][channels] and bias null for none.
+void forward_row_nhwc(const float* in, const float* taps, const float* bias, float* out_row, int64_t oy,
+                      const ImageGeometry& g);
+
+// Whether weight_grad_row_nhwc takes this window: 3x3 and 5x5 (one accumulator per tap).
+bool supports_weight_grad_nhwc(int64_t kernel_h, int64_t kernel_w);
+
+// part[t][c] += sum over output row oy of grad_out_row[ox][c] * in[...][c] under tap t, and
+// part_bias[c] += sum of grad_out_row[ox][c] (part_bias may be null).
+void weight_grad_row_nhwc(const float* in, const float* grad_out_row, float* part, float* part_bias, int64_t oy,
+                          const ImageGeometry& g);
+
 }  // namespace avx512
 }  // namespace depthwise
 }  // namespace fastcnn

@@ -18,6 +18,9 @@
 //   in a fixed order. At unit stride the input gradient is a forward pass with the flipped kernel.
 // - Hot loops are compiled for x86-64-v4, v3 and a baseline, picked at load time by GCC's
 //   target_clones, with 32-byte GCC vectors (native on AVX2 and AVX-512).
+// - On CPUs with AVX-512, fp32 takes depthwise_conv2d_avx512.cpp instead where it applies: NCHW
+//   3x3/5x5 at stride 1 and 2 (planes read in place, no tiles), channels_last rows of any window.
+//   Everything below remains the path for other CPUs, dtypes and windows.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -71,6 +74,10 @@ bool depthwise::avx512::enabled() {
   if (!cpu_has_avx512) return false;
   const char* flag = std::getenv("FASTCNN_AVX512");
   return !(flag && flag[0] == '0');
+}
+
+bool depthwise::avx512::supports_weight_grad_nhwc(int64_t kernel_h, int64_t kernel_w) {
+  return kernel_h == kernel_w && (kernel_h == 3 || kernel_h == 5);
 }
 
 bool depthwise::avx512::supports(int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
@@ -1027,6 +1034,11 @@ bool use_avx512_planes(const Geometry& g) {
          depthwise::avx512::enabled();
 }
 
+depthwise::avx512::ImageGeometry avx512_image_geometry(const Geometry& g) {
+  return {g.channels, g.in_h, g.in_w, g.out_h, g.out_w, g.kernel_h, g.kernel_w, g.stride_h, g.stride_w,
+          g.pad_top, g.pad_left, g.dilation_h, g.dilation_w};
+}
+
 depthwise::avx512::PlaneGeometry avx512_forward_geometry(const Geometry& g, int64_t in_row_stride,
                                                          int64_t out_row_stride) {
   return {g.in_h, g.in_w, in_row_stride, g.out_h, g.out_w, out_row_stride,
@@ -1175,6 +1187,20 @@ void forward_nhwc(const at::Tensor& input, const at::Tensor& weight, const at::T
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   scalar_t* out = output.mutable_data_ptr<scalar_t>();
 
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (depthwise::avx512::enabled()) {
+      const auto shape = avx512_image_geometry(g);
+      at::parallel_for(0, g.batch * g.out_h, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t n = row / g.out_h, oy = row % g.out_h;
+          depthwise::avx512::forward_row_nhwc(in + n * g.in_h * g.in_w * C, taps.data(),
+                                              bias.defined() ? bias_values.data() : nullptr, out + row * g.out_w * C,
+                                              oy, shape);
+        }
+      });
+      return;
+    }
+  }
   if constexpr (std::is_same_v<scalar_t, T>) {
     const RowShape shape = row_shape(g);
     const std::vector<T> zeros(kSlack, T(0));
@@ -1492,9 +1518,19 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
         const RowShape shape{C, g.out_h, g.out_w, g.in_w, g.kernel_h, g.kernel_w, 1, 1,
                              (g.kernel_h - 1) * g.dilation_h - g.pad_top, (g.kernel_w - 1) * g.dilation_w - g.pad_left,
                              g.dilation_h, g.dilation_w};
+        const depthwise::avx512::ImageGeometry image{C, g.out_h, g.out_w, g.in_h, g.in_w, g.kernel_h, g.kernel_w, 1, 1,
+                                                     shape.pad_top, shape.pad_left, g.dilation_h, g.dilation_w};
+        const bool avx512 = std::is_same_v<T, float> && depthwise::avx512::enabled();
         at::parallel_for(0, g.batch * g.in_h, 1, [&](int64_t begin, int64_t end) {
           for (int64_t row = begin; row < end; ++row) {
             const int64_t n = row / g.in_h, iy = row % g.in_h;
+            if constexpr (std::is_same_v<T, float>) {
+              if (avx512) {
+                depthwise::avx512::forward_row_nhwc(go + n * g.out_h * g.out_w * C, flipped.data(), nullptr,
+                                                    gi + row * g.in_w * C, iy, image);
+                continue;
+              }
+            }
             forward_row_nhwc(go + n * g.out_h * g.out_w * C, flipped.data(), nullptr, gi + row * g.in_w * C,
                              zeros.data(), iy, shape);
           }
@@ -1546,11 +1582,21 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
   std::vector<T> partials(chunks * partial_size, T(0));
   if constexpr (std::is_same_v<scalar_t, T>) {
     const RowShape shape = row_shape(g);
+    const auto image = avx512_image_geometry(g);
+    const bool avx512 = std::is_same_v<T, float> && want_weight && depthwise::avx512::enabled() &&
+                        depthwise::avx512::supports_weight_grad_nhwc(g.kernel_h, g.kernel_w);
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         T* part = partials.data() + chunk * partial_size;
         for (int64_t row = chunk * rows / chunks; row < (chunk + 1) * rows / chunks; ++row) {
           const int64_t n = row / g.out_h, oy = row % g.out_h;
+          if constexpr (std::is_same_v<T, float>) {
+            if (avx512) {
+              depthwise::avx512::weight_grad_row_nhwc(in + n * g.in_h * g.in_w * C, go + row * g.out_w * C, part,
+                                                      want_bias ? part + kernel_area * C : nullptr, oy, image);
+              continue;
+            }
+          }
           weight_grad_row_nhwc(in + n * g.in_h * g.in_w * C, go + row * g.out_w * C, want_weight ? part : nullptr,
                                want_bias ? part + kernel_area * C : nullptr, oy, shape);
         }
