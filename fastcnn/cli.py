@@ -621,8 +621,9 @@ def cmd_report(args) -> int:
         name = args.name or os.path.splitext(os.path.basename(args.files[0]))[0]
         with open(args.update) as f:
             document = f.read()
+        updated = update_between_markers(document, name, text)  # raises before the file is touched
         with open(args.update, "w") as f:
-            f.write(update_between_markers(document, name, text))
+            f.write(updated)
         print(f"updated the {name!r} table in {args.update}")
         return 0
     if args.output:

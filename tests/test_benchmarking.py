@@ -259,6 +259,18 @@ def test_report_updates_a_table_between_markers(tmp_path):
         cli.update_between_markers(doc, "other", "x")
 
 
+def test_report_update_without_markers_leaves_the_file_alone(tmp_path):
+    """A missing marker pair is an error that must not truncate the document (it once emptied
+    the README)."""
+    results = tmp_path / "depthwise.json"
+    results.write_text(json.dumps({"settings": {"device": "cpu", "dtype": "float32"}, "runs": [], "results": []}))
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\nno markers here\n")
+    with pytest.raises(SystemExit):
+        cli.main(["report", str(results), "--update", str(readme)])
+    assert readme.read_text() == "# title\nno markers here\n"
+
+
 def test_allocator_child_environment_and_argv(monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0:glibc.pthread.rseq=0")
     assert cli._child_env("default")["GLIBC_TUNABLES"] == "glibc.pthread.rseq=0"
