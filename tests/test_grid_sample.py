@@ -102,11 +102,19 @@ def test_matches_reference_fp64(mode, padding, align, layout):
         _check_grid(x, grid, mode, padding, align, 1e-12, 1e-12)
 
 
+@pytest.fixture(params=["1", "0"], ids=["avx512", "avx2"])
+def vector_isa(request, monkeypatch):
+    """The fp32 CPU kernels on AVX-512 taps and gathers where the CPU has them (FASTCNN_AVX512=1),
+    and on the AVX2 ones (FASTCNN_AVX512=0; read on every call)."""
+    monkeypatch.setenv("FASTCNN_AVX512", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("channels", [1, 3, 6, 11, 13])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("align", [False, True])
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_matches_fp64_truth_fp32(padding, align, layout, channels):
+def test_matches_fp64_truth_fp32(padding, align, layout, channels, vector_isa):
     """fp32 on rows longer than one chunk, through every AVX2 path (fixed 1 and 3 channels,
     pixel by pixel, plane by plane, wide channels_last): error against the fp64 truth within 2x
     PyTorch's own fp32 error (coordinates of 80 pixels carry ~5e-6 of rounding)."""
@@ -144,7 +152,7 @@ def test_matches_fp64_truth_fp32(padding, align, layout, channels):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_nearest_fp32_equals_pytorch(padding, layout):
+def test_nearest_fp32_equals_pytorch(padding, layout, vector_isa):
     """Nearest sampling picks the same pixels as PyTorch (ties to even) on random transforms."""
     g = torch.Generator().manual_seed(2)
     x = _layout(torch.randn(4, 5, 17, 29, generator=g), layout)
@@ -204,7 +212,7 @@ def test_output_size_differs_from_input():
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_sampling_entirely_outside(padding):
+def test_sampling_entirely_outside(padding, vector_isa):
     """A shift of 5 (normalised) puts every sample outside the input: zeros pads with zeros,
     border and reflection still match PyTorch."""
     x = torch.randn(2, 3, 8, 9, dtype=torch.float64)
@@ -223,7 +231,7 @@ def test_sampling_entirely_outside(padding):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("mode", MODES)
-def test_non_finite_coordinates_sample_as_padding(mode, padding, layout, dtype):
+def test_non_finite_coordinates_sample_as_padding(mode, padding, layout, dtype, vector_isa):
     """A NaN coordinate reads as zero padding (PyTorch's CUDA rule; its CPU kernel returns NaN
     under zeros padding), never reaches an integer cast, and leaves every gradient finite. An
     infinite one is padding too, except under border padding, where it clamps to the edge as in
@@ -262,7 +270,7 @@ def test_non_finite_coordinates_sample_as_padding(mode, padding, layout, dtype):
     assert torch.isfinite(gx).all() and torch.isfinite(gt[:1]).all()
 
 
-def test_poisoned_outputs_are_fully_written():
+def test_poisoned_outputs_are_fully_written(vector_isa):
     """Every output element is written: NaN-filled freed buffers do not survive into results."""
     x = torch.randn(3, 7, 11, 9)
     theta = _theta(3, torch.float32)
