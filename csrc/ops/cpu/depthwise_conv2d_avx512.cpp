@@ -22,8 +22,10 @@
 // channels_last: 16 channels are one vector, the image's own layout. A channel group of 4, 2 or 1
 // vectors and 2, 4 or 8 adjacent pixels keep 8 chains of multiply-adds in flight (one pixel at a
 // time ran at the FMA latency on narrow maps); the weight gradient holds 2 vectors x 9 taps of
-// accumulators for a row. Measured at N=32, 2 threads, reuse, ms, 8-wide kernels -> these:
-// 32x32x112x112 forward 7.7 -> 5.9, weight gradient 9.7 -> 5.8; 8x128x56x56 7x7 forward 7.9 -> 3.9.
+// accumulators for a row; the strided input gradient gathers the landing taps of each pixel.
+// Measured at N=32, 2 threads, reuse, ms, 8-wide kernels -> these: 32x32x112x112 forward 7.7 -> 5.9,
+// weight gradient 9.7 -> 5.8; 8x128x56x56 7x7 forward 7.9 -> 3.9; stride-2 input gradient of
+// 32x128x56x56 3.8 -> 2.5.
 //
 // Only plain types cross this file's boundary, and it includes no template library headers: it is
 // compiled for AVX-512, and an inline function instantiated here could otherwise be picked by the
@@ -365,6 +367,32 @@ inline void nhwc_row_channels(const float* in, const float* taps, const float* b
   for (; ox < g.out_w; ++ox) border(ox);
 }
 
+// One grad_in pixel for the B channel vectors from c0: the sum over the landing taps (rows x cols
+// of them, as offsets into grad_out and into the taps) of weight times grad_out.
+template <int B>
+inline void nhwc_gather_pixel(const float* go, const float* taps, float* out, int64_t c0, __mmask16 last,
+                              const int64_t* go_rows, const int64_t* tap_rows, int64_t rows, const int64_t* go_cols,
+                              const int64_t* tap_cols, int64_t cols) {
+  __mmask16 lanes[B];
+  __m512 acc[B];
+#pragma GCC unroll 4
+  for (int b = 0; b < B; ++b) {
+    lanes[b] = b + 1 < B ? 0xFFFF : last;
+    acc[b] = _mm512_setzero_ps();
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      const float* grad = go + go_rows[i] + go_cols[j] + c0;
+      const float* weight = taps + tap_rows[i] + tap_cols[j] + c0;
+#pragma GCC unroll 4
+      for (int b = 0; b < B; ++b)
+        acc[b] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes[b], weight + b * kLanes),
+                                 _mm512_maskz_loadu_ps(lanes[b], grad + b * kLanes), acc[b]);
+    }
+#pragma GCC unroll 4
+  for (int b = 0; b < B; ++b) _mm512_mask_storeu_ps(out + c0 + b * kLanes, lanes[b], acc[b]);
+}
+
 // The weight gradient of one output pixel for B channel vectors: grad_out's vectors times the
 // window's, into one accumulator per tap and vector. Checked: some of its columns lie outside the
 // row and load as zero.
@@ -510,6 +538,35 @@ void forward_row_nhwc(const float* in, const float* taps, const float* bias, flo
                          inside_last, g);
 }
 
+void grad_input_row_nhwc(const float* grad_out, const float* taps, float* grad_in_row, int64_t iy,
+                         const ImageGeometry& g) {
+  const int64_t C = g.channels;
+  // Output index o of input index i through tap k: i + pad - k*dilation = o*stride.
+  int64_t go_rows[64], tap_rows[64], go_cols[64], tap_cols[64], rows = 0;
+  for (int64_t ky = 0; ky < g.kernel_h; ++ky) {
+    const int64_t t = iy + g.pad_top - ky * g.dilation_h;
+    if (t < 0 || t % g.stride_h != 0 || t / g.stride_h >= g.out_h) continue;
+    go_rows[rows] = t / g.stride_h * g.out_w * C;
+    tap_rows[rows++] = ky * g.kernel_w * C;
+  }
+  for (int64_t ix = 0; ix < g.in_w; ++ix) {
+    int64_t cols = 0;
+    for (int64_t kx = 0; kx < g.kernel_w; ++kx) {
+      const int64_t t = ix + g.pad_left - kx * g.dilation_w;
+      if (t < 0 || t % g.stride_w != 0 || t / g.stride_w >= g.out_w) continue;
+      go_cols[cols] = t / g.stride_w * C;
+      tap_cols[cols++] = kx * C;
+    }
+    float* out = grad_in_row + ix * C;
+    int64_t c0 = 0;
+    for (; c0 + 4 * kLanes <= C; c0 += 4 * kLanes)
+      nhwc_gather_pixel<4>(grad_out, taps, out, c0, 0xFFFF, go_rows, tap_rows, rows, go_cols, tap_cols, cols);
+    for (; c0 < C; c0 += kLanes)
+      nhwc_gather_pixel<1>(grad_out, taps, out, c0, lane_range(0, C - c0), go_rows, tap_rows, rows, go_cols, tap_cols,
+                           cols);
+  }
+}
+
 void weight_grad_row_nhwc(const float* in, const float* grad_out_row, float* part, float* part_bias, int64_t oy,
                           const ImageGeometry& g) {
   if (g.kernel_h == 3) return weight_grad_row_nhwc_fixed<3, 3>(in, grad_out_row, part, part_bias, oy, g);
@@ -520,6 +577,7 @@ void weight_grad_row_nhwc(const float* in, const float* grad_out_row, float* par
 
 void forward_row_nhwc(const float*, const float*, const float*, float*, int64_t, const ImageGeometry&) {}
 void weight_grad_row_nhwc(const float*, const float*, float*, float*, int64_t, const ImageGeometry&) {}
+void grad_input_row_nhwc(const float*, const float*, float*, int64_t, const ImageGeometry&) {}
 
 void forward_plane(const float*, const float*, float, float*, const PlaneGeometry&) {}
 void weight_grad_plane(const float*, const float*, float*, float*, const PlaneGeometry&) {}

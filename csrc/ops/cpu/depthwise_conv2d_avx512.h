@@ -71,6 +71,12 @@ struct ImageGeometry {
 void forward_row_nhwc(const float* in, const float* taps, const float* bias, float* out_row, int64_t oy,
                       const ImageGeometry& g);
 
+// Input-gradient row iy of a channels_last image at any stride, in gather form:
+// grad_in_row[ix][c] = sum over the taps t that land on (iy, ix) of taps[t][c] * grad_out[oy][ox][c].
+// Here in_* are grad_in's sizes and out_* grad_out's; kernel_h and kernel_w at most 64.
+void grad_input_row_nhwc(const float* grad_out, const float* taps, float* grad_in_row, int64_t iy,
+                         const ImageGeometry& g);
+
 // Whether weight_grad_row_nhwc takes this window: 3x3 and 5x5 (one accumulator per tap).
 bool supports_weight_grad_nhwc(int64_t kernel_h, int64_t kernel_w);
 

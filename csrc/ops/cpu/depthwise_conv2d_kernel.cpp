@@ -1538,9 +1538,18 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
         fast_path = true;
       } else if (g.kernel_h <= 64 && g.kernel_w <= 64) {
         const RowShape shape = row_shape(g);
+        const auto image = avx512_image_geometry(g);
+        const bool avx512 = std::is_same_v<T, float> && depthwise::avx512::enabled();
         at::parallel_for(0, g.batch * g.in_h, 1, [&](int64_t begin, int64_t end) {
           for (int64_t row = begin; row < end; ++row) {
             const int64_t n = row / g.in_h, iy = row % g.in_h;
+            if constexpr (std::is_same_v<T, float>) {
+              if (avx512) {
+                depthwise::avx512::grad_input_row_nhwc(go + n * g.out_h * g.out_w * C, taps.data(),
+                                                       gi + row * g.in_w * C, iy, image);
+                continue;
+              }
+            }
             grad_input_row_nhwc(go + n * g.out_h * g.out_w * C, taps.data(), gi + row * g.in_w * C, iy, g.out_h, shape);
           }
         });
