@@ -284,7 +284,9 @@ void grad_input_plane_stride2_fixed(const float* go, const float* taps, float* g
 // channels_last: 16 channels are one vector, so the image's layout is the vector layout. Channel
 // tails load and store with a lane mask (no scalar tail).
 
-// [first, last) of taps k with 0 <= o*stride - pad + k*dilation < size.
+// [first, last) of taps k with 0 <= o*stride - pad + k*dilation < size. (valid_taps of the
+// portable kernels, written again here: an inline function shared with this AVX-512 translation
+// unit could be linked into code that runs on CPUs without it.)
 inline void taps_inside(int64_t o, int64_t stride, int64_t pad, int64_t dilation, int64_t size, int64_t kernel,
                         int64_t* first, int64_t* last) {
   const int64_t start = o * stride - pad;
