@@ -308,6 +308,12 @@ inline void columns_inside(const ImageGeometry& g, int64_t* first, int64_t* last
   *last = hi < *first ? *first : min64(hi, g.out_w);
 }
 
+// Pixels ahead that the channels_last row loops prefetch. Their walk along a row jumps C floats a
+// pixel; the hardware prefetchers follow it late, and the window's leading-edge loads waited on
+// L2 (32x128x56x56, 2 threads: weight gradient 7.1 -> 4.9 ms; forward and backward of the
+// MobileNet layers with 28x28 maps or more 1-10% faster, those below within noise).
+constexpr int64_t kPrefetchPixels = 6;
+
 // R adjacent output pixels from ox0 times B channel vectors from c0 (the last one masked by
 // `last`), over the taps [kx0, kx1) of each kernel row in [ky0, ky1): R*B independent chains of
 // multiply-adds (one chain per pixel ran at the FMA latency on narrow maps), each tap's weights
@@ -331,6 +337,14 @@ inline void nhwc_pixels(const float* in, const float* taps, const float* bias, f
     for (int r = 0; r < R; ++r) acc[r][b] = start;
   }
   for (int64_t ky = ky0; ky < ky1; ++ky, first += row_step, tap_row += kernel_w * C) {
+    if (R > 1) {  // the interior: the window's newest columns kPrefetchPixels ahead (see there)
+      const float* edge = first + (kx1 - 1) * tap_step + kPrefetchPixels * pixel_step;
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int b = 0; b < B; ++b)
+          _mm_prefetch(reinterpret_cast<const char*>(edge + r * pixel_step + b * kLanes), _MM_HINT_T0);
+    }
     for (int64_t kx = kx0; kx < kx1; ++kx) {
       const float* x = first + kx * tap_step;
 #pragma GCC unroll 8
@@ -448,8 +462,19 @@ void nhwc_weight_grad_channels(const float* in, const float* go_row, float* part
 #pragma GCC unroll 4
     for (int b = 0; b < B; ++b) row_lanes[ky * B + b] = inside ? lanes[b] : 0;
   }
+  // The window's newest column kPrefetchPixels ahead, and grad_out there.
+  const int64_t ahead_in = (kPrefetchPixels * g.stride_w + (KW - 1) * g.dilation_w - g.pad_left) * C;
   const auto pixel = [&](int64_t ox, auto checked) {
     __m512 grad[B];
+#pragma GCC unroll 8
+    for (int ky = 0; ky < KH; ++ky)
+#pragma GCC unroll 4
+      for (int b = 0; b < B; ++b)
+        _mm_prefetch(reinterpret_cast<const char*>(rows[ky] + ox * g.stride_w * C + ahead_in + b * kLanes),
+                     _MM_HINT_T0);
+#pragma GCC unroll 4
+    for (int b = 0; b < B; ++b)
+      _mm_prefetch(reinterpret_cast<const char*>(go_row + (ox + kPrefetchPixels) * C + c0 + b * kLanes), _MM_HINT_T0);
 #pragma GCC unroll 4
     for (int b = 0; b < B; ++b) {
       grad[b] = _mm512_maskz_loadu_ps(lanes[b], go_row + ox * C + c0 + b * kLanes);
