@@ -798,7 +798,9 @@ inline acc_t sample_one(const scalar_t* plane, const Chunk<acc_t>& ch, int p, in
 
 template <typename scalar_t, typename acc_t, typename Source>
 void forward_kernel(const scalar_t* input, scalar_t* output, const Source& source, const Geometry& g,
-                    bool channels_last) {
+                    bool channels_last_arg) {
+  // One channel: channels_last is the NCHW layout, and the NCHW loops (gathers) serve it.
+  const bool channels_last = channels_last_arg && g.channels > 1;
   const int64_t rows = g.batch * g.out_h;
   const int64_t C = g.channels, in_hw = g.in_h * g.in_w, out_hw = g.out_h * g.out_w;
   const bool bilinear = g.interpolation == Interpolation::Bilinear;
@@ -1035,8 +1037,9 @@ struct ThetaSink {
 
 template <typename scalar_t, typename acc_t, typename Source, typename Sink>
 void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* grad_input, const Source& source,
-                     const Sink& sink_proto, const Geometry& g, bool channels_last, bool want_input,
+                     const Sink& sink_proto, const Geometry& g, bool channels_last_arg, bool want_input,
                      bool want_coords) {
+  const bool channels_last = channels_last_arg && g.channels > 1;  // as in forward_kernel
   const int64_t C = g.channels, in_hw = g.in_h * g.in_w, out_hw = g.out_h * g.out_w;
   const bool bilinear = g.interpolation == Interpolation::Bilinear;
   // Nearest sampling has a zero coordinate gradient; the sink still writes the zeros.
