@@ -110,7 +110,7 @@ def vector_isa(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("channels", [1, 3, 6, 11, 13])
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 6, 11, 13])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("align", [False, True])
 @pytest.mark.parametrize("padding", PADDINGS)
