@@ -144,6 +144,11 @@ PLANE_CASES = [
     (1, 37, 11, 10, 5, 2, 2, 1),  # channels_last: a group of 2 vectors, then a 5-channel tail
     (2, 33, 10, 13, 7, 1, 3, 1),  # other windows: the portable NCHW kernels, AVX-512 channels_last
     (1, 20, 12, 11, 3, 1, 2, 2),
+    # NCHW planes of at most 64 outputs as wide as the input: one flat array of 4 vectors
+    (2, 3, 8, 8, 3, 1, 1, 1),  # 64 outputs: four full vectors
+    (2, 5, 7, 7, 5, 1, 2, 1),  # 5x5 window on a 7x7 map
+    (1, 3, 4, 9, 3, 1, (0, 2, 2, 0), 1),  # width kept by asymmetric column pads, height by row pads
+    (1, 2, 5, 13, 3, 1, (2, 0, 1, 1), 1),  # 65 outputs: the row kernels again
 ]
 
 

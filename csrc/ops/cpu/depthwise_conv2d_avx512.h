@@ -57,6 +57,25 @@ void grad_input_plane_stride2(const float* grad_out, const float* taps, float* g
 void weight_grad_plane(const float* grad_out, const float* in, float* tap_lanes, float* bias_lanes,
                        const PlaneGeometry& g);
 
+// Dense planes of at most 64 outputs (7x7 maps and smaller) whose rows are as wide as the input's
+// (stride 1, dilation 1, a 3x3 or 5x5 window padded to keep the width): the plane is one flat
+// array, each tap one load at a fixed flat offset with its lanes masked where the tap leaves the
+// image. Four vectors hold a 7x7 plane, where the row kernels use seven with 9 of 16 lanes idle.
+struct FlatPlane {
+  int32_t taps;
+  int32_t offset[25];          // flat input offset of each tap from the output pixel
+  uint16_t load_mask[4][25];   // [vector][tap]: lanes whose tap lies inside the input
+  uint16_t store_mask[4];      // lanes that are output pixels
+};
+
+// Fills `flat` for g and returns true when the plane qualifies (call only when enabled()).
+bool flat_plane(const PlaneGeometry& g, FlatPlane* flat);
+
+// forward_plane and weight_grad_plane for planes that flat_plane accepted.
+void forward_plane_flat(const float* in, const float* taps, float bias, float* out, const FlatPlane& f);
+void weight_grad_plane_flat(const float* grad_out, const float* in, float* tap_lanes, float* bias_lanes,
+                            const FlatPlane& f);
+
 constexpr int64_t kLanes = 16;
 
 // channels_last: one image of in_h x in_w pixels of `channels` floats each, and its output of

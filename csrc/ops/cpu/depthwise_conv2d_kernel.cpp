@@ -1075,11 +1075,18 @@ void forward_nchw(const at::Tensor& input, const at::Tensor& weight, const at::T
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (in_strides[3] == 1 && use_avx512_planes(g)) {
       const auto shape = avx512_forward_geometry(g, in_strides[2], g.out_w);
+      depthwise::avx512::FlatPlane flat;
+      const bool use_flat = depthwise::avx512::flat_plane(shape, &flat);
       at::parallel_for(0, g.batch * g.channels, 1, [&](int64_t begin, int64_t end) {
         for (int64_t plane = begin; plane < end; ++plane) {
           const int64_t n = plane / g.channels, c = plane % g.channels;
-          depthwise::avx512::forward_plane(in + n * in_strides[0] + c * in_strides[1], w + c * kernel_area,
-                                           b ? b[c] : 0.f, out + plane * out_area, shape);
+          const float* in_plane = in + n * in_strides[0] + c * in_strides[1];
+          if (use_flat)
+            depthwise::avx512::forward_plane_flat(in_plane, w + c * kernel_area, b ? b[c] : 0.f,
+                                                  out + plane * out_area, flat);
+          else
+            depthwise::avx512::forward_plane(in_plane, w + c * kernel_area, b ? b[c] : 0.f, out + plane * out_area,
+                                             shape);
         }
       });
       return;
@@ -1300,6 +1307,9 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
       // stride 1: a forward pass over grad_output with the flipped kernel; stride 2: a gather.
       const auto grad_input_shape = unit_stride ? avx512_grad_input_geometry(g, go_strides[2], gi_row_stride)
                                                 : avx512_forward_geometry(g, gi_row_stride, go_strides[2]);
+      depthwise::avx512::FlatPlane flat_forward, flat_grad_input;
+      const bool weight_flat = want_weight && depthwise::avx512::flat_plane(forward_shape, &flat_forward);
+      const bool input_flat = want_input && unit_stride && depthwise::avx512::flat_plane(grad_input_shape, &flat_grad_input);
       // One thread owns a range of channels for the whole batch: each weight gradient is summed
       // without atomics, image after image, the same on every run and thread count. The thread
       // walks its channels image by image, so its planes are read in address order (channel by
@@ -1319,12 +1329,18 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
             float* tap_lanes = &lanes[(c - begin) * lanes_per_channel];
             float* bias_lanes = tap_lanes + kernel_area * L;
             float* gi_plane = want_input ? gi + n * gi_strides[0] + c * gi_strides[1] : nullptr;
-            if (want_input && unit_stride)
+            if (input_flat)
+              depthwise::avx512::forward_plane_flat(go_plane, &flipped[(c - begin) * kernel_area], 0.f, gi_plane,
+                                                    flat_grad_input);
+            else if (want_input && unit_stride)
               depthwise::avx512::forward_plane(go_plane, &flipped[(c - begin) * kernel_area], 0.f, gi_plane,
                                                grad_input_shape);
             else if (want_input)
               depthwise::avx512::grad_input_plane_stride2(go_plane, w + c * kernel_area, gi_plane, grad_input_shape);
-            if (want_weight) {
+            if (weight_flat) {
+              depthwise::avx512::weight_grad_plane_flat(go_plane, in + n * in_strides[0] + c * in_strides[1],
+                                                        tap_lanes, want_bias ? bias_lanes : nullptr, flat_forward);
+            } else if (want_weight) {
               depthwise::avx512::weight_grad_plane(go_plane, in + n * in_strides[0] + c * in_strides[1], tap_lanes,
                                                    want_bias ? bias_lanes : nullptr, forward_shape);
             } else if (want_bias) {
