@@ -18,11 +18,17 @@
 //   is 49 pixels: reducing nine vectors per plane cost 3x the arithmetic).
 // - The stride-2 input gradient is a gather: each grad_in vector permutes one load of grad_out
 //   per kernel row onto the lanes of matching parity; no scatter, no atomics.
+// - Planes of at most 64 outputs as wide as their input (7x7 maps at stride 1) are one flat array
+//   of 4 vectors: each tap a masked load at a fixed flat offset, the masks computed once per call.
+//   The row kernels spend 7 vectors on a 7x7 plane, 9 of 16 lanes idle (32x1024x7x7, one thread:
+//   forward 2.4 -> 1.3 ms, weight gradient 2.6 -> 1.5 ms).
 //
 // channels_last: 16 channels are one vector, the image's own layout. A channel group of 4, 2 or 1
 // vectors and 2, 4 or 8 adjacent pixels keep 8 chains of multiply-adds in flight (one pixel at a
 // time ran at the FMA latency on narrow maps); the weight gradient holds 2 vectors x 9 taps of
-// accumulators for a row; the strided input gradient gathers the landing taps of each pixel.
+// accumulators for a row; the strided input gradient gathers the landing taps of each pixel. The
+// row walks prefetch their leading edge (see kPrefetchPixels); the backward is one pass (see
+// backward_nhwc_fused_avx512 in depthwise_conv2d_kernel.cpp).
 // Measured at N=32, 2 threads, reuse, ms, 8-wide kernels -> these: 32x32x112x112 forward 7.7 -> 5.9,
 // weight gradient 9.7 -> 5.8; 8x128x56x56 7x7 forward 7.9 -> 3.9; stride-2 input gradient of
 // 32x128x56x56 3.8 -> 2.5.
@@ -66,17 +72,6 @@ inline __mmask16 tap_lanes_mask(int64_t x0, int64_t column, const PlaneGeometry&
 }
 
 inline bool row_inside(int64_t iy, int64_t h) { return iy >= 0 && iy < h; }
-
-// Rows [first, first + count) of a plane (rows of `width` floats, `stride` apart, `height` of
-// them) into L1 ahead of the row block that reads them. Measured at N=32, 2 threads, reuse:
-// 32x32x112x112 forward 6.9 -> 5.9 ms, and the stride-2 forward on 112x112 maps on par with the
-// channel-block tiles (which stream 8 planes at once) instead of 20% behind.
-inline void prefetch_rows(const float* plane, int64_t first, int64_t count, int64_t height, int64_t width,
-                          int64_t stride) {
-  for (int64_t y = first < 0 ? 0 : first; y < first + count && y < height; ++y)
-    for (int64_t x = 0; x < width; x += kLanes)
-      _mm_prefetch(reinterpret_cast<const char*>(plane + y * stride + x), _MM_HINT_T0);
-}
 
 // The input columns of the 16 output columns from x0, one vector per kernel column kx:
 // Columns<S, KW>::tap(kx, row, inside)[l] = row[S*l + kx*dilation] (`row` points at column `base`
@@ -142,18 +137,23 @@ bool block_inside(int64_t oy0, const PlaneGeometry& g) {
   return first >= 0 && first + block_input_rows<S, KH, R>() <= g.in_h;
 }
 
-// The rows the block after oy0's reads and oy0's does not.
-template <int S, int KH, int R>
-void prefetch_next_block(const float* in, int64_t oy0, const PlaneGeometry& g) {
-  prefetch_rows(in, S * oy0 - g.pad_top + block_input_rows<S, KH, R>(), S * R, g.in_h, g.in_w, g.in_row_stride);
-}
-
 template <int S, int KH, int KW, int R, bool AllInside>
 inline void forward_block(const float* in, const __m512* w, __m512 bias, float* out, int64_t oy0,
                           const PlaneGeometry& g) {
   const int64_t rows = min64(R, g.out_h - oy0);
+  // Prefetched: the rows the next block adds, a column at a time alongside this block's; past the
+  // plane's last row, the next plane's first rows when planes are dense and back to back (NCHW).
+  // A burst of the next block's rows before each block, as before, was 8-22% slower forward and
+  // 4-36% slower backward (N=32 MobileNet layers, 2 threads), and left each plane's first block
+  // cold.
+  const int64_t next_first = S * oy0 - g.pad_top + block_input_rows<S, KH, R>();
+  const int64_t next_last = g.in_row_stride == g.in_w ? g.in_h + block_input_rows<S, KH, R>() : g.in_h;
+  const float* next_rows = in + next_first * g.in_row_stride;
+  const int64_t next_count = min64(S * R, next_last - next_first);
   for (int64_t x0 = 0; x0 < g.out_w; x0 += kLanes) {
     const Columns<S, KW> cols(x0, g);
+    for (int64_t y = 0; y < next_count; ++y)
+      _mm_prefetch(reinterpret_cast<const char*>(next_rows + y * g.in_row_stride + S * x0), _MM_HINT_T0);
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = bias;
     constexpr int kInputRows = block_input_rows<S, KH, R>();
@@ -182,7 +182,6 @@ void forward_plane_fixed(const float* in, const float* taps, float bias, float* 
   for (int t = 0; t < KH * KW; ++t) w[t] = _mm512_set1_ps(taps[t]);
   const __m512 b = _mm512_set1_ps(bias);
   for (int64_t oy0 = 0; oy0 < g.out_h; oy0 += R) {
-    prefetch_next_block<S, KH, R>(in, oy0, g);
     if (block_inside<S, KH, R>(oy0, g))
       forward_block<S, KH, KW, R, true>(in, w, b, out, oy0, g);
     else
@@ -196,9 +195,21 @@ template <int S, int KH, int KW, int R, bool WithBias, bool AllInside>
 inline void weight_grad_block(const float* go, const float* in, __m512* acc, __m512& bias_acc, int64_t oy0,
                               const PlaneGeometry& g) {
   const int64_t rows = min64(R, g.out_h - oy0);
+  // The next block's new input rows and grad_out rows, a column at a time (see forward_block).
+  const int64_t next_first = S * oy0 - g.pad_top + block_input_rows<S, KH, R>();
+  const int64_t next_last = g.in_row_stride == g.in_w ? g.in_h + block_input_rows<S, KH, R>() : g.in_h;
+  const float* next_rows = in + next_first * g.in_row_stride;
+  const int64_t next_count = min64(S * R, next_last - next_first);
+  const int64_t next_go_last = g.out_row_stride == g.out_w ? g.out_h + R : g.out_h;
+  const float* next_go = go + (oy0 + R) * g.out_row_stride;
+  const int64_t next_go_count = min64(R, next_go_last - (oy0 + R));
   for (int64_t x0 = 0; x0 < g.out_w; x0 += kLanes) {
     const Columns<S, KW> cols(x0, g);
     const __mmask16 valid = lane_range(0, g.out_w - x0);
+    for (int64_t y = 0; y < next_count; ++y)
+      _mm_prefetch(reinterpret_cast<const char*>(next_rows + y * g.in_row_stride + S * x0), _MM_HINT_T0);
+    for (int64_t y = 0; y < next_go_count; ++y)
+      _mm_prefetch(reinterpret_cast<const char*>(next_go + y * g.out_row_stride + x0), _MM_HINT_T0);
     __m512 grad[R];
     for (int r = 0; r < R; ++r) {
       grad[r] = _mm512_maskz_loadu_ps(r < rows ? valid : 0, go + (oy0 + (r < rows ? r : 0)) * g.out_row_stride + x0);
@@ -229,8 +240,6 @@ void weight_grad_plane_fixed(const float* go, const float* in, float* tap_lanes,
   for (int t = 0; t < KH * KW; ++t) acc[t] = _mm512_loadu_ps(tap_lanes + t * kLanes);
   __m512 bias_acc = WithBias ? _mm512_loadu_ps(bias_lanes) : _mm512_setzero_ps();
   for (int64_t oy0 = 0; oy0 < g.out_h; oy0 += R) {
-    prefetch_rows(go, oy0 + R, R, g.out_h, g.out_w, g.out_row_stride);
-    prefetch_next_block<S, KH, R>(in, oy0, g);
     if (block_inside<S, KH, R>(oy0, g))
       weight_grad_block<S, KH, KW, R, WithBias, true>(go, in, acc, bias_acc, oy0, g);
     else

@@ -9,7 +9,8 @@
 // With AVX2 (fp32), the taps of 8 pixels are computed at once (for an affine map straight from
 // theta), and the sampling loops go pixel by pixel with scalar loads, channels innermost; NCHW
 // beyond 8 channels goes plane by plane instead.
-// With AVX-512, the taps go 16 pixels at once, and the NCHW forward of up to 8 channels gathers.
+// With AVX-512, the taps go 16 pixels at once, and the forward gathers: NCHW up to 8 channels,
+// channels_last with 2 to 4 (one channel is the NCHW layout). The backward stays on the AVX2 loops.
 //
 // The backward runs one batch element per task and sums in a fixed order: the input-gradient
 // scatter needs no atomics and results are bitwise identical run to run and across thread counts,
@@ -506,12 +507,16 @@ void theta_chunk_sums(const Chunk<float>& ch, int len, const float* base_x, doub
 }  // namespace avx2
 #pragma GCC pop_options
 
-// AVX-512 (fp32): the taps of 16 pixels at once, and for NCHW images of up to 8 channels a forward
-// that reads each tap with one masked gather (taps outside the input read zero without a load).
-// On the Intel Xeon of 2026-11-30 PyTorch's own AVX-512 grid_sample is 2-3x faster than on the
-// AVX2 machine the loops above were tuned on; these took our forward over the three STN shapes
-// from 1.2x to 1.8x PyTorch's (NCHW, geomean), forward+backward from 1.6x to 1.9x. Gathers across
-// 64 planes measured 10% slower than the AVX2 blocks of planes, so wider images keep those.
+// AVX-512 (fp32): the taps of 16 pixels at once, and a forward that reads the taps by gathers
+// (taps outside the input read zero without a load): for NCHW images of up to 8 channels, and for
+// channels_last images of 2 to 4. On the Intel Xeon of 2026-11-30 PyTorch's own AVX-512
+// grid_sample is 2-3x faster than on the AVX2 machine the loops above were tuned on; 16-lane
+// gathers took our forward over the three STN shapes from 1.2x to 1.8x PyTorch's (NCHW, geomean),
+// pair gathers to about 2.2x. Gathers across 64 planes measured 10% slower than the AVX2 blocks
+// of planes, so wider images keep those.
+// Tried for the backward and left out: gather, add and scatter of grad_input with the lanes that
+// share an element summed first (vpconflictd runs): 0.6-0.7x the speed of the AVX2 scalar loop,
+// whose loads the coordinate gradient shares.
 // FASTCNN_AVX512=0 turns this off (read once per call).
 #pragma GCC push_options
 #pragma GCC target("avx512f")
