@@ -144,6 +144,8 @@ PLANE_CASES = [
     (1, 37, 11, 10, 5, 2, 2, 1),  # channels_last: a group of 2 vectors, then a 5-channel tail
     (2, 33, 10, 13, 7, 1, 3, 1),  # other windows: the portable NCHW kernels, AVX-512 channels_last
     (1, 20, 12, 11, 3, 1, 2, 2),
+    (1, 20, 9, 30, 7, 1, 3, 1),  # channels_last 7-wide windows: runs of 8 pixels, then single ones
+    (1, 17, 5, 28, 9, 1, (1, 3, 4, 4), 1),  # 9-wide, rows of the window cut at the top and bottom
     # NCHW planes of at most 64 outputs as wide as the input: one flat array of 4 vectors
     (2, 3, 8, 8, 3, 1, 1, 1),  # 64 outputs: four full vectors
     (2, 5, 7, 7, 5, 1, 2, 1),  # 5x5 window on a 7x7 map
