@@ -741,8 +741,71 @@ void grad_input_row_nhwc(const float* grad_out, const float* taps, float* grad_i
   }
 }
 
+namespace {
+
+// The weight gradient of wide windows (7 to 9 columns, unit stride and dilation along the row),
+// one channel vector and one kernel row at a time: KW accumulators, and runs of kSlideRun output
+// pixels whose input columns are loaded once for every tap that reads them (see nhwc_slide).
+template <int KW>
+void weight_grad_row_nhwc_slide(const float* in, const float* go_row, float* part, float* part_bias, int64_t oy,
+                                const ImageGeometry& g) {
+  const int64_t C = g.channels;
+  int64_t inside_first, inside_last;
+  columns_inside(g, &inside_first, &inside_last);
+  for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
+    const __mmask16 lanes = lane_range(0, C - c0);
+    if (part_bias) {
+      __m512 sum = _mm512_maskz_loadu_ps(lanes, part_bias + c0);
+      for (int64_t ox = 0; ox < g.out_w; ++ox) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(lanes, go_row + ox * C + c0));
+      _mm512_mask_storeu_ps(part_bias + c0, lanes, sum);
+    }
+    for (int64_t ky = 0; ky < g.kernel_h; ++ky) {
+      const int64_t iy = oy * g.stride_h - g.pad_top + ky * g.dilation_h;
+      if (!row_inside(iy, g.in_h)) continue;
+      const float* row = in + iy * g.in_w * C + c0;
+      float* tap_part = part + ky * KW * C + c0;
+      __m512 acc[KW];
+#pragma GCC unroll 9
+      for (int kx = 0; kx < KW; ++kx) acc[kx] = _mm512_maskz_loadu_ps(lanes, tap_part + kx * C);
+      int64_t ox = 0;
+      while (ox < g.out_w) {
+        if (ox >= inside_first && ox + kSlideRun <= inside_last) {
+          const float* x = row + (ox - g.pad_left) * C;
+          _mm_prefetch(reinterpret_cast<const char*>(x + (kSlideRun + KW - 1 + kPrefetchPixels) * C), _MM_HINT_T0);
+          __m512 column[kSlideRun + KW - 1];
+#pragma GCC unroll 16
+          for (int j = 0; j < kSlideRun + KW - 1; ++j) column[j] = _mm512_maskz_loadu_ps(lanes, x + j * C);
+#pragma GCC unroll 8
+          for (int r = 0; r < kSlideRun; ++r) {
+            const __m512 grad = _mm512_maskz_loadu_ps(lanes, go_row + (ox + r) * C + c0);
+#pragma GCC unroll 9
+            for (int kx = 0; kx < KW; ++kx) acc[kx] = _mm512_fmadd_ps(grad, column[r + kx], acc[kx]);
+          }
+          ox += kSlideRun;
+          continue;
+        }
+        const __m512 grad = _mm512_maskz_loadu_ps(lanes, go_row + ox * C + c0);
+#pragma GCC unroll 9
+        for (int kx = 0; kx < KW; ++kx) {
+          const int64_t ix = ox - g.pad_left + kx;
+          const __mmask16 inside = row_inside(ix, g.in_w) ? lanes : 0;
+          acc[kx] = _mm512_fmadd_ps(grad, _mm512_maskz_loadu_ps(inside, row + (inside ? ix : 0) * C), acc[kx]);
+        }
+        ++ox;
+      }
+#pragma GCC unroll 9
+      for (int kx = 0; kx < KW; ++kx) _mm512_mask_storeu_ps(tap_part + kx * C, lanes, acc[kx]);
+    }
+  }
+}
+
+}  // namespace
+
 void weight_grad_row_nhwc(const float* in, const float* grad_out_row, float* part, float* part_bias, int64_t oy,
                           const ImageGeometry& g) {
+  if (g.kernel_w == 7) return weight_grad_row_nhwc_slide<7>(in, grad_out_row, part, part_bias, oy, g);
+  if (g.kernel_w == 8) return weight_grad_row_nhwc_slide<8>(in, grad_out_row, part, part_bias, oy, g);
+  if (g.kernel_w == 9) return weight_grad_row_nhwc_slide<9>(in, grad_out_row, part, part_bias, oy, g);
   if (g.kernel_h == 3) return weight_grad_row_nhwc_fixed<3, 3>(in, grad_out_row, part, part_bias, oy, g);
   weight_grad_row_nhwc_fixed<5, 5>(in, grad_out_row, part, part_bias, oy, g);
 }

@@ -96,8 +96,9 @@ void forward_row_nhwc(const float* in, const float* taps, const float* bias, flo
 void grad_input_row_nhwc(const float* grad_out, const float* taps, float* grad_in_row, int64_t iy,
                          const ImageGeometry& g);
 
-// Whether weight_grad_row_nhwc takes this window: 3x3 and 5x5 (one accumulator per tap).
-bool supports_weight_grad_nhwc(int64_t kernel_h, int64_t kernel_w);
+// Whether weight_grad_row_nhwc takes this window: 3x3 and 5x5 (one accumulator per tap), and
+// 7 to 9 columns at unit stride and dilation along the row (a kernel row's taps at a time).
+bool supports_weight_grad_nhwc(int64_t kernel_h, int64_t kernel_w, int64_t stride_w, int64_t dilation_w);
 
 // part[t][c] += sum over output row oy of grad_out_row[ox][c] * in[...][c] under tap t, and
 // part_bias[c] += sum of grad_out_row[ox][c] (part_bias may be null).

@@ -77,8 +77,10 @@ bool depthwise::avx512::enabled() {
   return !(flag && flag[0] == '0');
 }
 
-bool depthwise::avx512::supports_weight_grad_nhwc(int64_t kernel_h, int64_t kernel_w) {
-  return kernel_h == kernel_w && (kernel_h == 3 || kernel_h == 5);
+bool depthwise::avx512::supports_weight_grad_nhwc(int64_t kernel_h, int64_t kernel_w, int64_t stride_w,
+                                                   int64_t dilation_w) {
+  if (kernel_h == kernel_w && (kernel_h == 3 || kernel_h == 5)) return true;
+  return kernel_w >= 7 && kernel_w <= 9 && stride_w == 1 && dilation_w == 1;
 }
 
 bool depthwise::avx512::supports(int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
@@ -1521,7 +1523,7 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
 bool backward_nhwc_fused_avx512(const float* go, const float* in, const at::Tensor& weight, at::Tensor& grad_input,
                                 at::Tensor& grad_weight, at::Tensor& grad_bias, const Geometry& g) {
   if (!(grad_input.defined() && grad_weight.defined() && depthwise::avx512::enabled() &&
-        depthwise::avx512::supports_weight_grad_nhwc(g.kernel_h, g.kernel_w) && g.in_h == g.out_h * g.stride_h))
+        depthwise::avx512::supports_weight_grad_nhwc(g.kernel_h, g.kernel_w, g.stride_w, g.dilation_w) && g.in_h == g.out_h * g.stride_h))
     return false;
   const int64_t C = g.channels, kernel_area = g.kernel_h * g.kernel_w;
   const bool unit_stride = g.stride_h == 1 && g.stride_w == 1;
@@ -1677,7 +1679,7 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
     const RowShape shape = row_shape(g);
     const auto image = avx512_image_geometry(g);
     const bool avx512 = std::is_same_v<T, float> && want_weight && depthwise::avx512::enabled() &&
-                        depthwise::avx512::supports_weight_grad_nhwc(g.kernel_h, g.kernel_w);
+                        depthwise::avx512::supports_weight_grad_nhwc(g.kernel_h, g.kernel_w, g.stride_w, g.dilation_w);
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         T* part = partials.data() + chunk * partial_size;
