@@ -146,6 +146,8 @@ PLANE_CASES = [
     (1, 20, 12, 11, 3, 1, 2, 2),
     (1, 20, 9, 30, 7, 1, 3, 1),  # channels_last 7-wide windows: runs of 8 pixels, then single ones
     (1, 17, 5, 28, 9, 1, (1, 3, 4, 4), 1),  # 9-wide, rows of the window cut at the top and bottom
+    (1, 18, 7, 26, 11, 1, 5, 1),  # wider than 9: the taps 8 at a time, border runs read zeros
+    (1, 16, 5, 20, 17, 1, (6, 6, 8, 8), 1),  # 17-wide: chunks of 8, 8 and 1 taps
     # NCHW planes of at most 64 outputs as wide as the input: one flat array of 4 vectors
     (2, 3, 8, 8, 3, 1, 1, 1),  # 64 outputs: four full vectors
     (2, 5, 7, 7, 5, 1, 2, 1),  # 5x5 window on a 7x7 map
