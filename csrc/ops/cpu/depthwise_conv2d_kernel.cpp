@@ -1311,7 +1311,8 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
                                                 : avx512_forward_geometry(g, gi_row_stride, go_strides[2]);
       depthwise::avx512::FlatPlane flat_forward, flat_grad_input;
       const bool weight_flat = want_weight && depthwise::avx512::flat_plane(forward_shape, &flat_forward);
-      const bool input_flat = want_input && unit_stride && depthwise::avx512::flat_plane(grad_input_shape, &flat_grad_input);
+      const bool input_flat =
+          want_input && unit_stride && depthwise::avx512::flat_plane(grad_input_shape, &flat_grad_input);
       // One thread owns a range of channels for the whole batch: each weight gradient is summed
       // without atomics, image after image, the same on every run and thread count. The thread
       // walks its channels image by image, so its planes are read in address order (channel by
@@ -1515,6 +1516,46 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
   });
 }
 
+// [kernel_area][C] taps with the window flipped, and the geometry of the forward over grad_output
+// they serve: at unit stride the channels_last input gradient is that forward.
+template <typename T>
+std::vector<T> flipped_taps(const std::vector<T>& taps, int64_t kernel_area, int64_t C) {
+  std::vector<T> flipped(taps.size());
+  for (int64_t t = 0; t < kernel_area; ++t)
+    std::copy(taps.begin() + t * C, taps.begin() + (t + 1) * C, flipped.begin() + (kernel_area - 1 - t) * C);
+  return flipped;
+}
+
+depthwise::avx512::ImageGeometry flipped_image_geometry(const Geometry& g) {
+  return {g.channels, g.out_h, g.out_w, g.in_h, g.in_w, g.kernel_h, g.kernel_w, 1, 1,
+          (g.kernel_h - 1) * g.dilation_h - g.pad_top, (g.kernel_w - 1) * g.dilation_w - g.pad_left,
+          g.dilation_h, g.dilation_w};
+}
+
+// The channels_last weight gradient sums output rows in this many fixed chunks, each into its own
+// partial ([kernel_area][C] taps, then [C] bias sums), added in chunk order by
+// write_weight_partials: the same thread count gives the same bits, whichever path ran.
+int64_t weight_grad_chunks(const Geometry& g) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), g.batch * g.out_h));
+}
+
+template <typename scalar_t, typename T>
+void write_weight_partials(std::vector<T>& partials, int64_t chunks, const Geometry& g, at::Tensor& grad_weight,
+                           at::Tensor& grad_bias) {
+  const int64_t C = g.channels, kernel_area = g.kernel_h * g.kernel_w, partial_size = (kernel_area + 1) * C;
+  for (int64_t chunk = 1; chunk < chunks; ++chunk)
+    for (int64_t i = 0; i < partial_size; ++i) partials[i] += partials[chunk * partial_size + i];
+  if (grad_weight.defined()) {
+    scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t t = 0; t < kernel_area; ++t) gw[c * kernel_area + t] = static_cast<scalar_t>(partials[t * C + c]);
+  }
+  if (grad_bias.defined()) {
+    scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) gb[c] = static_cast<scalar_t>(partials[kernel_area * C + c]);
+  }
+}
+
 // The channels_last fp32 backward on AVX-512 in one pass: each thread takes a fixed range of
 // output rows and, row by row, adds the row's weight gradient and writes the input-gradient rows
 // that sit under it, while grad_output's rows are still in cache. Two passes read grad_output
@@ -1523,28 +1564,18 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
 bool backward_nhwc_fused_avx512(const float* go, const float* in, const at::Tensor& weight, at::Tensor& grad_input,
                                 at::Tensor& grad_weight, at::Tensor& grad_bias, const Geometry& g) {
   if (!(grad_input.defined() && grad_weight.defined() && depthwise::avx512::enabled() &&
-        depthwise::avx512::supports_weight_grad_nhwc(g.kernel_h, g.kernel_w, g.stride_w, g.dilation_w) && g.in_h == g.out_h * g.stride_h))
+        depthwise::avx512::supports_weight_grad_nhwc(g.kernel_h, g.kernel_w, g.stride_w, g.dilation_w) &&
+        g.in_h == g.out_h * g.stride_h))
     return false;
   const int64_t C = g.channels, kernel_area = g.kernel_h * g.kernel_w;
   const bool unit_stride = g.stride_h == 1 && g.stride_w == 1;
   std::vector<float> taps = taps_by_channel<float>(weight, g);
-  if (unit_stride) {  // grad_input is the forward of grad_output with the flipped kernel
-    std::vector<float> flipped(taps.size());
-    for (int64_t t = 0; t < kernel_area; ++t)
-      std::copy(taps.begin() + t * C, taps.begin() + (t + 1) * C, flipped.begin() + (kernel_area - 1 - t) * C);
-    taps.swap(flipped);
-  }
-  const depthwise::avx512::ImageGeometry flipped_image{
-      C, g.out_h, g.out_w, g.in_h, g.in_w, g.kernel_h, g.kernel_w, 1, 1,
-      (g.kernel_h - 1) * g.dilation_h - g.pad_top, (g.kernel_w - 1) * g.dilation_w - g.pad_left,
-      g.dilation_h, g.dilation_w};
+  if (unit_stride) taps = flipped_taps(taps, kernel_area, C);  // grad_input: the flipped forward
+  const auto flipped_image = flipped_image_geometry(g);
   const auto image = avx512_image_geometry(g);
   float* gi = grad_input.mutable_data_ptr<float>();
   const bool want_bias = grad_bias.defined();
-  // Fixed chunks of rows, each summing into its own partial, added in chunk order: the same
-  // split as the two-pass code, so the bits do not depend on which path ran.
-  const int64_t rows = g.batch * g.out_h;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  const int64_t rows = g.batch * g.out_h, chunks = weight_grad_chunks(g);
   const int64_t partial_size = (kernel_area + 1) * C;
   std::vector<float> partials(chunks * partial_size, 0.f);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
@@ -1565,15 +1596,7 @@ bool backward_nhwc_fused_avx512(const float* go, const float* in, const at::Tens
       }
     }
   });
-  for (int64_t chunk = 1; chunk < chunks; ++chunk)
-    for (int64_t i = 0; i < partial_size; ++i) partials[i] += partials[chunk * partial_size + i];
-  float* gw = grad_weight.mutable_data_ptr<float>();
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t t = 0; t < kernel_area; ++t) gw[c * kernel_area + t] = partials[t * C + c];
-  if (want_bias) {
-    float* gb = grad_bias.mutable_data_ptr<float>();
-    for (int64_t c = 0; c < C; ++c) gb[c] = partials[kernel_area * C + c];
-  }
+  write_weight_partials<float>(partials, chunks, g, grad_weight, grad_bias);
   return true;
 }
 
@@ -1597,15 +1620,11 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
     if constexpr (std::is_same_v<scalar_t, T>) {
       if (g.stride_h == 1 && g.stride_w == 1) {
         // A forward convolution of grad_output with the flipped kernel (see backward_nchw).
-        std::vector<T> flipped(taps.size());
+        const std::vector<T> flipped = flipped_taps(taps, kernel_area, C);
         const std::vector<T> zeros(kSlack, T(0));
-        for (int64_t t = 0; t < kernel_area; ++t)
-          std::copy(taps.begin() + t * C, taps.begin() + (t + 1) * C, flipped.begin() + (kernel_area - 1 - t) * C);
+        const auto image = flipped_image_geometry(g);
         const RowShape shape{C, g.out_h, g.out_w, g.in_w, g.kernel_h, g.kernel_w, 1, 1,
-                             (g.kernel_h - 1) * g.dilation_h - g.pad_top, (g.kernel_w - 1) * g.dilation_w - g.pad_left,
-                             g.dilation_h, g.dilation_w};
-        const depthwise::avx512::ImageGeometry image{C, g.out_h, g.out_w, g.in_h, g.in_w, g.kernel_h, g.kernel_w, 1, 1,
-                                                     shape.pad_top, shape.pad_left, g.dilation_h, g.dilation_w};
+                             image.pad_top, image.pad_left, g.dilation_h, g.dilation_w};
         const bool avx512 = std::is_same_v<T, float> && depthwise::avx512::enabled();
         at::parallel_for(0, g.batch * g.in_h, 1, [&](int64_t begin, int64_t end) {
           for (int64_t row = begin; row < end; ++row) {
@@ -1669,10 +1688,7 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
 
   const bool want_weight = grad_weight.defined(), want_bias = grad_bias.defined();
   if (!want_weight && !want_bias) return;
-  // Output rows split into a fixed number of chunks, each summing into its own partial; partials
-  // are then added in chunk order. Same thread count, same bits.
-  const int64_t rows = g.batch * g.out_h;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  const int64_t rows = g.batch * g.out_h, chunks = weight_grad_chunks(g);
   const int64_t partial_size = (kernel_area + 1) * C;  // taps, then the bias sum
   std::vector<T> partials(chunks * partial_size, T(0));
   if constexpr (std::is_same_v<scalar_t, T>) {
@@ -1724,17 +1740,7 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
     }
   });
   }
-  for (int64_t chunk = 1; chunk < chunks; ++chunk)
-    for (int64_t i = 0; i < partial_size; ++i) partials[i] += partials[chunk * partial_size + i];
-  if (want_weight) {
-    scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t t = 0; t < kernel_area; ++t) gw[c * kernel_area + t] = static_cast<scalar_t>(partials[t * C + c]);
-  }
-  if (want_bias) {
-    scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) gb[c] = static_cast<scalar_t>(partials[kernel_area * C + c]);
-  }
+  write_weight_partials<scalar_t>(partials, chunks, g, grad_weight, grad_bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(

@@ -531,28 +531,37 @@ void theta_chunk_sums(const Chunk<float>& ch, int len, const float* base_x, doub
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 namespace avx512 {
 
-// Two horizontally adjacent taps (x0 and x0 + 1) of 16 pixels as 16 float pairs, by two 8-lane
-// gathers of 64 bits: half the elements of two 16-lane gathers, and about 0.6 of their time on the
-// Intel Xeon (3.6 vs 5.6-6.9 cycles a gather; the forward of the three STN shapes 7-15% faster).
-// A pair is read where either tap is inside and both addresses lie in the plane (`safe`); each tap
-// is then zeroed where it lies outside. A tap inside whose pair straddles the plane's edge (x0 = -1
-// on the first row, x0 = W - 1 on the last) comes from a 16-lane gather instead.
-inline void gather_pair(const float* plane, __m512i first, __mmask16 left_inside, __mmask16 right_inside,
-                        __mmask16 safe, __m512* left, __m512* right) {
+// The north (or south) taps of 16 pixels, x0 and x0 + 1, in an image of kChannels interleaved
+// channels (1: an NCHW plane): one run of 2 * kChannels floats per pixel, read as kChannels float
+// pairs by 8-lane 64-bit gathers. That is half the elements of 16-lane gathers, at about 0.6 of
+// their time on the Intel Xeon (3.6 vs 5.6-6.9 cycles a gather; the NCHW forward of the three STN
+// shapes 7-15% faster). v[j] is element j of the run (nw/sw channel j, then ne/se channel
+// j - kChannels), zeroed where its tap lies outside. A run is read where either tap is inside and
+// it lies in the image (`safe`); a tap inside whose run straddles the image's edge (x0 = -1 on
+// the first row, x0 = W - 1 on the last) comes from a 16-lane gather instead.
+template <int kChannels>
+inline void gather_run(const float* image, __m512i pixel, __mmask16 left_inside, __mmask16 right_inside,
+                       __mmask16 safe, __m512* v) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const __m512i first = kChannels == 1 ? pixel : _mm512_mullo_epi32(pixel, _mm512_set1_epi32(kChannels));
   const __mmask16 either = left_inside | right_inside, paired = either & safe;
-  const __m512 low = _mm512_castpd_ps(_mm512_mask_i32gather_pd(
-      _mm512_setzero_pd(), static_cast<__mmask8>(paired), _mm512_castsi512_si256(first), plane, 4));
-  const __m512 high = _mm512_castpd_ps(_mm512_mask_i32gather_pd(
-      _mm512_setzero_pd(), static_cast<__mmask8>(paired >> 8), _mm512_extracti64x4_epi64(first, 1), plane, 4));
-  *left = _mm512_maskz_permutex2var_ps(left_inside, low, even, high);
-  *right = _mm512_maskz_permutex2var_ps(right_inside, low, odd, high);
+#pragma GCC unroll 4
+  for (int k = 0; k < kChannels; ++k) {
+    const __m512i index = _mm512_add_epi32(first, _mm512_set1_epi32(2 * k));
+    const __m512 low = _mm512_castpd_ps(_mm512_mask_i32gather_pd(
+        _mm512_setzero_pd(), static_cast<__mmask8>(paired), _mm512_castsi512_si256(index), image, 4));
+    const __m512 high = _mm512_castpd_ps(_mm512_mask_i32gather_pd(
+        _mm512_setzero_pd(), static_cast<__mmask8>(paired >> 8), _mm512_extracti64x4_epi64(index, 1), image, 4));
+    v[2 * k] = _mm512_maskz_permutex2var_ps(2 * k < kChannels ? left_inside : right_inside, low, even, high);
+    v[2 * k + 1] = _mm512_maskz_permutex2var_ps(2 * k + 1 < kChannels ? left_inside : right_inside, low, odd, high);
+  }
   const __mmask16 straddling = either & ~safe;
   if (straddling) {
-    *left = _mm512_mask_i32gather_ps(*left, left_inside & straddling, first, plane, 4);
-    *right = _mm512_mask_i32gather_ps(*right, right_inside & straddling,
-                                      _mm512_add_epi32(first, _mm512_set1_epi32(1)), plane, 4);
+#pragma GCC unroll 8
+    for (int j = 0; j < 2 * kChannels; ++j)
+      v[j] = _mm512_mask_i32gather_ps(v[j], (j < kChannels ? left_inside : right_inside) & straddling,
+                                      _mm512_add_epi32(first, _mm512_set1_epi32(j)), image, 4);
   }
 }
 
@@ -584,45 +593,14 @@ void forward_row_nchw(const float* input, float* output, const Chunk<float>& ch,
     const __m512 w_sw = _mm512_maskz_loadu_ps(live, ch.w_sw + p), w_se = _mm512_maskz_loadu_ps(live, ch.w_se + p);
     for (int64_t c = 0; c < channels; ++c) {
       const float* plane = input + c * in_hw;
-      __m512 v_nw, v_ne, v_sw, v_se;
-      gather_pair(plane, offset, nw, ne, north_safe, &v_nw, &v_ne);
-      gather_pair(plane, south, sw, se, south_safe, &v_sw, &v_se);
+      __m512 top[2], bottom[2];  // nw, ne and sw, se
+      gather_run<1>(plane, offset, nw, ne, north_safe, top);
+      gather_run<1>(plane, south, sw, se, south_safe, bottom);
       // Two independent halves, as the scalar loop; a tap outside reads 0 and its weight is finite.
-      const __m512 north = _mm512_fmadd_ps(v_ne, w_ne, _mm512_mul_ps(v_nw, w_nw));
-      const __m512 south_sum = _mm512_fmadd_ps(v_se, w_se, _mm512_mul_ps(v_sw, w_sw));
+      const __m512 north = _mm512_fmadd_ps(top[1], w_ne, _mm512_mul_ps(top[0], w_nw));
+      const __m512 south_sum = _mm512_fmadd_ps(bottom[1], w_se, _mm512_mul_ps(bottom[0], w_sw));
       _mm512_mask_storeu_ps(out + c * out_hw, live, _mm512_add_ps(north, south_sum));
     }
-  }
-}
-
-// channels_last images of kChannels (2 to 4: RGB among them) channels: the north (or south) taps
-// of a pixel, x0 and x0 + 1, are one run of 2 * kChannels floats, read as kChannels float pairs
-// by 8-lane 64-bit gathers; v[j] is element j of the run (nw/sw channel j, then ne/se channel
-// j - kChannels), zeroed where its tap lies outside. Runs straddling the image's edge (see
-// gather_pair) come from 16-lane gathers instead.
-template <int kChannels>
-inline void gather_run(const float* image, __m512i pixel, __mmask16 left_inside, __mmask16 right_inside,
-                       __mmask16 safe, __m512* v) {
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  const __m512i first = _mm512_mullo_epi32(pixel, _mm512_set1_epi32(kChannels));
-  const __mmask16 either = left_inside | right_inside, paired = either & safe;
-#pragma GCC unroll 4
-  for (int k = 0; k < kChannels; ++k) {
-    const __m512i index = _mm512_add_epi32(first, _mm512_set1_epi32(2 * k));
-    const __m512 low = _mm512_castpd_ps(_mm512_mask_i32gather_pd(
-        _mm512_setzero_pd(), static_cast<__mmask8>(paired), _mm512_castsi512_si256(index), image, 4));
-    const __m512 high = _mm512_castpd_ps(_mm512_mask_i32gather_pd(
-        _mm512_setzero_pd(), static_cast<__mmask8>(paired >> 8), _mm512_extracti64x4_epi64(index, 1), image, 4));
-    v[2 * k] = _mm512_maskz_permutex2var_ps(2 * k < kChannels ? left_inside : right_inside, low, even, high);
-    v[2 * k + 1] = _mm512_maskz_permutex2var_ps(2 * k + 1 < kChannels ? left_inside : right_inside, low, odd, high);
-  }
-  const __mmask16 straddling = either & ~safe;
-  if (straddling) {
-#pragma GCC unroll 8
-    for (int j = 0; j < 2 * kChannels; ++j)
-      v[j] = _mm512_mask_i32gather_ps(v[j], (j < kChannels ? left_inside : right_inside) & straddling,
-                                      _mm512_add_epi32(first, _mm512_set1_epi32(j)), image, 4);
   }
 }
 
