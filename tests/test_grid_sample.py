@@ -150,6 +150,53 @@ def test_matches_fp64_truth_fp32(padding, align, layout, channels, vector_isa):
         assert our_error <= 2 * their_error + slack[name] * e.abs().max().item(), (name, our_error, their_error)
 
 
+def _near_integer(pixel_grid, w, h, align):
+    """Output pixels whose fp64 source lies within 1e-3 pixel of an integer (see above)."""
+    extent = torch.tensor([w, h], dtype=torch.float64)
+    pixel = (pixel_grid + 1) / 2 * (extent - 1) if align else ((pixel_grid + 1) * extent - 1) / 2
+    return ((pixel - pixel.round()).abs() < 1e-3).any(dim=-1)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 8])
+@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("kind", ["affine", "grid"])
+def test_coordinate_gradient_alone_and_grids_fp32(kind, padding, align, channels, vector_isa):
+    """fp32 against the fp64 truth, as above, for what that test leaves out: a given grid (the
+    forward computes its taps from the grid's pairs), and the coordinate gradient alone, as an
+    STN whose input needs no gradient asks for it (its own AVX-512 path), next to both
+    gradients."""
+    g = torch.Generator().manual_seed(2)
+    n, c, h, w = 2, channels, 17, 37
+    x = torch.randn(n, c, h, w, generator=g)
+    size = (n, c, 13, 35)
+    theta = _theta(n, torch.float32, 0.4, g)
+    coords = F.affine_grid(theta.double(), size, align_corners=align).float() if kind == "grid" else theta
+    pixel_grid = coords.double() if kind == "grid" else F.affine_grid(theta.double(), size, align_corners=align)
+    grad = torch.randn(size, generator=g).masked_fill(_near_integer(pixel_grid, w, h, align)[:, None], 0.0)
+
+    def run(fn, dtype, wants_input):
+        a = x.to(dtype).requires_grad_(wants_input)
+        t = coords.to(dtype).requires_grad_()
+        out = fn(a, t, padding, align) if kind == "grid" else fn(a, t, size, "bilinear", padding, align)
+        grads = _grads(out, (a, t) if wants_input else (t,), grad.to(dtype))
+        return [out.double(), grads[-1].double()]
+
+    if kind == "grid":
+        ours_fn = lambda a, t, p, al: grid_sample(a, t, "bilinear", p, al)
+        ref_fn = lambda a, t, p, al: F.grid_sample(a, t, "bilinear", p, al)
+    else:
+        ours_fn, ref_fn = affine_grid_sample, fastcnn.reference.affine_grid_sample
+    truth = run(ref_fn, torch.float64, False)
+    theirs = run(ref_fn, torch.float32, False)
+    for wants_input in (False, True):
+        ours = run(ours_fn, torch.float32, wants_input)
+        for name, o, t, e in zip(("output", "grad_coords"), ours, theirs, truth):
+            our_error = (o - e).abs().max().item()
+            their_error = (t - e).abs().max().item()
+            assert our_error <= 2 * their_error + 1e-5 * e.abs().max().item(), (name, wants_input, our_error, their_error)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("padding", PADDINGS)
 def test_nearest_fp32_equals_pytorch(padding, layout, vector_isa):
