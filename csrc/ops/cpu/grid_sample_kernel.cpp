@@ -347,15 +347,77 @@ void forward_pixels(const float* input, float* output, const Chunk<float>& ch, i
 // channels into ch.gx / ch.gy, before the scale).
 // What to compute is fixed at compile time: runtime flags tested in the channel loop cost a
 // tenth of the backward (measured on 8x3x224x224).
+constexpr int kPairStride = 4;
+
+inline __m128 load_pair(const float* p) { return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))); }
+inline void store_pair(float* p, __m128 v) { _mm_store_sd(reinterpret_cast<double*>(p), _mm_castps_pd(v)); }
+
+// backward_pixels for one NCHW pixel whose four taps are inside, on float pairs (see there).
+// source / target: the north-west tap in channel 0 of the input and of grad_input.
+template <int kChannels, bool kAccumulate, bool kInput, bool kCoords>
+inline void backward_pixel_pairs(const float* source, const float* go, float* target, Chunk<float>& ch, int p,
+                                 int64_t channels_arg, int64_t in_hw, int64_t out_hw, int64_t in_w) {
+  const int64_t channels = kChannels > 0 ? kChannels : channels_arg;
+  const __m128 w_north = _mm_unpacklo_ps(_mm_set_ss(ch.w_nw[p]), _mm_set_ss(ch.w_ne[p]));
+  const __m128 w_south = _mm_unpacklo_ps(_mm_set_ss(ch.w_sw[p]), _mm_set_ss(ch.w_se[p]));
+  const __m128 dy1 = _mm_set1_ps(ch.dy1[p]), dy0 = _mm_set1_ps(ch.dy0[p]);
+  // Summed over channels: gout * (south - north) and gout * (north * dy1 + south * dy0), pairs.
+  __m128 sum_d = _mm_setzero_ps(), sum_q = _mm_setzero_ps();
+  for (int64_t c = 0; c < channels; ++c) {
+    const __m128 g = _mm_set1_ps(go[c * out_hw]);
+    if (kCoords) {
+      const float* s = source + c * in_hw;
+      const __m128 north = load_pair(s), south = load_pair(s + in_w);
+      sum_d = _mm_fmadd_ps(g, _mm_sub_ps(south, north), sum_d);
+      sum_q = _mm_fmadd_ps(g, _mm_fmadd_ps(north, dy1, _mm_mul_ps(south, dy0)), sum_q);
+    }
+    if (kInput) {
+      float* d = target + c * in_hw;
+      store_pair(d, _mm_add_ps(load_pair(d), _mm_mul_ps(w_north, g)));
+      store_pair(d + in_w, _mm_add_ps(load_pair(d + in_w), _mm_mul_ps(w_south, g)));
+    }
+  }
+  float gx = 0.0f, gy = 0.0f;
+  if (kCoords) {
+    alignas(16) float d[4], q[4];
+    _mm_store_ps(d, sum_d);
+    _mm_store_ps(q, sum_q);
+    // bilinear_coordinate_grad: d/dx = (ne - nw) dy1 + (se - sw) dy0, d/dy = (sw - nw) dx1 + (se - ne) dx0.
+    gx = q[1] - q[0];
+    gy = d[0] * ch.dx1[p] + d[1] * ch.dx0[p];
+  }
+  if (kAccumulate) {
+    ch.gx[p] += gx;
+    ch.gy[p] += gy;
+  } else {
+    ch.gx[p] = gx;
+    ch.gy[p] = gy;
+  }
+}
+
 template <int kChannels, bool kAccumulate, bool kInput, bool kCoords>
 void backward_pixels(const float* input, const float* grad_output, float* grad_input, Chunk<float>& ch, int len,
                      int64_t channels_arg, const Strides& st, int64_t in_w, bool bilinear) {
   constexpr bool want_input = kInput, want_coords = kCoords;
   const int64_t channels = kChannels > 0 ? kChannels : channels_arg;
   const int64_t in_hw = st.in_c, out_hw = st.out_c, right = st.in_p, down = in_w * st.in_p;
-  for (int p = 0; p < len; ++p) {
+  // NCHW with every tap inside: each row's two taps (nw, ne and sw, se) are adjacent, so they are
+  // read, and their grad_input added, as float pairs (64-bit loads and stores): half the memory
+  // operations. Neighbouring pixels' pairs overlap ([o, o + 1], then [o + 1, o + 2]), and a load
+  // that overlaps a store still in flight waits for it: the pixels go every kStride-th, kStride
+  // passes, so overlapping pairs are far apart in time. 32x3x64x64, 2 threads: grad_input alone
+  // 1.6x faster, with grad_theta 1.3x; every pixel in turn instead of every 4th: 1.2-1.8x slower.
+  const bool pairs = st.in_p == 1;
+  const int stride = pairs ? kPairStride : 1;
+  for (int phase = 0; phase < stride; ++phase)
+  for (int p = phase; p < len; p += stride) {
     const int64_t o = ch.offset32[p] * st.in_p;
     const float* go = grad_output + p * st.out_p;
+    if (pairs && bilinear && ch.bits[p] == kAllTaps) {
+      backward_pixel_pairs<kChannels, kAccumulate, kInput, kCoords>(input + o, go, want_input ? grad_input + o : nullptr,
+                                                                    ch, p, channels, in_hw, out_hw, in_w);
+      continue;
+    }
     if (!bilinear) {
       if (want_input && ch.bits[p]) {
         for (int64_t c = 0; c < channels; ++c) grad_input[o + c * in_hw] += go[c * out_hw];
@@ -1571,6 +1633,7 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
                                                                    int64_t interpolation, int64_t padding_mode,
                                                                    bool align_corners,
                                                                    std::array<bool, 2> output_mask) {
+
   check_cpu("affine_grid_sample", input);
   TORCH_CHECK(grad_output.dim() == 4, "affine_grid_sample backward: expected a 4-D grad_output, got ",
               grad_output.sizes());
