@@ -8,7 +8,8 @@
 //
 // With AVX2 (fp32), the taps of 8 pixels are computed at once (for an affine map straight from
 // theta), and the sampling loops go pixel by pixel with scalar loads, channels innermost; NCHW
-// beyond 8 channels goes plane by plane instead.
+// beyond 8 channels goes plane by plane instead. The backward reads and adds a pixel's taps as float
+// pairs (NCHW) or runs of 2C floats (channels_last, 2-4 channels) where all four are inside.
 // With AVX-512, the taps go 16 pixels at once, and the forward gathers: NCHW up to 8 channels,
 // channels_last with 2 to 4 (one channel is the NCHW layout). With zeros or border padding those
 // forwards keep the taps in registers, row by row, instead of chunk arrays; so does the coordinate
@@ -395,6 +396,54 @@ inline void backward_pixel_pairs(const float* source, const float* go, float* ta
   }
 }
 
+// The same for a channels_last pixel of kChannels (2-4) channels: its north taps are one run of
+// 2 * kChannels floats (nw's channels, then ne's), as are its south ones; read and added with
+// masked 8-lane loads and stores. down: the input's row stride in floats.
+template <int kChannels, bool kAccumulate, bool kInput, bool kCoords>
+inline void backward_pixel_runs(const float* source, const float* go, float* target, Chunk<float>& ch, int p,
+                                int64_t down) {
+  constexpr int kRun = 2 * kChannels;
+  constexpr int kHigh = ((1 << kRun) - 1) & ~((1 << kChannels) - 1);  // the ne / se lanes
+  const __m256i run = tail_mask(kRun);
+  const __m256i duplicate = _mm256_setr_epi32(0 % kChannels, 1 % kChannels, 2 % kChannels, 3 % kChannels,
+                                              4 % kChannels, 5 % kChannels, 6 % kChannels, 7 % kChannels);
+  // gout of each channel, for both taps of the run (lanes past the run are masked off below).
+  const __m256 g = _mm256_permutevar8x32_ps(_mm256_maskload_ps(go, tail_mask(kChannels)), duplicate);
+  if (kInput) {
+    const __m256 w_north = _mm256_blend_ps(_mm256_set1_ps(ch.w_nw[p]), _mm256_set1_ps(ch.w_ne[p]), kHigh);
+    const __m256 w_south = _mm256_blend_ps(_mm256_set1_ps(ch.w_sw[p]), _mm256_set1_ps(ch.w_se[p]), kHigh);
+    _mm256_maskstore_ps(target, run, _mm256_fmadd_ps(w_north, g, _mm256_maskload_ps(target, run)));
+    _mm256_maskstore_ps(target + down, run, _mm256_fmadd_ps(w_south, g, _mm256_maskload_ps(target + down, run)));
+  }
+  float gx = 0.0f, gy = 0.0f;
+  if (kCoords) {
+    const __m256 north = _mm256_maskload_ps(source, run), south = _mm256_maskload_ps(source + down, run);
+    // Lane sums of gout * (south - north) and gout * (north * dy1 + south * dy0); the lanes past
+    // the run hold zeros (masked loads).
+    alignas(32) float d[8], q[8];
+    _mm256_store_ps(d, _mm256_mul_ps(g, _mm256_sub_ps(south, north)));
+    _mm256_store_ps(q, _mm256_mul_ps(g, _mm256_fmadd_ps(north, _mm256_set1_ps(ch.dy1[p]),
+                                                        _mm256_mul_ps(south, _mm256_set1_ps(ch.dy0[p])))));
+    float d_west = 0.0f, d_east = 0.0f, q_west = 0.0f, q_east = 0.0f;
+    for (int c = 0; c < kChannels; ++c) {
+      d_west += d[c];
+      d_east += d[kChannels + c];
+      q_west += q[c];
+      q_east += q[kChannels + c];
+    }
+    // bilinear_coordinate_grad summed over channels (see backward_pixel_pairs).
+    gx = q_east - q_west;
+    gy = d_west * ch.dx1[p] + d_east * ch.dx0[p];
+  }
+  if (kAccumulate) {
+    ch.gx[p] += gx;
+    ch.gy[p] += gy;
+  } else {
+    ch.gx[p] = gx;
+    ch.gy[p] = gy;
+  }
+}
+
 template <int kChannels, bool kAccumulate, bool kInput, bool kCoords>
 void backward_pixels(const float* input, const float* grad_output, float* grad_input, Chunk<float>& ch, int len,
                      int64_t channels_arg, const Strides& st, int64_t in_w, bool bilinear) {
@@ -407,8 +456,12 @@ void backward_pixels(const float* input, const float* grad_output, float* grad_i
   // that overlaps a store still in flight waits for it: the pixels go every kStride-th, kStride
   // passes, so overlapping pairs are far apart in time. 32x3x64x64, 2 threads: grad_input alone
   // 1.6x faster, with grad_theta 1.3x; every pixel in turn instead of every 4th: 1.2-1.8x slower.
+  // channels_last images of 2-4 channels read and add the same way a run of 2C floats
+  // (backward_pixel_runs).
   const bool pairs = st.in_p == 1;
-  const int stride = pairs ? kPairStride : 1;
+  constexpr bool kRunChannels = kChannels >= 2 && kChannels <= 4;
+  const bool runs = kRunChannels && st.in_p == kChannels;
+  const int stride = pairs || runs ? kPairStride : 1;
   for (int phase = 0; phase < stride; ++phase)
   for (int p = phase; p < len; p += stride) {
     const int64_t o = ch.offset32[p] * st.in_p;
@@ -417,6 +470,13 @@ void backward_pixels(const float* input, const float* grad_output, float* grad_i
       backward_pixel_pairs<kChannels, kAccumulate, kInput, kCoords>(input + o, go, want_input ? grad_input + o : nullptr,
                                                                     ch, p, channels, in_hw, out_hw, in_w);
       continue;
+    }
+    if constexpr (kRunChannels) {
+      if (runs && bilinear && ch.bits[p] == kAllTaps) {
+        backward_pixel_runs<kChannels, kAccumulate, kInput, kCoords>(input + o, go, want_input ? grad_input + o : nullptr,
+                                                                     ch, p, in_w * kChannels);
+        continue;
+      }
     }
     if (!bilinear) {
       if (want_input && ch.bits[p]) {
@@ -538,6 +598,13 @@ void backward_row(const float* input, const float* grad_output, float* grad_inpu
                                          want_input, want_coords);
   if (channels == 3)
     return backward_pixels_for<3, false>(input, grad_output, grad_input, ch, len, channels, st, in_w, bilinear,
+                                         want_input, want_coords);
+  // channels_last pairs of channels and RGBA-like images: the runs of backward_pixel_runs.
+  if (channels == 2 && st.in_p == 2)
+    return backward_pixels_for<2, false>(input, grad_output, grad_input, ch, len, channels, st, in_w, bilinear,
+                                         want_input, want_coords);
+  if (channels == 4 && st.in_p == 4)
+    return backward_pixels_for<4, false>(input, grad_output, grad_input, ch, len, channels, st, in_w, bilinear,
                                          want_input, want_coords);
   backward_pixels_for<0, false>(input, grad_output, grad_input, ch, len, channels, st, in_w, bilinear, want_input,
                                 want_coords);
@@ -1633,6 +1700,7 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
                                                                    int64_t interpolation, int64_t padding_mode,
                                                                    bool align_corners,
                                                                    std::array<bool, 2> output_mask) {
+
 
   check_cpu("affine_grid_sample", input);
   TORCH_CHECK(grad_output.dim() == 4, "affine_grid_sample backward: expected a 4-D grad_output, got ",
