@@ -153,6 +153,14 @@ PLANE_CASES = [
     (2, 5, 7, 7, 5, 1, 2, 1),  # 5x5 window on a 7x7 map
     (1, 3, 4, 9, 3, 1, (0, 2, 2, 0), 1),  # width kept by asymmetric column pads, height by row pads
     (1, 2, 5, 13, 3, 1, (2, 0, 1, 1), 1),  # 65 outputs: the row kernels again
+    # unit-stride NCHW windows of 25 taps and more on rows of 24 outputs and more: a zero-bordered
+    # copy of the plane, blocks of 4 rows x 4 vectors
+    (1, 3, 13, 34, 7, 1, 0, 1),  # no padding: the copy starts inside the input; a 1-row tail block
+    (1, 2, 10, 70, 7, 1, 3, 1),  # a chunk of 64 outputs and one of 6; a 2-row tail block
+    (1, 2, 19, 24, 7, 1, 9, 3),  # dilated; a 3-row tail block
+    (1, 2, 6, 30, (3, 9), 1, (1, 4), 1),  # rectangular windows
+    (1, 2, 30, 26, (9, 3), 1, (4, 1), 1),
+    (1, 2, 33, 40, 31, 1, 15, 1),  # RepLKNet's 31x31
 ]
 
 
@@ -175,7 +183,9 @@ def test_fp32_planes(case, layout, avx512, monkeypatch):
         return wide[..., 2 : 2 + t.shape[3]]
 
     x = rows_apart(torch.randn(n, c, h, w)).requires_grad_()
-    weight = torch.randn(c, 1, k, k, requires_grad=True)
+    kernel = (k, k) if isinstance(k, int) else k
+    k = max(kernel)
+    weight = torch.randn(c, 1, *kernel, requires_grad=True)
     b = torch.randn(c, requires_grad=True)
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, b))
     truth = _reference(x64, w64, b64, stride, padding, dilation)

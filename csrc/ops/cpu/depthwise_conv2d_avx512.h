@@ -44,6 +44,17 @@ bool supports(int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stri
 // out = bias + the window sums of `in` with `taps` ([kernel_h][kernel_w], row-major).
 void forward_plane(const float* in, const float* taps, float bias, float* out, const PlaneGeometry& g);
 
+// Unit-stride windows of 25 taps and more that the plane kernels leave out (7x7 to 31x31,
+// rectangular, dilated), on rows of 24 outputs and more: the plane is copied once into a
+// zero-bordered buffer, then blocks of 4 output rows x 4 vectors take every tap from it with plain
+// loads (the window's weights do not fit in registers), each load feeding every row it reaches.
+// `bordered` holds bordered_plane_floats(g) floats, zeroed by the caller once for a run of planes
+// of the same geometry (only the input's rectangle is written).
+bool supports_bordered(int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t out_w);
+int64_t bordered_plane_floats(const PlaneGeometry& g);
+void forward_plane_bordered(const float* in, const float* taps, float bias, float* out, const PlaneGeometry& g,
+                            float* bordered);
+
 // The input gradient of one plane at stride 2 (at stride 1 it is forward_plane over grad_out with
 // the flipped kernel): grad_in[iy][ix] = sum of taps[ky][kx] * grad_out[oy][ox] over the taps with
 // oy*2 - pad_top + ky = iy and ox*2 - pad_left + kx = ix. `g` is the forward's geometry with
