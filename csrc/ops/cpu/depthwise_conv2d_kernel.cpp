@@ -1292,6 +1292,36 @@ at::Tensor depthwise_conv2d_cpu(const at::Tensor& input, const at::Tensor& weigh
 // ---------------------------------------------------------------------------------------------
 // Backward
 
+// The unit-stride input gradient of an NCHW fp32 window that forward_nchw runs bordered: a forward
+// pass of the flipped kernel over grad_output (8x128x56x56, 2 threads: 31x31 about 2x faster
+// than the channel tiles). False, and nothing written, for other windows or layouts.
+bool grad_input_bordered(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& grad_input,
+                         const Geometry& g) {
+  const auto go_strides = grad_output.strides(), gi_strides = grad_input.strides();
+  if (!(g.stride_h == 1 && g.stride_w == 1 && go_strides[3] == 1 && gi_strides[3] == 1 && !use_avx512_planes(g) &&
+        depthwise::avx512::supports_bordered(g.kernel_h, g.kernel_w, 1, 1, g.in_w) && depthwise::avx512::enabled()))
+    return false;
+  const auto shape = avx512_grad_input_geometry(g, go_strides[2], gi_strides[2]);
+  const int64_t kernel_area = g.kernel_h * g.kernel_w;
+  const float* go = grad_output.const_data_ptr<float>();
+  const float* w = weight.const_data_ptr<float>();
+  float* gi = grad_input.mutable_data_ptr<float>();
+  at::parallel_for(0, g.batch * g.channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> bordered(depthwise::avx512::bordered_plane_floats(shape), 0.f), flipped(kernel_area);
+    int64_t taps_of = -1;
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / g.channels, c = plane % g.channels;
+      if (c != taps_of) {
+        for (int64_t t = 0; t < kernel_area; ++t) flipped[kernel_area - 1 - t] = w[c * kernel_area + t];
+        taps_of = c;
+      }
+      depthwise::avx512::forward_plane_bordered(go + n * go_strides[0] + c * go_strides[1], flipped.data(), 0.f,
+                                                gi + n * gi_strides[0] + c * gi_strides[1], shape, bordered.data());
+    }
+  });
+  return true;
+}
+
 template <typename scalar_t>
 void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
                    at::Tensor& grad_input, at::Tensor& grad_weight, at::Tensor& grad_bias, const Geometry& g) {
@@ -1791,7 +1821,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
         backward_nhwc<scalar_t>(grad_output.contiguous(cl), input.contiguous(cl), weight_c, grad_input, grad_weight,
                                 grad_bias, g);
       } else {
-        backward_nchw<scalar_t>(grad_output, input, weight_c, grad_input, grad_weight, grad_bias, g);
+        // The windows the bordered forward takes: their unit-stride input gradient by it, the
+        // rest (weight and bias) by backward_nchw.
+        at::Tensor rest_grad_input = grad_input;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (grad_input.defined() && grad_input_bordered(grad_output, weight_c, grad_input, g))
+            rest_grad_input = at::Tensor();
+        }
+        backward_nchw<scalar_t>(grad_output, input, weight_c, rest_grad_input, grad_weight, grad_bias, g);
       }
     });
   }
