@@ -161,6 +161,9 @@ PLANE_CASES = [
     (1, 2, 6, 30, (3, 9), 1, (1, 4), 1),  # rectangular windows
     (1, 2, 30, 26, (9, 3), 1, (4, 1), 1),
     (1, 2, 33, 40, 31, 1, 15, 1),  # RepLKNet's 31x31
+    # channels_last windows of 169 taps and more the same way, 16 channels scattered into planes
+    (2, 17, 12, 30, 13, 1, 6, 1),  # a block of 16 channels and one of 1, two images
+    (1, 20, 16, 38, 13, 1, 0, 1),  # no padding
 ]
 
 

@@ -101,6 +101,14 @@ struct ImageGeometry {
 void forward_row_nhwc(const float* in, const float* taps, const float* bias, float* out_row, int64_t oy,
                       const ImageGeometry& g);
 
+// channels_last through the bordered planes (supports_bordered's windows, 169 taps and more for
+// this layout): 16 channels of one image from channel c0 scattered into 16 bordered planes, each
+// run as forward_plane_bordered does, the outputs gathered back. `scratch` holds
+// nhwc_bordered_floats(g) floats, zeroed by the caller once for images of the same geometry.
+int64_t nhwc_bordered_floats(const ImageGeometry& g);
+void forward_channels_nhwc_bordered(const float* in, const float* taps, const float* bias, float* out, int64_t c0,
+                                    const ImageGeometry& g, float* scratch);
+
 // Input-gradient row iy of a channels_last image at any stride, in gather form:
 // grad_in_row[ix][c] = sum over the taps t that land on (iy, ix) of taps[t][c] * grad_out[oy][ox][c].
 // Here in_* are grad_in's sizes and out_* grad_out's; kernel_h and kernel_w at most 64.

@@ -1208,6 +1208,11 @@ RowShape row_shape(const Geometry& g) {
           g.pad_top, g.pad_left, g.dilation_h, g.dilation_w};
 }
 
+// channels_last windows of this many taps and more (at unit stride, rows of 24 outputs and more)
+// run through bordered planes: 16 channels scattered into planes and gathered back. In-process
+// against the sliding rows, 8x128x56x56, 2 threads: 31x31 1.34x faster, 13x13 1.14x, 11x11 even.
+constexpr int64_t kNhwcBorderedTaps = 169;
+
 template <typename scalar_t>
 void forward_nhwc(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& output,
                   const Geometry& g) {
@@ -1223,6 +1228,20 @@ void forward_nhwc(const at::Tensor& input, const at::Tensor& weight, const at::T
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (depthwise::avx512::enabled()) {
       const auto shape = avx512_image_geometry(g);
+      if (g.kernel_h * g.kernel_w >= kNhwcBorderedTaps &&
+          depthwise::avx512::supports_bordered(g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.out_w)) {
+        const int64_t blocks = (C + depthwise::avx512::kLanes - 1) / depthwise::avx512::kLanes;
+        at::parallel_for(0, g.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+          std::vector<float> scratch(depthwise::avx512::nhwc_bordered_floats(shape), 0.f);
+          for (int64_t item = begin; item < end; ++item) {
+            const int64_t n = item / blocks, c0 = item % blocks * depthwise::avx512::kLanes;
+            depthwise::avx512::forward_channels_nhwc_bordered(
+                in + n * g.in_h * g.in_w * C, taps.data(), bias.defined() ? bias_values.data() : nullptr,
+                out + n * g.out_h * g.out_w * C, c0, shape, scratch.data());
+          }
+        });
+        return;
+      }
       at::parallel_for(0, g.batch * g.out_h, 1, [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
           const int64_t n = row / g.out_h, oy = row % g.out_h;
