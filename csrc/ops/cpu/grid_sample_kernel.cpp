@@ -151,6 +151,16 @@ void compute_taps(Chunk<acc_t>& ch, int len, const Geometry& g) {
   }
 }
 
+// sums[k] = the `count` fp32 lanes of row k of lanes[4][count], added in double in lane order
+// (grad_theta's partial sums: a fixed order, and no fp32 drift over many pixels).
+inline void add_lanes_in_double(const float* lanes, int count, double sums[4]) {
+  for (int k = 0; k < 4; ++k) {
+    double total = 0;
+    for (int l = 0; l < count; ++l) total += lanes[k * count + l];
+    sums[k] = total;
+  }
+}
+
 // Copies the scalar taps' masks and offsets into the 32-bit arrays the AVX2 path reads (used after
 // compute_taps for reflection padding, which that path leaves to scalar code).
 template <typename acc_t>
@@ -353,6 +363,19 @@ constexpr int kPairStride = 4;
 inline __m128 load_pair(const float* p) { return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))); }
 inline void store_pair(float* p, __m128 v) { _mm_store_sd(reinterpret_cast<double*>(p), _mm_castps_pd(v)); }
 
+// Pixel p's coordinate gradient (summed over channels) into ch.gx / ch.gy, added to what earlier
+// channel blocks left there when kAccumulate.
+template <bool kAccumulate>
+inline void put_coordinate_grad(Chunk<float>& ch, int p, float gx, float gy) {
+  if (kAccumulate) {
+    ch.gx[p] += gx;
+    ch.gy[p] += gy;
+  } else {
+    ch.gx[p] = gx;
+    ch.gy[p] = gy;
+  }
+}
+
 // backward_pixels for one NCHW pixel whose four taps are inside, on float pairs (see there).
 // source / target: the north-west tap in channel 0 of the input and of grad_input.
 template <int kChannels, bool kAccumulate, bool kInput, bool kCoords>
@@ -387,13 +410,7 @@ inline void backward_pixel_pairs(const float* source, const float* go, float* ta
     gx = q[1] - q[0];
     gy = d[0] * ch.dx1[p] + d[1] * ch.dx0[p];
   }
-  if (kAccumulate) {
-    ch.gx[p] += gx;
-    ch.gy[p] += gy;
-  } else {
-    ch.gx[p] = gx;
-    ch.gy[p] = gy;
-  }
+  put_coordinate_grad<kAccumulate>(ch, p, gx, gy);
 }
 
 // The same for a channels_last pixel of kChannels (2-4) channels: its north taps are one run of
@@ -435,13 +452,7 @@ inline void backward_pixel_runs(const float* source, const float* go, float* tar
     gx = q_east - q_west;
     gy = d_west * ch.dx1[p] + d_east * ch.dx0[p];
   }
-  if (kAccumulate) {
-    ch.gx[p] += gx;
-    ch.gy[p] += gy;
-  } else {
-    ch.gx[p] = gx;
-    ch.gy[p] = gy;
-  }
+  put_coordinate_grad<kAccumulate>(ch, p, gx, gy);
 }
 
 template <int kChannels, bool kAccumulate, bool kInput, bool kCoords>
@@ -526,13 +537,7 @@ void backward_pixels(const float* input, const float* grad_output, float* grad_i
         }
       }
     }
-    if (kAccumulate) {
-      ch.gx[p] += gx;
-      ch.gy[p] += gy;
-    } else {
-      ch.gx[p] = gx;
-      ch.gy[p] = gy;
-    }
+    put_coordinate_grad<kAccumulate>(ch, p, gx, gy);
   }
 }
 
@@ -633,11 +638,7 @@ void theta_chunk_sums(const Chunk<float>& ch, int len, const float* base_x, doub
   _mm256_store_ps(lanes[1], sxx);
   _mm256_store_ps(lanes[2], sy);
   _mm256_store_ps(lanes[3], syx);
-  for (int k = 0; k < 4; ++k) {
-    double total = 0;
-    for (int l = 0; l < 8; ++l) total += lanes[k][l];
-    sums[k] = total;
-  }
+  add_lanes_in_double(lanes[0], 8, sums);
 }
 
 }  // namespace avx2
@@ -1101,11 +1102,7 @@ void coordinate_grad_row_nchw(const float* image, const float* grad_output, int6
   _mm512_store_ps(lanes[1], sum_xb);
   _mm512_store_ps(lanes[2], sum_y);
   _mm512_store_ps(lanes[3], sum_yb);
-  for (int k = 0; k < 4; ++k) {
-    double total = 0;
-    for (int l = 0; l < 16; ++l) total += lanes[k][l];
-    row_sums[k] = total;
-  }
+  add_lanes_in_double(lanes[0], 16, row_sums);
 }
 
 // The coordinate gradient of image n (NCHW) by coordinate_grad_row_nchw. grid_grad: the image's
