@@ -1325,17 +1325,16 @@ bool grad_input_bordered(const at::Tensor& grad_output, const at::Tensor& weight
   const float* go = grad_output.const_data_ptr<float>();
   const float* w = weight.const_data_ptr<float>();
   float* gi = grad_input.mutable_data_ptr<float>();
+  std::vector<float> flipped(g.channels * kernel_area);
+  for (int64_t c = 0; c < g.channels; ++c)
+    for (int64_t t = 0; t < kernel_area; ++t) flipped[c * kernel_area + kernel_area - 1 - t] = w[c * kernel_area + t];
   at::parallel_for(0, g.batch * g.channels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> bordered(depthwise::avx512::bordered_plane_floats(shape), 0.f), flipped(kernel_area);
-    int64_t taps_of = -1;
+    std::vector<float> bordered(depthwise::avx512::bordered_plane_floats(shape), 0.f);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / g.channels, c = plane % g.channels;
-      if (c != taps_of) {
-        for (int64_t t = 0; t < kernel_area; ++t) flipped[kernel_area - 1 - t] = w[c * kernel_area + t];
-        taps_of = c;
-      }
-      depthwise::avx512::forward_plane_bordered(go + n * go_strides[0] + c * go_strides[1], flipped.data(), 0.f,
-                                                gi + n * gi_strides[0] + c * gi_strides[1], shape, bordered.data());
+      depthwise::avx512::forward_plane_bordered(go + n * go_strides[0] + c * go_strides[1], &flipped[c * kernel_area],
+                                                0.f, gi + n * gi_strides[0] + c * gi_strides[1], shape,
+                                                bordered.data());
     }
   });
   return true;

@@ -118,6 +118,16 @@ struct AffineSource {
     const acc_t by = base_y[oy];
     return {float(t[0]), float(t[1] * by + t[2]), float(t[3]), float(t[4] * by + t[5]), nullptr};
   }
+  // The same map taken on to input pixels (unnormalize folded in, in double): x = ax * base_x + cx
+  // is then one fma a coordinate; the coordinates differ from row()'s by an ulp or so.
+  AffineRow pixel_row(int64_t n, int64_t oy, int64_t in_h, int64_t in_w, bool align_corners) const {
+    const acc_t* t = theta + n * 6;
+    const double by = base_y[oy];
+    const double sx = align_corners ? (in_w - 1) / 2.0 : in_w / 2.0, shift_x = (in_w - 1) / 2.0;
+    const double sy = align_corners ? (in_h - 1) / 2.0 : in_h / 2.0, shift_y = (in_h - 1) / 2.0;
+    return {float(t[0] * sx), float((t[1] * by + t[2]) * sx + shift_x), float(t[3] * sy),
+            float((t[4] * by + t[5]) * sy + shift_y), base_x};
+  }
 };
 
 template <typename acc_t>
@@ -1006,16 +1016,13 @@ template <typename Source, typename Body>
 inline void with_row_taps(const Source& source, const Geometry& g, const TapsConstants& k, int64_t n, int64_t oy,
                           Body&& body) {
   if constexpr (std::is_same_v<Source, AffineSource<float>>) {
-    // The row's map straight to input pixels, x = ax * base_x + cx: one fma a coordinate instead
-    // of the map and unnormalize (7 instructions); the coordinates differ by an ulp or so.
-    const float* t = source.theta + n * 6;
-    const double by = source.base_y[oy];
-    const double sx = g.align_corners ? (g.in_w - 1) / 2.0 : g.in_w / 2.0, shift_x = (g.in_w - 1) / 2.0;
-    const double sy = g.align_corners ? (g.in_h - 1) / 2.0 : g.in_h / 2.0, shift_y = (g.in_h - 1) / 2.0;
-    const __m512 ax = _mm512_set1_ps(float(t[0] * sx)), cx = _mm512_set1_ps(float((t[1] * by + t[2]) * sx + shift_x));
-    const __m512 ay = _mm512_set1_ps(float(t[3] * sy)), cy = _mm512_set1_ps(float((t[4] * by + t[5]) * sy + shift_y));
+    // The row's map straight to input pixels: one fma a coordinate instead of the map and
+    // unnormalize (7 instructions).
+    const AffineRow map = source.pixel_row(n, oy, g.in_h, g.in_w, g.align_corners);
+    const __m512 ax = _mm512_set1_ps(map.ax), cx = _mm512_set1_ps(map.cx);
+    const __m512 ay = _mm512_set1_ps(map.ay), cy = _mm512_set1_ps(map.cy);
     body([&](int64_t p, int, __mmask16 live) {
-      const __m512 bx = _mm512_maskz_loadu_ps(live, source.base_x + p);
+      const __m512 bx = _mm512_maskz_loadu_ps(live, map.base_x + p);
       return taps16_pixels(_mm512_fmadd_ps(ax, bx, cx), _mm512_fmadd_ps(ay, bx, cy), k, live);
     });
   } else {
