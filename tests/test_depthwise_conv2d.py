@@ -174,6 +174,36 @@ def test_fp32_planes(case, layout, avx512, monkeypatch):
     monkeypatch.setenv("FASTCNN_AVX512", avx512)
     if avx512 == "1" and fastcnn.benchmarking.cpu_isa().get("avx512f"):
         assert fastcnn._extension.build_info()["avx512_depthwise"] == "1"
+    _check_fp32_case(case, layout)
+
+
+# Outputs of 16 MiB and more are written with streaming stores (csrc/ops/cpu/streaming_stores.h);
+# FASTCNN_STREAMING_STORES=all streams these small ones. NCHW: blocks of rows staged and streamed
+# (rows a whole number of lines or not; stride-2 input-gradient bands of 8 rows with a tail);
+# channels_last: streamed when the channels are a multiple of 16, plain stores otherwise.
+STREAMED_CASES = [
+    (2, 3, 16, 16, 3, 1, 1, 1),  # rows of one line
+    (2, 3, 14, 28, 3, 1, 1, 1),  # rows of 1.75 lines: blocks start mid-line
+    (1, 2, 9, 30, 3, 1, 1, 1),  # rows of 30 floats
+    (2, 3, 17, 34, 3, 2, 1, 1),  # stride 2: a band of 8 rows, another, then 1
+    (1, 2, 20, 40, 5, 2, 2, 1),
+    (2, 32, 9, 12, 3, 1, 1, 1),  # channels_last: two channel vectors
+    (1, 64, 10, 10, 3, 1, 1, 1),  # a group of 4 vectors
+    (1, 48, 11, 10, 5, 2, 2, 1),  # the strided input gradient's gather
+    (1, 16, 9, 30, 7, 1, 3, 1),  # 7-wide windows: runs of 8 pixels
+    (1, 20, 9, 12, 3, 1, 1, 1),  # a channel tail: plain stores
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "row_strided", "channels_last"])
+@pytest.mark.parametrize("case", STREAMED_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-s{c[5]}-p{c[6]}-d{c[7]}")
+def test_fp32_streamed_outputs(case, layout, monkeypatch):
+    monkeypatch.setenv("FASTCNN_STREAMING_STORES", "all")
+    _check_fp32_case(case, layout)
+
+
+def _check_fp32_case(case, layout):
+    """Forward and every gradient of an fp32 case against the fp64 truth, in `layout`."""
     n, c, h, w, k, stride, padding, dilation = case
 
     def rows_apart(t):  # rows of a wider tensor: columns adjacent, rows and planes farther apart

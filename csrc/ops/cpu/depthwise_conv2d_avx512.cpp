@@ -80,6 +80,39 @@ inline __mmask16 tap_lanes_mask(int64_t x0, int64_t column, const PlaneGeometry&
 
 inline bool row_inside(int64_t iy, int64_t h) { return iy >= 0 && iy < h; }
 
+// Streaming stores (see ops/cpu/streaming_stores.h) for output planes with dense rows: a kernel
+// writes a block of rows into a stage buffer in cache and stream_rows copies it out right away.
+// Streaming each vector as the kernel made it was 1.5x faster on 112-wide rows, whose vectors are
+// whole lines, but 1.3-3x slower on 56- and 28-wide rows: a vector across two lines left both
+// half-written until the next column chunk, and the write-combining buffers flushed them partly
+// filled. Streaming a whole plane after it was made gained nothing: a burst of 50 KB of streaming
+// stores stalls the loads behind it.
+constexpr int64_t kStageFloats = 8192;
+
+// Whether a plane's output can be staged: dense rows of at most kStageFloats / rows_per_block.
+inline bool stageable(const PlaneGeometry& g, int64_t rows_per_block, int64_t out_row_stride, int64_t out_w) {
+  return g.stream_output && out_row_stride == out_w && out_w * rows_per_block <= kStageFloats;
+}
+
+// A channels_last output vector: streamed when the image is (every vector a whole line, see
+// ImageGeometry::stream_output), else a masked store.
+inline void store_channels(float* dst, __mmask16 lanes, __m512 v, bool stream) {
+  if (stream)
+    _mm512_stream_ps(dst, v);
+  else
+    _mm512_mask_storeu_ps(dst, lanes, v);
+}
+
+// dst[0, count) = src[0, count): streaming stores for dst's whole lines, plain masked stores for
+// the partial lines at either end.
+inline void stream_rows(const float* src, float* dst, int64_t count) {
+  const int64_t head = min64(count, static_cast<int64_t>((64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64 / 4));
+  if (head > 0) _mm512_mask_storeu_ps(dst, lane_range(0, head), _mm512_maskz_loadu_ps(lane_range(0, head), src));
+  int64_t i = head;
+  for (; i + kLanes <= count; i += kLanes) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+  if (i < count) _mm512_mask_storeu_ps(dst + i, lane_range(0, count - i), _mm512_maskz_loadu_ps(lane_range(0, count - i), src + i));
+}
+
 // The input columns of the 16 output columns from x0, one vector per kernel column kx:
 // Columns<S, KW>::tap(kx, row, inside)[l] = row[S*l + kx*dilation] (`row` points at column `base`
 // of an input row), zero outside the input and past the output row. (Member functions, not
@@ -160,9 +193,10 @@ struct RowsAhead {
   }
 };
 
+// Output rows oy0.. go to out_rows, out_stride floats apart.
 template <int S, int KH, int KW, int R, bool AllInside>
-inline void forward_block(const float* in, const __m512* w, __m512 bias, float* out, int64_t oy0,
-                          const PlaneGeometry& g) {
+inline void forward_block(const float* in, const __m512* w, __m512 bias, float* out_rows, int64_t out_stride,
+                          int64_t oy0, const PlaneGeometry& g) {
   const int64_t rows = min64(R, g.out_h - oy0);
   // Prefetched: the rows the next block adds, a column at a time alongside this block's; past the
   // plane's last row, the next plane's first rows when planes are dense and back to back (NCHW).
@@ -191,7 +225,7 @@ inline void forward_block(const float* in, const __m512* w, __m512 bias, float* 
     }
     const __mmask16 store = lane_range(0, g.out_w - x0);
     for (int r = 0; r < R; ++r)
-      if (r < rows) _mm512_mask_storeu_ps(out + (oy0 + r) * g.out_row_stride + x0, store, acc[r]);
+      if (r < rows) _mm512_mask_storeu_ps(out_rows + r * out_stride + x0, store, acc[r]);
   }
 }
 
@@ -200,11 +234,15 @@ void forward_plane_fixed(const float* in, const float* taps, float bias, float* 
   __m512 w[KH * KW];
   for (int t = 0; t < KH * KW; ++t) w[t] = _mm512_set1_ps(taps[t]);
   const __m512 b = _mm512_set1_ps(bias);
+  alignas(64) float stage[kStageFloats];
+  const bool staged = stageable(g, R, g.out_row_stride, g.out_w);
   for (int64_t oy0 = 0; oy0 < g.out_h; oy0 += R) {
+    float* rows = staged ? stage : out + oy0 * g.out_row_stride;
     if (block_inside<S, KH, R>(oy0, g))
-      forward_block<S, KH, KW, R, true>(in, w, b, out, oy0, g);
+      forward_block<S, KH, KW, R, true>(in, w, b, rows, g.out_row_stride, oy0, g);
     else
-      forward_block<S, KH, KW, R, false>(in, w, b, out, oy0, g);
+      forward_block<S, KH, KW, R, false>(in, w, b, rows, g.out_row_stride, oy0, g);
+    if (staged) stream_rows(stage, out + oy0 * g.out_row_stride, min64(R, g.out_h - oy0) * g.out_w);
   }
 }
 
@@ -265,39 +303,49 @@ inline int64_t floor_half(int64_t v) { return v >= 0 ? v / 2 : -((-v + 1) / 2); 
 
 // Gather form: grad_in column ix = x0 + l takes tap kx from grad_out column (ix + pad_left - kx) / 2
 // when that is a whole number. One load of 16 grad_out columns from `first` covers every tap of
-// the chunk; a permute spreads them over the lanes of matching parity and zeroes the others.
+// the chunk; a permute spreads them over the lanes of matching parity and zeroes the others. Bands
+// of kBandRows rows, column chunk by column chunk within a band, so that a streamed band is
+// staged whole.
 template <int KH, int KW>
 void grad_input_plane_stride2_fixed(const float* go, const float* taps, float* gi, const PlaneGeometry& g) {
+  constexpr int64_t kBandRows = 8;
   __m512 w[KH * KW];
   for (int t = 0; t < KH * KW; ++t) w[t] = _mm512_set1_ps(taps[t]);
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  for (int64_t x0 = 0; x0 < g.in_w; x0 += kLanes) {
-    const int64_t q = x0 + g.pad_left;
-    const int64_t first = floor_half(q - (KW - 1));  // the lowest grad_out column any lane reads
-    const __mmask16 in_row = lane_range(-first, g.out_w - first);
-    const __mmask16 store = lane_range(0, g.in_w - x0);
-    __m512i index[KW];
-    __mmask16 parity[KW];
-    for (int kx = 0; kx < KW; ++kx) {
-      // (q - kx + l) / 2 - first, for the lanes where q - kx + l is even
-      index[kx] = _mm512_sub_epi32(_mm512_maskz_srai_epi32(0xFFFF, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(q - kx))), 1),
-                                   _mm512_set1_epi32(static_cast<int>(first)));
-      parity[kx] = ((q - kx) % 2 == 0) ? 0x5555 : 0xAAAA;
-      parity[kx] &= store;
-    }
-    for (int64_t iy = 0; iy < g.in_h; ++iy) {
-      __m512 acc = _mm512_setzero_ps();
-#pragma GCC unroll 8
-      for (int ky = 0; ky < KH; ++ky) {
-        const int64_t t = iy + g.pad_top - ky;
-        if (t % 2 != 0 || !row_inside(t / 2, g.out_h)) continue;
-        const __m512 row = _mm512_maskz_loadu_ps(in_row, go + (t / 2) * g.out_row_stride + first);
-#pragma GCC unroll 8
-        for (int kx = 0; kx < KW; ++kx)
-          acc = _mm512_fmadd_ps(w[ky * KW + kx], _mm512_maskz_permutexvar_ps(parity[kx], index[kx], row), acc);
+  alignas(64) float stage[kStageFloats];
+  const bool staged = stageable(g, kBandRows, g.in_row_stride, g.in_w);
+  for (int64_t iy0 = 0; iy0 < g.in_h; iy0 += kBandRows) {
+    const int64_t band_end = min64(g.in_h, iy0 + kBandRows);
+    float* band = staged ? stage : gi + iy0 * g.in_row_stride;
+    for (int64_t x0 = 0; x0 < g.in_w; x0 += kLanes) {
+      const int64_t q = x0 + g.pad_left;
+      const int64_t first = floor_half(q - (KW - 1));  // the lowest grad_out column any lane reads
+      const __mmask16 in_row = lane_range(-first, g.out_w - first);
+      const __mmask16 store = lane_range(0, g.in_w - x0);
+      __m512i index[KW];
+      __mmask16 parity[KW];
+      for (int kx = 0; kx < KW; ++kx) {
+        // (q - kx + l) / 2 - first, for the lanes where q - kx + l is even
+        index[kx] = _mm512_sub_epi32(_mm512_maskz_srai_epi32(0xFFFF, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(q - kx))), 1),
+                                     _mm512_set1_epi32(static_cast<int>(first)));
+        parity[kx] = ((q - kx) % 2 == 0) ? 0x5555 : 0xAAAA;
+        parity[kx] &= store;
       }
-      _mm512_mask_storeu_ps(gi + iy * g.in_row_stride + x0, store, acc);
+      for (int64_t iy = iy0; iy < band_end; ++iy) {
+        __m512 acc = _mm512_setzero_ps();
+#pragma GCC unroll 8
+        for (int ky = 0; ky < KH; ++ky) {
+          const int64_t t = iy + g.pad_top - ky;
+          if (t % 2 != 0 || !row_inside(t / 2, g.out_h)) continue;
+          const __m512 row = _mm512_maskz_loadu_ps(in_row, go + (t / 2) * g.out_row_stride + first);
+#pragma GCC unroll 8
+          for (int kx = 0; kx < KW; ++kx)
+            acc = _mm512_fmadd_ps(w[ky * KW + kx], _mm512_maskz_permutexvar_ps(parity[kx], index[kx], row), acc);
+        }
+        _mm512_mask_storeu_ps(band + (iy - iy0) * g.in_row_stride + x0, store, acc);
+      }
     }
+    if (staged) stream_rows(stage, gi + iy0 * g.in_row_stride, (band_end - iy0) * g.in_w);
   }
 }
 
@@ -380,7 +428,8 @@ inline void nhwc_pixels(const float* in, const float* taps, const float* bias, f
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int b = 0; b < B; ++b) _mm512_mask_storeu_ps(out_row + (ox0 + r) * C + c0 + b * kLanes, lanes[b], acc[r][b]);
+    for (int b = 0; b < B; ++b)
+      store_channels(out_row + (ox0 + r) * C + c0 + b * kLanes, lanes[b], acc[r][b], g.stream_output);
 }
 
 // Wide windows (7 columns and more) at unit stride and dilation along the row: one channel vector
@@ -420,7 +469,7 @@ inline void nhwc_slide(const float* in, const float* taps, const float* bias, fl
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < kSlideRun; ++r) _mm512_mask_storeu_ps(out_row + (ox0 + r) * C + c0, lanes, acc[r]);
+  for (int r = 0; r < kSlideRun; ++r) store_channels(out_row + (ox0 + r) * C + c0, lanes, acc[r], g.stream_output);
 }
 
 // Windows wider than 9 columns: the same runs, the kernel row's taps 8 at a time (KW = 0 in
@@ -461,7 +510,7 @@ inline void nhwc_slide_wide(const float* in, const float* taps, const float* bia
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < kSlideRun; ++r) _mm512_mask_storeu_ps(out_row + (ox0 + r) * C + c0, lanes, acc[r]);
+  for (int r = 0; r < kSlideRun; ++r) store_channels(out_row + (ox0 + r) * C + c0, lanes, acc[r], g.stream_output);
 }
 
 template <int KW>
@@ -517,7 +566,7 @@ inline void nhwc_row_channels(const float* in, const float* taps, const float* b
 template <int B>
 inline void nhwc_gather_pixel(const float* go, const float* taps, float* out, int64_t c0, __mmask16 last,
                               const int64_t* go_rows, const int64_t* tap_rows, int64_t rows, const int64_t* go_cols,
-                              const int64_t* tap_cols, int64_t cols) {
+                              const int64_t* tap_cols, int64_t cols, bool stream) {
   __mmask16 lanes[B];
   __m512 acc[B];
 #pragma GCC unroll 4
@@ -535,7 +584,7 @@ inline void nhwc_gather_pixel(const float* go, const float* taps, float* out, in
                                  _mm512_maskz_loadu_ps(lanes[b], grad + b * kLanes), acc[b]);
     }
 #pragma GCC unroll 4
-  for (int b = 0; b < B; ++b) _mm512_mask_storeu_ps(out + c0 + b * kLanes, lanes[b], acc[b]);
+  for (int b = 0; b < B; ++b) store_channels(out + c0 + b * kLanes, lanes[b], acc[b], stream);
 }
 
 // The weight gradient of one output pixel for B channel vectors: grad_out's vectors times the
@@ -968,10 +1017,11 @@ void grad_input_row_nhwc(const float* grad_out, const float* taps, float* grad_i
     float* out = grad_in_row + ix * C;
     int64_t c0 = 0;
     for (; c0 + 4 * kLanes <= C; c0 += 4 * kLanes)
-      nhwc_gather_pixel<4>(grad_out, taps, out, c0, 0xFFFF, go_rows, tap_rows, rows, go_cols, tap_cols, cols);
+      nhwc_gather_pixel<4>(grad_out, taps, out, c0, 0xFFFF, go_rows, tap_rows, rows, go_cols, tap_cols, cols,
+                           g.stream_output);
     for (; c0 < C; c0 += kLanes)
       nhwc_gather_pixel<1>(grad_out, taps, out, c0, lane_range(0, C - c0), go_rows, tap_rows, rows, go_cols, tap_cols,
-                           cols);
+                           cols, g.stream_output);
   }
 }
 

@@ -27,6 +27,9 @@ struct PlaneGeometry {
   int64_t in_h, in_w, in_row_stride;
   int64_t out_h, out_w, out_row_stride;
   int64_t kernel_h, kernel_w, pad_top, pad_left, dilation_h, dilation_w, stride;
+  // Write the output with streaming stores (see ops/cpu/streaming_stores.h) where the kernel can:
+  // dense output rows (out_row_stride == out_w) of 3x3 and 5x5 windows. The caller fences.
+  bool stream_output = false;
 };
 
 // enabled() and supports() are defined in depthwise_conv2d_kernel.cpp: code in the AVX-512
@@ -94,6 +97,10 @@ constexpr int64_t kLanes = 16;
 struct ImageGeometry {
   int64_t channels, in_h, in_w, out_h, out_w;
   int64_t kernel_h, kernel_w, stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w;
+  // Write the output with streaming stores (see ops/cpu/streaming_stores.h). Set only when
+  // channels is a multiple of 16 and the output 64-byte aligned: every vector stored is then one
+  // whole cache line. The caller fences.
+  bool stream_output = false;
 };
 
 // Output row oy of a channels_last image: out_row[ox][c] = bias[c] + sum over the window of

@@ -38,6 +38,7 @@
 #include "common/depthwise_conv2d_checks.h"
 #include "ops/cpu/depthwise_conv2d_avx512.h"
 #include "ops/cpu/output_allocator.h"
+#include "ops/cpu/streaming_stores.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FASTCNN_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -1034,6 +1035,13 @@ PlaneShape plane_shape(const Geometry& g) {
                           g.stride_w, g.dilation_h, g.dilation_w);
 }
 
+// Whether a dense channels_last fp32 output is written with streaming stores by the AVX-512 row
+// kernels: large enough (cpu::stream_output_bytes), and every channel vector one whole line.
+bool stream_channels_last(const at::Tensor& output) {
+  return output.size(1) % depthwise::avx512::kLanes == 0 && reinterpret_cast<uintptr_t>(output.const_data_ptr()) % 64 == 0 &&
+         cpu::stream_output_bytes(output.nbytes());
+}
+
 bool use_channels_last(const at::Tensor& input) {
   return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
@@ -1084,7 +1092,8 @@ void forward_nchw(const at::Tensor& input, const at::Tensor& weight, const at::T
 
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (in_strides[3] == 1 && use_avx512_planes(g)) {
-      const auto shape = avx512_forward_geometry(g, in_strides[2], g.out_w);
+      auto shape = avx512_forward_geometry(g, in_strides[2], g.out_w);
+      shape.stream_output = cpu::stream_output_bytes(output.nbytes());
       depthwise::avx512::FlatPlane flat;
       const bool use_flat = depthwise::avx512::flat_plane(shape, &flat);
       at::parallel_for(0, g.batch * g.channels, 1, [&](int64_t begin, int64_t end) {
@@ -1098,6 +1107,7 @@ void forward_nchw(const at::Tensor& input, const at::Tensor& weight, const at::T
             depthwise::avx512::forward_plane(in_plane, w + c * kernel_area, b ? b[c] : 0.f, out + plane * out_area,
                                              shape);
         }
+        if (shape.stream_output) cpu::stream_fence();
       });
       return;
     }
@@ -1242,13 +1252,16 @@ void forward_nhwc(const at::Tensor& input, const at::Tensor& weight, const at::T
         });
         return;
       }
+      auto rows_shape = shape;
+      rows_shape.stream_output = stream_channels_last(output);
       at::parallel_for(0, g.batch * g.out_h, 1, [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
           const int64_t n = row / g.out_h, oy = row % g.out_h;
           depthwise::avx512::forward_row_nhwc(in + n * g.in_h * g.in_w * C, taps.data(),
                                               bias.defined() ? bias_values.data() : nullptr, out + row * g.out_w * C,
-                                              oy, shape);
+                                              oy, rows_shape);
         }
+        if (rows_shape.stream_output) cpu::stream_fence();
       });
       return;
     }
@@ -1378,8 +1391,9 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
       const int64_t gi_row_stride = want_input ? gi_strides[2] : 0;
       const bool unit_stride = g.stride_h == 1;
       // stride 1: a forward pass over grad_output with the flipped kernel; stride 2: a gather.
-      const auto grad_input_shape = unit_stride ? avx512_grad_input_geometry(g, go_strides[2], gi_row_stride)
-                                                : avx512_forward_geometry(g, gi_row_stride, go_strides[2]);
+      auto grad_input_shape = unit_stride ? avx512_grad_input_geometry(g, go_strides[2], gi_row_stride)
+                                          : avx512_forward_geometry(g, gi_row_stride, go_strides[2]);
+      grad_input_shape.stream_output = want_input && cpu::stream_output_bytes(grad_input.nbytes());
       depthwise::avx512::FlatPlane flat_forward, flat_grad_input;
       const bool weight_flat = want_weight && depthwise::avx512::flat_plane(forward_shape, &flat_forward);
       const bool input_flat =
@@ -1433,6 +1447,7 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
           for (int64_t t = 0; want_weight && t < kernel_area; ++t) gw[c * kernel_area + t] = lane_sum(tap_lanes + t * L);
           if (want_bias) gb[c] = lane_sum(tap_lanes + kernel_area * L);
         }
+        if (grad_input_shape.stream_output) cpu::stream_fence();
       });
       return;
     }
@@ -1642,8 +1657,9 @@ bool backward_nhwc_fused_avx512(const float* go, const float* in, const at::Tens
   const bool unit_stride = g.stride_h == 1 && g.stride_w == 1;
   std::vector<float> taps = taps_by_channel<float>(weight, g);
   if (unit_stride) taps = flipped_taps(taps, kernel_area, C);  // grad_input: the flipped forward
-  const auto flipped_image = flipped_image_geometry(g);
-  const auto image = avx512_image_geometry(g);
+  auto flipped_image = flipped_image_geometry(g);
+  auto image = avx512_image_geometry(g);
+  flipped_image.stream_output = image.stream_output = stream_channels_last(grad_input);
   float* gi = grad_input.mutable_data_ptr<float>();
   const bool want_bias = grad_bias.defined();
   const int64_t rows = g.batch * g.out_h, chunks = weight_grad_chunks(g);
@@ -1666,6 +1682,7 @@ bool backward_nhwc_fused_avx512(const float* go, const float* in, const at::Tens
         }
       }
     }
+    if (image.stream_output) cpu::stream_fence();
   });
   write_weight_partials<float>(partials, chunks, g, grad_weight, grad_bias);
   return true;
