@@ -177,7 +177,7 @@ def test_fp32_planes(case, layout, avx512, monkeypatch):
     _check_fp32_case(case, layout)
 
 
-# Outputs of 16 MiB and more are written with streaming stores (csrc/ops/cpu/streaming_stores.h);
+# Outputs of 32 MiB and more are written with streaming stores (csrc/ops/cpu/streaming_stores.h);
 # FASTCNN_STREAMING_STORES=all streams these small ones. NCHW: blocks of rows staged and streamed
 # (rows a whole number of lines or not; stride-2 input-gradient bands of 8 rows with a tail);
 # channels_last: streamed when the channels are a multiple of 16, plain stores otherwise.
