@@ -1,7 +1,8 @@
 // The Python module stub for fastcnn._C. Ops register themselves with the dispatcher from their
 // own files (TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL); importing this module runs those
-// static registrations. `_build_info` tells `fastcnn info` how the extension was built (and whether CPU outputs
-// go to huge pages, see ops/cpu/output_allocator.h, and whether the AVX-512 depthwise planes run).
+// static registrations. `_build_info` tells `fastcnn info` how the extension was built, whether
+// CPU outputs go to huge pages and how many MiB of freed ones are kept (ops/cpu/output_allocator.h),
+// and whether the AVX-512 depthwise planes run.
 #include <Python.h>
 
 #include <string>
@@ -30,6 +31,7 @@ std::string build_info() {
 #endif
   info += ";huge_pages=";
   info += fastcnn::cpu::huge_page_outputs_enabled() ? "1" : "0";
+  info += ";output_cache_mb=" + std::to_string(fastcnn::cpu::output_cache_capacity() >> 20);
   info += ";avx512_depthwise=";
   info += fastcnn::depthwise::avx512::enabled() ? "1" : "0";
   return info;

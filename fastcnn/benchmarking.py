@@ -448,7 +448,8 @@ def environment() -> Dict[str, Any]:
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTORCH_CUDA_ALLOC_CONF",
                                             "TRITON_INTERPRET", "FASTCNN_BACKEND", "CUDA_VISIBLE_DEVICES",
-                                            "FASTCNN_HUGE_PAGES")
+                                            "FASTCNN_HUGE_PAGES", "FASTCNN_OUTPUT_CACHE_MB",
+                                            "FASTCNN_STREAMING_STORES")
                 if k in os.environ},
     }
 

@@ -1,5 +1,7 @@
 """CPU outputs of 2 MiB and more come from fastcnn's huge-page allocator (csrc/ops/cpu/output_allocator.h):
-2 MiB-aligned, correct, and ordinary tensors in every other respect. FASTCNN_HUGE_PAGES=0 turns it off."""
+2 MiB-aligned, correct, and ordinary tensors in every other respect. FASTCNN_HUGE_PAGES=0 turns it off.
+Freed ones are cached by size for the next output (FASTCNN_OUTPUT_CACHE_MB, default 1024 MiB)."""
+import threading
 import io
 import os
 import subprocess
@@ -90,3 +92,87 @@ def test_environment_variable_turns_huge_pages_off():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "0"
+
+
+def cache_stats():
+    """(cached bytes, capacity bytes, hits, misses)"""
+    return tuple(torch.ops.fastcnn._output_cache_stats())
+
+
+def run_script(script, **env):
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, **env))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_freed_output_is_reused_and_overwritten():
+    w = torch.randn(32, 1, 3, 3)
+    first_x, second_x = torch.randn(4, 32, 64, 64), torch.randn(4, 32, 64, 64)
+    first = fastcnn.ops.depthwise_conv2d(first_x, w, None, 1, 1)
+    address = first.data_ptr()
+    del first
+    cached, capacity, hits, _ = cache_stats()
+    assert 4 * 32 * 64 * 64 * 4 <= cached <= capacity
+    second = fastcnn.ops.depthwise_conv2d(second_x, w, None, 1, 1)
+    assert second.data_ptr() == address
+    assert cache_stats()[2] == hits + 1
+    torch.testing.assert_close(second, F.conv2d(second_x, w, None, 1, 1, 1, 32), rtol=1e-5, atol=1e-5)
+
+
+def test_clear_hands_buffers_back():
+    y = fastcnn.ops.depthwise_conv2d(torch.randn(4, 32, 64, 64), torch.randn(32, 1, 3, 3), None, 1, 1)
+    del y
+    assert cache_stats()[0] > 0
+    torch.ops.fastcnn._output_cache_clear()
+    assert cache_stats()[0] == 0
+
+
+CACHE_SCRIPT = (
+    "import torch, fastcnn\n"
+    "w = torch.randn(32, 1, 3, 3)\n"
+    "for _ in range(3):\n"
+    "    y = fastcnn.ops.depthwise_conv2d(torch.randn(4, 32, 64, 64), w, None, 1, 1)\n"
+    "    del y\n"
+    "print(*torch.ops.fastcnn._output_cache_stats())\n"
+)
+
+
+def test_cache_size_zero_keeps_nothing():
+    cached, capacity, hits, misses = map(int, run_script(CACHE_SCRIPT, FASTCNN_OUTPUT_CACHE_MB="0").split())
+    assert (cached, capacity, hits, misses) == (0, 0, 0, 3)
+
+
+def test_cache_keeps_no_more_than_its_capacity():
+    # 2 MiB of room: the 2 MiB output fits; a 4 MiB one freed next is handed back.
+    script = CACHE_SCRIPT + (
+        "big = fastcnn.ops.depthwise_conv2d(torch.randn(8, 32, 64, 64), w, None, 1, 1)\n"
+        "small = fastcnn.ops.depthwise_conv2d(torch.randn(4, 32, 64, 64), w, None, 1, 1)\n"
+        "del small\n"
+        "del big\n"
+        "print(*torch.ops.fastcnn._output_cache_stats())\n"
+    )
+    cached, capacity, hits, misses = map(int, run_script(script, FASTCNN_OUTPUT_CACHE_MB="2").split())
+    assert capacity == 2 << 20 and cached == 2 << 20
+    assert hits == 3 and misses == 2  # the first small output and the big one came from the system
+
+
+def test_threads_share_the_cache_safely():
+    w = torch.randn(32, 1, 3, 3)
+    inputs = [torch.randn(2 + i % 3, 32, 64, 64) for i in range(8)]
+    errors = []
+
+    def work(x):
+        try:
+            for _ in range(20):
+                y = fastcnn.ops.depthwise_conv2d(x, w, None, 1, 1)
+                torch.testing.assert_close(y, F.conv2d(x, w, None, 1, 1, 1, 32), rtol=1e-5, atol=1e-5)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(x,)) for x in inputs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]

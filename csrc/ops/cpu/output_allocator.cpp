@@ -4,8 +4,16 @@
 #include <ATen/ops/empty.h>
 #include <c10/core/Allocator.h>
 
+#include <torch/library.h>
+
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
+#include <map>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -17,19 +25,111 @@ namespace {
 
 constexpr size_t kHugePage = size_t{2} << 20;
 
+// Freed output buffers kept for reuse, by size (whole huge pages): at most this many MiB unless
+// FASTCNN_OUTPUT_CACHE_MB says otherwise (0: free every buffer at once).
+constexpr int64_t kDefaultCacheMiB = 1024;
+
+int64_t read_cache_bytes() {
+  const char* value = std::getenv("FASTCNN_OUTPUT_CACHE_MB");
+  const int64_t mib = value != nullptr ? std::max<int64_t>(0, std::atoll(value)) : kDefaultCacheMiB;
+  return mib << 20;
+}
+
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
 
-void release(void* data) { std::free(data); }
+// Live buffers' sizes (the deleter gets only the pointer) and the cache of freed ones. A training
+// step frees and allocates the same sizes again and again; a fresh buffer from the system is
+// zeroed and faulted in by the kernel, a cached one is not (on the development machine 7 ms for a
+// 49 MiB output on huge pages, against 4.5 ms for the whole depthwise forward that fills it).
+class BufferCache {
+ public:
+  void* take(size_t size) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    void* data = nullptr;
+    // the most recently freed buffer of the size: the likeliest to be in cache still
+    const auto range = free_.equal_range(size);
+    if (range.first != range.second) {
+      const auto it = std::prev(range.second);
+      data = it->second;
+      free_.erase(it);
+      cached_bytes_ -= size;
+      ++hits_;
+    } else {
+      ++misses_;
+    }
+    return data;
+  }
+
+  void remember(void* data, size_t size) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    live_[data] = size;
+  }
+
+  // The buffer goes back to the cache, or to the system when the cache is full.
+  void release(void* data) {
+    size_t size = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      const auto it = live_.find(data);
+      if (it != live_.end()) {
+        size = it->second;
+        live_.erase(it);
+        if (static_cast<int64_t>(cached_bytes_ + size) <= capacity_) {
+          free_.emplace(size, data);
+          cached_bytes_ += size;
+          return;
+        }
+      }
+    }
+    std::free(data);
+  }
+
+  void clear() {
+    std::multimap<size_t, void*> drained;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      drained.swap(free_);
+      cached_bytes_ = 0;
+    }
+    for (const auto& entry : drained) std::free(entry.second);
+  }
+
+  std::vector<int64_t> stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return {static_cast<int64_t>(cached_bytes_), capacity_, hits_, misses_};
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<void*, size_t> live_;
+  std::multimap<size_t, void*> free_;
+  size_t cached_bytes_ = 0;
+  const int64_t capacity_ = read_cache_bytes();
+  int64_t hits_ = 0, misses_ = 0;
+};
+
+// Never destroyed: tensors can outlive static destructors at exit.
+BufferCache& buffer_cache() {
+  static BufferCache* cache = new BufferCache();
+  return *cache;
+}
+
+void release(void* data) { buffer_cache().release(data); }
 
 class HugePageAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t nbytes) override {
     void* data = nullptr;
     if (nbytes > 0) {
-      TORCH_CHECK(posix_memalign(&data, kHugePage, nbytes) == 0 && data != nullptr,
-                  "fastcnn: could not allocate ", nbytes, " bytes");
-      // Advice only: on failure (e.g. THP disabled) the pages are ordinary ones.
-      madvise(data, nbytes, MADV_HUGEPAGE);
+      const size_t size = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+      data = buffer_cache().take(size);
+      if (data == nullptr) {
+        TORCH_CHECK(posix_memalign(&data, kHugePage, size) == 0 && data != nullptr,
+                    "fastcnn: could not allocate ", nbytes, " bytes");
+        // Advice only: on failure (e.g. THP disabled) the pages are ordinary ones.
+        madvise(data, size, MADV_HUGEPAGE);
+      }
+      buffer_cache().remember(data, size);
     }
     return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
   }
@@ -44,9 +144,14 @@ c10::Allocator* huge_page_allocator() {
   return &allocator;
 }
 
+std::vector<int64_t> cache_stats() { return buffer_cache().stats(); }
+void clear_cache() { buffer_cache().clear(); }
+
 #else
 
 c10::Allocator* huge_page_allocator() { return nullptr; }
+std::vector<int64_t> cache_stats() { return {0, 0, 0, 0}; }
+void clear_cache() {}
 
 #endif
 
@@ -63,6 +168,8 @@ bool huge_page_outputs_enabled() {
   return enabled;
 }
 
+int64_t output_cache_capacity() { return huge_page_outputs_enabled() ? cache_stats()[1] : 0; }
+
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format) {
   TORCH_INTERNAL_ASSERT(options.device().is_cpu());
   size_t nbytes = options.dtype().itemsize();
@@ -76,3 +183,15 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
 
 }  // namespace cpu
 }  // namespace fastcnn
+
+// [cached bytes, capacity in bytes, allocations served from the cache, allocations from the
+// system], and emptying the cache: for tests and `fastcnn info`.
+TORCH_LIBRARY_FRAGMENT(fastcnn, m) {
+  m.def("_output_cache_stats() -> int[]");
+  m.def("_output_cache_clear() -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastcnn, CompositeExplicitAutograd, m) {
+  m.impl("_output_cache_stats", [] { return fastcnn::cpu::cache_stats(); });
+  m.impl("_output_cache_clear", [] { fastcnn::cpu::clear_cache(); });
+}
