@@ -176,3 +176,25 @@ def test_threads_share_the_cache_safely():
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+def test_forked_child_starts_with_an_empty_cache():
+    y = fastcnn.ops.depthwise_conv2d(torch.randn(4, 32, 64, 64), torch.randn(32, 1, 3, 3), None, 1, 1)
+    del y
+    assert cache_stats()[0] > 0
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its own cache, and kernels that still work
+        try:
+            torch.set_num_threads(1)  # GNU OpenMP's thread pool does not survive a fork
+            cached = cache_stats()[0]
+            x, w = torch.randn(4, 32, 64, 64), torch.randn(32, 1, 3, 3)
+            ok = torch.allclose(fastcnn.ops.depthwise_conv2d(x, w, None, 1, 1), F.conv2d(x, w, None, 1, 1, 1, 32),
+                                atol=1e-5)
+            os.write(write, f"{cached} {int(ok)}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert os.read(read, 100).decode() == "0 1"

@@ -16,6 +16,7 @@
 #include <vector>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -108,10 +109,22 @@ class BufferCache {
   int64_t hits_ = 0, misses_ = 0;
 };
 
-// Never destroyed: tensors can outlive static destructors at exit.
+// Never destroyed: tensors can outlive static destructors at exit. A forked child (a DataLoader
+// worker) starts with an empty cache and a fresh lock, which another thread of the parent may have
+// held at the fork: its buffers inherited from the parent are freed when released (release() does
+// not know them), the parent's cached ones are left alone.
+BufferCache* cache_instance = nullptr;
+
+void reset_after_fork() { cache_instance = new BufferCache(); }
+
 BufferCache& buffer_cache() {
-  static BufferCache* cache = new BufferCache();
-  return *cache;
+  static const bool ready = [] {
+    cache_instance = new BufferCache();
+    pthread_atfork(nullptr, nullptr, &reset_after_fork);
+    return true;
+  }();
+  (void)ready;
+  return *cache_instance;
 }
 
 void release(void* data) { buffer_cache().release(data); }
