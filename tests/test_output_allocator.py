@@ -157,6 +157,23 @@ def test_cache_keeps_no_more_than_its_capacity():
     assert hits == 3 and misses == 2  # the first small output and the big one came from the system
 
 
+def test_full_cache_hands_back_its_oldest_buffers():
+    # 4 MiB of room: the 2 MiB output cached first makes way for the 4 MiB one freed after it.
+    script = CACHE_SCRIPT + (
+        "big = fastcnn.ops.depthwise_conv2d(torch.randn(8, 32, 64, 64), w, None, 1, 1)\n"
+        "del big\n"
+        "print(*torch.ops.fastcnn._output_cache_stats())\n"
+        "again = fastcnn.ops.depthwise_conv2d(torch.randn(8, 32, 64, 64), w, None, 1, 1)\n"
+        "print(*torch.ops.fastcnn._output_cache_stats())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, FASTCNN_OUTPUT_CACHE_MB="4"))
+    assert result.returncode == 0, result.stderr
+    after_free, after_reuse = (tuple(map(int, line.split())) for line in result.stdout.strip().splitlines()[-2:])
+    assert after_free == (4 << 20, 4 << 20, 2, 2)  # the big buffer alone
+    assert after_reuse == (0, 4 << 20, 3, 2)  # and it served the next big output
+
+
 def test_threads_share_the_cache_safely():
     w = torch.randn(32, 1, 3, 3)
     inputs = [torch.randn(2 + i % 3, 32, 64, 64) for i in range(8)]

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <iterator>
+#include <list>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -27,7 +28,7 @@ namespace {
 constexpr size_t kHugePage = size_t{2} << 20;
 
 // Freed output buffers kept for reuse, by size (whole huge pages): at most this many MiB unless
-// FASTCNN_OUTPUT_CACHE_MB says otherwise (0: free every buffer at once).
+// FASTCNN_OUTPUT_CACHE_MB says otherwise (0: free every buffer at once); the oldest go first.
 constexpr int64_t kDefaultCacheMiB = 1024;
 
 int64_t read_cache_bytes() {
@@ -46,18 +47,17 @@ class BufferCache {
  public:
   void* take(size_t size) {
     std::lock_guard<std::mutex> lock(mutex_);
-    void* data = nullptr;
-    // the most recently freed buffer of the size: the likeliest to be in cache still
-    const auto range = free_.equal_range(size);
-    if (range.first != range.second) {
-      const auto it = std::prev(range.second);
-      data = it->second;
-      free_.erase(it);
-      cached_bytes_ -= size;
-      ++hits_;
-    } else {
+    // the most recently freed buffer of the size (equal keys keep their insertion order): the
+    // likeliest to be in cache still
+    const auto range = by_size_.equal_range(size);
+    if (range.first == range.second) {
       ++misses_;
+      return nullptr;
     }
+    const auto entry = std::prev(range.second);
+    void* data = entry->second->data;
+    forget(entry);
+    ++hits_;
     return data;
   }
 
@@ -66,33 +66,40 @@ class BufferCache {
     live_[data] = size;
   }
 
-  // The buffer goes back to the cache, or to the system when the cache is full.
+  // The buffer goes back to the cache, the oldest cached ones to the system when it is full.
   void release(void* data) {
-    size_t size = 0;
+    std::vector<void*> evicted{data};
     {
       std::lock_guard<std::mutex> lock(mutex_);
       const auto it = live_.find(data);
       if (it != live_.end()) {
-        size = it->second;
+        const size_t size = it->second;
         live_.erase(it);
-        if (static_cast<int64_t>(cached_bytes_ + size) <= capacity_) {
-          free_.emplace(size, data);
+        if (static_cast<int64_t>(size) <= capacity_) {
+          evicted.clear();
+          while (static_cast<int64_t>(cached_bytes_ + size) > capacity_) {
+            evicted.push_back(order_.front().data);
+            forget(order_.front().where);
+          }
+          order_.push_back({data, size, {}});
+          order_.back().where = by_size_.emplace(size, std::prev(order_.end()));
           cached_bytes_ += size;
-          return;
         }
       }
     }
-    std::free(data);
+    for (void* buffer : evicted) std::free(buffer);
   }
 
   void clear() {
-    std::multimap<size_t, void*> drained;
+    std::vector<void*> drained;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      drained.swap(free_);
+      for (const auto& entry : order_) drained.push_back(entry.data);
+      order_.clear();
+      by_size_.clear();
       cached_bytes_ = 0;
     }
-    for (const auto& entry : drained) std::free(entry.second);
+    for (void* buffer : drained) std::free(buffer);
   }
 
   std::vector<int64_t> stats() {
@@ -101,9 +108,26 @@ class BufferCache {
   }
 
  private:
+  struct Cached;
+  using Order = std::list<Cached>;
+  using BySize = std::multimap<size_t, Order::iterator>;
+  struct Cached {
+    void* data;
+    size_t size;
+    BySize::iterator where;
+  };
+
+  // Drops a cached buffer from the books (the caller keeps or frees it). Lock held.
+  void forget(BySize::iterator entry) {
+    cached_bytes_ -= entry->first;
+    order_.erase(entry->second);
+    by_size_.erase(entry);
+  }
+
   std::mutex mutex_;
   std::unordered_map<void*, size_t> live_;
-  std::multimap<size_t, void*> free_;
+  Order order_;     // cached buffers, oldest first
+  BySize by_size_;  // the same, by size
   size_t cached_bytes_ = 0;
   const int64_t capacity_ = read_cache_bytes();
   int64_t hits_ = 0, misses_ = 0;
