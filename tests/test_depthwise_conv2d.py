@@ -140,6 +140,8 @@ PLANE_CASES = [
     (1, 2, 9, 9, 5, 2, (4, 0, 0, 4), 1),
     (1, 2, 2, 3, 3, 2, 2, 1),  # padding wider than the map
     (2, 4, 40, 70, 3, 2, 1, 1),  # several row blocks and vectors: rows inside and at the border
+    (3, 5, 13, 11, 5, 2, 2, 1),  # stride 2, rows of 6 outputs: two planes per vector, 15 planes
+    (1, 3, 19, 14, 3, 2, (1, 0, 1, 0), 1),  # two planes per vector over two blocks of 8 rows
     (2, 70, 9, 12, 3, 1, 1, 1),  # channels_last: a group of 4 vectors, then a 6-channel tail
     (1, 37, 11, 10, 5, 2, 2, 1),  # channels_last: a group of 2 vectors, then a 5-channel tail
     (2, 33, 10, 13, 7, 1, 3, 1),  # other windows: the portable NCHW kernels, AVX-512 channels_last

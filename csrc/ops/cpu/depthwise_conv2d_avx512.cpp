@@ -19,6 +19,9 @@
 //   is 49 pixels: reducing nine vectors per plane cost 3x the arithmetic).
 // - The stride-2 input gradient is a gather: each grad_in vector permutes one load of grad_out
 //   per kernel row onto the lanes of matching parity; no scatter, no atomics.
+// - Stride-2 maps whose output rows fill at most half a vector (14x14 -> 7x7) run two planes at
+//   once, one in each half: one two-source permute makes both planes' taps, where a single plane
+//   used 7 of 16 lanes (32x512x14x14, 2 threads: forward 1.8x, weight gradient 1.6x faster).
 // - Planes of at most 64 outputs as wide as their input (7x7 maps at stride 1) are one flat array
 //   of 4 vectors: each tap a masked load at a fixed flat offset, the masks computed once per call.
 //   The row kernels spend 7 vectors on a 7x7 plane, 9 of 16 lanes idle (32x1024x7x7, one thread:
@@ -944,6 +947,135 @@ void forward_channels_nhwc_bordered(const float* in, const float* taps, const fl
   }
 }
 
+namespace {
+
+// See pairs_planes in the header. Input row j of the block feeds output row r through kernel row
+// j - 2r; 16 input columns from -pad_left of each plane hold every tap of its output row.
+template <int KH, int KW>
+void forward_pair_stride2(const float* in_a, const float* in_b, const float* taps_a, const float* taps_b,
+                          float bias_a, float bias_b, float* out_a, float* out_b, const PlaneGeometry& g) {
+  constexpr int R = 8;  // output rows per block
+  constexpr int kInputRows = 2 * (R - 1) + KH;
+  __m512 w[KH * KW];
+  for (int t = 0; t < KH * KW; ++t) w[t] = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(taps_a[t]), _mm512_set1_ps(taps_b[t]));
+  const __m512 bias = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(bias_a), _mm512_set1_ps(bias_b));
+  const int64_t base = -g.pad_left;
+  const __mmask16 in_row = lane_range(-base, g.in_w - base);
+  const __mmask16 half = lane_range(0, g.out_w);
+  const __mmask16 valid = static_cast<__mmask16>(half | (half << 8));
+  // lane l < 8: plane a's column base + 2l + kx (element 2l + kx of the first source); l >= 8:
+  // plane b's, element 16 + 2(l - 8) + kx
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  __m512i index[KW];
+  for (int kx = 0; kx < KW; ++kx) index[kx] = _mm512_add_epi32(even, _mm512_set1_epi32(kx));
+  const __m512i upper_half = _mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8);
+  for (int64_t oy0 = 0; oy0 < g.out_h; oy0 += R) {
+    const int64_t rows = min64(R, g.out_h - oy0);
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = bias;
+#pragma GCC unroll 32
+    for (int j = 0; j < kInputRows; ++j) {
+      const int64_t iy = 2 * oy0 - g.pad_top + j;
+      const bool inside = row_inside(iy, g.in_h);
+      const int64_t offset = (inside ? iy : 0) * g.in_row_stride + base;
+      const __m512 a = _mm512_maskz_loadu_ps(inside ? in_row : 0, in_a + offset);
+      const __m512 b = _mm512_maskz_loadu_ps(inside ? in_row : 0, in_b + offset);
+#pragma GCC unroll 8
+      for (int kx = 0; kx < KW; ++kx) {
+        const __m512 v = _mm512_maskz_permutex2var_ps(valid, a, index[kx], b);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r)
+          if (j - 2 * r >= 0 && j - 2 * r < KH) acc[r] = _mm512_fmadd_ps(w[(j - 2 * r) * KW + kx], v, acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      if (r >= rows) break;
+      _mm512_mask_storeu_ps(out_a + (oy0 + r) * g.out_row_stride, half, acc[r]);
+      _mm512_mask_storeu_ps(out_b + (oy0 + r) * g.out_row_stride, half, _mm512_permutexvar_ps(upper_half, acc[r]));
+    }
+  }
+}
+
+template <bool WithBias>
+void weight_grad_pair_stride2(const float* go_a, const float* go_b, const float* in_a, const float* in_b,
+                              float* tap_lanes_a, float* tap_lanes_b, float* bias_lanes_a, float* bias_lanes_b,
+                              const PlaneGeometry& g) {
+  constexpr int KH = 3, KW = 3, R = 8;
+  constexpr int kInputRows = 2 * (R - 1) + KH;
+  constexpr __mmask16 kLow = 0x00FF, kHigh = 0xFF00;
+  __m512 acc[KH * KW];
+  for (int t = 0; t < KH * KW; ++t)
+    acc[t] = _mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(kLow, tap_lanes_a + t * kLanes), kHigh, tap_lanes_b + t * kLanes);
+  __m512 bias_acc = WithBias ? _mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(kLow, bias_lanes_a), kHigh, bias_lanes_b)
+                             : _mm512_setzero_ps();
+  const int64_t base = -g.pad_left;
+  const __mmask16 in_row = lane_range(-base, g.in_w - base);
+  const __mmask16 half = lane_range(0, g.out_w);
+  const __mmask16 valid = static_cast<__mmask16>(half | (half << 8));
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  __m512i index[KW];
+  for (int kx = 0; kx < KW; ++kx) index[kx] = _mm512_add_epi32(even, _mm512_set1_epi32(kx));
+  for (int64_t oy0 = 0; oy0 < g.out_h; oy0 += R) {
+    const int64_t rows = min64(R, g.out_h - oy0);
+    __m512 grad[R];
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = (oy0 + (r < rows ? r : 0)) * g.out_row_stride;
+      // plane a's row in lanes 0.., plane b's expanded into lanes 8..
+      grad[r] = _mm512_mask_expandloadu_ps(_mm512_maskz_loadu_ps(r < rows ? half : 0, go_a + row),
+                                           r < rows ? static_cast<__mmask16>(half << 8) : 0, go_b + row);
+      if (WithBias) bias_acc = _mm512_add_ps(bias_acc, grad[r]);
+    }
+#pragma GCC unroll 32
+    for (int j = 0; j < kInputRows; ++j) {
+      const int64_t iy = 2 * oy0 - g.pad_top + j;
+      const bool inside = row_inside(iy, g.in_h);
+      const int64_t offset = (inside ? iy : 0) * g.in_row_stride + base;
+      const __m512 a = _mm512_maskz_loadu_ps(inside ? in_row : 0, in_a + offset);
+      const __m512 b = _mm512_maskz_loadu_ps(inside ? in_row : 0, in_b + offset);
+#pragma GCC unroll 8
+      for (int kx = 0; kx < KW; ++kx) {
+        const __m512 v = _mm512_maskz_permutex2var_ps(valid, a, index[kx], b);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r)
+          if (j - 2 * r >= 0 && j - 2 * r < KH)
+            acc[(j - 2 * r) * KW + kx] = _mm512_fmadd_ps(grad[r], v, acc[(j - 2 * r) * KW + kx]);
+      }
+    }
+  }
+  for (int t = 0; t < KH * KW; ++t) {
+    _mm512_mask_storeu_ps(tap_lanes_a + t * kLanes, kLow, acc[t]);
+    _mm512_mask_storeu_ps(tap_lanes_b + t * kLanes, kHigh, acc[t]);
+  }
+  if (WithBias) {
+    _mm512_mask_storeu_ps(bias_lanes_a, kLow, bias_acc);
+    _mm512_mask_storeu_ps(bias_lanes_b, kHigh, bias_acc);
+  }
+}
+
+}  // namespace
+
+bool pairs_weight_grad_planes(const PlaneGeometry& g) { return pairs_planes(g) && g.kernel_h == 3; }
+
+void weight_grad_plane_pair(const float* grad_out_a, const float* grad_out_b, const float* in_a, const float* in_b,
+                            float* tap_lanes_a, float* tap_lanes_b, float* bias_lanes_a, float* bias_lanes_b,
+                            const PlaneGeometry& g) {
+  if (bias_lanes_a)
+    return weight_grad_pair_stride2<true>(grad_out_a, grad_out_b, in_a, in_b, tap_lanes_a, tap_lanes_b, bias_lanes_a,
+                                          bias_lanes_b, g);
+  weight_grad_pair_stride2<false>(grad_out_a, grad_out_b, in_a, in_b, tap_lanes_a, tap_lanes_b, nullptr, nullptr, g);
+}
+
+bool pairs_planes(const PlaneGeometry& g) {
+  return g.stride == 2 && g.dilation_w == 1 && (g.kernel_h == 3 || g.kernel_h == 5) && g.kernel_w == g.kernel_h &&
+         g.out_w <= 8 && 2 * (g.out_w - 1) + g.kernel_w <= kLanes;
+}
+
+void forward_plane_pair(const float* in_a, const float* in_b, const float* taps_a, const float* taps_b, float bias_a,
+                        float bias_b, float* out_a, float* out_b, const PlaneGeometry& g) {
+  if (g.kernel_h == 3) return forward_pair_stride2<3, 3>(in_a, in_b, taps_a, taps_b, bias_a, bias_b, out_a, out_b, g);
+  forward_pair_stride2<5, 5>(in_a, in_b, taps_a, taps_b, bias_a, bias_b, out_a, out_b, g);
+}
+
 void forward_plane(const float* in, const float* taps, float bias, float* out, const PlaneGeometry& g) {
   if (g.stride == 2) {
     if (g.kernel_h == 3) return forward_plane_fixed<2, 3, 3, 7>(in, taps, bias, out, g);
@@ -1102,6 +1234,12 @@ void weight_grad_row_nhwc(const float*, const float*, float*, float*, int64_t, c
 void grad_input_row_nhwc(const float*, const float*, float*, int64_t, const ImageGeometry&) {}
 
 void forward_plane(const float*, const float*, float, float*, const PlaneGeometry&) {}
+bool pairs_planes(const PlaneGeometry&) { return false; }
+bool pairs_weight_grad_planes(const PlaneGeometry&) { return false; }
+void weight_grad_plane_pair(const float*, const float*, const float*, const float*, float*, float*, float*, float*,
+                            const PlaneGeometry&) {}
+void forward_plane_pair(const float*, const float*, const float*, const float*, float, float, float*, float*,
+                        const PlaneGeometry&) {}
 int64_t bordered_plane_floats(const PlaneGeometry&) { return 0; }
 int64_t nhwc_bordered_floats(const ImageGeometry&) { return 0; }
 void forward_channels_nhwc_bordered(const float*, const float*, const float*, float*, int64_t, const ImageGeometry&,

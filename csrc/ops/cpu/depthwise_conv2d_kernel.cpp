@@ -1096,10 +1096,20 @@ void forward_nchw(const at::Tensor& input, const at::Tensor& weight, const at::T
       shape.stream_output = cpu::stream_output_bytes(output.nbytes());
       depthwise::avx512::FlatPlane flat;
       const bool use_flat = depthwise::avx512::flat_plane(shape, &flat);
+      const bool pairs = !use_flat && depthwise::avx512::pairs_planes(shape);
       at::parallel_for(0, g.batch * g.channels, 1, [&](int64_t begin, int64_t end) {
         for (int64_t plane = begin; plane < end; ++plane) {
           const int64_t n = plane / g.channels, c = plane % g.channels;
           const float* in_plane = in + n * in_strides[0] + c * in_strides[1];
+          if (pairs && plane + 1 < end) {
+            const int64_t n2 = (plane + 1) / g.channels, c2 = (plane + 1) % g.channels;
+            depthwise::avx512::forward_plane_pair(in_plane, in + n2 * in_strides[0] + c2 * in_strides[1],
+                                                  w + c * kernel_area, w + c2 * kernel_area, b ? b[c] : 0.f,
+                                                  b ? b[c2] : 0.f, out + plane * out_area,
+                                                  out + (plane + 1) * out_area, shape);
+            ++plane;
+            continue;
+          }
           if (use_flat)
             depthwise::avx512::forward_plane_flat(in_plane, w + c * kernel_area, b ? b[c] : 0.f,
                                                   out + plane * out_area, flat);
@@ -1398,6 +1408,10 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
       const bool weight_flat = want_weight && depthwise::avx512::flat_plane(forward_shape, &flat_forward);
       const bool input_flat =
           want_input && unit_stride && depthwise::avx512::flat_plane(grad_input_shape, &flat_grad_input);
+      // Stride-2 maps whose output rows fill half a vector: two channels' weight gradients at once
+      // (the input gradient stays per plane; its rows are twice as wide).
+      const bool weight_pairs = want_weight && !unit_stride && !weight_flat &&
+                                depthwise::avx512::pairs_weight_grad_planes(forward_shape);
       // One thread owns a range of channels for the whole batch: each weight gradient is summed
       // without atomics, image after image, the same on every run and thread count. The thread
       // walks its channels image by image, so its planes are read in address order (channel by
@@ -1425,7 +1439,20 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
                                                grad_input_shape);
             else if (want_input)
               depthwise::avx512::grad_input_plane_stride2(go_plane, w + c * kernel_area, gi_plane, grad_input_shape);
-            if (weight_flat) {
+            if (weight_pairs && c + 1 < end) {  // this plane and the next channel's, together
+              const int64_t c2 = c + 1;
+              const float* go_plane2 = go + n * go_strides[0] + c2 * go_strides[1];
+              float* tap_lanes2 = tap_lanes + lanes_per_channel;
+              if (want_input)
+                depthwise::avx512::grad_input_plane_stride2(go_plane2, w + c2 * kernel_area,
+                                                            gi + n * gi_strides[0] + c2 * gi_strides[1],
+                                                            grad_input_shape);
+              depthwise::avx512::weight_grad_plane_pair(
+                  go_plane, go_plane2, in + n * in_strides[0] + c * in_strides[1],
+                  in + n * in_strides[0] + c2 * in_strides[1], tap_lanes, tap_lanes2,
+                  want_bias ? bias_lanes : nullptr, want_bias ? tap_lanes2 + kernel_area * L : nullptr, forward_shape);
+              ++c;
+            } else if (weight_flat) {
               depthwise::avx512::weight_grad_plane_flat(go_plane, in + n * in_strides[0] + c * in_strides[1],
                                                         tap_lanes, want_bias ? bias_lanes : nullptr, flat_forward);
             } else if (want_weight) {
