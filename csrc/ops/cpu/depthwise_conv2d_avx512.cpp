@@ -949,8 +949,36 @@ void forward_channels_nhwc_bordered(const float* in, const float* taps, const fl
 
 namespace {
 
-// See pairs_planes in the header. Input row j of the block feeds output row r through kernel row
-// j - 2r; 16 input columns from -pad_left of each plane hold every tap of its output row.
+// The columns of two planes' stride-2 rows (see pairs_planes in the header): 16 input columns
+// from -pad_left of each plane hold every tap of its output row, and tap(kx) puts plane a's
+// column 2l + kx - pad_left in lane l < 8 and plane b's 2(l - 8) + kx - pad_left in lane l >= 8
+// (elements 2l + kx of the first source and 16 + 2(l - 8) + kx of the second); zero outside the
+// input and past the output row. (Member functions, as Columns: GCC unrolls them.)
+template <int KW>
+struct PairedColumns {
+  __mmask16 in_row, half, valid;
+  int64_t base;
+  __m512i index[KW];
+
+  explicit PairedColumns(const PlaneGeometry& g)
+      : in_row(lane_range(g.pad_left, g.in_w + g.pad_left)), half(lane_range(0, g.out_w)), base(-g.pad_left) {
+    valid = static_cast<__mmask16>(half | (half << 8));
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    for (int kx = 0; kx < KW; ++kx) index[kx] = _mm512_add_epi32(even, _mm512_set1_epi32(kx));
+  }
+
+  // Input row iy of both planes, zeros where it lies outside the input.
+  void load_row(const float* in_a, const float* in_b, int64_t iy, const PlaneGeometry& g, __m512* a, __m512* b) const {
+    const bool inside = row_inside(iy, g.in_h);
+    const int64_t offset = (inside ? iy : 0) * g.in_row_stride + base;
+    *a = _mm512_maskz_loadu_ps(inside ? in_row : 0, in_a + offset);
+    *b = _mm512_maskz_loadu_ps(inside ? in_row : 0, in_b + offset);
+  }
+
+  __m512 tap(int kx, __m512 a, __m512 b) const { return _mm512_maskz_permutex2var_ps(valid, a, index[kx], b); }
+};
+
+// Input row j of the block feeds output row r through kernel row j - 2r.
 template <int KH, int KW>
 void forward_pair_stride2(const float* in_a, const float* in_b, const float* taps_a, const float* taps_b,
                           float bias_a, float bias_b, float* out_a, float* out_b, const PlaneGeometry& g) {
@@ -959,15 +987,7 @@ void forward_pair_stride2(const float* in_a, const float* in_b, const float* tap
   __m512 w[KH * KW];
   for (int t = 0; t < KH * KW; ++t) w[t] = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(taps_a[t]), _mm512_set1_ps(taps_b[t]));
   const __m512 bias = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(bias_a), _mm512_set1_ps(bias_b));
-  const int64_t base = -g.pad_left;
-  const __mmask16 in_row = lane_range(-base, g.in_w - base);
-  const __mmask16 half = lane_range(0, g.out_w);
-  const __mmask16 valid = static_cast<__mmask16>(half | (half << 8));
-  // lane l < 8: plane a's column base + 2l + kx (element 2l + kx of the first source); l >= 8:
-  // plane b's, element 16 + 2(l - 8) + kx
-  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  __m512i index[KW];
-  for (int kx = 0; kx < KW; ++kx) index[kx] = _mm512_add_epi32(even, _mm512_set1_epi32(kx));
+  const PairedColumns<KW> cols(g);
   const __m512i upper_half = _mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8);
   for (int64_t oy0 = 0; oy0 < g.out_h; oy0 += R) {
     const int64_t rows = min64(R, g.out_h - oy0);
@@ -975,14 +995,11 @@ void forward_pair_stride2(const float* in_a, const float* in_b, const float* tap
     for (int r = 0; r < R; ++r) acc[r] = bias;
 #pragma GCC unroll 32
     for (int j = 0; j < kInputRows; ++j) {
-      const int64_t iy = 2 * oy0 - g.pad_top + j;
-      const bool inside = row_inside(iy, g.in_h);
-      const int64_t offset = (inside ? iy : 0) * g.in_row_stride + base;
-      const __m512 a = _mm512_maskz_loadu_ps(inside ? in_row : 0, in_a + offset);
-      const __m512 b = _mm512_maskz_loadu_ps(inside ? in_row : 0, in_b + offset);
+      __m512 a, b;
+      cols.load_row(in_a, in_b, 2 * oy0 - g.pad_top + j, g, &a, &b);
 #pragma GCC unroll 8
       for (int kx = 0; kx < KW; ++kx) {
-        const __m512 v = _mm512_maskz_permutex2var_ps(valid, a, index[kx], b);
+        const __m512 v = cols.tap(kx, a, b);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r)
           if (j - 2 * r >= 0 && j - 2 * r < KH) acc[r] = _mm512_fmadd_ps(w[(j - 2 * r) * KW + kx], v, acc[r]);
@@ -990,8 +1007,9 @@ void forward_pair_stride2(const float* in_a, const float* in_b, const float* tap
     }
     for (int r = 0; r < R; ++r) {
       if (r >= rows) break;
-      _mm512_mask_storeu_ps(out_a + (oy0 + r) * g.out_row_stride, half, acc[r]);
-      _mm512_mask_storeu_ps(out_b + (oy0 + r) * g.out_row_stride, half, _mm512_permutexvar_ps(upper_half, acc[r]));
+      _mm512_mask_storeu_ps(out_a + (oy0 + r) * g.out_row_stride, cols.half, acc[r]);
+      _mm512_mask_storeu_ps(out_b + (oy0 + r) * g.out_row_stride, cols.half,
+                            _mm512_permutexvar_ps(upper_half, acc[r]));
     }
   }
 }
@@ -1008,13 +1026,8 @@ void weight_grad_pair_stride2(const float* go_a, const float* go_b, const float*
     acc[t] = _mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(kLow, tap_lanes_a + t * kLanes), kHigh, tap_lanes_b + t * kLanes);
   __m512 bias_acc = WithBias ? _mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(kLow, bias_lanes_a), kHigh, bias_lanes_b)
                              : _mm512_setzero_ps();
-  const int64_t base = -g.pad_left;
-  const __mmask16 in_row = lane_range(-base, g.in_w - base);
-  const __mmask16 half = lane_range(0, g.out_w);
-  const __mmask16 valid = static_cast<__mmask16>(half | (half << 8));
-  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  __m512i index[KW];
-  for (int kx = 0; kx < KW; ++kx) index[kx] = _mm512_add_epi32(even, _mm512_set1_epi32(kx));
+  const PairedColumns<KW> cols(g);
+  const __mmask16 half = cols.half;
   for (int64_t oy0 = 0; oy0 < g.out_h; oy0 += R) {
     const int64_t rows = min64(R, g.out_h - oy0);
     __m512 grad[R];
@@ -1027,14 +1040,11 @@ void weight_grad_pair_stride2(const float* go_a, const float* go_b, const float*
     }
 #pragma GCC unroll 32
     for (int j = 0; j < kInputRows; ++j) {
-      const int64_t iy = 2 * oy0 - g.pad_top + j;
-      const bool inside = row_inside(iy, g.in_h);
-      const int64_t offset = (inside ? iy : 0) * g.in_row_stride + base;
-      const __m512 a = _mm512_maskz_loadu_ps(inside ? in_row : 0, in_a + offset);
-      const __m512 b = _mm512_maskz_loadu_ps(inside ? in_row : 0, in_b + offset);
+      __m512 a, b;
+      cols.load_row(in_a, in_b, 2 * oy0 - g.pad_top + j, g, &a, &b);
 #pragma GCC unroll 8
       for (int kx = 0; kx < KW; ++kx) {
-        const __m512 v = _mm512_maskz_permutex2var_ps(valid, a, index[kx], b);
+        const __m512 v = cols.tap(kx, a, b);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r)
           if (j - 2 * r >= 0 && j - 2 * r < KH)
