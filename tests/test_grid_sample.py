@@ -150,6 +150,42 @@ def test_matches_fp64_truth_fp32(padding, align, layout, channels, vector_isa):
         assert our_error <= 2 * their_error + slack[name] * e.abs().max().item(), (name, our_error, their_error)
 
 
+@pytest.mark.parametrize("channels", [9, 16, 17, 40])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("mode", MODES)
+def test_nchw_feature_maps_fp32(mode, padding, align, batch, channels, monkeypatch):
+    """The fp32 forward of NCHW images of more than 8 channels, which on AVX-512 samples a
+    channels_last copy of each image (with one image, each thread a share of its channels) and
+    transposes 16 x 16 blocks back: the same values as the AVX2 planes (bitwise for nearest) and
+    as PyTorch in fp64, over 67-pixel rows (a chunk and a tail), channel tails, a third of the
+    samples outside, and a NaN coordinate (padding)."""
+    g = torch.Generator().manual_seed(channels + batch)
+    x = torch.randn(batch, channels, 13, 70, generator=g)
+    grid = torch.rand(batch, 5, 67, 2, generator=g) * 3 - 1.5
+    grid[0, 1, 3, 0] = float("nan")
+    theta = _theta(batch, torch.float32, 0.4, g)
+    size = (batch, channels, 11, 67)
+    outs = {}
+    for isa in ("1", "0"):
+        monkeypatch.setenv("FASTCNN_AVX512", isa)
+        outs[isa] = grid_sample(x, grid, mode, padding, align)
+        outs[isa + "affine"] = affine_grid_sample(x, theta, size, mode, padding, align)
+    assert outs["1"][0, :, 1, 3].eq(0).all()
+    expected = F.grid_sample(x.double(), grid.double().nan_to_num(0.0), mode, padding, align)
+    expected[0, :, 1, 3] = 0.0
+    truth = fastcnn.reference.affine_grid_sample(x.double(), theta.double(), size, mode, padding, align)
+    if mode == "nearest":
+        assert torch.equal(outs["1"], outs["0"]) and torch.equal(outs["1affine"], outs["0affine"])
+        return
+    # fp32 coordinates of 70-pixel rows carry ~1e-5 pixel of rounding, the sample as much again.
+    for ours, truth in ((outs["1"], expected), (outs["1affine"], truth)):
+        torch.testing.assert_close(ours.double(), truth, rtol=0, atol=1e-4)
+    torch.testing.assert_close(outs["1"], outs["0"], rtol=0, atol=2e-5)
+    torch.testing.assert_close(outs["1affine"], outs["0affine"], rtol=0, atol=2e-5)
+
+
 def _near_integer(pixel_grid, w, h, align):
     """Output pixels whose fp64 source lies within 1e-3 pixel of an integer (see above)."""
     extent = torch.tensor([w, h], dtype=torch.float64)
