@@ -144,6 +144,24 @@ def assert_matches(name, got, torch_same_dtype, truth, nearest=False):
     )
 
 
+def mask_coordinate_kinks(go, theta, H, W, Ho, Wo, align):
+    """grad_output zeroed at output pixels whose fp64 source lies within 1e-3 pixel of a whole or
+    half pixel. The coordinate gradient of bilinear sampling jumps there (cell edges; reflection
+    folds and border clips at halves): an fp32 coordinate ~1e-5 pixel off, ours (from theta in
+    registers) and PyTorch's (a matmul) on different sides, moves one pixel's whole contribution
+    to grad_theta, hundreds of times the tolerance at 224x224. The CPU tests mask the same way."""
+    grid = F.affine_grid(theta.double(), [theta.shape[0], 1, Ho, Wo], align_corners=align)
+
+    def source(v, n):
+        return (v + 1) / 2 * (n - 1) if align else ((v + 1) * n - 1) / 2
+
+    def kink(s):
+        return ((2 * s) - (2 * s).round()).abs() < 2e-3
+
+    near = kink(source(grid[..., 0], W)) | kink(source(grid[..., 1], H))
+    return go.masked_fill_(near[:, None], 0)  # in place: keeps go's layout
+
+
 def run_case(
     op, N, C, H, W, Ho, Wo, mode="bilinear", padding="zeros", align=False, dtype=torch.float32, layout="nchw",
     grad_out_kind="dense", coords=None, deterministic_mode=False,
@@ -163,6 +181,8 @@ def run_case(
         go = randn(N, Wo, C, Ho, dtype=dtype).permute(0, 2, 3, 1)
     else:
         raise ValueError(grad_out_kind)
+    if op == "affine" and mode == "bilinear" and grad_out_kind == "dense":
+        go = mask_coordinate_kinks(go, coords, H, W, Ho, Wo, align)
     args = (op, (Ho, Wo), mode, padding, align)
     y64, g64 = reference_grads(x.double(), coords.double(), go.double(), *args)
     y_t, g_t = reference_grads(x, coords, go, *args)

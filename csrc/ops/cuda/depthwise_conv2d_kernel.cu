@@ -933,9 +933,14 @@ Geom to_geom(const depthwise::Geometry& c) {
   return g;
 }
 
-// Whether every tensor the kernels index (input, output, weight) fits 32-bit index arithmetic.
+// Whether every tensor the kernels index (input, output, weight) fits 32-bit index arithmetic, and
+// every input coordinate a tap computes (padding, stride and dilation are any int64: a huge one
+// would wrap to a row inside the input, and the bounds test runs on the wrapped value).
 bool fits32(const Geom& g) {
-  return g.N * g.C * g.Hi * g.Wi <= kMax32 && g.N * g.C * g.Ho * g.Wo <= kMax32 && g.C * g.kH * g.kW <= kMax32;
+  const int64_t reach = std::max({g.pt, g.pl, (g.Ho - 1) * g.sh + (g.kH - 1) * g.dh + g.pt,
+                                  (g.Wo - 1) * g.sw + (g.kW - 1) * g.dw + g.pl});
+  return reach <= kMax32 && g.N * g.C * g.Hi * g.Wi <= kMax32 && g.N * g.C * g.Ho * g.Wo <= kMax32 &&
+         g.C * g.kH * g.kW <= kMax32;
 }
 
 at::Tensor depthwise_conv2d_cuda(
