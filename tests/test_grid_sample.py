@@ -152,38 +152,49 @@ def test_matches_fp64_truth_fp32(padding, align, layout, channels, vector_isa):
 
 @pytest.mark.parametrize("channels", [9, 16, 17, 40])
 @pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("align", [False, True])
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("mode", MODES)
-def test_nchw_feature_maps_fp32(mode, padding, align, batch, channels, monkeypatch):
-    """The fp32 forward of NCHW images of more than 8 channels, which on AVX-512 samples a
+def test_wide_images_fp32(mode, padding, align, layout, batch, channels, monkeypatch):
+    """fp32 images of more than 8 channels, on AVX-512: the forward of NCHW ones samples a
     channels_last copy of each image (with one image, each thread a share of its channels) and
-    transposes 16 x 16 blocks back: the same values as the AVX2 planes (bitwise for nearest) and
-    as PyTorch in fp64, over 67-pixel rows (a chunk and a tail), channel tails, a third of the
-    samples outside, and a NaN coordinate (padding)."""
+    transposes 16 x 16 blocks back; the backward runs channel vectors pixel by pixel, NCHW through
+    channels_last copies. Against the AVX2 loops (nearest outputs bitwise) and
+    PyTorch in fp64, over 67-pixel rows (a chunk and a tail), channel tails, a third of the samples
+    outside, and a NaN coordinate (padding, zero gradient)."""
     g = torch.Generator().manual_seed(channels + batch)
-    x = torch.randn(batch, channels, 13, 70, generator=g)
+    x = _layout(torch.randn(batch, channels, 13, 70, generator=g), layout)
     grid = torch.rand(batch, 5, 67, 2, generator=g) * 3 - 1.5
     grid[0, 1, 3, 0] = float("nan")
     theta = _theta(batch, torch.float32, 0.4, g)
     size = (batch, channels, 11, 67)
-    outs = {}
+    grad_grid_out = torch.randn(batch, channels, 5, 67, generator=g)
+    grad_theta_out = torch.randn(size, generator=g)
+    runs = {}
     for isa in ("1", "0"):
         monkeypatch.setenv("FASTCNN_AVX512", isa)
-        outs[isa] = grid_sample(x, grid, mode, padding, align)
-        outs[isa + "affine"] = affine_grid_sample(x, theta, size, mode, padding, align)
-    assert outs["1"][0, :, 1, 3].eq(0).all()
+        a, gr, t = x.clone().requires_grad_(), grid.clone().requires_grad_(), theta.clone().requires_grad_()
+        out = grid_sample(a, gr, mode, padding, align)
+        affine = affine_grid_sample(a, t, size, mode, padding, align)
+        runs[isa] = [out, affine, *torch.autograd.grad((out, affine), (a, gr, t), (grad_grid_out, grad_theta_out))]
+    ours, planes = runs["1"], runs["0"]
+    assert ours[0][0, :, 1, 3].eq(0).all() and ours[3][0, 1, 3].eq(0).all()
+    assert ours[2].is_contiguous(memory_format=suggest_memory_format(x))
     expected = F.grid_sample(x.double(), grid.double().nan_to_num(0.0), mode, padding, align)
     expected[0, :, 1, 3] = 0.0
     truth = fastcnn.reference.affine_grid_sample(x.double(), theta.double(), size, mode, padding, align)
-    if mode == "nearest":
-        assert torch.equal(outs["1"], outs["0"]) and torch.equal(outs["1affine"], outs["0affine"])
+    if mode == "nearest":  # the same pixels; grad_input's sums may add in another order
+        assert torch.equal(ours[0], planes[0]) and torch.equal(ours[1], planes[1])
+        torch.testing.assert_close(ours[2], planes[2], rtol=0, atol=1e-6 * planes[2].abs().max().item())
+        assert not ours[3].any() and not ours[4].any()
         return
     # fp32 coordinates of 70-pixel rows carry ~1e-5 pixel of rounding, the sample as much again.
-    for ours, truth in ((outs["1"], expected), (outs["1affine"], truth)):
-        torch.testing.assert_close(ours.double(), truth, rtol=0, atol=1e-4)
-    torch.testing.assert_close(outs["1"], outs["0"], rtol=0, atol=2e-5)
-    torch.testing.assert_close(outs["1affine"], outs["0affine"], rtol=0, atol=2e-5)
+    for o, t in ((ours[0], expected), (ours[1], truth)):
+        torch.testing.assert_close(o.double(), t, rtol=0, atol=1e-4)
+    for name, o, p in zip(("output", "affine output", "grad_input", "grad_grid", "grad_theta"), ours, planes):
+        scale = max(1.0, p.abs().max().item())
+        torch.testing.assert_close(o, p, rtol=0, atol=2e-5 * scale, msg=name)
 
 
 def _near_integer(pixel_grid, w, h, align):

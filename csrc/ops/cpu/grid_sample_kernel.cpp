@@ -13,7 +13,10 @@
 // With AVX-512, the taps go 16 pixels at once, and the forward gathers: NCHW up to 8 channels,
 // channels_last with 2 to 4 (one channel is the NCHW layout). With zeros or border padding those
 // forwards keep the taps in registers, row by row, instead of chunk arrays; so does the coordinate
-// gradient when grad_input is not wanted. A backward with grad_input stays on the AVX2 loops.
+// gradient when grad_input is not wanted. A backward with grad_input of up to 8 channels stays on
+// the AVX2 loops. Images of more channels run channel vectors, pixel by pixel (the forward of
+// channels_last ones excepted: the portable loop); NCHW ones through a channels_last copy of each
+// image (and of grad_output) that stays in L2, the results transposed back 16 x 16 in registers.
 //
 // The backward runs one batch element per task and sums in a fixed order: the input-gradient
 // scatter needs no atomics and results are bitwise identical run to run and across thread counts,
@@ -1173,24 +1176,70 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
-// dst[p * C + c] = src[c * hw + p]: one NCHW image into channels_last.
-void image_to_channels_last(const float* src, float* dst, int64_t C, int64_t hw) {
+// dst[j * rows + i] = src[i * cols + j]: an NCHW image [C][HW] into channels_last [HW][C], and back.
+void transpose(const float* src, float* dst, int64_t rows, int64_t cols) {
   __m512 r[16];
-  for (int64_t c0 = 0; c0 < C; c0 += 16) {
-    const int rows = static_cast<int>(std::min<int64_t>(16, C - c0));
-    const __mmask16 channel_lanes = static_cast<__mmask16>((1u << rows) - 1);
-    for (int64_t p0 = 0; p0 < hw; p0 += 16) {
-      const int cols = static_cast<int>(std::min<int64_t>(16, hw - p0));
-      const __mmask16 pixel_lanes = static_cast<__mmask16>((1u << cols) - 1);
+  for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+    const int height = static_cast<int>(std::min<int64_t>(16, rows - i0));
+    const __mmask16 row_lanes = static_cast<__mmask16>((1u << height) - 1);
+    for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+      const int width = static_cast<int>(std::min<int64_t>(16, cols - j0));
+      const __mmask16 column_lanes = static_cast<__mmask16>((1u << width) - 1);
 #pragma GCC unroll 16
       for (int i = 0; i < 16; ++i)
-        r[i] = i < rows ? _mm512_maskz_loadu_ps(pixel_lanes, src + (c0 + i) * hw + p0) : _mm512_setzero_ps();
+        r[i] = i < height ? _mm512_maskz_loadu_ps(column_lanes, src + (i0 + i) * cols + j0) : _mm512_setzero_ps();
       transpose16(r);
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i)
-        if (i < cols) _mm512_mask_storeu_ps(dst + (p0 + i) * C + c0, channel_lanes, r[i]);
+      for (int j = 0; j < 16; ++j)
+        if (j < width) _mm512_mask_storeu_ps(dst + (j0 + j) * rows + i0, row_lanes, r[j]);
     }
   }
+}
+
+// The backward of one output pixel of a channels_last image of C channels (more than a vector's
+// worth: channel vectors, the last one masked): grad_input's taps inside += weight * grad_out, and
+// the coordinate gradient summed over the channels in vector lanes, then across the lanes (a
+// fixed order). Taps outside read zero and take nothing.
+void backward_pixel_channels(const float* image, const float* go, float* gin, Chunk<float>& ch, int p, int64_t C,
+                             int64_t in_w, bool bilinear, bool want_input, bool want_coords) {
+  const int bits = ch.bits[p];
+  if (bits == 0) return;
+  const int64_t o = ch.offset32[p];
+  const int64_t offsets[4] = {o * C, (o + 1) * C, (o + in_w) * C, (o + in_w + 1) * C};
+  if (!bilinear) {  // nearest: the sample's pixel takes grad_out; no coordinate gradient
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+      const __mmask16 lanes = c0 + 16 <= C ? 0xFFFF : static_cast<__mmask16>((1u << (C - c0)) - 1);
+      float* dst = gin + offsets[0] + c0;
+      _mm512_mask_storeu_ps(dst, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, dst), _mm512_maskz_loadu_ps(lanes, go + c0)));
+    }
+    return;
+  }
+  const __m512 weights[4] = {_mm512_set1_ps(ch.w_nw[p]), _mm512_set1_ps(ch.w_ne[p]), _mm512_set1_ps(ch.w_sw[p]),
+                             _mm512_set1_ps(ch.w_se[p])};
+  __m512 x1 = _mm512_setzero_ps(), x0 = x1, y1 = x1, y0 = x1;
+  for (int64_t c0 = 0; c0 < C; c0 += 16) {
+    const __mmask16 lanes = c0 + 16 <= C ? 0xFFFF : static_cast<__mmask16>((1u << (C - c0)) - 1);
+    const __m512 g = _mm512_maskz_loadu_ps(lanes, go + c0);
+    __m512 v[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      const __mmask16 inside = (bits >> k & 1) ? lanes : 0;
+      if (want_coords) v[k] = _mm512_maskz_loadu_ps(inside, image + offsets[k] + c0);
+      if (want_input) {
+        float* dst = gin + offsets[k] + c0;
+        _mm512_mask_storeu_ps(dst, inside, _mm512_fmadd_ps(weights[k], g, _mm512_maskz_loadu_ps(inside, dst)));
+      }
+    }
+    if (want_coords) {  // bilinear_coordinate_grad's four sums (see backward_pixel_nhwc)
+      x1 = _mm512_fmadd_ps(g, _mm512_sub_ps(v[1], v[0]), x1);
+      x0 = _mm512_fmadd_ps(g, _mm512_sub_ps(v[3], v[2]), x0);
+      y1 = _mm512_fmadd_ps(g, _mm512_sub_ps(v[2], v[0]), y1);
+      y0 = _mm512_fmadd_ps(g, _mm512_sub_ps(v[3], v[1]), y0);
+    }
+  }
+  if (!want_coords) return;
+  ch.gx[p] += _mm512_reduce_add_ps(x1) * ch.dy1[p] + _mm512_reduce_add_ps(x0) * ch.dy0[p];
+  ch.gy[p] += _mm512_reduce_add_ps(y1) * ch.dx1[p] + _mm512_reduce_add_ps(y0) * ch.dx0[p];
 }
 
 // One chunk of output pixels, `channels` channels, from their channels_last copy `image` (that
@@ -1383,7 +1432,7 @@ void forward_kernel(const scalar_t* input, scalar_t* output, const Source& sourc
           const int64_t c0 = std::min(C, 16 * (group * vectors / groups));
           const int64_t channels = std::min(C, 16 * ((group + 1) * vectors / groups)) - c0;
           image.resize(channels * in_hw);
-          avx512::image_to_channels_last(input + (n * C + c0) * in_hw, image.data(), channels, in_hw);
+          avx512::transpose(input + (n * C + c0) * in_hw, image.data(), channels, in_hw);
           for (int64_t oy = 0; oy < g.out_h; ++oy)
             for (int64_t ox0 = 0; ox0 < g.out_w; ox0 += kChunk) {
               const int len = static_cast<int>(std::min<int64_t>(kChunk, g.out_w - ox0));
@@ -1646,16 +1695,55 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
   // zeros or border padding: avx512::coordinate_grad_image_nchw.
   const bool coords_only = vector_pixels && vector_taps == Taps::Avx512 && !channels_last && C <= kGatherChannels &&
                            coords && !want_input && g.padding != Padding::Reflection;
+  // Images of more than kGatherChannels channels, on AVX-512: channel vectors, pixel by pixel
+  // (backward_pixel_channels); NCHW ones through channels_last copies of the image and grad_output,
+  // and grad_input transposed back (as the forward, see avx512::forward_chunk_transposed).
+  const bool wide_channels = vector_taps == Taps::Avx512 && std::is_same_v<scalar_t, float> && C > kGatherChannels &&
+                             (want_input || coords) && (g.in_h + 4) * (g.in_w + 4) * C < (int64_t(1) << 31);
+  const bool transposed = wide_channels && !channels_last;
   at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
     Chunk<acc_t> ch;
     Sink sink = sink_proto;
     std::vector<double> row_sums;
+    std::vector<float> image_copy(transposed ? C * in_hw : 0), go_copy(transposed ? C * out_hw : 0),
+        gin_copy(transposed && want_input ? C * in_hw : 0);
     for (int64_t n = begin; n < end; ++n) {
       acc_t* gin = want_input ? grad_input + n * C * in_hw : nullptr;
-      if (want_input) std::memset(gin, 0, sizeof(acc_t) * C * in_hw);  // first touch by the owning thread
+      // First touch by the owning thread (the transposed path writes every element at the end).
+      if (want_input && !transposed) std::memset(gin, 0, sizeof(acc_t) * C * in_hw);
       if (want_coords) sink.begin(n);
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
       if constexpr (std::is_same_v<scalar_t, float>) {
+        if (wide_channels) {
+          const float* image = input + n * C * in_hw;
+          const float* go_image = grad_output + n * C * out_hw;
+          float* gin_image = gin;
+          if (transposed) {
+            avx512::transpose(image, image_copy.data(), C, in_hw);
+            avx512::transpose(go_image, go_copy.data(), C, out_hw);
+            image = image_copy.data();
+            go_image = go_copy.data();
+            if (want_input) {
+              std::fill(gin_copy.begin(), gin_copy.end(), 0.0f);
+              gin_image = gin_copy.data();
+            }
+          }
+          for (int64_t oy = 0; oy < g.out_h; ++oy) {
+            for (int64_t ox0 = 0; ox0 < g.out_w; ox0 += kChunk) {
+              const int len = static_cast<int>(std::min<int64_t>(kChunk, g.out_w - ox0));
+              source_taps(ch, n, oy, ox0, len, source, g, vector_taps, false, true);
+              std::fill(ch.gx, ch.gx + len, 0.0f);
+              std::fill(ch.gy, ch.gy + len, 0.0f);
+              for (int p = 0; p < len; ++p)
+                avx512::backward_pixel_channels(image, go_image + (oy * g.out_w + ox0 + p) * C, gin_image, ch, p, C,
+                                                g.in_w, bilinear, want_input, coords);
+              if (want_coords) sink.add(n, oy, ox0, len, ch);
+            }
+          }
+          if (transposed && want_input) avx512::transpose(gin_image, gin, in_hw, C);
+          if (want_coords) sink.end(n);
+          continue;
+        }
         if (coords_only) {
           float* grid_grad = nullptr;
           const float* base_x = nullptr;
