@@ -14,9 +14,9 @@
 // channels_last with 2 to 4 (one channel is the NCHW layout). With zeros or border padding those
 // forwards keep the taps in registers, row by row, instead of chunk arrays; so does the coordinate
 // gradient when grad_input is not wanted. A backward with grad_input of up to 8 channels stays on
-// the AVX2 loops. Images of more channels run channel vectors, pixel by pixel (the forward of
-// channels_last ones excepted: the portable loop); NCHW ones through a channels_last copy of each
-// image (and of grad_output) that stays in L2, the results transposed back 16 x 16 in registers.
+// the AVX2 loops. Images of more channels run channel vectors, pixel by pixel; NCHW ones through a
+// channels_last copy of each image (and of grad_output) that stays in L2, the results transposed
+// back 16 x 16 in registers.
 //
 // The backward runs one batch element per task and sums in a fixed order: the input-gradient
 // scatter needs no atomics and results are bitwise identical run to run and across thread counts,
@@ -1176,6 +1176,33 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
+// One chunk of output pixels of a channels_last image of C channels (more than a vector's worth):
+// a pixel's four taps are runs of C floats, read and blended as channel vectors.
+void forward_chunk_channels(const float* image, float* out, const Chunk<float>& ch, int len, int64_t C, int64_t in_w,
+                            bool bilinear) {
+  const int64_t down = in_w * C;
+  for (int p = 0; p < len; ++p) {
+    const float* nw = image + static_cast<int64_t>(ch.offset32[p]) * C;
+    const int bits = ch.bits[p];
+    const __m512 w_nw = _mm512_set1_ps(ch.w_nw[p]), w_ne = _mm512_set1_ps(ch.w_ne[p]);
+    const __m512 w_sw = _mm512_set1_ps(ch.w_sw[p]), w_se = _mm512_set1_ps(ch.w_se[p]);
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+      const __mmask16 lanes = c0 + 16 <= C ? 0xFFFF : static_cast<__mmask16>((1u << (C - c0)) - 1);
+      // A tap outside loads nothing and reads zero (never 0 * NaN).
+      const __m512 v_nw = _mm512_maskz_loadu_ps((bits & 1) ? lanes : 0, nw + c0);
+      __m512 value = v_nw;
+      if (bilinear) {
+        const __m512 v_ne = _mm512_maskz_loadu_ps((bits & 2) ? lanes : 0, nw + C + c0);
+        const __m512 v_sw = _mm512_maskz_loadu_ps((bits & 4) ? lanes : 0, nw + down + c0);
+        const __m512 v_se = _mm512_maskz_loadu_ps((bits & 8) ? lanes : 0, nw + down + C + c0);
+        value = _mm512_add_ps(_mm512_fmadd_ps(v_ne, w_ne, _mm512_mul_ps(v_nw, w_nw)),
+                              _mm512_fmadd_ps(v_se, w_se, _mm512_mul_ps(v_sw, w_sw)));
+      }
+      _mm512_mask_storeu_ps(out + static_cast<int64_t>(p) * C + c0, lanes, value);
+    }
+  }
+}
+
 // dst[j * rows + i] = src[i * cols + j]: an NCHW image [C][HW] into channels_last [HW][C], and back.
 void transpose(const float* src, float* dst, int64_t rows, int64_t cols) {
   __m512 r[16];
@@ -1413,6 +1440,9 @@ void forward_kernel(const scalar_t* input, scalar_t* output, const Source& sourc
   // pixel * C must fit in int32).
   const bool small_nhwc_gathers = vector_pixels && channels_last && C >= 2 && C <= 4 && bilinear &&
                                   vector_taps == Taps::Avx512 && (g.in_h + 4) * (g.in_w + 4) * C < (int64_t(1) << 31);
+  // channels_last images of more channels: channel vectors (the int32 tap offsets times C too).
+  const bool wide_nhwc = std::is_same_v<scalar_t, float> && channels_last && C > kGatherChannels &&
+                         vector_taps == Taps::Avx512 && (g.in_h + 4) * (g.in_w + 4) * C < (int64_t(1) << 31);
   // Those two with zeros or border padding compute their taps in registers, row by row.
   const bool direct = (gathers || small_nhwc_gathers) && g.padding != Padding::Reflection;
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
@@ -1465,6 +1495,11 @@ void forward_kernel(const scalar_t* input, scalar_t* output, const Source& sourc
         source_taps(ch, n, oy, ox0, len, source, g, vector_taps, !vector_pixels, false);
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
         if constexpr (std::is_same_v<scalar_t, float>) {
+          if (wide_nhwc) {
+            avx512::forward_chunk_channels(input + n * C * in_hw, output + output_offset(g, true, n, oy, ox0), ch, len, C,
+                                           g.in_w, bilinear);
+            continue;
+          }
           if (gathers || small_nhwc_gathers) {
             avx512::forward_chunk_gathers(input + n * C * in_hw, output + output_offset(g, channels_last, n, oy, ox0),
                                           ch, len, g, channels_last);
