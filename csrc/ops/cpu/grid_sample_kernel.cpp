@@ -1453,7 +1453,7 @@ void forward_kernel(const scalar_t* input, scalar_t* output, const Source& sourc
     if (!channels_last && C > kGatherChannels && vector_taps == Taps::Avx512 &&
         (g.in_h + 4) * (g.in_w + 4) * C < (int64_t(1) << 31)) {
       const int64_t vectors = (C + 15) / 16;
-      const int64_t groups = std::min(vectors, (threads + g.batch - 1) / g.batch);
+      const int64_t groups = std::min(vectors, (threads + g.batch - 1) / std::max<int64_t>(1, g.batch));
       at::parallel_for(0, g.batch * groups, 1, [&](int64_t begin, int64_t end) {
         Chunk<float> ch;
         std::vector<float> image;
