@@ -1176,29 +1176,32 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
+// Pixel p's bilinear (or nearest) sample of the 16 channels from nw (its north-west tap, channel
+// c0, in a channels_last image of C channels; `lanes` of them live). A tap outside loads nothing
+// and reads zero (never 0 * NaN).
+inline __m512 sample_channels(const float* nw, int64_t C, int64_t down, const Chunk<float>& ch, int p, __mmask16 lanes,
+                              bool bilinear) {
+  const int bits = ch.bits[p];
+  const __m512 v_nw = _mm512_maskz_loadu_ps((bits & 1) ? lanes : 0, nw);
+  if (!bilinear) return v_nw;
+  const __m512 v_ne = _mm512_maskz_loadu_ps((bits & 2) ? lanes : 0, nw + C);
+  const __m512 v_sw = _mm512_maskz_loadu_ps((bits & 4) ? lanes : 0, nw + down);
+  const __m512 v_se = _mm512_maskz_loadu_ps((bits & 8) ? lanes : 0, nw + down + C);
+  // Two independent halves, as the scalar loop.
+  return _mm512_add_ps(_mm512_fmadd_ps(v_ne, _mm512_set1_ps(ch.w_ne[p]), _mm512_mul_ps(v_nw, _mm512_set1_ps(ch.w_nw[p]))),
+                       _mm512_fmadd_ps(v_se, _mm512_set1_ps(ch.w_se[p]), _mm512_mul_ps(v_sw, _mm512_set1_ps(ch.w_sw[p]))));
+}
+
 // One chunk of output pixels of a channels_last image of C channels (more than a vector's worth):
 // a pixel's four taps are runs of C floats, read and blended as channel vectors.
 void forward_chunk_channels(const float* image, float* out, const Chunk<float>& ch, int len, int64_t C, int64_t in_w,
                             bool bilinear) {
-  const int64_t down = in_w * C;
   for (int p = 0; p < len; ++p) {
     const float* nw = image + static_cast<int64_t>(ch.offset32[p]) * C;
-    const int bits = ch.bits[p];
-    const __m512 w_nw = _mm512_set1_ps(ch.w_nw[p]), w_ne = _mm512_set1_ps(ch.w_ne[p]);
-    const __m512 w_sw = _mm512_set1_ps(ch.w_sw[p]), w_se = _mm512_set1_ps(ch.w_se[p]);
     for (int64_t c0 = 0; c0 < C; c0 += 16) {
       const __mmask16 lanes = c0 + 16 <= C ? 0xFFFF : static_cast<__mmask16>((1u << (C - c0)) - 1);
-      // A tap outside loads nothing and reads zero (never 0 * NaN).
-      const __m512 v_nw = _mm512_maskz_loadu_ps((bits & 1) ? lanes : 0, nw + c0);
-      __m512 value = v_nw;
-      if (bilinear) {
-        const __m512 v_ne = _mm512_maskz_loadu_ps((bits & 2) ? lanes : 0, nw + C + c0);
-        const __m512 v_sw = _mm512_maskz_loadu_ps((bits & 4) ? lanes : 0, nw + down + c0);
-        const __m512 v_se = _mm512_maskz_loadu_ps((bits & 8) ? lanes : 0, nw + down + C + c0);
-        value = _mm512_add_ps(_mm512_fmadd_ps(v_ne, w_ne, _mm512_mul_ps(v_nw, w_nw)),
-                              _mm512_fmadd_ps(v_se, w_se, _mm512_mul_ps(v_sw, w_sw)));
-      }
-      _mm512_mask_storeu_ps(out + static_cast<int64_t>(p) * C + c0, lanes, value);
+      _mm512_mask_storeu_ps(out + static_cast<int64_t>(p) * C + c0, lanes,
+                            sample_channels(nw + c0, C, in_w * C, ch, p, lanes, bilinear));
     }
   }
 }
@@ -1278,35 +1281,18 @@ void forward_chunk_transposed(const float* image, int64_t channels, float* out, 
   for (int p0 = 0; p0 < len; p0 += 16) {
     const int count = std::min(16, len - p0);
     for (int64_t c0 = 0; c0 < C; c0 += 16) {
-      const int channels = static_cast<int>(std::min<int64_t>(16, C - c0));
-      const __mmask16 lanes = static_cast<__mmask16>((1u << channels) - 1);
+      const int live_channels = static_cast<int>(std::min<int64_t>(16, C - c0));
+      const __mmask16 lanes = static_cast<__mmask16>((1u << live_channels) - 1);
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) {
-        if (i >= count) {
-          r[i] = _mm512_setzero_ps();
-          continue;
-        }
-        const int p = p0 + i;
-        const float* nw = image + static_cast<int64_t>(ch.offset32[p]) * C + c0;
-        const int bits = ch.bits[p];
-        // A tap outside loads nothing and reads zero (never 0 * NaN).
-        const __m512 v_nw = _mm512_maskz_loadu_ps((bits & 1) ? lanes : 0, nw);
-        if (!bilinear) {
-          r[i] = v_nw;
-          continue;
-        }
-        const __m512 v_ne = _mm512_maskz_loadu_ps((bits & 2) ? lanes : 0, nw + C);
-        const __m512 v_sw = _mm512_maskz_loadu_ps((bits & 4) ? lanes : 0, nw + down);
-        const __m512 v_se = _mm512_maskz_loadu_ps((bits & 8) ? lanes : 0, nw + down + C);
-        const __m512 north = _mm512_fmadd_ps(v_ne, _mm512_set1_ps(ch.w_ne[p]), _mm512_mul_ps(v_nw, _mm512_set1_ps(ch.w_nw[p])));
-        const __m512 south = _mm512_fmadd_ps(v_se, _mm512_set1_ps(ch.w_se[p]), _mm512_mul_ps(v_sw, _mm512_set1_ps(ch.w_sw[p])));
-        r[i] = _mm512_add_ps(north, south);
-      }
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < count ? sample_channels(image + static_cast<int64_t>(ch.offset32[p0 + i]) * C + c0, C, down, ch,
+                                           p0 + i, lanes, bilinear)
+                         : _mm512_setzero_ps();
       transpose16(r);
       const __mmask16 pixels = static_cast<__mmask16>((1u << count) - 1);
 #pragma GCC unroll 16
       for (int i = 0; i < 16; ++i)
-        if (i < channels) _mm512_mask_storeu_ps(out + (c0 + i) * out_hw + p0, pixels, r[i]);
+        if (i < live_channels) _mm512_mask_storeu_ps(out + (c0 + i) * out_hw + p0, pixels, r[i]);
     }
   }
 }
