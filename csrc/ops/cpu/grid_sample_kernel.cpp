@@ -1138,11 +1138,17 @@ void forward_chunk_gathers(const float* image, float* out, const Chunk<float>& c
                       [&](int64_t p, int, __mmask16 live) { return load_taps16(ch, static_cast<int>(p), live); });
 }
 
-// NCHW feature maps (more than kGatherChannels channels): each image is first transposed into a
-// channels_last copy that stays in L2 (64x56x56: 800 KB), where a pixel's four taps are runs of C
-// floats read as channel vectors; every 16 pixels x 16 channels of output are transposed back in
-// registers and stored as 16 plane rows. Sampling the NCHW planes directly reads two floats of
-// each of 64 planes a pixel (64 pages), and stayed at PyTorch's speed (32x64x56x56: 1.1x).
+// Feature maps (more than kGatherChannels channels): a channels_last pixel's four taps are runs of
+// C floats, read as channel vectors. An NCHW image is first transposed into a channels_last copy
+// that stays in L2 (64x56x56: 800 KB), and every 16 pixels x 16 channels of output are transposed
+// back in registers and stored as 16 plane rows. Sampling the NCHW planes directly reads two
+// floats of each of 64 planes a pixel (64 pages), and stayed at PyTorch's speed (32x64x56x56:
+// 1.1x).
+
+// The live lanes of the channel vector from c0 of C channels.
+inline __mmask16 channel_lanes(int64_t C, int64_t c0) {
+  return c0 + 16 <= C ? 0xFFFF : static_cast<__mmask16>((1u << (C - c0)) - 1);
+}
 
 // r[i] = column i of the 16 x 16 matrix whose rows were r[0..15].
 inline void transpose16(__m512 r[16]) {
@@ -1199,7 +1205,7 @@ void forward_chunk_channels(const float* image, float* out, const Chunk<float>& 
   for (int p = 0; p < len; ++p) {
     const float* nw = image + static_cast<int64_t>(ch.offset32[p]) * C;
     for (int64_t c0 = 0; c0 < C; c0 += 16) {
-      const __mmask16 lanes = c0 + 16 <= C ? 0xFFFF : static_cast<__mmask16>((1u << (C - c0)) - 1);
+      const __mmask16 lanes = channel_lanes(C, c0);
       _mm512_mask_storeu_ps(out + static_cast<int64_t>(p) * C + c0, lanes,
                             sample_channels(nw + c0, C, in_w * C, ch, p, lanes, bilinear));
     }
@@ -1238,7 +1244,7 @@ void backward_pixel_channels(const float* image, const float* go, float* gin, Ch
   const int64_t offsets[4] = {o * C, (o + 1) * C, (o + in_w) * C, (o + in_w + 1) * C};
   if (!bilinear) {  // nearest: the sample's pixel takes grad_out; no coordinate gradient
     for (int64_t c0 = 0; c0 < C; c0 += 16) {
-      const __mmask16 lanes = c0 + 16 <= C ? 0xFFFF : static_cast<__mmask16>((1u << (C - c0)) - 1);
+      const __mmask16 lanes = channel_lanes(C, c0);
       float* dst = gin + offsets[0] + c0;
       _mm512_mask_storeu_ps(dst, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, dst), _mm512_maskz_loadu_ps(lanes, go + c0)));
     }
@@ -1248,7 +1254,7 @@ void backward_pixel_channels(const float* image, const float* go, float* gin, Ch
                              _mm512_set1_ps(ch.w_se[p])};
   __m512 x1 = _mm512_setzero_ps(), x0 = x1, y1 = x1, y0 = x1;
   for (int64_t c0 = 0; c0 < C; c0 += 16) {
-    const __mmask16 lanes = c0 + 16 <= C ? 0xFFFF : static_cast<__mmask16>((1u << (C - c0)) - 1);
+    const __mmask16 lanes = channel_lanes(C, c0);
     const __m512 g = _mm512_maskz_loadu_ps(lanes, go + c0);
     __m512 v[4];
 #pragma GCC unroll 4
