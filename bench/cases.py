@@ -32,7 +32,8 @@ def _reference(op, shape, device, dtype):
     """Inputs and the reference's output and gradients, once per shape (tests run shape by shape)."""
     args, grad_output = benchmarking.case_inputs(op, shape)
     ref = benchmarking.reference_outputs(
-        op, args, grad_output, with_grad=True, device=device, dtype=benchmarking.reference_dtype(device, dtype, op)
+        op, args, grad_output, with_grad=True, device=device, dtype=benchmarking.reference_dtype(device, dtype, op),
+        input_dtype=dtype,
     )
     return args, grad_output, ref
 

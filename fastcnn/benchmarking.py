@@ -384,6 +384,9 @@ def _transparent_hugepage() -> Optional[str]:
 
 
 def _git_revision() -> Optional[str]:
+    # A copied tree without .git (a device machine) gets its revision from the caller.
+    if os.environ.get("FASTCNN_GIT_REVISION"):
+        return os.environ["FASTCNN_GIT_REVISION"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         rev = subprocess.run(
@@ -575,13 +578,21 @@ def make_call(fn, prep: Prepared, mode: str) -> Callable[[], Any]:
     raise ValueError(f"unknown mode {mode!r}; expected forward, forward+backward or backward")
 
 
-def reference_outputs(op, args, grad_output, *, with_grad: bool, device, dtype) -> Dict[str, torch.Tensor]:
+def reference_outputs(
+    op, args, grad_output, *, with_grad: bool, device, dtype, input_dtype: Optional[torch.dtype] = None
+) -> Dict[str, torch.Tensor]:
     """The reference's output (and, `with_grad`, the gradients of its floating-point arguments
-    for `grad_output`), computed in `dtype` on NCHW inputs."""
+    for `grad_output`), computed in `dtype` on NCHW inputs. `input_dtype` (the measured dtype)
+    rounds the inputs and grad_output to it first: an fp16 run's error then measures the kernels,
+    not the rounding of their inputs (fp16 theta moves a 224-pixel sample by ~0.1 pixel)."""
+
+    def rounded(t):
+        return t.to(input_dtype) if input_dtype is not None and t.is_floating_point() else t
+
     ref_args = []
     for a in args:
         if isinstance(a, torch.Tensor) and a.is_floating_point():
-            a = a.to(device=device, dtype=dtype).detach().requires_grad_(with_grad)
+            a = rounded(a).to(device=device, dtype=dtype).detach().requires_grad_(with_grad)
         elif isinstance(a, torch.Tensor):
             a = a.to(device)
         ref_args.append(a)
@@ -589,7 +600,7 @@ def reference_outputs(op, args, grad_output, *, with_grad: bool, device, dtype) 
         with torch.no_grad():
             return {"output": op.reference(*ref_args)}
     out = op.reference(*ref_args)
-    out.backward(grad_output.to(device=device, dtype=dtype))
+    out.backward(rounded(grad_output).to(device=device, dtype=dtype))
     result = {"output": out.detach()}
     for name, a in zip(op.ARG_NAMES, ref_args):
         if isinstance(a, torch.Tensor) and a.requires_grad:
@@ -674,7 +685,9 @@ def run_op(
         ref = None
         if check:
             with_grad = any(m in BACKWARD_MODES for m in modes)
-            ref = reference_outputs(op, args, grad_output, with_grad=with_grad, device=device, dtype=ref_dtype)
+            ref = reference_outputs(
+                op, args, grad_output, with_grad=with_grad, device=device, dtype=ref_dtype, input_dtype=dtype
+            )
         for layout in layouts:
             for mode in modes:
                 if progress is not None:

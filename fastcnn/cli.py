@@ -503,11 +503,14 @@ def _bench_in_children(args, argv: Sequence[str]) -> Dict[str, Dict[str, Any]]:
             for name in sorted(os.listdir(out)):
                 if name.endswith(".json"):
                     with open(os.path.join(out, name)) as f:
-                        per_op.setdefault(name[:-5], []).append(json.load(f))
+                        record = json.load(f)
+                    per_op.setdefault(record.get("settings", {}).get("op", name[:-5]), []).append(record)
     return {op: merge_records(records) for op, records in per_op.items()}
 
 
-def _bench_here(args) -> Dict[str, Dict[str, Any]]:
+def _bench_here(args, on_record=None) -> Dict[str, Dict[str, Any]]:
+    """Runs the benchmarks in this process; on_record(name, record) as soon as an op is done, so a
+    crash in a later op (a first run on a new GPU) keeps the earlier ones."""
     import torch
 
     from . import bench_cases, benchmarking
@@ -542,6 +545,8 @@ def _bench_here(args) -> Dict[str, Dict[str, Any]]:
             "baseline": benchmarking.BASELINE,
         }
         records[name] = benchmarking.run_record(rows, device=device, dtype=dtype, settings=settings)
+        if on_record is not None:
+            on_record(name, records[name])
     if not records:
         raise SystemExit(f"fastcnn bench: no case of {', '.join(ops)} matches --cases {' '.join(args.cases or [])}")
     return records
@@ -558,36 +563,48 @@ def cmd_bench(args, argv: Sequence[str]) -> int:
         args.min_time = 0.005 if args.quick else 0.02
     if args.max_time is None:
         args.max_time = 5.0 if args.quick else 60.0
-    if args.allocator == "current":
-        records = _bench_here(args)
-    else:
-        records = _bench_in_children(args, argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.allocator != "current" and torch.device(device).type != "cpu":
+        print("fastcnn bench: --allocator sets glibc's host malloc, which GPU outputs never use; ignored",
+              file=sys.stderr)
+        args.allocator = "current"
     os.makedirs(args.out, exist_ok=True)
-    for name, record in records.items():
+    written: Dict[str, List[str]] = {}
+
+    def write(name, record):
         record.setdefault("settings", {})["command"] = "fastcnn " + " ".join(argv)
-        base = os.path.join(args.out, name)
+        # fp32 keeps <op>.*; other dtypes get their own files, so one folder holds both.
+        stem = name if args.dtype == "float32" else f"{name}-{args.dtype}"
+        base = os.path.join(args.out, stem)
         with open(base + ".json", "w") as f:
             json.dump(record, f, indent=1, default=str)
             f.write("\n")
-        markdown = render_markdown(record)
         with open(base + ".md", "w") as f:
-            f.write(markdown)
-        written = [base + ".json", base + ".md"]
+            f.write(render_markdown(record))
+        written[name] = [base + ".json", base + ".md"]
         if not args.no_plot:
             png = plot(record, base + ".png")
             if png:
-                written.append(png)
+                written[name].append(png)
             else:
                 print("fastcnn bench: matplotlib is not installed; no chart", file=sys.stderr)
+
+    if args.allocator == "current":
+        records = _bench_here(args, on_record=write)
+    else:
+        records = _bench_in_children(args, argv)
+        for name, record in records.items():
+            write(name, record)
+    for name, record in records.items():
         if not args.quiet:
             if args.markdown:
-                print(markdown)
+                print(render_markdown(record))
             else:
                 print(render_table(record["results"]))
                 summaries = render_summaries(record["results"])
                 if summaries:
                     print(summaries)
-            print("\nwrote " + ", ".join(written))
+            print("\nwrote " + ", ".join(written[name]))
         if args.quiet:
             continue
         loads = [run["environment"].get("loadavg") for run in record["runs"]]

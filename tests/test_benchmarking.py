@@ -482,3 +482,50 @@ def test_cli_bench_grid_sample_and_all_ops(tmp_path, capsys, restore_threads, gr
     capsys.readouterr()
     assert sorted(p.name for p in both.iterdir()) == ["depthwise.json", "depthwise.md", "grid_sample.json",
                                                        "grid_sample.md"]
+
+
+def test_reference_of_a_half_precision_run_starts_from_its_rounded_inputs():
+    # Else fp16 theta alone moves a sample by a tenth of a pixel and the error column measures
+    # the rounding of the inputs for every provider, PyTorch included.
+    shape = grid_sample.Shape("t", 2, 3, 9, 7)
+    args, grad = benchmarking.case_inputs(grid_sample, shape)
+    ref = benchmarking.reference_outputs(grid_sample, args, grad, with_grad=True, device="cpu", dtype=torch.float64,
+                                         input_dtype=torch.float16)
+    rounded = [a.half() if isinstance(a, torch.Tensor) else a for a in args]
+    expected = benchmarking.reference_outputs(grid_sample, rounded, grad.half(), with_grad=True, device="cpu",
+                                              dtype=torch.float64)
+    assert ref.keys() == expected.keys()
+    assert all(torch.equal(ref[k], expected[k]) for k in ref)
+    plain = benchmarking.reference_outputs(grid_sample, args, grad, with_grad=False, device="cpu", dtype=torch.float64)
+    assert not torch.equal(plain["output"], ref["output"])
+
+
+def test_cli_bench_keeps_each_op_as_it_finishes_and_names_other_dtypes(tmp_path, capsys, monkeypatch, restore_threads):
+    # A crash in a later op (a first run on a new GPU) must not lose the earlier ones' files.
+    out = tmp_path / "out"
+    real = benchmarking.run_op
+
+    def run_op(op, **kwargs):
+        if op is grid_sample:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(op, **kwargs)
+
+    monkeypatch.setattr(benchmarking, "run_op", run_op)
+    argv = ["bench", "--device", "cpu", "--cases", "mbv1-dw13", "mnist28", "--batch", "1", "--rounds", "2",
+            "--min-time", "0.0005", "--threads", "1", "--providers", "torch", "--layouts", "nchw", "--modes",
+            "forward", "--dtype", "bfloat16", "--no-plot", "--out", str(out)]
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        cli.main(argv)
+    record = json.loads((out / "depthwise-bfloat16.json").read_text())
+    assert record["settings"]["dtype"] == "bfloat16" and len(record["results"]) == 1
+    assert not (out / "depthwise.json").exists() and not (out / "grid_sample-bfloat16.json").exists()
+
+
+def test_allocator_setting_is_ignored_off_the_cpu(monkeypatch, tmp_path, capsys):
+    seen = {}
+    monkeypatch.setattr(cli, "_bench_here", lambda args, on_record=None: seen.setdefault("args", args) and {})
+    monkeypatch.setattr(cli, "_bench_in_children", lambda args, argv: pytest.fail("children on a GPU run"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cli.main(["bench", "--allocator", "both", "--no-plot", "--quiet", "--out", str(tmp_path)]) == 0
+    assert seen["args"].allocator == "current"
+    assert "ignored" in capsys.readouterr().err
