@@ -649,8 +649,20 @@ def _check_call(op, fn, prep, ref, mode, device, context) -> Dict[str, Any]:
                 info["errors"] = errors(op, out, prep, ref, mode)
                 info["rel_error"] = relative_error(info["errors"], ref)
     except Exception as exc:  # noqa: BLE001 - a failing provider is a result, not a crash
+        if device.type == "cuda" and _context_lost(exc):
+            raise  # every later call fails too, and the fault may be an earlier call's
         info["error"] = _describe(exc)
     return info
+
+
+# CUDA errors that leave the context unusable (cudaGetLastError cannot clear them).
+_STICKY_CUDA_ERRORS = ("illegal memory access", "misaligned address", "device-side assert", "illegal instruction",
+                       "unspecified launch failure", "an illegal")
+
+
+def _context_lost(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(marker in text for marker in _STICKY_CUDA_ERRORS)
 
 
 def run_op(

@@ -529,3 +529,36 @@ def test_allocator_setting_is_ignored_off_the_cpu(monkeypatch, tmp_path, capsys)
     assert cli.main(["bench", "--allocator", "both", "--no-plot", "--quiet", "--out", str(tmp_path)]) == 0
     assert seen["args"].allocator == "current"
     assert "ignored" in capsys.readouterr().err
+
+
+def test_a_lost_cuda_context_stops_the_run_but_an_ordinary_failure_does_not():
+    class Device:
+        type = "cuda"
+
+    def boom(message):
+        def fn():
+            raise RuntimeError(message)
+
+        return fn
+
+    prep = benchmarking.Prepared([], [], None)
+    info = benchmarking._check_call(None, boom("CUDA error: invalid argument"), prep, None, "forward",
+                                    torch.device("cpu"), None)
+    assert "invalid argument" in info["error"]
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        benchmarking._check_call(None, boom("CUDA error: an illegal memory access was encountered"), prep, None,
+                                 "forward", Device(), lambda: _no_sync())
+    assert benchmarking._context_lost(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not benchmarking._context_lost(RuntimeError("CUDA error: out of memory"))
+
+
+def _no_sync():
+    """Stands in for a provider context on the fake CUDA device: turns off the synchronisation."""
+    import contextlib
+    import unittest.mock
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(unittest.mock.patch.object(torch.cuda, "synchronize", lambda: None))
+    stack.enter_context(unittest.mock.patch.object(torch.cuda, "reset_peak_memory_stats", lambda: None))
+    stack.enter_context(unittest.mock.patch.object(torch.cuda, "memory_allocated", lambda: 0))
+    return stack
