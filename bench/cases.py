@@ -16,12 +16,12 @@ def parametrize(metafunc, op):
     config = metafunc.config
     device = torch.device(config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     shapes = op.shapes(quick=config.getoption("--bench-quick"))
-    names = [p.name for p in op.providers(device, compile=config.getoption("bench_compile"))]
+    specs = op.providers(device, compile=config.getoption("bench_compile"))
     params, ids = [], []
     for shape in shapes:
         for layout in op.LAYOUTS:
             for mode in op.MODES:
-                for name in names:
+                for name in [p.name for p in specs if p.runs(mode)]:
                     params.append((shape, layout, mode, name))
                     ids.append(f"{shape.name}-N{shape.n}-{layout}-{mode}-{name}")
     metafunc.parametrize(("shape", "layout", "mode", "provider"), params, ids=ids)

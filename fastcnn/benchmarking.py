@@ -116,6 +116,10 @@ class ProviderSpec:
     name: str
     fn: Callable[..., Any]
     context: Optional[Callable[[], ContextManager]] = None
+    modes: Optional[Sequence[str]] = None  # the modes it is raced in; None: every mode
+
+    def runs(self, mode: str) -> bool:
+        return self.modes is None or mode in self.modes
 
 
 def fastcnn_backends(device) -> List[str]:
@@ -705,7 +709,10 @@ def run_op(
                 if progress is not None:
                     progress(f"{op.OP} {shape.name} {shape.label} {layout} {mode}")
                 prep = prepare(args, grad_output, mode, layout, device, dtype)
-                offered = [p for p in op.providers(device, compile=compile) if providers is None or p.name in providers]
+                offered = [
+                    p for p in op.providers(device, compile=compile)
+                    if (providers is None or p.name in providers) and p.runs(mode)
+                ]
                 timed: List[Provider] = []
                 checks: Dict[str, Dict[str, Any]] = {}
                 for spec in offered:

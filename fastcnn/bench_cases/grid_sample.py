@@ -137,8 +137,10 @@ def providers(device, compile: bool = False):
     specs = []
     for name in benchmarking.fastcnn_backends(device):
         specs.append(benchmarking.ProviderSpec(f"fastcnn[{name}]", _fastcnn, benchmarking.fastcnn_context(name)))
+        # Determinism changes only the backward: a forward run of it would repeat fastcnn[<name>].
         specs.append(benchmarking.ProviderSpec(
-            f"fastcnn[{name},deterministic]", _fastcnn, benchmarking.fastcnn_context(name, deterministic=True)))
+            f"fastcnn[{name},deterministic]", _fastcnn, benchmarking.fastcnn_context(name, deterministic=True),
+            modes=benchmarking.BACKWARD_MODES))
     specs.append(benchmarking.ProviderSpec(benchmarking.BASELINE, _torch))
     if compile:
         # A fresh compile per case: dynamo's recompile limit is per code object, and hitting it
