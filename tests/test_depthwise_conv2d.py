@@ -259,20 +259,36 @@ def test_fp32_planes_do_not_depend_on_threads(stride):
             assert torch.equal(a, e)
 
 
+LOW_PRECISION_CASES = {
+    # N, C, H, W, kernel, stride, (top, bottom, left, right), dilation
+    "stride2_k5": (2, 24, 15, 13, 5, 2, (2, 2, 2, 2), 1),
+    # unit stride: the input gradient is a forward over grad_output, into fp32 planes first
+    # (a bf16 run once wrote them through an empty buffer)
+    "dilation2": (2, 16, 20, 22, 3, 1, (2, 2, 2, 2), 2),
+    # padding past (kernel - 1) * dilation: outputs that read only padding still feed grad_bias
+    "asymmetric_padding": (2, 16, 20, 22, 3, 1, (0, 2, 1, 3), 1),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_low_precision_error_within_twice_pytorch(dtype, layout):
+@pytest.mark.parametrize("case", list(LOW_PRECISION_CASES))
+def test_low_precision_error_within_twice_pytorch(case, dtype, layout):
     """Our error against the fp64 truth is at most 2x PyTorch's own error in that dtype."""
     torch.manual_seed(0)
-    x, weight, b = _random_case(2, 24, 15, 13, 5, 5, dtype, layout)
-    grad = torch.randn(2, 24, 8, 7, dtype=dtype)
-    args = (2, 2, 1)
-    ours = [depthwise_conv2d(x, weight, b, *args)]
-    ours += _grads(ours[0], (x, weight, b), grad)
-    theirs = [F.conv2d(x, weight, b, 2, 2, 1, groups=24)]
+    n, c, h, w, k, stride, (top, bottom, left, right), dilation = LOW_PRECISION_CASES[case]
+    x, weight, b = _random_case(n, c, h, w, k, k, dtype, layout)
+
+    def reference(x, weight, b):  # F.conv2d pads symmetrically: pad first
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, b, stride, 0, dilation, groups=c)
+
+    theirs = [reference(x, weight, b)]
+    grad = torch.randn(theirs[0].shape, dtype=dtype)
     theirs += _grads(theirs[0], (x, weight, b), grad)
+    ours = [depthwise_conv2d(x, weight, b, stride, (top, bottom, left, right), dilation)]
+    ours += _grads(ours[0], (x, weight, b), grad)
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, b))
-    truth = [F.conv2d(x64, w64, b64, 2, 2, 1, groups=24)]
+    truth = [reference(x64, w64, b64)]
     truth += _grads(truth[0], (x64, w64, b64), grad.double())
     for name, o, t, e in zip(("output", "grad_input", "grad_weight", "grad_bias"), ours, theirs, truth):
         assert o.dtype == dtype

@@ -182,7 +182,7 @@ SHAPES = {
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_shapes(name, dtype, layout):
     N, C, H, W, kH, kW, stride, padding, dilation = SHAPES[name]

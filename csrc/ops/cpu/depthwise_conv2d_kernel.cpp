@@ -1380,7 +1380,9 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
   scalar_t* gw = want_weight ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* gb = want_bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
   const auto gi_strides = want_input ? grad_input.strides() : at::IntArrayRef();
-  const bool gi_dense = want_input && gi_strides[3] == 1 && gi_strides[2] == g.in_w;
+  // grad_input planes the kernels can write directly: dense, and already of the compute type
+  // (fp16/bf16 planes are computed in fp32 into a buffer and converted).
+  const bool gi_dense = want_input && gi_strides[3] == 1 && gi_strides[2] == g.in_w && std::is_same_v<scalar_t, T>;
   // With unit strides the input gradient is a forward convolution of grad_output, zero-padded
   // by the window below, with the kernel flipped: it then runs on the fast forward kernels.
   const bool transpose_as_forward = g.stride_h == 1 && g.stride_w == 1;
@@ -1391,8 +1393,11 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
   const PlaneShape transposed =
       make_plane_shape(g.in_h, g.in_w, window_w, g.kernel_h, g.kernel_w, 1, 1, g.dilation_h, g.dilation_w);
   // grad_output's rows inside the transposed window, when the window holds all of them: the
-  // weight gradient then reads them there instead of from a second copy.
-  const bool go_in_window = transpose_as_forward && want_input && window_top >= 0 && window_left >= 0;
+  // weight and bias gradients then read them there instead of from a second copy. Padding past
+  // (kernel - 1) * dilation at the bottom or right makes outputs that read only padding: the
+  // window crops their grad_output (no input gradient comes from it), the bias gradient needs it.
+  const bool go_in_window = transpose_as_forward && want_input && window_top >= 0 && window_left >= 0 &&
+                            window_top + g.out_h <= window_h && window_left + g.out_w <= window_w;
 
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (go_strides[3] == 1 && (!want_weight || in_strides[3] == 1) && (!want_input || gi_strides[3] == 1) &&
