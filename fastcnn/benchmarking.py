@@ -661,7 +661,7 @@ def _check_call(op, fn, prep, ref, mode, device, context) -> Dict[str, Any]:
 
 # CUDA errors that leave the context unusable (cudaGetLastError cannot clear them).
 _STICKY_CUDA_ERRORS = ("illegal memory access", "misaligned address", "device-side assert", "illegal instruction",
-                       "unspecified launch failure", "an illegal")
+                       "unspecified launch failure")
 
 
 def _context_lost(exc: BaseException) -> bool:
