@@ -21,6 +21,8 @@ import torch._prims_common
 import triton
 import triton.language as tl
 
+from ._launch import grid as _grid, on_tensor_device
+
 # Test seam: the interpreted tests replace this with a NaN-filling allocator so that an element a
 # kernel forgets to write fails the comparison instead of passing by luck.
 _empty = torch.empty
@@ -289,6 +291,11 @@ def _acc_f64(dtype):
     return dtype == torch.float64
 
 
+_OP = "depthwise_conv2d"
+_TILE_AXES = ("batch x pixel tiles", "channel blocks")
+
+
+@on_tensor_device
 def forward(input, weight, bias, stride, padding, dilation):
     n, c, h, w = input.shape
     kh, kw = weight.shape[2], weight.shape[3]
@@ -303,7 +310,7 @@ def forward(input, weight, bias, stride, padding, dilation):
         return out
     channels_last = _channels_last(input)
     block_p, block_c = _blocks(c, ho * wo, channels_last)
-    grid = (n * triton.cdiv(ho * wo, block_p), triton.cdiv(c, block_c))
+    grid = _grid(n * triton.cdiv(ho * wo, block_p), triton.cdiv(c, block_c), op=_OP, axis_meaning=_TILE_AXES)
     torch.library.wrap_triton(_depthwise_conv2d_fwd_kernel)[grid](
         _readable(input, weight), weight, bias if bias is not None else weight, out,
         c, h, w, ho, wo,
@@ -318,6 +325,7 @@ def forward(input, weight, bias, stride, padding, dilation):
     return out
 
 
+@on_tensor_device
 def backward(grad_output, input, weight, stride, padding, dilation, output_mask):
     n, c, h, w = input.shape
     kh, kw = weight.shape[2], weight.shape[3]
@@ -335,7 +343,7 @@ def backward(grad_output, input, weight, stride, padding, dilation, output_mask)
                             memory_format=_memory_format(input))
         if grad_input.numel() > 0:
             block_p, block_c = _blocks(c, h * w, channels_last)
-            grid = (n * triton.cdiv(h * w, block_p), triton.cdiv(c, block_c))
+            grid = _grid(n * triton.cdiv(h * w, block_p), triton.cdiv(c, block_c), op=_OP, axis_meaning=_TILE_AXES)
             torch.library.wrap_triton(_depthwise_conv2d_grad_input_kernel)[grid](
                 grad_output, weight, grad_input,
                 c, h, w, ho, wo,
@@ -372,7 +380,8 @@ def backward(grad_output, input, weight, stride, padding, dilation, output_mask)
     part_w = _empty((splits, taps, c), dtype=acc_dtype, device=input.device) if need_weight else None
     part_b = _empty((splits, c), dtype=acc_dtype, device=input.device) if need_bias else None
     dummy = part_w if part_w is not None else part_b
-    torch.library.wrap_triton(_depthwise_conv2d_grad_weight_partial_kernel)[(channel_blocks, taps, splits)](
+    partial_grid = _grid(channel_blocks, taps, splits, op=_OP, axis_meaning=("channel blocks", "kernel taps", "splits"))
+    torch.library.wrap_triton(_depthwise_conv2d_grad_weight_partial_kernel)[partial_grid](
         grad_output, _readable(input, weight),
         part_w if part_w is not None else dummy, part_b if part_b is not None else dummy,
         c, h, w, ho, wo, tiles, units, units_per_program,

@@ -52,6 +52,8 @@ import torch._prims_common
 import triton
 import triton.language as tl
 
+from ._launch import grid as _launch_grid, on_tensor_device
+
 # Test seam: the interpreted tests replace this with a NaN-filling allocator so that an element a
 # kernel forgets to write fails the comparison instead of passing by luck. Buffers that must start
 # at zero (the atomic grad_input accumulator) use torch.zeros directly.
@@ -587,6 +589,11 @@ def _modes(interpolation, padding_mode, align_corners):
     return dict(INTERPOLATION=interpolation, PADDING=padding_mode, ALIGN=bool(align_corners))
 
 
+_OP = "grid_sample"
+_TILE_AXES = ("batch x pixel tiles", "channel blocks")
+
+
+@on_tensor_device
 def forward(input, grid, theta, out_hw, interpolation, padding_mode, align_corners):
     n, c, h, w = input.shape
     ho, wo = out_hw
@@ -597,7 +604,8 @@ def forward(input, grid, theta, out_hw, interpolation, padding_mode, align_corne
         return out
     channels_last = _channels_last(input)
     block_p, block_c = _blocks(c, ho * wo, channels_last)
-    launch_grid = (n * triton.cdiv(ho * wo, block_p), triton.cdiv(c, block_c))
+    launch_grid = _launch_grid(n * triton.cdiv(ho * wo, block_p), triton.cdiv(c, block_c), op=_OP,
+                               axis_meaning=_TILE_AXES)
     torch.library.wrap_triton(_grid_sample_fwd_kernel)[launch_grid](
         input, coords, out,
         c, h, w, ho, wo,
@@ -611,6 +619,7 @@ def forward(input, grid, theta, out_hw, interpolation, padding_mode, align_corne
     return out
 
 
+@on_tensor_device
 def backward(grad_output, input, grid, theta, interpolation, padding_mode, align_corners, output_mask,
              deterministic):
     n, c, h, w = input.shape
@@ -668,7 +677,8 @@ def backward(grad_output, input, grid, theta, interpolation, padding_mode, align
     # Pointers a configuration does not use get a stand-in tensor (never dereferenced).
     stand_in = input
     gi_strides = gi_buffer.stride() if gi_buffer is not None else input.stride()
-    torch.library.wrap_triton(_grid_sample_bwd_kernel)[(n * tiles, splits)](
+    backward_grid = _launch_grid(n * tiles, splits, op=_OP, axis_meaning=_TILE_AXES)
+    torch.library.wrap_triton(_grid_sample_bwd_kernel)[backward_grid](
         grad_output, input, coords,
         gi_buffer if atomic else stand_in,
         grad_coords if (coord_grad and not affine) else stand_in,
@@ -694,7 +704,9 @@ def backward(grad_output, input, grid, theta, interpolation, padding_mode, align
         sorted_keys, perm = torch.sort(key_buf, stable=True)
         offsets = torch.searchsorted(sorted_keys, torch.arange(nhw + 1, dtype=key_dtype, device=input.device))
         block_q, block_cg = _blocks(c, nhw, channels_last)
-        torch.library.wrap_triton(_grid_sample_gather_kernel)[(triton.cdiv(nhw, block_q), triton.cdiv(c, block_cg))](
+        gather_grid = _launch_grid(triton.cdiv(nhw, block_q), triton.cdiv(c, block_cg), op=_OP,
+                                   axis_meaning=("input pixel tiles", "channel blocks"))
+        torch.library.wrap_triton(_grid_sample_gather_kernel)[gather_grid](
             grad_output, offsets, perm, wt_buf, gi_buffer,
             c, h, w, wo, nhw, ho * wo,
             *grad_output.stride(),

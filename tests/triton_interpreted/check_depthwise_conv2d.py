@@ -9,7 +9,6 @@ Every output the launchers allocate is NaN-filled first (through the kernels mod
 seam), so an element a kernel fails to write shows up as a mismatch.
 """
 import contextlib
-import importlib.util
 import math
 import os
 import sys
@@ -19,20 +18,14 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import working_tree_kernels
+
+REPO = working_tree_kernels.REPO
 
 
 def load_kernels():
-    """The working tree's kernels/depthwise_conv2d.py, imported by path so the check does not
-    depend on fastcnn being installed or its C++ extension being built."""
-    name = "_fastcnn_kernels_depthwise_conv2d_under_test"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "kernels", "depthwise_conv2d.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The working tree's kernels/depthwise_conv2d.py (see working_tree_kernels)."""
+    return working_tree_kernels.load("depthwise_conv2d")
 
 
 def _nan_empty(*args, **kwargs):

@@ -21,7 +21,6 @@ any huge value. The reference therefore sees those pixels with a finite stand-in
 PyTorch's CPU kernel itself would return NaN there.
 """
 import contextlib
-import importlib.util
 import math
 import os
 import sys
@@ -32,22 +31,16 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import working_tree_kernels
+
+REPO = working_tree_kernels.REPO
 MODES = ("bilinear", "nearest")
 PADDINGS = ("zeros", "border", "reflection")
 
 
 def load_kernels():
-    """The working tree's kernels/grid_sample.py, imported by path so the check does not depend
-    on fastcnn being installed or its C++ extension being built."""
-    name = "_fastcnn_kernels_grid_sample_under_test"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "kernels", "grid_sample.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The working tree's kernels/grid_sample.py (see working_tree_kernels)."""
+    return working_tree_kernels.load("grid_sample")
 
 
 def _poison_empty(*args, **kwargs):
