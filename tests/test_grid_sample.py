@@ -197,6 +197,41 @@ def test_wide_images_fp32(mode, padding, align, layout, batch, channels, monkeyp
         torch.testing.assert_close(o, p, rtol=0, atol=2e-5 * scale, msg=name)
 
 
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("scale", [3.5, 1.6, 1.0, 0.8, 0.62, 0.5, 0.4, 0.2])
+def test_affine_backward_by_scatters_fp32(scale, align, channels, monkeypatch):
+    """The AVX-512 backward with grad_input of an affine map, 1-2 channels, zeros padding:
+    grad_input is added by pair gathers and scatters, 16 output pixels that share no tap at a time
+    (pixels k apart in both directions, k from the map's smaller singular value; maps that shrink
+    by more than 6 go to the AVX2 loop). A scatter of two pixels onto one element would lose a
+    pixel's whole contribution. Scales from 3.5 (k = 1) to 0.2 (none), rotated and sheared, over
+    output maps of 2 x 2 tiles (32 pixels) and tails: against the AVX2 loop and the fp64 truth."""
+    g = torch.Generator().manual_seed(int(100 * scale) + channels)
+    n, h, w, ho, wo = 3, 45, 52, 37, 41
+    x = torch.randn(n, channels, h, w, generator=g)
+    angle = torch.tensor([0.3, -0.5, 1.2])
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = scale * torch.cos(angle), -scale * torch.sin(angle) + 0.1 * scale
+    theta[:, 1, 0], theta[:, 1, 1] = scale * torch.sin(angle), scale * torch.cos(angle)
+    theta[:, :, 2] = torch.tensor([[0.1, -0.2], [0.3, 0.05], [-0.25, -0.1]])
+    size = (n, channels, ho, wo)
+    pixel = F.affine_grid(theta.double(), size, align_corners=align)
+    grad = torch.randn(size, generator=g).masked_fill(_near_integer(pixel, w, h, align)[:, None], 0.0)
+    runs = {}
+    for isa in ("1", "0"):
+        monkeypatch.setenv("FASTCNN_AVX512", isa)
+        a, t = x.clone().requires_grad_(), theta.clone().requires_grad_()
+        runs[isa] = torch.autograd.grad(affine_grid_sample(a, t, size, "bilinear", "zeros", align), (a, t), grad)
+    a, t = x.double().requires_grad_(), theta.double().requires_grad_()
+    truth = torch.autograd.grad(
+        fastcnn.reference.affine_grid_sample(a, t, size, "bilinear", "zeros", align), (a, t), grad.double())
+    for name, ours, loop, exact in zip(("grad_input", "grad_theta"), runs["1"], runs["0"], truth):
+        scale_of = max(1.0, exact.abs().max().item())
+        torch.testing.assert_close(ours, loop, rtol=0, atol=2e-5 * scale_of, msg=name)
+        torch.testing.assert_close(ours.double(), exact, rtol=0, atol=2e-5 * scale_of, msg=name)
+
+
 def _near_integer(pixel_grid, w, h, align):
     """Output pixels whose fp64 source lies within 1e-3 pixel of an integer (see above)."""
     extent = torch.tensor([w, h], dtype=torch.float64)

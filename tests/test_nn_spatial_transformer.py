@@ -77,8 +77,11 @@ def test_affine_grid_sample_matches_torch(shape, mode, padding_mode, align_corne
 @pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
 def test_gradcheck_fp64(padding_mode, align_corners):
     layer = AffineGridSample((4, 3), padding_mode=padding_mode, align_corners=align_corners)
-    x = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
-    theta = random_theta(2).requires_grad_()
+    # Seeded: gradcheck's finite differences fail where a sample sits within eps of a kink (a pixel
+    # edge, or border padding's clamp), which some draws of the global generator hit.
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 2, 5, 4, dtype=torch.float64, generator=g).requires_grad_()
+    theta = random_theta(2, generator=g).requires_grad_()
     expected = reference(x, theta, (2, 2, 4, 3), "bilinear", padding_mode, align_corners)
     torch.testing.assert_close(layer(x, theta), expected, **TOL[torch.float64])
     assert torch.autograd.gradcheck(layer, (x, theta), fast_mode=True)

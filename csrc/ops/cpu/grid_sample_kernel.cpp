@@ -1131,6 +1131,200 @@ void coordinate_grad_image_nchw(const float* image, const float* grad_output, co
   }
 }
 
+// grad_input (and theta's gradient) of an affine map over an NCHW image of few channels (see
+// kLatticeChannels), bilinear, zeros padding, 16 output pixels at a time: each pixel's two grad_input pairs
+// (nw, ne and sw, se) are gathered, added to and scattered back as 64-bit elements. A scatter keeps
+// one of two additions to the same element, so no two pixels of a vector may share a tap: a vector
+// takes output pixels (i, j) of one class i = i0, j = j0 (mod k), class after class. Two of them
+// are k or more output pixels apart, so at least sigma * k input pixels apart (sigma: the map's
+// smaller singular value, input pixels per output pixel), which with k >= 2.9 / sigma is 2.05 or
+// more along x or y (the larger of |dx|, |dy| is at least the distance / sqrt(2)): their 2 x 2 taps
+// are disjoint, with 0.05 to spare for the fp32 rounding of the coordinates. Against the AVX2 loop
+// (taps 8 at a time, then pixel by pixel with scalar pairs), backward with both gradients, 1 and
+// 2 threads: 64x1x28x28 1.17-1.18x, 32x1x64x64 1.14-1.16x, 8x1x224x224 1.09x, 32x2x64x64 1.34x;
+// grad_input alone 0.98-1.31x. Maps that shrink the input more than that (k > 6) stay there.
+constexpr int kMaxLatticeStride = 6;
+
+// Per-thread tables: each stride's pixel order, and one image's row constants.
+struct LatticeScratch {
+  std::vector<int32_t> order[kMaxLatticeStride + 1];  // (i << 16 | j), classes padded with -1 to 16
+  std::vector<float> cx, cy;                          // the affine map's row constants (AffineRow)
+};
+
+// Tiles of kLatticeTile x kLatticeTile output pixels, every class of one tile before the next: the
+// input and grad_input a tile reaches stay in L1 while its k * k classes visit them (all classes
+// of a whole 224 x 224 image, 3 channels, cost 1.1x the scalar loop's time).
+constexpr int64_t kLatticeTile = 32;
+
+inline const std::vector<int32_t>& lattice_order(LatticeScratch& scratch, int k, int64_t out_h, int64_t out_w) {
+  std::vector<int32_t>& order = scratch.order[k];
+  if (!order.empty()) return order;
+  for (int64_t ti = 0; ti < out_h; ti += kLatticeTile) {
+    for (int64_t tj = 0; tj < out_w; tj += kLatticeTile) {
+      const int64_t i_end = std::min(out_h, ti + kLatticeTile), j_end = std::min(out_w, tj + kLatticeTile);
+      for (int i0 = 0; i0 < k; ++i0) {
+        for (int j0 = 0; j0 < k; ++j0) {
+          for (int64_t i = ti + i0; i < i_end; i += k)
+            for (int64_t j = tj + j0; j < j_end; j += k) order.push_back(static_cast<int32_t>(i << 16 | j));
+          while (order.size() % 16) order.push_back(-1);
+        }
+      }
+    }
+  }
+  return order;
+}
+
+// The lattice stride for image n's map, 0 when none up to kMaxLatticeStride keeps the taps apart.
+inline int lattice_stride(const AffineSource<float>& source, const Geometry& g, int64_t n) {
+  if (g.out_h < 2 || g.out_w < 2) return 0;
+  const float* t = source.theta + n * 6;
+  const double sx = g.align_corners ? (g.in_w - 1) / 2.0 : g.in_w / 2.0;
+  const double sy = g.align_corners ? (g.in_h - 1) / 2.0 : g.in_h / 2.0;
+  const double step_x = (double(source.base_x[g.out_w - 1]) - source.base_x[0]) / double(g.out_w - 1);
+  const double step_y = (double(source.base_y[g.out_h - 1]) - source.base_y[0]) / double(g.out_h - 1);
+  // Input pixels per output column (a, c) and per output row (b, d).
+  const double a = t[0] * sx * step_x, b = t[1] * sx * step_y, c = t[3] * sy * step_x, d = t[4] * sy * step_y;
+  const double squares = a * a + b * b + c * c + d * d, det = std::fabs(a * d - b * c);
+  // sigma_min = det / sigma_max, with sigma_max +- sigma_min = sqrt(squares +- 2 det).
+  const double sigma = 2 * det / (std::sqrt(squares + 2 * det) + std::sqrt(std::max(0.0, squares - 2 * det)));
+  if (!(sigma * kMaxLatticeStride >= 2.9)) return 0;  // also NaN and infinite theta
+  return std::max(1, static_cast<int>(std::ceil(2.9 / sigma)));
+}
+
+// Whether the fp32 coordinates of the map (x = ax * base_x + cx[row], y likewise) are within 0.01
+// pixel of the exact ones wherever a tap is inside: |ax|, |ay| <= 1e4 (base_x's steps are within
+// 2.4e-7 of uniform), |cx|, |cy| <= 1e5 (each rounded to 6e-3) and inside pixels < 2^15 (the fma's
+// rounding). Maps beyond that are no STN's; they keep the scalar loop.
+inline bool lattice_coordinates_exact(float ax, float ay, const std::vector<float>& cx, const std::vector<float>& cy,
+                                      const Geometry& g) {
+  if (!(std::fabs(ax) <= 1e4f && std::fabs(ay) <= 1e4f) || g.in_h >= (1 << 15) || g.in_w >= (1 << 15)) return false;
+  for (size_t i = 0; i < cx.size(); ++i)
+    if (!(std::fabs(cx[i]) <= 1e5f && std::fabs(cy[i]) <= 1e5f)) return false;
+  return true;
+}
+
+// grad_input += the weights times gout at taps (offset, offset + 1) of a row, where inside:
+// pairs where both are, single elements where one is. No two lanes share an element.
+inline void add_tap_pair(float* plane, __m512i offset, __mmask16 left_in, __mmask16 right_in, __m512 gout,
+                         __m512 w_left, __m512 w_right, __m512 w_lo, __m512 w_hi) {
+  const __m512i dup_lo = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i dup_hi = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+  const __mmask16 both = left_in & right_in;
+  if (both) {
+    const __m256i lo = _mm512_castsi512_si256(offset), hi = _mm512_extracti64x4_epi64(offset, 1);
+    const __mmask8 both_lo = static_cast<__mmask8>(both), both_hi = static_cast<__mmask8>(both >> 8);
+    const __m512 old_lo = _mm512_castpd_ps(_mm512_mask_i32gather_pd(_mm512_setzero_pd(), both_lo, lo, plane, 4));
+    const __m512 old_hi = _mm512_castpd_ps(_mm512_mask_i32gather_pd(_mm512_setzero_pd(), both_hi, hi, plane, 4));
+    const __m512 new_lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(dup_lo, gout), w_lo, old_lo);
+    const __m512 new_hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(dup_hi, gout), w_hi, old_hi);
+    _mm512_mask_i32scatter_pd(plane, both_lo, lo, _mm512_castps_pd(new_lo), 4);
+    _mm512_mask_i32scatter_pd(plane, both_hi, hi, _mm512_castps_pd(new_hi), 4);
+  }
+  const __mmask16 left_only = left_in & ~right_in, right_only = right_in & ~left_in;
+  if (left_only) {
+    const __m512 old = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), left_only, offset, plane, 4);
+    _mm512_mask_i32scatter_ps(plane, left_only, offset, _mm512_fmadd_ps(gout, w_left, old), 4);
+  }
+  if (right_only) {
+    const __m512i next = _mm512_add_epi32(offset, _mm512_set1_epi32(1));
+    const __m512 old = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), right_only, next, plane, 4);
+    _mm512_mask_i32scatter_ps(plane, right_only, next, _mm512_fmadd_ps(gout, w_right, old), 4);
+  }
+}
+
+// Image n's grad_input (gin, zeroed) and, with `coords`, theta's six sums (ThetaSink's order:
+// dx * base_x, dx * base_y, dx, then dy's) added to sums. False, nothing done, when the map's
+// lattice stride is out of range.
+bool backward_affine_image_lattice(const float* image, const float* grad_output, float* gin,
+                                   const AffineSource<float>& source, const Geometry& g, int64_t n, bool coords,
+                                   LatticeScratch& scratch, double sums[6]) {
+  const int stride = lattice_stride(source, g, n);
+  if (stride == 0) return false;
+  scratch.cx.resize(g.out_h);
+  scratch.cy.resize(g.out_h);
+  AffineRow map{};
+  for (int64_t oy = 0; oy < g.out_h; ++oy) {
+    map = source.pixel_row(n, oy, g.in_h, g.in_w, g.align_corners);
+    scratch.cx[oy] = map.cx;
+    scratch.cy[oy] = map.cy;
+  }
+  if (!lattice_coordinates_exact(map.ax, map.ay, scratch.cx, scratch.cy, g)) return false;
+  const std::vector<int32_t>& order = lattice_order(scratch, stride, g.out_h, g.out_w);
+  const TapsConstants k(g);
+  const int64_t in_hw = g.in_h * g.in_w, out_hw = g.out_h * g.out_w;
+  const __m512 ax = _mm512_set1_ps(map.ax), ay = _mm512_set1_ps(map.ay), zero = _mm512_setzero_ps();
+  const __m512i pair_low = _mm512_set1_epi32(-1), pair_high = _mm512_set1_epi32(static_cast<int32_t>(in_hw - 1));
+  const __m512i even_pairs = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i odd_pairs = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512i low16 = _mm512_set1_epi32(0xFFFF), out_w = _mm512_set1_epi32(static_cast<int32_t>(g.out_w));
+  const __m512i in_w = _mm512_set1_epi32(static_cast<int32_t>(g.in_w));
+  // Six fp32 lane sums, added into sums in double every kFlush vectors (a fixed order).
+  constexpr int64_t kFlush = 32;
+  __m512 acc[6];
+  auto flush = [&] {
+    alignas(64) float lanes[6][16];
+    for (int s = 0; s < 6; ++s) {
+      _mm512_store_ps(lanes[s], acc[s]);
+      acc[s] = zero;
+    }
+    for (int s = 0; s < 6; ++s)
+      for (int l = 0; l < 16; ++l) sums[s] += lanes[s][l];
+  };
+  for (int s = 0; s < 6; ++s) acc[s] = zero;
+  const int64_t vectors = static_cast<int64_t>(order.size()) / 16;
+  for (int64_t v = 0; v < vectors; ++v) {
+    const __m512i pixel = _mm512_loadu_si512(order.data() + 16 * v);
+    const __mmask16 live = _mm512_cmpge_epi32_mask(pixel, _mm512_setzero_si512());
+    const __m512i oy = _mm512_srai_epi32(pixel, 16), ox = _mm512_and_si512(pixel, low16);
+    const __m512 bx = _mm512_mask_i32gather_ps(zero, live, ox, source.base_x, 4);
+    const __m512 cx = _mm512_mask_i32gather_ps(zero, live, oy, scratch.cx.data(), 4);
+    const __m512 cy = _mm512_mask_i32gather_ps(zero, live, oy, scratch.cy.data(), 4);
+    // As with_row_taps: the same coordinates as the forward's.
+    const Taps16 t = taps16_pixels(_mm512_fmadd_ps(ax, bx, cx), _mm512_fmadd_ps(ay, bx, cy), k, live);
+    const __m512i out_index = _mm512_add_epi32(_mm512_mullo_epi32(oy, out_w), ox);
+    const __m512i south = _mm512_add_epi32(t.offset, in_w);
+    const __m512 north_lo = _mm512_permutex2var_ps(t.w_nw, even_pairs, t.w_ne);
+    const __m512 north_hi = _mm512_permutex2var_ps(t.w_nw, odd_pairs, t.w_ne);
+    const __m512 south_lo = _mm512_permutex2var_ps(t.w_sw, even_pairs, t.w_se);
+    const __m512 south_hi = _mm512_permutex2var_ps(t.w_sw, odd_pairs, t.w_se);
+    const __mmask16 north_safe = _mm512_cmpgt_epi32_mask(t.offset, pair_low) & _mm512_cmplt_epi32_mask(t.offset, pair_high);
+    const __mmask16 south_safe = _mm512_cmpgt_epi32_mask(south, pair_low) & _mm512_cmplt_epi32_mask(south, pair_high);
+    __m512 grad_x = zero, grad_y = zero;
+    for (int64_t c = 0; c < g.channels; ++c) {
+      const __m512 gout = _mm512_mask_i32gather_ps(zero, live, out_index, grad_output + c * out_hw, 4);
+      if (coords) {
+        const float* plane = image + c * in_hw;
+        __m512 top[2], bottom[2];  // nw, ne and sw, se; zero outside
+        gather_run<1>(plane, t.offset, t.nw, t.ne, north_safe, top);
+        gather_run<1>(plane, south, t.sw, t.se, south_safe, bottom);
+        const __m512 d_dx = _mm512_fmadd_ps(_mm512_sub_ps(top[1], top[0]), t.dy1,
+                                            _mm512_mul_ps(_mm512_sub_ps(bottom[1], bottom[0]), t.dy0));
+        const __m512 d_dy = _mm512_fmadd_ps(_mm512_sub_ps(bottom[0], top[0]), t.dx1,
+                                            _mm512_mul_ps(_mm512_sub_ps(bottom[1], top[1]), t.dx0));
+        grad_x = _mm512_fmadd_ps(gout, d_dx, grad_x);
+        grad_y = _mm512_fmadd_ps(gout, d_dy, grad_y);
+      }
+      float* gin_plane = gin + c * in_hw;
+      add_tap_pair(gin_plane, t.offset, t.nw, t.ne, gout, t.w_nw, t.w_ne, north_lo, north_hi);
+      add_tap_pair(gin_plane, south, t.sw, t.se, gout, t.w_sw, t.w_se, south_lo, south_hi);
+    }
+    if (coords) {
+      // Dead lanes: gout, bx and by are zero there.
+      const __m512 by = _mm512_mask_i32gather_ps(zero, live, oy, source.base_y, 4);
+      const __m512 dx = _mm512_mul_ps(grad_x, t.scale_x), dy = _mm512_mul_ps(grad_y, t.scale_y);
+      acc[0] = _mm512_fmadd_ps(dx, bx, acc[0]);
+      acc[1] = _mm512_fmadd_ps(dx, by, acc[1]);
+      acc[2] = _mm512_add_ps(dx, acc[2]);
+      acc[3] = _mm512_fmadd_ps(dy, bx, acc[3]);
+      acc[4] = _mm512_fmadd_ps(dy, by, acc[4]);
+      acc[5] = _mm512_add_ps(dy, acc[5]);
+      if ((v + 1) % kFlush == 0) flush();
+    }
+  }
+  if (coords) flush();
+  return true;
+}
+
 // The same for one chunk whose taps are in its arrays.
 void forward_chunk_gathers(const float* image, float* out, const Chunk<float>& ch, int len, const Geometry& g,
                            bool channels_last) {
@@ -1308,6 +1502,10 @@ void forward_chunk_transposed(const float* image, int64_t channels, float* out, 
 #pragma GCC pop_options
 
 constexpr int64_t kGatherChannels = 8;
+// Up to this many channels the backward with grad_input of an affine map runs
+// avx512::backward_affine_image_lattice (the scatters pay for themselves where the taps' arithmetic,
+// shared by the channels, is a large part: 3 channels measured 0.8-1.07x the AVX2 loop).
+constexpr int64_t kLatticeChannels = 2;
 
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f");
@@ -1701,6 +1899,10 @@ struct ThetaSink {
     sums[4] += sy * by;
     sums[5] += sy;
   }
+  // sums of one image in the order of `sums`, from avx512::backward_affine_image_lattice.
+  void add_image(const double image_sums[6]) {
+    for (int k = 0; k < 6; ++k) sums[k] += image_sums[k];
+  }
   void end(int64_t n) {
     for (int k = 0; k < 6; ++k) grad_theta[n * 6 + k] = static_cast<scalar_t>(sums[k]);
   }
@@ -1728,8 +1930,17 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
   const bool wide_channels = vector_taps == Taps::Avx512 && std::is_same_v<scalar_t, float> && C > kGatherChannels &&
                              (want_input || coords) && (g.in_h + 4) * (g.in_w + 4) * C < (int64_t(1) << 31);
   const bool transposed = wide_channels && !channels_last;
+  // grad_input of an affine map by conflict-free pair gathers and scatters, where the map allows
+  // (avx512::backward_affine_image_lattice, image by image).
+  constexpr bool affine_fp32 = std::is_same_v<Source, AffineSource<float>> && std::is_same_v<scalar_t, float>;
+  [[maybe_unused]] const bool lattice = affine_fp32 && vector_taps == Taps::Avx512 && !channels_last && C <= kLatticeChannels &&
+                       bilinear && g.padding == Padding::Zeros && want_input && g.out_h < (1 << 15) &&
+                       g.out_w < (1 << 15);
   at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
     Chunk<acc_t> ch;
+#ifdef FASTCNN_GRID_SAMPLE_AVX2
+    avx512::LatticeScratch lattice_scratch;
+#endif
     Sink sink = sink_proto;
     std::vector<double> row_sums;
     std::vector<float> image_copy(transposed ? C * in_hw : 0), go_copy(transposed ? C * out_hw : 0),
@@ -1770,6 +1981,18 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
           if (transposed && want_input) avx512::transpose(gin_image, gin, in_hw, C);
           if (want_coords) sink.end(n);
           continue;
+        }
+        if constexpr (affine_fp32) {
+          double image_sums[6] = {};
+          if (lattice && avx512::backward_affine_image_lattice(input + n * C * in_hw, grad_output + n * C * out_hw,
+                                                               gin, source, g, n, coords, lattice_scratch,
+                                                               image_sums)) {
+            if (want_coords) {
+              sink.add_image(image_sums);
+              sink.end(n);
+            }
+            continue;
+          }
         }
         if (coords_only) {
           float* grid_grad = nullptr;
