@@ -232,6 +232,32 @@ def test_affine_backward_by_scatters_fp32(scale, align, channels, monkeypatch):
         torch.testing.assert_close(ours.double(), exact, rtol=0, atol=2e-5 * scale_of, msg=name)
 
 
+def test_affine_backward_by_scatters_across_output_sizes(monkeypatch):
+    """The scatter backward keeps each thread's pixel orders between calls, for one output size:
+    calls that alternate sizes (and the single-thread case) must each use their own."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 1, 30, 33, generator=g)
+    theta = torch.tensor([[[0.9, -0.3, 0.1], [0.3, 0.9, -0.1]]]).repeat(2, 1, 1)
+
+    def grads(size, isa):
+        monkeypatch.setenv("FASTCNN_AVX512", isa)
+        a, t = x.clone().requires_grad_(), theta.clone().requires_grad_()
+        out = affine_grid_sample(a, t, size)
+        return torch.autograd.grad(out, (a, t), torch.ones_like(out))
+
+    saved = torch.get_num_threads()
+    try:
+        for threads in (saved, 1):
+            torch.set_num_threads(threads)
+            # Output sizes near the input's: the map's lattice stride stays the same (4).
+            for size in [(2, 1, 29, 31), (2, 1, 31, 29), (2, 1, 29, 31), (2, 1, 30, 34)]:
+                # grad_input: a stale order would miss or repeat pixels (grad_theta differs at
+                # coordinate kinks between the two paths; test_affine_backward_by_scatters_fp32).
+                torch.testing.assert_close(grads(size, "1")[0], grads(size, "0")[0], rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(saved)
+
+
 def _near_integer(pixel_grid, w, h, align):
     """Output pixels whose fp64 source lies within 1e-3 pixel of an integer (see above)."""
     extent = torch.tensor([w, h], dtype=torch.float64)
