@@ -62,6 +62,10 @@ _empty = torch.empty
 # Elements of one program's [pixels x channels] tile (as in kernels/depthwise_conv2d.py).
 _TILE = 1024
 
+# torch.sort takes at most this many elements on CUDA (pytorch/pytorch#197470): the deterministic
+# backward sorts its (sample, tap) entries image range by image range below it. A test seam too.
+_MAX_SORT_ENTRIES = 2**31 - 1
+
 # ----------------------------------------------------------------------------------------------
 # Coordinate arithmetic: csrc/common/grid_sample_coords.h, one function each.
 
@@ -343,7 +347,7 @@ def _grid_sample_fwd_kernel(
 @triton.jit
 def _grid_sample_bwd_kernel(
     g_ptr, x_ptr, coord_ptr, gi_ptr, gc_ptr, part_ptr, key_ptr, wt_ptr,
-    C, H, W, Ho, Wo, C_PER_PROGRAM, SENTINEL,
+    C, H, W, Ho, Wo, C_PER_PROGRAM,
     sgn, sgc, sgh, sgw,
     sxn, sxc, sxh, sxw,
     sin, sic, sih, siw,
@@ -391,12 +395,15 @@ def _grid_sample_bwd_kernel(
         in_nw = _in_bounds(x0, y0, W, H)
 
     if KEYS:
-        # Entry e = (n * P + p) * TAPS + tap; key = flat input pixel, SENTINEL (N*H*W) outside.
+        # Entry e = (n * P + p) * TAPS + tap; key = n * (H*W + 1) + the tap's pixel in its image, or
+        # n * (H*W + 1) + H*W (the image's sentinel) outside. Every key of image n sorts below image
+        # n + 1's, sentinel included, so the entries can be sorted a run of images at a time.
         if INTERPOLATION == 0:
             e = ((n * P + p) * 4).to(tl.int64)
         else:
             e = (n * P + p).to(tl.int64)
-        pixel0 = n * H * W
+        pixel0 = n * (H * W + 1)
+        SENTINEL = pixel0 + H * W
         key_ty = key_ptr.dtype.element_ty
         k = tl.where(in_nw, pixel0 + y0.to(tl.int64) * W + x0, SENTINEL)
         tl.store(key_ptr + e, k.to(key_ty), mask=mask_p)
@@ -502,16 +509,17 @@ def _grid_sample_gather_kernel(
     TAPS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC_F64: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # Deterministic grad_input: input pixel q (flat over N*H*W) sums weight * grad_output over
-    # its sorted entries [off[q], off[q+1]) in order, for a block of channels, and is written
-    # once. Every element is written (zero when no sample reads the pixel).
+    # Deterministic grad_input: input pixel q (flat over N*H*W; key q + n, see the keys above)
+    # sums weight * grad_output over its sorted entries [off[q + n], off[q + n + 1]) in order, for a
+    # block of channels, and is written once. Every element is written (zero when no sample reads
+    # the pixel).
     q = tl.program_id(0).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     mask_q = q < NHW
-    start = tl.load(off_ptr + q, mask=mask_q, other=0)
-    count = (tl.load(off_ptr + q + 1, mask=mask_q, other=0) - start).to(tl.int32)
-    longest = tl.max(count, axis=0)
     hw = H * W
     n = q // hw
+    start = tl.load(off_ptr + q + n, mask=mask_q, other=0)
+    count = (tl.load(off_ptr + q + n + 1, mask=mask_q, other=0) - start).to(tl.int32)
+    longest = tl.max(count, axis=0)
     rem = q - n * hw
     iy = rem // W
     ix = rem - iy * W
@@ -619,6 +627,26 @@ def forward(input, grid, theta, out_hw, interpolation, padding_mode, align_corne
     return out
 
 
+def _sort_entries(key_buf, per_image):
+    """torch.sort(key_buf, stable=True) of whole images' entries, per_image each. An image's keys are
+    its own input pixels, above every earlier image's, so sorting runs of whole images and putting
+    them end to end is the same sort; runs stay within _MAX_SORT_ENTRIES."""
+    total = key_buf.numel()
+    if not isinstance(total, int) or total <= _MAX_SORT_ENTRIES:
+        return torch.sort(key_buf, stable=True)
+    if per_image > _MAX_SORT_ENTRIES:
+        raise ValueError(
+            f"grid_sample (Triton): the deterministic backward sorts {per_image} entries for one image, more "
+            f"than torch.sort's {_MAX_SORT_ENTRIES}; use the default (atomic) backward or a smaller output")
+    sorted_keys, perm = torch.empty_like(key_buf), torch.empty(total, dtype=torch.int64, device=key_buf.device)
+    step = (_MAX_SORT_ENTRIES // per_image) * per_image
+    for lo in range(0, total, step):
+        hi = min(total, lo + step)
+        torch.sort(key_buf[lo:hi], stable=True, out=(sorted_keys[lo:hi], perm[lo:hi]))
+        perm[lo:hi] += lo
+    return sorted_keys, perm
+
+
 @on_tensor_device
 def backward(grad_output, input, grid, theta, interpolation, padding_mode, align_corners, output_mask,
              deterministic):
@@ -665,7 +693,8 @@ def backward(grad_output, input, grid, theta, interpolation, padding_mode, align
     else:
         gi_buffer = None
     if keys:
-        key_dtype = torch.int32 if nhw < 2**31 - 1 else torch.int64
+        num_keys = n * (h * w + 1)  # each image's pixels and its sentinel
+        key_dtype = torch.int32 if num_keys < 2**31 - 1 else torch.int64
         key_buf = _empty((taps * samples,), dtype=key_dtype, device=input.device)
         wt_buf = _empty((taps * samples,), dtype=acc_dtype, device=input.device)
     part = None
@@ -685,7 +714,7 @@ def backward(grad_output, input, grid, theta, interpolation, padding_mode, align
         part if part is not None else stand_in,
         key_buf if keys else stand_in,
         wt_buf if keys else stand_in,
-        c, h, w, ho, wo, c_per_program, nhw,
+        c, h, w, ho, wo, c_per_program,
         *grad_output.stride(),
         *input.stride(),
         *gi_strides,
@@ -701,8 +730,8 @@ def backward(grad_output, input, grid, theta, interpolation, padding_mode, align
     if atomic:
         grad_input = gi_buffer if gi_buffer.dtype == input.dtype else gi_buffer.to(input.dtype)
     elif keys:
-        sorted_keys, perm = torch.sort(key_buf, stable=True)
-        offsets = torch.searchsorted(sorted_keys, torch.arange(nhw + 1, dtype=key_dtype, device=input.device))
+        sorted_keys, perm = _sort_entries(key_buf, taps * ho * wo)
+        offsets = torch.searchsorted(sorted_keys, torch.arange(num_keys + 1, dtype=key_dtype, device=input.device))
         block_q, block_cg = _blocks(c, nhw, channels_last)
         gather_grid = _launch_grid(triton.cdiv(nhw, block_q), triton.cdiv(c, block_cg), op=_OP,
                                    axis_meaning=("input pixel tiles", "channel blocks"))

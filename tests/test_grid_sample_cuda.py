@@ -429,6 +429,27 @@ def test_deterministic(op, mode, layout, dtype):
     run_case(op, 2, 16, 23, 21, 60, 57, mode, "border", True, dtype, layout, coords=coords, deterministic_mode=True)
 
 
+def test_deterministic_sort_in_image_runs(monkeypatch):
+    """torch.sort takes at most 2**31 - 1 elements on CUDA: past that the deterministic backward
+    sorts its (sample, tap) entries a run of whole images at a time. FASTCNN_MAX_SORT_ENTRIES
+    lowers the limit: runs of one image and of two, bitwise equal to one sort; an image over the
+    limit is a clear error."""
+    torch.manual_seed(31)
+    x = randn(5, 3, 20, 24, dtype=torch.float32)
+    theta = random_theta(5, torch.float32)
+    go = randn(5, 3, 18, 22, dtype=torch.float32)
+    per_image = 4 * 18 * 22
+    with deterministic():
+        whole = ours_backward(go, x, theta, "affine", "bilinear", "zeros", False)
+        for limit in (per_image, 2 * per_image + 7):
+            monkeypatch.setenv("FASTCNN_MAX_SORT_ENTRIES", str(limit))
+            for a, b in zip(ours_backward(go, x, theta, "affine", "bilinear", "zeros", False), whole):
+                assert torch.equal(a, b), limit
+        monkeypatch.setenv("FASTCNN_MAX_SORT_ENTRIES", str(per_image - 1))
+        with pytest.raises(RuntimeError, match="entries for one image"):
+            ours_backward(go, x, theta, "affine", "bilinear", "zeros", False)
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("op", OPS)
 def test_batch_zero(op, layout):

@@ -88,7 +88,7 @@ def test_kernels_compile_with_size_arguments_specialised_to_one():
     compile_sm90(K._grid_sample_fwd_kernel, pointers,
                   dict(ones, INTERPOLATION=0, PADDING=2, ALIGN=True, AFFINE=True, **layout))
     compile_sm90(K._grid_sample_bwd_kernel, pointers,
-                  dict(ones, SENTINEL=1, C_PER_PROGRAM=1, INTERPOLATION=0, PADDING=2, ALIGN=False, AFFINE=True,
+                  dict(ones, C_PER_PROGRAM=1, INTERPOLATION=0, PADDING=2, ALIGN=False, AFFINE=True,
                        ATOMIC=True, KEYS=True, COORD_GRAD=True, **layout))
     compile_sm90(K._grid_sample_gather_kernel,
                   dict(g_ptr="*fp32", off_ptr="*i64", perm_ptr="*i64", wt_ptr="*fp32", gi_ptr="*fp32"),

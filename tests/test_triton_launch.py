@@ -107,3 +107,21 @@ def test_too_many_channels_for_the_grid_is_a_clear_error():
     # An ordinary shape passes the checks (and traces on meta tensors).
     y = depthwise.forward(x[:, :64], torch.empty(64, 1, 3, 3, device="meta"), None, [1, 1], [1, 1, 1, 1], [1, 1])
     assert y.shape == (1, 64, 64, 64)
+
+
+def test_deterministic_backward_sorts_in_runs_of_whole_images(monkeypatch):
+    # torch.sort stops at 2**31 - 1 elements on CUDA; the deterministic backward's (sample, tap)
+    # entries are sorted a run of whole images at a time. Keys ascend from image to image, as the
+    # launcher's do (an image's keys are its own input pixels); ties must keep entry order.
+    generator = torch.Generator().manual_seed(3)
+    images, per_image, pixels = 7, 24, 5
+    keys = torch.randint(0, pixels, (images, per_image), generator=generator, dtype=torch.int32)
+    keys = (keys + pixels * torch.arange(images, dtype=torch.int32)[:, None]).flatten()
+    expected = torch.sort(keys, stable=True)
+    for limit in (per_image, 2 * per_image + 5, 3 * per_image, keys.numel()):
+        monkeypatch.setattr(grid_sample, "_MAX_SORT_ENTRIES", limit)
+        got = grid_sample._sort_entries(keys, per_image)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), limit
+    monkeypatch.setattr(grid_sample, "_MAX_SORT_ENTRIES", per_image - 1)
+    with pytest.raises(ValueError, match="sorts 24 entries for one image"):
+        grid_sample._sort_entries(keys, per_image)

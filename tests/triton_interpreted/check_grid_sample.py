@@ -135,6 +135,11 @@ INTERPRETED_CASES = (
              grad="expand_scalar", repeat=True, _TILE=64),
         case("small_tiles_grid_nearest", n=2, c=5, h=4, w=7, ho=6, wo=5, mode="nearest", layout="channels_last",
              repeat=True, _TILE=32),
+        # The deterministic backward's sort in runs of whole images (torch.sort's limit, made small:
+        # 80 entries an image, runs of two images and one).
+        case("sort_in_image_runs", n=3, c=2, h=5, w=6, ho=4, wo=5, affine=True, repeat=True, _MAX_SORT_ENTRIES=170),
+        case("sort_in_image_runs_grid_cl", n=3, c=3, h=5, w=6, ho=4, wo=5, layout="channels_last", repeat=True,
+             _MAX_SORT_ENTRIES=80),
         # Degenerate sizes: 1x1 input (reflection's twice_low == twice_high with align_corners),
         # one-pixel output rows/columns (affine base coordinate 0), upsampling, a single channel.
         case("input_1x1_reflection_ac", h=1, w=1, affine=True, padding="reflection", align=True),

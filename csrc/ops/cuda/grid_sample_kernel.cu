@@ -58,6 +58,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -68,6 +69,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <limits>
 #include <tuple>
@@ -496,7 +498,8 @@ __global__ void __launch_bounds__(kThreads) gs_theta_finish(
 // ------------------------------------------------------------------------------------------------
 
 // Entry e = p * taps + k (taps = 4 bilinear, 1 nearest): keys[e] = n*Hi*Wi + y*Wi + x of tap k of
-// output pixel p, or `sentinel` (= N*Hi*Wi, sorts last) when out of bounds; weights[e] its weight.
+// output pixel p, or `sentinel` (= N*Hi*Wi, last in its run of images: see sort_entries) when out
+// of bounds; weights[e] its weight.
 template <typename scalar_t, bool kAffine>
 __global__ void __launch_bounds__(kThreads) gs_record_taps(
     const scalar_t* __restrict__ coords, int64_t* __restrict__ keys, at::opmath_type<scalar_t>* __restrict__ weights,
@@ -711,6 +714,30 @@ void launch_backward_pixels(const at::Tensor& go, const at::Tensor& x, const at:
   }
 }
 
+// torch.sort takes at most INT_MAX elements on CUDA (pytorch/pytorch#197470). The entries of
+// image n are contiguous and their keys (its pixels) lie above every earlier image's, so sorting
+// runs of whole images in place is the same sort, sentinels aside (one per run, at its end;
+// gs_run_bounds skips them). FASTCNN_MAX_SORT_ENTRIES (read per call) lowers the run length for
+// tests.
+std::tuple<at::Tensor, at::Tensor> sort_entries(const at::Tensor& keys, int64_t per_image) {
+  int64_t limit = std::numeric_limits<int32_t>::max();
+  if (const char* value = std::getenv("FASTCNN_MAX_SORT_ENTRIES")) limit = std::max<int64_t>(1, std::atoll(value));
+  const int64_t total = keys.numel();
+  if (total <= limit) return at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  TORCH_CHECK(per_image <= limit, "grid_sample: the deterministic backward sorts ", per_image,
+              " entries for one image, more than torch.sort takes (", limit,
+              "); use the default backward (no torch.use_deterministic_algorithms) or a smaller output");
+  at::Tensor sorted = at::empty_like(keys), perm = at::empty({total}, keys.options().dtype(at::kLong));
+  const int64_t step = limit / per_image * per_image;
+  for (int64_t lo = 0; lo < total; lo += step) {
+    const int64_t hi = std::min(total, lo + step);
+    at::Tensor run_sorted = sorted.slice(0, lo, hi), run_perm = perm.slice(0, lo, hi);
+    at::sort_out(run_sorted, run_perm, keys.slice(0, lo, hi), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    run_perm.add_(lo);
+  }
+  return {sorted, perm};
+}
+
 template <typename scalar_t, bool kAffine>
 void launch_deterministic_grad_input(const at::Tensor& go, const at::Tensor& coords, at::Tensor& grad_input,
                                      const Geom& g, bool channels_last, cudaStream_t stream) {
@@ -729,7 +756,7 @@ void launch_deterministic_grad_input(const at::Tensor& go, const at::Tensor& coo
 
   // Stable: equal keys keep ascending entry order, so every run is summed in a fixed order.
   at::Tensor sorted, perm;
-  std::tie(sorted, perm) = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  std::tie(sorted, perm) = sort_entries(keys, g.N > 0 ? M / g.N : M);
   keys = at::Tensor();
 
   at::Tensor start = at::zeros({num_keys}, long_opts);
