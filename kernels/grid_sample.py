@@ -35,12 +35,14 @@ coordinates once and loops over the channels:
   cast to the input dtype at the end when that differs. For atomic-only work the channels are
   also split across programs, since no per-pixel sum over channels is needed.
 - deterministic=True (``torch.use_deterministic_algorithms``): no float atomics. The coordinate
-  kernel writes, for every entry e = (n, output pixel, tap), a key (the flat input pixel
-  n*H*W + iy*W + ix, or N*H*W when the tap is outside the input) and the tap's bilinear weight.
-  ``torch.sort(keys, stable=True)`` groups the entries by input pixel, keeping entry order within
-  a group; ``torch.searchsorted`` of 0..N*H*W in the sorted keys gives each input pixel's range
-  [offset[q], offset[q+1]) of entries (CSR). A gather kernel then gives every input pixel (x a
-  block of channels) the sum of weight * grad_output over its range in sorted order and writes
+  kernel writes, for every entry e = (n, output pixel, tap), a key (n*(H*W + 1) + iy*W + ix, or
+  the image's sentinel n*(H*W + 1) + H*W when the tap is outside the input) and the tap's bilinear
+  weight. ``torch.sort(keys, stable=True)`` groups the entries by input pixel, keeping entry order
+  within a group; ``torch.searchsorted`` of every key in the sorted keys gives each input pixel's
+  range of entries (CSR). Past torch.sort's 2^31 - 1 elements both run a range of whole images
+  at a time (each image's keys lie above the previous image's). A gather kernel then gives every
+  input pixel (x a block of channels) the sum of weight * grad_output over its range in sorted
+  order and writes
   grad_input once (zero for pixels that no sample reads): fixed order, bitwise reproducible, and
   no zero-fill pass. Cost: a sort of TAPS*N*Ho*Wo int32 keys (int64 past 2^31 input pixels),
   about 20 bytes of temporaries per entry, and the gather's inner loop runs as long as the
@@ -627,24 +629,34 @@ def forward(input, grid, theta, out_hw, interpolation, padding_mode, align_corne
     return out
 
 
-def _sort_entries(key_buf, per_image):
-    """torch.sort(key_buf, stable=True) of whole images' entries, per_image each. An image's keys are
-    its own input pixels, above every earlier image's, so sorting runs of whole images and putting
-    them end to end is the same sort; runs stay within _MAX_SORT_ENTRIES."""
+def _sorted_entries(key_buf, images, per_image, keys_per_image):
+    """(offsets, perm) of the deterministic backward: perm sorts key_buf stably, and key k's
+    entries are perm[offsets[k]:offsets[k + 1]]. Image n's per_image entries have keys in
+    [n * keys_per_image, (n + 1) * keys_per_image), its sentinel included, so runs of whole images
+    can be sorted and searched apart and put end to end; each run stays within torch.sort's limit
+    on CUDA (_MAX_SORT_ENTRIES, pytorch/pytorch#197470)."""
     total = key_buf.numel()
+    key_dtype, device = key_buf.dtype, key_buf.device
     if not isinstance(total, int) or total <= _MAX_SORT_ENTRIES:
-        return torch.sort(key_buf, stable=True)
+        sorted_keys, perm = torch.sort(key_buf, stable=True)
+        return torch.searchsorted(sorted_keys, torch.arange(images * keys_per_image + 1, dtype=key_dtype,
+                                                            device=device)), perm
     if per_image > _MAX_SORT_ENTRIES:
         raise ValueError(
             f"grid_sample (Triton): the deterministic backward sorts {per_image} entries for one image, more "
             f"than torch.sort's {_MAX_SORT_ENTRIES}; use the default (atomic) backward or a smaller output")
-    sorted_keys, perm = torch.empty_like(key_buf), torch.empty(total, dtype=torch.int64, device=key_buf.device)
-    step = (_MAX_SORT_ENTRIES // per_image) * per_image
-    for lo in range(0, total, step):
-        hi = min(total, lo + step)
-        torch.sort(key_buf[lo:hi], stable=True, out=(sorted_keys[lo:hi], perm[lo:hi]))
+    offsets = torch.empty(images * keys_per_image + 1, dtype=torch.int64, device=device)
+    perm = torch.empty(total, dtype=torch.int64, device=device)
+    run = _MAX_SORT_ENTRIES // per_image  # images per run
+    for first in range(0, images, run):
+        last = min(images, first + run)
+        lo, hi = first * per_image, last * per_image
+        sorted_keys, perm[lo:hi] = torch.sort(key_buf[lo:hi], stable=True)
         perm[lo:hi] += lo
-    return sorted_keys, perm
+        keys = torch.arange(first * keys_per_image, last * keys_per_image, dtype=key_dtype, device=device)
+        offsets[first * keys_per_image:last * keys_per_image] = torch.searchsorted(sorted_keys, keys) + lo
+    offsets[-1] = total
+    return offsets, perm
 
 
 @on_tensor_device
@@ -730,8 +742,7 @@ def backward(grad_output, input, grid, theta, interpolation, padding_mode, align
     if atomic:
         grad_input = gi_buffer if gi_buffer.dtype == input.dtype else gi_buffer.to(input.dtype)
     elif keys:
-        sorted_keys, perm = _sort_entries(key_buf, taps * ho * wo)
-        offsets = torch.searchsorted(sorted_keys, torch.arange(num_keys + 1, dtype=key_dtype, device=input.device))
+        offsets, perm = _sorted_entries(key_buf, n, taps * ho * wo, h * w + 1)
         block_q, block_cg = _blocks(c, nhw, channels_last)
         gather_grid = _launch_grid(triton.cdiv(nhw, block_q), triton.cdiv(c, block_cg), op=_OP,
                                    axis_meaning=("input pixel tiles", "channel blocks"))

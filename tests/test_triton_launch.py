@@ -111,17 +111,22 @@ def test_too_many_channels_for_the_grid_is_a_clear_error():
 
 def test_deterministic_backward_sorts_in_runs_of_whole_images(monkeypatch):
     # torch.sort stops at 2**31 - 1 elements on CUDA; the deterministic backward's (sample, tap)
-    # entries are sorted a run of whole images at a time. Keys ascend from image to image, as the
-    # launcher's do (an image's keys are its own input pixels); ties must keep entry order.
+    # entries are sorted and searched a run of whole images at a time. Keys as the launcher writes
+    # them: image n's in [n * (pixels + 1), (n + 1) * (pixels + 1)), the last its sentinel; ties
+    # must keep entry order.
     generator = torch.Generator().manual_seed(3)
     images, per_image, pixels = 7, 24, 5
-    keys = torch.randint(0, pixels, (images, per_image), generator=generator, dtype=torch.int32)
-    keys = (keys + pixels * torch.arange(images, dtype=torch.int32)[:, None]).flatten()
-    expected = torch.sort(keys, stable=True)
-    for limit in (per_image, 2 * per_image + 5, 3 * per_image, keys.numel()):
+    keys = torch.randint(0, pixels + 1, (images, per_image), generator=generator, dtype=torch.int32)
+    keys = (keys + (pixels + 1) * torch.arange(images, dtype=torch.int32)[:, None]).flatten()
+    expected = grid_sample._sorted_entries(keys, images, per_image, pixels + 1)
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    assert torch.equal(perm, expected[1]) and expected[0][-1] == keys.numel()
+    assert torch.equal(expected[0], torch.searchsorted(sorted_keys, torch.arange(images * (pixels + 1) + 1,
+                                                                                   dtype=torch.int32)))
+    for limit in (per_image, 2 * per_image + 5, 3 * per_image):
         monkeypatch.setattr(grid_sample, "_MAX_SORT_ENTRIES", limit)
-        got = grid_sample._sort_entries(keys, per_image)
-        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), limit
+        offsets, runs_perm = grid_sample._sorted_entries(keys, images, per_image, pixels + 1)
+        assert torch.equal(offsets, expected[0]) and torch.equal(runs_perm, expected[1]), limit
     monkeypatch.setattr(grid_sample, "_MAX_SORT_ENTRIES", per_image - 1)
     with pytest.raises(ValueError, match="sorts 24 entries for one image"):
-        grid_sample._sort_entries(keys, per_image)
+        grid_sample._sorted_entries(keys, images, per_image, pixels + 1)
