@@ -1054,6 +1054,21 @@ void forward_rows_direct(const float* input, float* output, const Source& source
   }
 }
 
+// grad_x / grad_y += gout * d(sample)/d(x, y) of 16 pixels over one NCHW plane (the shared
+// header's bilinear_coordinate_grad, lane-parallel), the taps read by pair gathers (zero outside).
+inline void add_plane_coordinate_grad(const float* plane, const Taps16& t, __m512i south, __mmask16 north_safe,
+                                      __mmask16 south_safe, __m512 gout, __m512* grad_x, __m512* grad_y) {
+  __m512 top[2], bottom[2];  // nw, ne and sw, se
+  gather_run<1>(plane, t.offset, t.nw, t.ne, north_safe, top);
+  gather_run<1>(plane, south, t.sw, t.se, south_safe, bottom);
+  const __m512 d_dx = _mm512_fmadd_ps(_mm512_sub_ps(top[1], top[0]), t.dy1,
+                                      _mm512_mul_ps(_mm512_sub_ps(bottom[1], bottom[0]), t.dy0));
+  const __m512 d_dy = _mm512_fmadd_ps(_mm512_sub_ps(bottom[0], top[0]), t.dx1,
+                                      _mm512_mul_ps(_mm512_sub_ps(bottom[1], top[1]), t.dx0));
+  *grad_x = _mm512_fmadd_ps(gout, d_dx, *grad_x);
+  *grad_y = _mm512_fmadd_ps(gout, d_dy, *grad_y);
+}
+
 // The coordinate gradient alone (no grad_input: an STN whose input needs no gradient) of one
 // output row of an NCHW image of up to kGatherChannels channels, bilinear, taps in registers: the
 // taps read by pair gathers, the channels summed in vectors. Leaves either the grid gradient
@@ -1078,17 +1093,7 @@ void coordinate_grad_row_nchw(const float* image, const float* grad_output, int6
     __m512 grad_x = _mm512_setzero_ps(), grad_y = grad_x;
     for (int64_t c = 0; c < g.channels; ++c) {
       const __m512 gout = _mm512_maskz_loadu_ps(live, grad_output + c * out_hw + p);
-      const float* plane = image + c * in_hw;
-      __m512 top[2], bottom[2];  // nw, ne and sw, se; zero outside
-      gather_run<1>(plane, t.offset, t.nw, t.ne, north_safe, top);
-      gather_run<1>(plane, south, t.sw, t.se, south_safe, bottom);
-      // bilinear_coordinate_grad, lane-parallel.
-      const __m512 d_dx = _mm512_fmadd_ps(_mm512_sub_ps(top[1], top[0]), t.dy1,
-                                          _mm512_mul_ps(_mm512_sub_ps(bottom[1], bottom[0]), t.dy0));
-      const __m512 d_dy = _mm512_fmadd_ps(_mm512_sub_ps(bottom[0], top[0]), t.dx1,
-                                          _mm512_mul_ps(_mm512_sub_ps(bottom[1], top[1]), t.dx0));
-      grad_x = _mm512_fmadd_ps(gout, d_dx, grad_x);
-      grad_y = _mm512_fmadd_ps(gout, d_dy, grad_y);
+      add_plane_coordinate_grad(image + c * in_hw, t, south, north_safe, south_safe, gout, &grad_x, &grad_y);
     }
     // Lanes past the row are zero here (gout is) and in bx.
     const __m512 dx = _mm512_mul_ps(grad_x, t.scale_x), dy = _mm512_mul_ps(grad_y, t.scale_y);
@@ -1301,18 +1306,8 @@ bool backward_affine_image_lattice(const float* image, const float* grad_output,
     __m512 grad_x = zero, grad_y = zero;
     for (int64_t c = 0; c < g.channels; ++c) {
       const __m512 gout = _mm512_mask_i32gather_ps(zero, live, out_index, grad_output + c * out_hw, 4);
-      if (coords) {
-        const float* plane = image + c * in_hw;
-        __m512 top[2], bottom[2];  // nw, ne and sw, se; zero outside
-        gather_run<1>(plane, t.offset, t.nw, t.ne, north_safe, top);
-        gather_run<1>(plane, south, t.sw, t.se, south_safe, bottom);
-        const __m512 d_dx = _mm512_fmadd_ps(_mm512_sub_ps(top[1], top[0]), t.dy1,
-                                            _mm512_mul_ps(_mm512_sub_ps(bottom[1], bottom[0]), t.dy0));
-        const __m512 d_dy = _mm512_fmadd_ps(_mm512_sub_ps(bottom[0], top[0]), t.dx1,
-                                            _mm512_mul_ps(_mm512_sub_ps(bottom[1], top[1]), t.dx0));
-        grad_x = _mm512_fmadd_ps(gout, d_dx, grad_x);
-        grad_y = _mm512_fmadd_ps(gout, d_dy, grad_y);
-      }
+      if (coords)
+        add_plane_coordinate_grad(image + c * in_hw, t, south, north_safe, south_safe, gout, &grad_x, &grad_y);
       float* gin_plane = gin + c * in_hw;
       add_tap_pair(gin_plane, t.offset, t.nw, t.ne, gout, t.w_nw, t.w_ne, north_lo, north_hi);
       add_tap_pair(gin_plane, south, t.sw, t.se, gout, t.w_sw, t.w_se, south_lo, south_hi);
