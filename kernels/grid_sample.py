@@ -42,10 +42,9 @@ coordinates once and loops over the channels:
   range of entries (CSR). Past torch.sort's 2^31 - 1 elements both run a range of whole images
   at a time (each image's keys lie above the previous image's). A gather kernel then gives every
   input pixel (x a block of channels) the sum of weight * grad_output over its range in sorted
-  order and writes
-  grad_input once (zero for pixels that no sample reads): fixed order, bitwise reproducible, and
-  no zero-fill pass. Cost: a sort of TAPS*N*Ho*Wo int32 keys (int64 past 2^31 input pixels),
-  about 20 bytes of temporaries per entry, and the gather's inner loop runs as long as the
+  order and writes grad_input once (zero for pixels that no sample reads): fixed order, bitwise
+  reproducible, and no zero-fill pass. Cost: a sort of TAPS*N*Ho*Wo int32 keys (int64 past 2^31
+  keys), about 20 bytes of temporaries per entry, and the gather's inner loop runs as long as the
   longest range in its block (balanced for the smooth warps of an STN; an extreme zoom that sends
   every sample to one pixel serialises on that pixel).
 """

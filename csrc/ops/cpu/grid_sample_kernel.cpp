@@ -13,8 +13,10 @@
 // With AVX-512, the taps go 16 pixels at once, and the forward gathers: NCHW up to 8 channels,
 // channels_last with 2 to 4 (one channel is the NCHW layout). With zeros or border padding those
 // forwards keep the taps in registers, row by row, instead of chunk arrays; so does the coordinate
-// gradient when grad_input is not wanted. A backward with grad_input of up to 8 channels stays on
-// the AVX2 loops. Images of more channels run channel vectors, pixel by pixel; NCHW ones through a
+// gradient when grad_input is not wanted. The backward with grad_input of an affine map over 1-2
+// channels (zeros padding) adds grad_input by pair gathers and scatters, 16 pixels that share no tap
+// at a time (backward_affine_image_lattice); otherwise, up to 8 channels, it stays on the AVX2
+// loops. Images of more channels run channel vectors, pixel by pixel; NCHW ones through a
 // channels_last copy of each image (and of grad_output) that stays in L2, the results transposed
 // back 16 x 16 in registers.
 //
@@ -1937,9 +1939,9 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
   // grad_input of an affine map by conflict-free pair gathers and scatters, where the map allows
   // (avx512::backward_affine_image_lattice, image by image).
   constexpr bool affine_fp32 = std::is_same_v<Source, AffineSource<float>> && std::is_same_v<scalar_t, float>;
-  [[maybe_unused]] const bool lattice = affine_fp32 && vector_taps == Taps::Avx512 && !channels_last && C <= kLatticeChannels &&
-                       bilinear && g.padding == Padding::Zeros && want_input && g.out_h < (1 << 15) &&
-                       g.out_w < (1 << 15);
+  [[maybe_unused]] const bool lattice = affine_fp32 && vector_taps == Taps::Avx512 && !channels_last &&
+                                        C <= kLatticeChannels && bilinear && g.padding == Padding::Zeros &&
+                                        want_input && g.out_h < (1 << 15) && g.out_w < (1 << 15);
   at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
     Chunk<acc_t> ch;
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
