@@ -647,10 +647,13 @@ def _sorted_entries(key_buf, images, per_image, keys_per_image):
     offsets = torch.empty(images * keys_per_image + 1, dtype=torch.int64, device=device)
     perm = torch.empty(total, dtype=torch.int64, device=device)
     run = _MAX_SORT_ENTRIES // per_image  # images per run
+    sorted_run = torch.empty(run * per_image, dtype=key_dtype, device=device)
     for first in range(0, images, run):
         last = min(images, first + run)
         lo, hi = first * per_image, last * per_image
-        sorted_keys, perm[lo:hi] = torch.sort(key_buf[lo:hi], stable=True)
+        # Sorted straight into perm and one reused key buffer: these runs are gigabytes.
+        sorted_keys = sorted_run[:hi - lo]
+        torch.sort(key_buf[lo:hi], stable=True, out=(sorted_keys, perm[lo:hi]))
         perm[lo:hi] += lo
         keys = torch.arange(first * keys_per_image, last * keys_per_image, dtype=key_dtype, device=device)
         offsets[first * keys_per_image:last * keys_per_image] = torch.searchsorted(sorted_keys, keys) + lo
