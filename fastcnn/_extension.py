@@ -6,7 +6,10 @@ broken build degrades to the reference implementation instead of breaking `impor
 import importlib
 import warnings
 
-_state = {"loaded": None, "error": None}
+# build_info is parsed once, when _C loads: torch.compile traces the backend choice on every op
+# call, and a torch op that returns a str cannot be traced (dynamo: "torch.* op returned
+# non-Tensor"), while a dict read from here can.
+_state = {"loaded": None, "error": None, "build_info": {}}
 
 
 def load():
@@ -15,6 +18,7 @@ def load():
 
         try:
             importlib.import_module("fastcnn._C")
+            _state["build_info"] = dict(item.split("=", 1) for item in torch_ops()._build_info().split(";"))
             _state["loaded"] = True
         except (ImportError, OSError) as exc:
             _state["loaded"] = False
@@ -39,9 +43,8 @@ def load_error():
 
 def build_info():
     """The build configuration compiled into _C, as a dict (empty when _C is missing)."""
-    if not has_ops():
-        return {}
-    return dict(item.split("=", 1) for item in torch_ops()._build_info().split(";"))
+    has_ops()
+    return dict(_state["build_info"])
 
 
 def torch_ops():

@@ -42,6 +42,20 @@ def _triton_status():
     return True, f"triton {triton.__version__}"
 
 
+@torch.compiler.assume_constant_result
+def _ready(name):
+    """Whether backend `name` can run here: status()[name][0] without building the reasons. op
+    calls ask this, under torch.compile too: dynamo calls it once while tracing and keeps the
+    answer, instead of tracing into the extension's build query and torch.cuda's device name."""
+    if name == "cpu":
+        return _extension.has_ops()
+    if name == "cuda":
+        return _extension.has_ops() and _extension.build_info().get("cuda") == "1" and torch.cuda.is_available()
+    if name == "triton":
+        return _triton_status()[0]
+    return True
+
+
 def status():
     """Every backend with (available, reason)."""
     ops_ok = _extension.has_ops()
@@ -110,14 +124,13 @@ def resolve(device):
             return "reference"
         if device.type == "cpu":
             return "cpu"
-        if device.type == "cuda" and status()["cuda"][0]:
+        if device.type == "cuda" and _ready("cuda"):
             return "cuda"
-        if device.type == "cuda" and _triton_status()[0]:
+        if device.type == "cuda" and _ready("triton"):
             return "triton"
         return "reference"
-    ok, why = status()[name]
-    if not ok:
-        raise RuntimeError(f"fastcnn backend {name!r} is not available here: {why}")
+    if not _ready(name):
+        raise RuntimeError(f"fastcnn backend {name!r} is not available here: {status()[name][1]}")
     if name in ("cpu", "cuda") and device.type != name:
         raise RuntimeError(f"fastcnn backend {name!r} cannot run on {device.type} tensors")
     return name
