@@ -532,8 +532,11 @@ def _grid_sample_gather_kernel(
     g_nc = g_ptr + _pix(n * sgn, CHANNELS_LAST) + c64 * sgc
     for r in range(0, longest):
         live = mask_q & (r < count)
-        e = tl.load(perm_ptr + start + r, mask=live, other=0)
-        w = _acc(tl.load(wt_ptr + e, mask=live, other=0.0), ACC_F64)
+        # Unmasked loads at entry 0 for the idle rows (there is one: longest > 0), their weight
+        # zeroed after: with a mask on these loads Triton 3.6 fails to compile the kernel at most
+        # block shapes ("'tt.load' op failed to verify that mask type matches ptr type").
+        e = tl.load(perm_ptr + tl.where(live, start + r, 0))
+        w = tl.where(live, _acc(tl.load(wt_ptr + e), ACC_F64), 0.0)
         p = (e // TAPS) % P
         oy = p // Wo
         ox = p - oy * Wo
