@@ -164,8 +164,9 @@ def test_triton_op_opcheck_and_compile():
 
         def f(x, w, b):
             y = torch.ops.fastcnn_test_dw.forward(x, w, b, *args)
-            return y, torch.ops.fastcnn_test_dw.backward(y.sum().expand(y.shape), x, w, *args, [True, True, True])
+            return y, torch.ops.fastcnn_test_dw.backward(torch.tanh(y), x, w, *args, [True, True, True])
 
         eager = f(x, w, b)
         compiled = torch.compile(f, fullgraph=True)(x, w, b)
-        torch.testing.assert_close(compiled, eager)
+        # grad_weight sums ~400 products through fp32 atomics, in another order on each run.
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-4)

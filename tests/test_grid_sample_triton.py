@@ -281,9 +281,11 @@ def test_torch_compile_fullgraph_through_ops(deterministic):
             compiled = torch.autograd.grad(compiled_loss, leaves_c)
     finally:
         torch.use_deterministic_algorithms(previous)
+    # Without determinism the backward adds through atomics, in another order on each run.
+    tol = {} if deterministic else dict(rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(compiled_loss, eager_loss)
     for a, e in zip(compiled, eager):
-        torch.testing.assert_close(a, e)
+        torch.testing.assert_close(a, e, **tol)
     # And the Triton path agrees with the reference.
     leaves_r = [t.clone().requires_grad_() for t in (x, theta, grid)]
     with fastcnn.use_backend("reference"):
