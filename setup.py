@@ -67,7 +67,11 @@ def _extension():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define_macros,
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
+        # -lstdc++ here, ahead of the libraries the compiler driver appends: a g++ set up to link
+        # -static-libstdc++ (the lent GPU machines' /opt/gcc/bin/g++ is) would otherwise put a
+        # private libstdc++ into _C beside the shared one torch uses; their locale data mix, and
+        # formatting a number into an error message (TORCH_CHECK) crashed the process there.
+        extra_link_args=["-fopenmp", "-lstdc++"],
     )
 
 
