@@ -213,30 +213,14 @@ def _bilinear_taps(x, y):
 
 
 @triton.jit
-def _sample_coords(coord_ptr, n, oy, ox, Ho, Wo, mask, sc0, sc1, sc2, sc3,
-                   AFFINE: tl.constexpr, ALIGN: tl.constexpr, ACC_F64: tl.constexpr):
-    # Normalised source coordinates (gx, gy) of output pixels (oy, ox) of image n, and for theta
-    # the affine base coordinates (bx, by). grid: [N, Ho, Wo, 2] with strides sc0..sc3; theta:
-    # [N, 2, 3] with strides sc0..sc2.
-    if AFFINE:
-        t = coord_ptr + n * sc0
-        t00 = _acc(tl.load(t), ACC_F64)
-        t01 = _acc(tl.load(t + sc2), ACC_F64)
-        t02 = _acc(tl.load(t + 2 * sc2), ACC_F64)
-        t10 = _acc(tl.load(t + sc1), ACC_F64)
-        t11 = _acc(tl.load(t + sc1 + sc2), ACC_F64)
-        t12 = _acc(tl.load(t + sc1 + 2 * sc2), ACC_F64)
-        bx = _affine_base_coord(ox, Wo, ALIGN, ACC_F64)
-        by = _affine_base_coord(oy, Ho, ALIGN, ACC_F64)
-        # base_grid [bx, by, 1] @ theta^T, as F.affine_grid's bmm.
-        gx = bx * t00 + by * t01 + t02
-        gy = bx * t10 + by * t11 + t12
-    else:
-        g = coord_ptr + n * sc0 + oy.to(tl.int64) * sc1 + ox.to(tl.int64) * sc2
-        gx = _acc(tl.load(g, mask=mask, other=0.0), ACC_F64)
-        gy = _acc(tl.load(g + sc3, mask=mask, other=0.0), ACC_F64)
-        bx = gx
-        by = gy
+def _theta_coords(t00, t01, t02, t10, t11, t12, oy, ox, Ho, Wo, ALIGN: tl.constexpr, ACC_F64: tl.constexpr):
+    # Normalised source coordinates (gx, gy) of output pixels (oy, ox) under theta (its six
+    # entries, loaded by the caller), and the affine base coordinates (bx, by).
+    bx = _affine_base_coord(ox, Wo, ALIGN, ACC_F64)
+    by = _affine_base_coord(oy, Ho, ALIGN, ACC_F64)
+    # base_grid [bx, by, 1] @ theta^T, as F.affine_grid's bmm.
+    gx = bx * _acc(t00, ACC_F64) + by * _acc(t01, ACC_F64) + _acc(t02, ACC_F64)
+    gy = bx * _acc(t10, ACC_F64) + by * _acc(t11, ACC_F64) + _acc(t12, ACC_F64)
     return gx, gy, bx, by
 
 
@@ -308,8 +292,21 @@ def _grid_sample_fwd_kernel(
     mask_p = p < P
     oy = p // Wo
     ox = p % Wo
-    gx, gy, bx, by = _sample_coords(coord_ptr, n, oy, ox, Ho, Wo, mask_p, sc0, sc1, sc2, sc3,
-                                    AFFINE, ALIGN, ACC_F64)
+    # The coordinates are loaded here, not in a helper: torch.compile's analysis of which
+    # arguments a kernel writes follows a helper's results back to every pointer passed to it,
+    # so tap addresses computed from a helper given coord_ptr marked theta/grid as written.
+    # grid: [N, Ho, Wo, 2] with strides sc0..sc3; theta: [N, 2, 3] with strides sc0..sc2.
+    if AFFINE:
+        t = coord_ptr + n * sc0
+        gx, gy, bx, by = _theta_coords(tl.load(t), tl.load(t + sc2), tl.load(t + 2 * sc2), tl.load(t + sc1),
+                                       tl.load(t + sc1 + sc2), tl.load(t + sc1 + 2 * sc2), oy, ox, Ho, Wo,
+                                       ALIGN, ACC_F64)
+    else:
+        g = coord_ptr + n * sc0 + oy.to(tl.int64) * sc1 + ox.to(tl.int64) * sc2
+        gx = _acc(tl.load(g, mask=mask_p, other=0.0), ACC_F64)
+        gy = _acc(tl.load(g + sc3, mask=mask_p, other=0.0), ACC_F64)
+        bx = gx
+        by = gy
     x, scale_x = _source_index(gx, W, PADDING, ALIGN)
     y, scale_y = _source_index(gy, H, PADDING, ALIGN)
 
@@ -374,8 +371,18 @@ def _grid_sample_bwd_kernel(
     mask_p = p < P
     oy = p // Wo
     ox = p % Wo
-    gx, gy, bx, by = _sample_coords(coord_ptr, n, oy, ox, Ho, Wo, mask_p, sc0, sc1, sc2, sc3,
-                                    AFFINE, ALIGN, ACC_F64)
+    # Coordinates loaded here, not in a helper: see _grid_sample_fwd_kernel.
+    if AFFINE:
+        t = coord_ptr + n * sc0
+        gx, gy, bx, by = _theta_coords(tl.load(t), tl.load(t + sc2), tl.load(t + 2 * sc2), tl.load(t + sc1),
+                                       tl.load(t + sc1 + sc2), tl.load(t + sc1 + 2 * sc2), oy, ox, Ho, Wo,
+                                       ALIGN, ACC_F64)
+    else:
+        g = coord_ptr + n * sc0 + oy.to(tl.int64) * sc1 + ox.to(tl.int64) * sc2
+        gx = _acc(tl.load(g, mask=mask_p, other=0.0), ACC_F64)
+        gy = _acc(tl.load(g + sc3, mask=mask_p, other=0.0), ACC_F64)
+        bx = gx
+        by = gy
     x, scale_x = _source_index(gx, W, PADDING, ALIGN)
     y, scale_y = _source_index(gy, H, PADDING, ALIGN)
     if INTERPOLATION == 0:
