@@ -9,10 +9,14 @@
 - A CUDA grid has at most 2**31 - 1 blocks along x and 65535 along y and z. `grid` checks the
   launch, so that a shape too large for a kernel's grid fails with a message naming the shape
   instead of a CUDA launch error.
+- Host time: a small convolution's kernel takes microseconds on a GPU, so the launchers' own
+  Python counts. `cdiv` and `memory_format` replace `triton.cdiv` (~2.5 us a call through Triton's
+  constexpr wrapper) and a bare `torch._prims_common.suggest_memory_format` (~14 us).
 """
 import functools
 
 import torch
+import torch._prims_common
 from torch._subclasses.fake_tensor import is_fake
 
 MAX_GRID = (2**31 - 1, 65535, 65535)
@@ -39,6 +43,26 @@ def on_tensor_device(launcher):
             return launcher(*args, **kwargs)
 
     return launch_on_tensor_device
+
+
+def cdiv(a, b):
+    """ceil(a / b), for ints and SymInts."""
+    return (a + b - 1) // b
+
+
+def memory_format(t):
+    """The memory format a launcher's outputs take from `t`: Tensor.suggest_memory_format's
+    Python twin, torch._prims_common.suggest_memory_format (the rule PyTorch's meta functions
+    use, safe on symbolic strides; the ops' fake impls use it too). Plain tensors' answers are
+    kept by (shape, strides), so eager calls skip its symbolic-shape machinery."""
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+        return _memory_format_of_strides(t.shape, t.stride())
+    return torch._prims_common.suggest_memory_format(t)
+
+
+@functools.lru_cache(maxsize=4096)
+def _memory_format_of_strides(shape, strides):
+    return torch._prims_common.suggest_memory_format(torch.empty_strided(shape, strides, device="meta"))
 
 
 def grid(*blocks, op, axis_meaning):

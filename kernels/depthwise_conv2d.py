@@ -17,11 +17,10 @@ per-split partial sums reduced in a fixed order by a second kernel, so results a
 reproducible.
 """
 import torch
-import torch._prims_common
 import triton
 import triton.language as tl
 
-from ._launch import grid as _grid, on_tensor_device
+from ._launch import cdiv as _cdiv, grid as _grid, memory_format as _output_format, on_tensor_device
 
 # Test seam: the interpreted tests replace this with a NaN-filling allocator so that an element a
 # kernel forgets to write fails the comparison instead of passing by luck.
@@ -253,12 +252,6 @@ def _pow2(n):
     return p
 
 
-def _memory_format(t):
-    # Tensor.suggest_memory_format is C++-only; this is its Python twin (also what PyTorch's own
-    # meta functions use), safe on symbolic strides. The fake impl must use the same rule.
-    return torch._prims_common.suggest_memory_format(t)
-
-
 def _channels_last(t):
     # Channel stride below the W stride: a tile whose fastest axis is channels coalesces.
     return t.shape[1] > 1 and t.stride(1) < t.stride(3)
@@ -305,12 +298,12 @@ def forward(input, weight, bias, stride, padding, dilation):
     ho = _output_size(h, kh, sh, top, bottom, dh)
     wo = _output_size(w, kw, sw, left, right, dw)
     out = _empty((n, c, ho, wo), dtype=input.dtype, device=input.device,
-                 memory_format=_memory_format(input))
+                 memory_format=_output_format(input))
     if out.numel() == 0:
         return out
     channels_last = _channels_last(input)
     block_p, block_c = _blocks(c, ho * wo, channels_last)
-    grid = _grid(n * triton.cdiv(ho * wo, block_p), triton.cdiv(c, block_c), op=_OP, axis_meaning=_TILE_AXES)
+    grid = _grid(n * _cdiv(ho * wo, block_p), _cdiv(c, block_c), op=_OP, axis_meaning=_TILE_AXES)
     torch.library.wrap_triton(_depthwise_conv2d_fwd_kernel)[grid](
         _readable(input, weight), weight, bias if bias is not None else weight, out,
         c, h, w, ho, wo,
@@ -340,10 +333,10 @@ def backward(grad_output, input, weight, stride, padding, dilation, output_mask)
     grad_input = input.new_empty(0)
     if need_input:
         grad_input = _empty(input.shape, dtype=input.dtype, device=input.device,
-                            memory_format=_memory_format(input))
+                            memory_format=_output_format(input))
         if grad_input.numel() > 0:
             block_p, block_c = _blocks(c, h * w, channels_last)
-            grid = _grid(n * triton.cdiv(h * w, block_p), triton.cdiv(c, block_c), op=_OP, axis_meaning=_TILE_AXES)
+            grid = _grid(n * _cdiv(h * w, block_p), _cdiv(c, block_c), op=_OP, axis_meaning=_TILE_AXES)
             torch.library.wrap_triton(_depthwise_conv2d_grad_input_kernel)[grid](
                 grad_output, weight, grad_input,
                 c, h, w, ho, wo,
@@ -369,13 +362,13 @@ def backward(grad_output, input, weight, stride, padding, dilation, output_mask)
         return grad_input, grad_weight, grad_bias
 
     block_p, block_c = _blocks(c, ho * wo, channels_last)
-    tiles = triton.cdiv(ho * wo, block_p)
+    tiles = _cdiv(ho * wo, block_p)
     units = n * tiles
     taps = kh * kw if need_weight else 1
-    channel_blocks = triton.cdiv(c, block_c)
-    splits = max(1, min(units, triton.cdiv(_GRAD_WEIGHT_PROGRAMS, channel_blocks * taps)))
-    units_per_program = triton.cdiv(units, splits)
-    splits = triton.cdiv(units, units_per_program)
+    channel_blocks = _cdiv(c, block_c)
+    splits = max(1, min(units, _cdiv(_GRAD_WEIGHT_PROGRAMS, channel_blocks * taps)))
+    units_per_program = _cdiv(units, splits)
+    splits = _cdiv(units, units_per_program)
     acc_dtype = torch.float64 if acc_f64 else torch.float32
     part_w = _empty((splits, taps, c), dtype=acc_dtype, device=input.device) if need_weight else None
     part_b = _empty((splits, c), dtype=acc_dtype, device=input.device) if need_bias else None
@@ -395,13 +388,13 @@ def backward(grad_output, input, weight, stride, padding, dilation, output_mask)
     block = 256
     if need_weight:
         grad_weight = _empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        torch.library.wrap_triton(_depthwise_conv2d_sum_partials_kernel)[(triton.cdiv(taps * c, block),)](
+        torch.library.wrap_triton(_depthwise_conv2d_sum_partials_kernel)[(_cdiv(taps * c, block),)](
             part_w, grad_weight, splits, taps, c, kh * kw, 1,
             ACC_F64=acc_f64, BLOCK=block,
         )
     if need_bias:
         grad_bias = _empty((c,), dtype=weight.dtype, device=weight.device)
-        torch.library.wrap_triton(_depthwise_conv2d_sum_partials_kernel)[(triton.cdiv(c, block),)](
+        torch.library.wrap_triton(_depthwise_conv2d_sum_partials_kernel)[(_cdiv(c, block),)](
             part_b, grad_bias, splits, 1, c, 1, 1,
             ACC_F64=acc_f64, BLOCK=block,
         )

@@ -49,11 +49,10 @@ coordinates once and loops over the channels:
   every sample to one pixel serialises on that pixel).
 """
 import torch
-import torch._prims_common
 import triton
 import triton.language as tl
 
-from ._launch import grid as _launch_grid, on_tensor_device
+from ._launch import cdiv as _cdiv, grid as _launch_grid, memory_format as _output_format, on_tensor_device
 
 # Test seam: the interpreted tests replace this with a NaN-filling allocator so that an element a
 # kernel forgets to write fails the comparison instead of passing by luck. Buffers that must start
@@ -565,12 +564,6 @@ def _pow2(n):
     return p
 
 
-def _memory_format(t):
-    # Tensor.suggest_memory_format is C++-only; this is its Python twin, safe on symbolic strides.
-    # The fake impl (fastcnn/ops/grid_sample.py) uses the same rule.
-    return torch._prims_common.suggest_memory_format(t)
-
-
 def _channels_last(t):
     # Channel stride below the W stride: a tile whose fastest axis is channels coalesces.
     return t.shape[1] > 1 and t.stride(1) < t.stride(3)
@@ -618,12 +611,12 @@ def forward(input, grid, theta, out_hw, interpolation, padding_mode, align_corne
     ho, wo = out_hw
     affine = theta is not None
     coords = theta if affine else grid
-    out = _empty((n, c, ho, wo), dtype=input.dtype, device=input.device, memory_format=_memory_format(input))
+    out = _empty((n, c, ho, wo), dtype=input.dtype, device=input.device, memory_format=_output_format(input))
     if out.numel() == 0:
         return out
     channels_last = _channels_last(input)
     block_p, block_c = _blocks(c, ho * wo, channels_last)
-    launch_grid = _launch_grid(n * triton.cdiv(ho * wo, block_p), triton.cdiv(c, block_c), op=_OP,
+    launch_grid = _launch_grid(n * _cdiv(ho * wo, block_p), _cdiv(c, block_c), op=_OP,
                                axis_meaning=_TILE_AXES)
     torch.library.wrap_triton(_grid_sample_fwd_kernel)[launch_grid](
         input, coords, out,
@@ -681,7 +674,7 @@ def backward(grad_output, input, grid, theta, interpolation, padding_mode, align
     need_input, need_coords = bool(output_mask[0]), bool(output_mask[1])
     modes = _modes(interpolation, padding_mode, align_corners)
     nearest = modes["INTERPOLATION"] == 1
-    fmt = _memory_format(input)
+    fmt = _output_format(input)
     channels_last = _channels_last(input)
     acc_f64 = input.dtype == torch.float64
     acc_dtype = _acc_dtype(input.dtype)
@@ -703,10 +696,10 @@ def backward(grad_output, input, grid, theta, interpolation, padding_mode, align
     keys = scatter and bool(deterministic)
 
     block_p, block_c = _blocks(c, ho * wo, channels_last)
-    tiles = triton.cdiv(ho * wo, block_p)
+    tiles = _cdiv(ho * wo, block_p)
     # Atomic-only work has no per-pixel channel sum: spread the channels over programs too.
-    splits = triton.cdiv(c, block_c) if (atomic and not coord_grad) else 1
-    c_per_program = block_c * triton.cdiv(triton.cdiv(c, block_c), splits)
+    splits = _cdiv(c, block_c) if (atomic and not coord_grad) else 1
+    c_per_program = block_c * _cdiv(_cdiv(c, block_c), splits)
     taps = 1 if nearest else 4
     nhw = n * h * w
 
@@ -756,7 +749,7 @@ def backward(grad_output, input, grid, theta, interpolation, padding_mode, align
     elif keys:
         offsets, perm = _sorted_entries(key_buf, n, taps * ho * wo, h * w + 1)
         block_q, block_cg = _blocks(c, nhw, channels_last)
-        gather_grid = _launch_grid(triton.cdiv(nhw, block_q), triton.cdiv(c, block_cg), op=_OP,
+        gather_grid = _launch_grid(_cdiv(nhw, block_q), _cdiv(c, block_cg), op=_OP,
                                    axis_meaning=("input pixel tiles", "channel blocks"))
         torch.library.wrap_triton(_grid_sample_gather_kernel)[gather_grid](
             grad_output, offsets, perm, wt_buf, gi_buffer,

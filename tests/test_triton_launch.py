@@ -130,3 +130,22 @@ def test_deterministic_backward_sorts_in_runs_of_whole_images(monkeypatch):
     monkeypatch.setattr(grid_sample, "_MAX_SORT_ENTRIES", per_image - 1)
     with pytest.raises(ValueError, match="sorts 24 entries for one image"):
         grid_sample._sorted_entries(keys, images, per_image, pixels + 1)
+
+
+def test_memory_format_is_prims_suggest_memory_format():
+    """The launchers' cached output format is exactly torch._prims_common.suggest_memory_format
+    (what the ops' fake impls use), over dense, sliced, expanded and degenerate layouts."""
+    from torch._prims_common import suggest_memory_format
+
+    base = torch.randn(2, 3, 5, 4)
+    cases = [
+        base, base.contiguous(memory_format=torch.channels_last), base[:, :1], base[:, :, ::2],
+        base.contiguous(memory_format=torch.channels_last)[..., 1:], base[:1].expand(3, 3, 5, 4),
+        torch.randn(2, 1, 5, 4).contiguous(memory_format=torch.channels_last), torch.randn(2, 3, 1, 1),
+        torch.randn(0, 3, 5, 4), torch.randn(2, 3, 5, 4).permute(0, 1, 3, 2),
+        torch.nn.Parameter(torch.randn(3, 1, 3, 3)),
+    ]
+    for t in cases:
+        for _ in range(2):  # computed, then from the cache
+            assert launch.memory_format(t) == suggest_memory_format(t), (t.shape, t.stride())
+    assert launch.cdiv(7, 2) == 4 and launch.cdiv(8, 2) == 4 and launch.cdiv(0, 3) == 0
