@@ -50,6 +50,9 @@ if [[ " $steps " == *" build "* ]]; then
   rc=$?
   grep -E "fastcnn build configuration|ptxas|error" -A3 "$out/build.log" | head -40
   if (( rc != 0 )); then tail -n 40 "$out/build.log"; echo "== build failed"; exit 1; fi
+  # _C must use the shared libstdc++ that torch uses (see setup.py): a private static copy
+  # crashed every C++ error message with a number in it on the first H200 session.
+  readelf -d fastcnn/_C*.so 2>/dev/null | grep -E "NEEDED.*(libstdc|libc10)" || true
   python3 -m fastcnn info || exit 1
 fi
 
