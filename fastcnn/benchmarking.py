@@ -117,9 +117,11 @@ class ProviderSpec:
     fn: Callable[..., Any]
     context: Optional[Callable[[], ContextManager]] = None
     modes: Optional[Sequence[str]] = None  # the modes it is raced in; None: every mode
+    layouts: Optional[Sequence[str]] = None  # the layouts it is raced in; None: every layout
 
-    def runs(self, mode: str) -> bool:
-        return self.modes is None or mode in self.modes
+    def runs(self, mode: str, layout: Optional[str] = None) -> bool:
+        return (self.modes is None or mode in self.modes) and (
+            layout is None or self.layouts is None or layout in self.layouts)
 
 
 def fastcnn_backends(device) -> List[str]:
@@ -153,20 +155,32 @@ def deterministic_algorithms(enabled: bool = True, fill_uninitialized_memory: bo
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
 
 
-def fastcnn_context(backend: str, deterministic: bool = False) -> Callable[[], ContextManager]:
-    """A context factory for a ProviderSpec: fastcnn.use_backend(backend), and with
-    `deterministic` also torch.use_deterministic_algorithms(True) (see deterministic_algorithms)."""
+def fastcnn_context(
+    backend: str, deterministic: bool = False, env: Optional[Dict[str, str]] = None
+) -> Callable[[], ContextManager]:
+    """A context factory for a ProviderSpec: fastcnn.use_backend(backend), with `deterministic`
+    also torch.use_deterministic_algorithms(True) (see deterministic_algorithms), and `env` set in
+    the environment (kernel variants the C++ launchers read per call), restored after."""
 
     @contextlib.contextmanager
     def context():
         import fastcnn
 
-        with fastcnn.use_backend(backend):
-            if deterministic:
-                with deterministic_algorithms(True):
+        saved = {name: os.environ.get(name) for name in env or {}}
+        os.environ.update(env or {})
+        try:
+            with fastcnn.use_backend(backend):
+                if deterministic:
+                    with deterministic_algorithms(True):
+                        yield
+                else:
                     yield
-            else:
-                yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
     return context
 
@@ -711,7 +725,7 @@ def run_op(
                 prep = prepare(args, grad_output, mode, layout, device, dtype)
                 offered = [
                     p for p in op.providers(device, compile=compile)
-                    if (providers is None or p.name in providers) and p.runs(mode)
+                    if (providers is None or p.name in providers) and p.runs(mode, layout)
                 ]
                 timed: List[Provider] = []
                 checks: Dict[str, Dict[str, Any]] = {}

@@ -3,6 +3,7 @@ interleaving and ratio math on fake providers with a fake clock, floors, the env
 `fastcnn info`, and a tiny `fastcnn bench` that writes JSON, markdown and PNG."""
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -563,3 +564,26 @@ def _no_sync():
     stack.enter_context(unittest.mock.patch.object(torch.cuda, "reset_peak_memory_stats", lambda: None))
     stack.enter_context(unittest.mock.patch.object(torch.cuda, "memory_allocated", lambda: 0))
     return stack
+
+
+def test_env_context_sets_and_restores_variables(monkeypatch):
+    monkeypatch.setenv("FASTCNN_TEST_KEPT", "before")
+    monkeypatch.delenv("FASTCNN_TEST_NEW", raising=False)
+    context = benchmarking.fastcnn_context("reference", env={"FASTCNN_TEST_KEPT": "inside", "FASTCNN_TEST_NEW": "1"})
+    with pytest.raises(RuntimeError):
+        with context():
+            assert os.environ["FASTCNN_TEST_KEPT"] == "inside" and os.environ["FASTCNN_TEST_NEW"] == "1"
+            raise RuntimeError("boom")
+    assert os.environ["FASTCNN_TEST_KEPT"] == "before" and "FASTCNN_TEST_NEW" not in os.environ
+
+
+def test_cuda_rows_kernel_provider_runs_channels_last_only(monkeypatch):
+    monkeypatch.setattr(benchmarking, "fastcnn_backends", lambda device: ["cuda", "triton"])
+    specs = {p.name: p for p in depthwise.providers("cuda")}
+    rows = specs["fastcnn[cuda,cl-rows]"]
+    assert rows.runs("forward", "channels_last") and rows.runs("forward+backward", "channels_last")
+    assert not rows.runs("forward", "nchw") and specs["fastcnn[cuda]"].runs("forward", "nchw")
+    with rows.context():
+        assert os.environ["FASTCNN_CUDA_DEPTHWISE_CL"] == "rows"
+    monkeypatch.setattr(benchmarking, "fastcnn_backends", lambda device: ["cpu"])
+    assert "fastcnn[cuda,cl-rows]" not in [p.name for p in depthwise.providers("cpu")]

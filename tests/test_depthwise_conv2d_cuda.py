@@ -190,6 +190,45 @@ def test_shapes(name, dtype, layout):
     run_case(N, C, H, W, kH, kW, stride, padding, dilation, dtype=dtype, layout=layout)
 
 
+# The channels_last forward kernel dw_fwd_cl_rows (FASTCNN_CUDA_DEPTHWISE_CL=rows; emulated on the
+# CPU in test_cuda_emulation.py): 3x3/5x5, stride 1 or 2, C % 4 == 0. It also computes the stride-1
+# grad_input. Cases it declines (C = 17, 7x7, stride 3) check the fallback under the same setting.
+CL_ROWS_CASES = {f"mbv1_c{c}_{h}x{h}_s{s}": (2, c, h, h, 3, 3, (s, s), None, (1, 1)) for c, h, s in MOBILENET_V1}
+CL_ROWS_CASES.update({name: SHAPES[name] for name in (
+    "stride2_odd_input", "stride2_5x5_odd", "stride3", "asymmetric_padding", "padding_larger_than_half",
+    "padding_larger_than_kernel_stride2", "channels_17", "one_by_one_spatial", "width_smaller_than_row_vector",
+    "batch_1", "stride2_7x7_no_pad",
+)})
+CL_ROWS_CASES["k5_odd"] = (3, 12, 23, 29, 5, 5, (1, 1), (2, 2, 2, 2), (1, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("name", list(CL_ROWS_CASES))
+def test_channels_last_rows_kernel(name, dtype, monkeypatch):
+    monkeypatch.setenv("FASTCNN_CUDA_DEPTHWISE_CL", "rows")
+    N, C, H, W, kH, kW, stride, padding, dilation = CL_ROWS_CASES[name]
+    torch.manual_seed(len(name) + 100)
+    run_case(N, C, H, W, kH, kW, stride, padding, dilation, dtype=dtype, layout="channels_last")
+
+
+@pytest.mark.parametrize("offset", [1, 4], ids=["misaligned", "8_byte_aligned"])
+def test_channels_last_rows_kernel_storage_offset(offset, monkeypatch):
+    # fp16 at an 8-byte (not 16-byte) boundary: the rows kernel takes it (8-byte loads of 4
+    # channels), the general kernel falls back to scalar loads; at 2 bytes both decline.
+    monkeypatch.setenv("FASTCNN_CUDA_DEPTHWISE_CL", "rows")
+    torch.manual_seed(8)
+    N, C, H, W = 2, 32, 12, 13
+    storage = randn(N * C * H * W + offset, dtype=torch.float16)
+    x = storage[offset:].as_strided((N, C, H, W), (H * W * C, 1, W * C, C))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    w = randn(C, 1, 3, 3, dtype=torch.float16)
+    b = randn(C, dtype=torch.float16)
+    args = ((1, 1), (1, 1, 1, 1), (1, 1))
+    y = ours(x, w, b, *args)
+    truth = reference(x.double(), w.double(), b.double(), *args)
+    assert_matches("output", y, reference(x, w, b, *args), truth)
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_without_bias(layout):
     torch.manual_seed(1)

@@ -4,8 +4,10 @@ large kernels at 8x128x56x56: 7x7 (ConvNeXt's depthwise conv, with bias) and 31x
 without), padding k // 2.
 
 Providers: every fastcnn backend that runs on the device (fastcnn[cpu], fastcnn[cuda],
-fastcnn[triton]), PyTorch eager `F.conv2d(groups=C)` (the baseline, "torch"), and optionally
-`torch.compile` of the same F.conv2d call.
+fastcnn[triton]); on CUDA also fastcnn[cuda,cl-rows], the channels_last cases with
+FASTCNN_CUDA_DEPTHWISE_CL=rows (the register-tap row-segment forward kernel, not yet the default);
+PyTorch eager `F.conv2d(groups=C)` (the baseline, "torch"), and optionally `torch.compile` of the
+same F.conv2d call.
 """
 import dataclasses
 from typing import Optional, Sequence
@@ -129,6 +131,11 @@ def providers(device, compile: bool = False):
         benchmarking.ProviderSpec(f"fastcnn[{name}]", _fastcnn, benchmarking.fastcnn_context(name))
         for name in benchmarking.fastcnn_backends(device)
     ]
+    if "cuda" in benchmarking.fastcnn_backends(device):
+        specs.append(benchmarking.ProviderSpec(
+            "fastcnn[cuda,cl-rows]", _fastcnn,
+            benchmarking.fastcnn_context("cuda", env={"FASTCNN_CUDA_DEPTHWISE_CL": "rows"}),
+            layouts=("channels_last",)))
     specs.append(benchmarking.ProviderSpec(benchmarking.BASELINE, _torch))
     if compile:
         # A fresh compile per case: dynamo's recompile limit is per code object, and hitting it

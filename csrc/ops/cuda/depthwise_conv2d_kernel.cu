@@ -15,7 +15,10 @@
 //       outputs and all taps of that row.
 //   forward NCHW, any other shape: same mapping, runtime taps/stride/dilation, no register reuse.
 //   forward channels_last: threads run across channels (16-byte vector loads when C allows),
-//       the block's taps sit in shared memory laid out [tap][channel].
+//       the block's taps sit in shared memory laid out [tap][channel]. With
+//       FASTCNN_CUDA_DEPTHWISE_CL=rows, 3x3/5x5 at stride 1 or 2 run dw_fwd_cl_rows instead (taps in
+//       registers, a row segment per thread; depthwise_conv2d_cl_rows.h), which is checked on the
+//       CPU by emulation but not yet measured on a GPU: hence not the default.
 //   grad_input, stride 1: the forward kernels on grad_output with the kernel flipped and padding
 //       (k-1)*dilation - pad (a gather: each grad_input element is written once by one thread).
 //   grad_input, stride > 1: a gather kernel over grad_input elements (NCHW and channels_last).
@@ -30,19 +33,25 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "common/depthwise_conv2d_checks.h"
 #include "common/depthwise_conv2d_index.h"
+#include "ops/cuda/depthwise_conv2d_cl_rows.h"
 
 namespace fastcnn {
 namespace {
@@ -311,6 +320,16 @@ __global__ void __launch_bounds__(kThreads) dw_fwd_cl(
     for (int j = 0; j < VEC; ++j) y.v[j] = static_cast<scalar_t>(acc[j]);
     *reinterpret_cast<Vec<scalar_t, VEC>*>(out + p * C + c) = y;
   }
+}
+
+// Fixed K x K, stride S both ways, dilation 1, 32-bit indices; see depthwise_conv2d_cl_rows.h.
+template <typename scalar_t, int K, int S>
+__global__ void __launch_bounds__(depthwise::cl_rows::kThreads) dw_fwd_cl_rows(
+    const scalar_t* __restrict__ in, const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
+    scalar_t* __restrict__ out, const depthwise::cl_rows::Geom g, const bool flip) {
+  depthwise::cl_rows::forward_thread<scalar_t, K, S>(
+      in, weight, bias, out, g, flip, static_cast<int32_t>(blockIdx.x * blockDim.x + threadIdx.x),
+      static_cast<int32_t>(blockIdx.y * blockDim.y + threadIdx.y), static_cast<int32_t>(blockDim.y * gridDim.y));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -717,6 +736,57 @@ struct ClLaunch {
   }
 };
 
+// FASTCNN_CUDA_DEPTHWISE_CL=rows selects dw_fwd_cl_rows where it applies; read every call (tests
+// and benchmarks switch it in process; a getenv is ~0.1 us).
+inline bool cl_rows_selected() {
+  const char* value = std::getenv("FASTCNN_CUDA_DEPTHWISE_CL");
+  return value != nullptr && std::strcmp(value, "rows") == 0;
+}
+
+// SMs of the current device (ATen's device-properties header needs cuSPARSE's headers; this does not).
+inline int64_t multiprocessor_count() {
+  constexpr int kMaxDevices = 64;
+  static std::array<std::atomic<int>, kMaxDevices> cache{};
+  const int device = c10::cuda::current_device();
+  int count = device < kMaxDevices ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    if (device < kMaxDevices) cache[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
+}
+
+template <typename scalar_t>
+bool try_launch_cl_rows(
+    const scalar_t* in, const scalar_t* weight, const scalar_t* bias, scalar_t* out, const Geom& g, bool flip,
+    bool use32, cudaStream_t stream) {
+  namespace rows = depthwise::cl_rows;
+  const auto pack_bytes = static_cast<uintptr_t>(sizeof(scalar_t) * rows::kVec);
+  const bool aligned = reinterpret_cast<uintptr_t>(in) % pack_bytes == 0 && reinterpret_cast<uintptr_t>(out) % pack_bytes == 0;
+  if (!use32 || !cl_rows_selected() || !rows::supports(g.kH, g.kW, g.sh, g.sw, g.dh, g.dw, g.C, aligned)) return false;
+  const int64_t sm_count = multiprocessor_count();
+  auto run = [&](auto k_tag, auto s_tag) {
+    constexpr int K = decltype(k_tag)::value;
+    constexpr int S = decltype(s_tag)::value;
+    const rows::Geom rg = rows::make_geom<K>(g.N, g.C, g.Hi, g.Wi, g.Ho, g.Wo, g.pt, g.pl);
+    const rows::Launch l = rows::launch_shape(g.C, int64_t{rg.N} * rg.Ho * rg.segments_per_row, sm_count);
+    const dim3 grid(static_cast<unsigned int>(l.grid_x), static_cast<unsigned int>(l.grid_y));
+    const dim3 block(static_cast<unsigned int>(l.block_x), static_cast<unsigned int>(l.block_y));
+    dw_fwd_cl_rows<scalar_t, K, S><<<grid, block, 0, stream>>>(in, weight, bias, out, rg, flip);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  using K3 = std::integral_constant<int, 3>;
+  using K5 = std::integral_constant<int, 5>;
+  using S1 = std::integral_constant<int, 1>;
+  using S2 = std::integral_constant<int, 2>;
+  if (g.kH == 3) {
+    g.sh == 1 ? run(K3{}, S1{}) : run(K3{}, S2{});
+  } else {
+    g.sh == 1 ? run(K5{}, S1{}) : run(K5{}, S2{});
+  }
+  return true;
+}
+
 // out = correlation of `in` (g.Hi x g.Wi) with the taps (flipped when `flip`), plus bias.
 template <typename scalar_t>
 void launch_forward(
@@ -752,6 +822,7 @@ void launch_forward(
     });
     return;
   }
+  if (try_launch_cl_rows<scalar_t>(in, weight, bias, out, g, flip, use32, stream)) return;
   constexpr int kVec = static_cast<int>(16 / sizeof(scalar_t));
   const bool can_vectorize = g.C % kVec == 0 && aligned16(in) && aligned16(out);
   const ClLaunch<scalar_t> cfg(g.C, K, g.N * g.Ho * g.Wo, can_vectorize);
