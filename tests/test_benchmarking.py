@@ -378,7 +378,8 @@ def test_grid_sample_providers(monkeypatch):
     assert all(f"{n[:-1]},deterministic]" in names for n in names if n.startswith("fastcnn[") and "," not in n)
     monkeypatch.setattr(benchmarking, "fastcnn_backends", lambda device: ["cuda", "triton"])
     assert [p.name for p in grid_sample.providers("cuda")] == [
-        "fastcnn[cuda]", "fastcnn[cuda,deterministic]", "fastcnn[triton]", "fastcnn[triton,deterministic]", "torch"]
+        "fastcnn[cuda]", "fastcnn[cuda,deterministic]", "fastcnn[triton]", "fastcnn[triton,deterministic]",
+        "fastcnn[cuda,deterministic,int32-sort]", "torch"]
 
 
 def test_deterministic_context_sets_and_restores_the_global_setting():

@@ -429,6 +429,32 @@ def test_deterministic(op, mode, layout, dtype):
     run_case(op, 2, 16, 23, 21, 60, 57, mode, "border", True, dtype, layout, coords=coords, deterministic_mode=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("op", OPS)
+def test_deterministic_narrow_sort_is_bitwise_the_default(op, mode, layout, dtype, monkeypatch):
+    """FASTCNN_CUDA_GRID_SAMPLE_SORT=int32 (int32 keys and entries, a radix sort over the key bits
+    in use) must give bitwise the int64 at::sort path's results: the same stable order. Under the
+    sort-length limit of test_deterministic_sort_in_image_runs it falls back to that path."""
+    torch.manual_seed(23)
+    fmt = LAYOUTS[layout]
+    x = randn(3, 12, 23, 21, dtype=dtype, memory_format=fmt)  # 1449 keys: an 11-bit sort
+    coords = random_theta(3, dtype) if op == "affine" else random_grid(3, 40, 37, dtype, spread=1.3)
+    go = randn(3, 12, 40, 37, dtype=dtype, memory_format=fmt)
+    with deterministic():
+        wide = ours_backward(go, x, coords, op, mode, "zeros", False)
+        monkeypatch.setenv("FASTCNN_CUDA_GRID_SAMPLE_SORT", "int32")
+        narrow = ours_backward(go, x, coords, op, mode, "zeros", False)
+        again = ours_backward(go, x, coords, op, mode, "zeros", False)
+        monkeypatch.setenv("FASTCNN_MAX_SORT_ENTRIES", str(40 * 37 * 4))
+        in_runs = ours_backward(go, x, coords, op, mode, "zeros", False)
+    for a, b, c, d in zip(wide, narrow, again, in_runs):
+        assert torch.equal(a, b) and torch.equal(b, c) and torch.equal(a, d)
+    monkeypatch.delenv("FASTCNN_MAX_SORT_ENTRIES")
+    run_case(op, 3, 12, 23, 21, 40, 37, mode, "zeros", False, dtype, layout, coords=coords, deterministic_mode=True)
+
+
 def test_deterministic_sort_in_image_runs(monkeypatch):
     """torch.sort takes at most 2**31 - 1 elements on CUDA: past that the deterministic backward
     sorts its (sample, tap) entries a run of whole images at a time. FASTCNN_MAX_SORT_ENTRIES

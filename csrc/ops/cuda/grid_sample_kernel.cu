@@ -44,6 +44,10 @@
 //       writes every grad_input element exactly once: the sum over its run, in sorted order, of
 //       weight * grad_output. In-bounds taps of weight zero are kept, so a non-finite grad_output
 //       propagates as it does through the atomic path and PyTorch.
+//       With FASTCNN_CUDA_GRID_SAMPLE_SORT=int32 (not the default until measured on a GPU) keys,
+//       entry indices and run bounds are int32 when they fit, and the radix sort runs over the
+//       key bits in use only (ceil(log2(N*Hi*Wi + 1)): 16 for 64x1x28x28, against 64 for at::sort's
+//       int64 keys). Same stable order: the results are bitwise those of the int64 path.
 // PyTorch's own CUDA grid_sampler_2d_backward always uses atomics (and raises in deterministic
 // mode); this kernel honours torch.use_deterministic_algorithms(True) instead.
 //
@@ -57,6 +61,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/cub.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/sort.h>
@@ -70,6 +75,7 @@
 #include <array>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 #include <limits>
 #include <tuple>
@@ -499,11 +505,12 @@ __global__ void __launch_bounds__(kThreads) gs_theta_finish(
 
 // Entry e = p * taps + k (taps = 4 bilinear, 1 nearest): keys[e] = n*Hi*Wi + y*Wi + x of tap k of
 // output pixel p, or `sentinel` (= N*Hi*Wi, last in its run of images: see sort_entries) when out
-// of bounds; weights[e] its weight.
-template <typename scalar_t, bool kAffine>
+// of bounds; weights[e] its weight; entries[e] = e when `entries` is given (the values the int32
+// radix sort permutes; at::sort makes its own).
+template <typename scalar_t, bool kAffine, typename key_t>
 __global__ void __launch_bounds__(kThreads) gs_record_taps(
-    const scalar_t* __restrict__ coords, int64_t* __restrict__ keys, at::opmath_type<scalar_t>* __restrict__ weights,
-    const Geom g, const bool small) {
+    const scalar_t* __restrict__ coords, key_t* __restrict__ keys, key_t* __restrict__ entries,
+    at::opmath_type<scalar_t>* __restrict__ weights, const Geom g, const bool small) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t P = g.N * g.Ho * g.Wo;
   const int64_t in_plane = g.Hi * g.Wi;
@@ -515,14 +522,16 @@ __global__ void __launch_bounds__(kThreads) gs_record_taps(
     const Source<acc_t> s = source_of<scalar_t, kAffine>(coords, g, n, oy, ox, p);
     if (g.nearest) {
       const NearestTap t = nearest_of(s.x, s.y, g);
-      keys[p] = t.ok ? n * in_plane + t.off : sentinel;
+      keys[p] = static_cast<key_t>(t.ok ? n * in_plane + t.off : sentinel);
       weights[p] = acc_t(1);
+      if (entries != nullptr) entries[p] = static_cast<key_t>(p);
     } else {
       const Bilinear<acc_t> b = bilinear_of(s.x, s.y, g);
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        keys[4 * p + k] = b.ok[k] ? n * in_plane + b.off[k] : sentinel;
+        keys[4 * p + k] = static_cast<key_t>(b.ok[k] ? n * in_plane + b.off[k] : sentinel);
         weights[4 * p + k] = b.w[k];
+        if (entries != nullptr) entries[4 * p + k] = static_cast<key_t>(4 * p + k);
       }
     }
   }
@@ -531,23 +540,24 @@ __global__ void __launch_bounds__(kThreads) gs_record_taps(
 // start[key] / end[key]: the run of `key` in the sorted keys is [start, end). Both arrays are
 // zero-initialised, so a pixel no tap reaches has an empty run. Each element is written by one
 // thread at most.
+template <typename key_t>
 __global__ void __launch_bounds__(kThreads) gs_run_bounds(
-    const int64_t* __restrict__ sorted, const int64_t M, const int64_t num_keys, int64_t* __restrict__ start,
-    int64_t* __restrict__ end) {
+    const key_t* __restrict__ sorted, const int64_t M, const int64_t num_keys, key_t* __restrict__ start,
+    key_t* __restrict__ end) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < M; i += step) {
     const int64_t key = sorted[i];
     if (!(key >= 0 && key < num_keys)) continue;
-    if (i == 0 || sorted[i - 1] != key) start[key] = i;
-    if (i == M - 1 || sorted[i + 1] != key) end[key] = i + 1;
+    if (i == 0 || sorted[i - 1] != sorted[i]) start[key] = static_cast<key_t>(i);
+    if (i == M - 1 || sorted[i + 1] != sorted[i]) end[key] = static_cast<key_t>(i + 1);
   }
 }
 
 // NCHW: thread per grad_input element (n, c, y, x); sums its run in sorted order.
-template <typename scalar_t>
+template <typename scalar_t, typename key_t>
 __global__ void __launch_bounds__(kThreads) gs_gather_nchw(
-    const scalar_t* __restrict__ go, const int64_t* __restrict__ perm, const at::opmath_type<scalar_t>* __restrict__ weights,
-    const int64_t* __restrict__ start, const int64_t* __restrict__ end, scalar_t* __restrict__ grad_in, const Geom g,
+    const scalar_t* __restrict__ go, const key_t* __restrict__ perm, const at::opmath_type<scalar_t>* __restrict__ weights,
+    const key_t* __restrict__ start, const key_t* __restrict__ end, scalar_t* __restrict__ grad_in, const Geom g,
     const int tap_shift, const bool small) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t in_plane = g.Hi * g.Wi, out_plane = g.Ho * g.Wo;
@@ -571,10 +581,10 @@ __global__ void __launch_bounds__(kThreads) gs_gather_nchw(
 }
 
 // channels_last: block (tx, ty); threadIdx.y picks the input pixel q, the lanes split its channels.
-template <typename scalar_t, int VEC>
+template <typename scalar_t, int VEC, typename key_t>
 __global__ void __launch_bounds__(kThreads) gs_gather_cl(
-    const scalar_t* __restrict__ go, const int64_t* __restrict__ perm, const at::opmath_type<scalar_t>* __restrict__ weights,
-    const int64_t* __restrict__ start, const int64_t* __restrict__ end, scalar_t* __restrict__ grad_in, const Geom g,
+    const scalar_t* __restrict__ go, const key_t* __restrict__ perm, const at::opmath_type<scalar_t>* __restrict__ weights,
+    const key_t* __restrict__ start, const key_t* __restrict__ end, scalar_t* __restrict__ grad_in, const Geom g,
     const int tap_shift) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t Q = g.N * g.Hi * g.Wi;
@@ -719,9 +729,14 @@ void launch_backward_pixels(const at::Tensor& go, const at::Tensor& x, const at:
 // runs of whole images in place is the same sort, sentinels aside (one per run, at its end;
 // gs_run_bounds skips them). FASTCNN_MAX_SORT_ENTRIES (read per call) lowers the run length for
 // tests.
-std::tuple<at::Tensor, at::Tensor> sort_entries(const at::Tensor& keys, int64_t per_image) {
+int64_t sort_limit() {
   int64_t limit = std::numeric_limits<int32_t>::max();
   if (const char* value = std::getenv("FASTCNN_MAX_SORT_ENTRIES")) limit = std::max<int64_t>(1, std::atoll(value));
+  return limit;
+}
+
+std::tuple<at::Tensor, at::Tensor> sort_entries(const at::Tensor& keys, int64_t per_image) {
+  const int64_t limit = sort_limit();
   const int64_t total = keys.numel();
   if (total <= limit) return at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   TORCH_CHECK(per_image <= limit, "grid_sample: the deterministic backward sorts ", per_image,
@@ -738,43 +753,67 @@ std::tuple<at::Tensor, at::Tensor> sort_entries(const at::Tensor& keys, int64_t 
   return {sorted, perm};
 }
 
-template <typename scalar_t, bool kAffine>
-void launch_deterministic_grad_input(const at::Tensor& go, const at::Tensor& coords, at::Tensor& grad_input,
-                                     const Geom& g, bool channels_last, cudaStream_t stream) {
+// FASTCNN_CUDA_GRID_SAMPLE_SORT=int32 selects the narrow sort (see the note at the top); read per
+// call so that tests and benchmarks switch it in process.
+bool narrow_sort_selected() {
+  const char* value = std::getenv("FASTCNN_CUDA_GRID_SAMPLE_SORT");
+  return value != nullptr && std::strcmp(value, "int32") == 0;
+}
+
+// Bits that hold every key 0..max_key (max_key = the sentinel).
+int64_t key_bits(int64_t max_key) {
+  int64_t bits = 1;
+  while (bits < 63 && (max_key >> bits) != 0) ++bits;
+  return bits;
+}
+
+template <typename scalar_t, bool kAffine, typename key_t>
+void deterministic_grad_input(const at::Tensor& go, const at::Tensor& coords, at::Tensor& grad_input, const Geom& g,
+                              bool channels_last, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kNarrow = std::is_same_v<key_t, int32_t>;
   const int64_t P = g.N * g.Ho * g.Wo;
   const int tap_shift = g.nearest ? 0 : 2;
   const int64_t M = P << tap_shift;
   const int64_t num_keys = g.N * g.Hi * g.Wi;
-  const auto long_opts = go.options().dtype(at::kLong);
-  at::Tensor keys = at::empty({M}, long_opts);
+  const auto key_opts = go.options().dtype(kNarrow ? at::kInt : at::kLong);
+  at::Tensor keys = at::empty({M}, key_opts);
+  at::Tensor entries = kNarrow ? at::empty({M}, key_opts) : at::Tensor();
   at::Tensor weights = at::empty({M}, go.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  gs_record_taps<scalar_t, kAffine><<<blocks_for(P, kThreads), kThreads, 0, stream>>>(
-      coords.const_data_ptr<scalar_t>(), keys.mutable_data_ptr<int64_t>(), weights.mutable_data_ptr<acc_t>(), g,
-      fits_int32(P));
+  gs_record_taps<scalar_t, kAffine, key_t><<<blocks_for(P, kThreads), kThreads, 0, stream>>>(
+      coords.const_data_ptr<scalar_t>(), keys.mutable_data_ptr<key_t>(),
+      kNarrow ? entries.mutable_data_ptr<key_t>() : nullptr, weights.mutable_data_ptr<acc_t>(), g, fits_int32(P));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // Stable: equal keys keep ascending entry order, so every run is summed in a fixed order.
   at::Tensor sorted, perm;
-  std::tie(sorted, perm) = sort_entries(keys, g.N > 0 ? M / g.N : M);
+  if constexpr (kNarrow) {
+    sorted = at::empty({M}, key_opts);
+    perm = at::empty({M}, key_opts);
+    at::cuda::cub::radix_sort_pairs<int32_t, int32_t>(
+        keys.const_data_ptr<int32_t>(), sorted.mutable_data_ptr<int32_t>(), entries.const_data_ptr<int32_t>(),
+        perm.mutable_data_ptr<int32_t>(), M, /*descending=*/false, /*begin_bit=*/0, key_bits(num_keys));
+    entries = at::Tensor();
+  } else {
+    std::tie(sorted, perm) = sort_entries(keys, g.N > 0 ? M / g.N : M);
+  }
   keys = at::Tensor();
 
-  at::Tensor start = at::zeros({num_keys}, long_opts);
-  at::Tensor end = at::zeros({num_keys}, long_opts);
-  gs_run_bounds<<<blocks_for(M, kThreads), kThreads, 0, stream>>>(
-      sorted.const_data_ptr<int64_t>(), M, num_keys, start.mutable_data_ptr<int64_t>(),
-      end.mutable_data_ptr<int64_t>());
+  at::Tensor start = at::zeros({num_keys}, key_opts);
+  at::Tensor end = at::zeros({num_keys}, key_opts);
+  gs_run_bounds<key_t><<<blocks_for(M, kThreads), kThreads, 0, stream>>>(
+      sorted.const_data_ptr<key_t>(), M, num_keys, start.mutable_data_ptr<key_t>(), end.mutable_data_ptr<key_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const scalar_t* gop = go.const_data_ptr<scalar_t>();
-  const int64_t* pp = perm.const_data_ptr<int64_t>();
+  const key_t* pp = perm.const_data_ptr<key_t>();
   const acc_t* wp = weights.const_data_ptr<acc_t>();
-  const int64_t* sp = start.const_data_ptr<int64_t>();
-  const int64_t* ep = end.const_data_ptr<int64_t>();
+  const key_t* sp = start.const_data_ptr<key_t>();
+  const key_t* ep = end.const_data_ptr<key_t>();
   scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
   if (!channels_last) {
     const int64_t total = g.N * g.C * g.Hi * g.Wi;
-    gs_gather_nchw<scalar_t><<<blocks_for(total, kThreads), kThreads, 0, stream>>>(
+    gs_gather_nchw<scalar_t, key_t><<<blocks_for(total, kThreads), kThreads, 0, stream>>>(
         gop, pp, wp, sp, ep, gi, g, tap_shift, fits_int32(total));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
@@ -783,11 +822,23 @@ void launch_deterministic_grad_input(const at::Tensor& go, const at::Tensor& coo
   const int vec = channel_vector<scalar_t>(g.C, {gop, gi});
   const ClShape shape = cl_shape(g.C, vec, num_keys);
   if (vec == kVec) {
-    gs_gather_cl<scalar_t, kVec><<<shape.grid, shape.block, 0, stream>>>(gop, pp, wp, sp, ep, gi, g, tap_shift);
+    gs_gather_cl<scalar_t, kVec, key_t><<<shape.grid, shape.block, 0, stream>>>(gop, pp, wp, sp, ep, gi, g, tap_shift);
   } else {
-    gs_gather_cl<scalar_t, 1><<<shape.grid, shape.block, 0, stream>>>(gop, pp, wp, sp, ep, gi, g, tap_shift);
+    gs_gather_cl<scalar_t, 1, key_t><<<shape.grid, shape.block, 0, stream>>>(gop, pp, wp, sp, ep, gi, g, tap_shift);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, bool kAffine>
+void launch_deterministic_grad_input(const at::Tensor& go, const at::Tensor& coords, at::Tensor& grad_input,
+                                     const Geom& g, bool channels_last, cudaStream_t stream) {
+  const int64_t M = (g.N * g.Ho * g.Wo) << (g.nearest ? 0 : 2);
+  const bool narrow = narrow_sort_selected() && M <= sort_limit() && fits_int32(g.N * g.Hi * g.Wi);
+  if (narrow) {
+    deterministic_grad_input<scalar_t, kAffine, int32_t>(go, coords, grad_input, g, channels_last, stream);
+  } else {
+    deterministic_grad_input<scalar_t, kAffine, int64_t>(go, coords, grad_input, g, channels_last, stream);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
