@@ -7,14 +7,16 @@
 #   bench/gpu_session.sh OUTDIR [SECONDS] [REVISION]
 #
 # Writes OUTDIR/session.log (everything), OUTDIR/build.log, OUTDIR/pytest.xml and
-# OUTDIR/results.tar.gz (bench/results/cuda-<gpu>/ as the benchmarks left it).
-# GPU_SESSION_STEPS (default "build test bench") picks steps; GPU_SESSION_PYTEST adds pytest args.
+# OUTDIR/results.tar.gz (bench/results/cuda-<gpu>/ as the benchmarks left it, with the per-kernel
+# breakdown of bench/profile_kernels.py from the "profile" step).
+# GPU_SESSION_STEPS (default "build test bench profile") picks steps; GPU_SESSION_PYTEST adds
+# pytest args.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: bench/gpu_session.sh OUTDIR [SECONDS] [REVISION]}"
 deadline=$(( $(date +%s) + ${2:-480} ))
 revision="${3:-unknown}"
-steps="${GPU_SESSION_STEPS:-build test bench}"
+steps="${GPU_SESSION_STEPS:-build test bench profile}"
 mkdir -p "$out"
 exec > >(tee -a "$out/session.log") 2>&1
 export PYTHONUNBUFFERED=1
@@ -69,6 +71,14 @@ if [[ " $steps " == *" bench "* ]]; then
         --dtype "$dtype" --rounds 7 --min-time 0.005 --max-time 3 --out "$results"
     done
   done
+fi
+
+if [[ " $steps " == *" profile "* ]]; then
+  for dtype in float32 float16; do
+    step 90 python3 bench/profile_kernels.py --device cuda --dtype "$dtype" --out "$results" >/dev/null
+  done
+fi
+if [[ " $steps " == *" bench "* || " $steps " == *" profile "* ]]; then
   tar czf "$out/results.tar.gz" "$results" 2>/dev/null && echo "== results in $out/results.tar.gz"
 fi
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import fastcnn
 from fastcnn import benchmarking, cli
 from fastcnn.bench_cases import depthwise
 
@@ -588,3 +589,22 @@ def test_cuda_rows_kernel_provider_runs_channels_last_only(monkeypatch):
         assert os.environ["FASTCNN_CUDA_DEPTHWISE_CL"] == "rows"
     monkeypatch.setattr(benchmarking, "fastcnn_backends", lambda device: ["cpu"])
     assert "fastcnn[cuda,cl-rows]" not in [p.name for p in depthwise.providers("cpu")]
+
+
+@pytest.mark.skipif(not fastcnn._extension.has_ops(), reason="fastcnn._C is not built")
+def test_profile_kernels_script_runs_on_cpu(tmp_path):
+    """bench/profile_kernels.py (the GPU session's per-kernel breakdown) on the CPU, one STN shape."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "profile_kernels.py")
+    spec = importlib.util.spec_from_file_location("profile_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--device", "cpu", "--quick", "--steps", "1", "--ops", "grid_sample", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "profile-float32.json").read_text())
+    providers = {c["provider"]: c for c in record["cases"]}
+    assert set(providers) == {"fastcnn", "fastcnn deterministic", "torch"}
+    assert all("error" not in c and c["kernels"] for c in providers.values())
+    names = {k["name"] for k in providers["fastcnn"]["kernels"]}
+    assert {"fastcnn::affine_grid_sample", "fastcnn::_affine_grid_sample_backward"} <= names
+    assert "| grid_sample mnist28" in (tmp_path / "profile-float32.md").read_text()
