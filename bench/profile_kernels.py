@@ -10,7 +10,8 @@ lists, per provider, every kernel (CUDA) or op (CPU) with its calls and time per
 Cases: the MobileNet v1 depthwise layers at N=32 (NCHW and channels_last), the 7x7 layer, and the
 STN shapes of fastcnn bench (default and deterministic backward). Providers: fastcnn (default
 kernels), fastcnn with the opt-in kernels not yet the default (FASTCNN_CUDA_DEPTHWISE_CL=rows,
-FASTCNN_CUDA_GRID_SAMPLE_SORT=int32; CUDA only), and PyTorch. Writes profile-<dtype>.md and .json.
+FASTCNN_CUDA_DEPTHWISE_NCHW=vec, FASTCNN_CUDA_GRID_SAMPLE_SORT=int32; CUDA only), and PyTorch.
+Writes profile-<dtype>.md and .json.
 """
 import argparse
 import contextlib
@@ -63,6 +64,8 @@ def depthwise_cases(device, dtype, quick):
             providers = [("fastcnn", ours, {}, False), ("torch", torch_, {}, False)]
             if device == "cuda" and layout == "channels_last":
                 providers.insert(1, ("fastcnn cl-rows", ours, {"FASTCNN_CUDA_DEPTHWISE_CL": "rows"}, False))
+            if device == "cuda" and layout == "nchw":
+                providers.insert(1, ("fastcnn nchw-vec", ours, {"FASTCNN_CUDA_DEPTHWISE_NCHW": "vec"}, False))
             yield f"depthwise {shape.name} {shape.label} {layout}", [x, w], providers
 
 

@@ -579,7 +579,7 @@ def test_env_context_sets_and_restores_variables(monkeypatch):
     assert os.environ["FASTCNN_TEST_KEPT"] == "before" and "FASTCNN_TEST_NEW" not in os.environ
 
 
-def test_cuda_rows_kernel_provider_runs_channels_last_only(monkeypatch):
+def test_opt_in_cuda_kernel_providers_run_their_layout_only(monkeypatch):
     monkeypatch.setattr(benchmarking, "fastcnn_backends", lambda device: ["cuda", "triton"])
     specs = {p.name: p for p in depthwise.providers("cuda")}
     rows = specs["fastcnn[cuda,cl-rows]"]
@@ -587,6 +587,10 @@ def test_cuda_rows_kernel_provider_runs_channels_last_only(monkeypatch):
     assert not rows.runs("forward", "nchw") and specs["fastcnn[cuda]"].runs("forward", "nchw")
     with rows.context():
         assert os.environ["FASTCNN_CUDA_DEPTHWISE_CL"] == "rows"
+    vec = specs["fastcnn[cuda,nchw-vec]"]
+    assert vec.runs("forward", "nchw") and not vec.runs("forward", "channels_last")
+    with vec.context():
+        assert os.environ["FASTCNN_CUDA_DEPTHWISE_NCHW"] == "vec"
     monkeypatch.setattr(benchmarking, "fastcnn_backends", lambda device: ["cpu"])
     assert "fastcnn[cuda,cl-rows]" not in [p.name for p in depthwise.providers("cpu")]
 

@@ -6,7 +6,8 @@ for every (block, thread) of the launch the CUDA launcher makes, and the result 
 PyTorch. The output starts as NaN, so a pixel that no thread writes fails the comparison.
 
 Kernels covered: dw_fwd_cl_rows (depthwise channels_last forward and stride-1 grad_input,
-csrc/ops/cuda/depthwise_conv2d_cl_rows.h).
+csrc/ops/cuda/depthwise_conv2d_cl_rows.h) and dw_fwd_nchw_vec (the NCHW one with vector loads,
+depthwise_conv2d_nchw_vec.h).
 """
 import functools
 import os
@@ -25,9 +26,13 @@ H200_SMS = 132
 def _extension():
     from torch.utils import cpp_extension
 
+    # Built in this checkout's build/ (ignored by git): two checkouts never share a build.
+    build_directory = os.path.join(ROOT, "build", "cuda_emulation")
+    os.makedirs(build_directory, exist_ok=True)
     return cpp_extension.load(
         name="fastcnn_cuda_emulation",
-        sources=[os.path.join(ROOT, "tests", "cuda_emulation", "depthwise_cl_rows.cpp")],
+        sources=[os.path.join(ROOT, "tests", "cuda_emulation", "depthwise.cpp")],
+        build_directory=build_directory,
         extra_include_paths=[os.path.join(ROOT, "csrc")],
         extra_cflags=["-O2"],
         # A compiler that links libstdc++ statically by default (the GPU machines' image) would
@@ -110,3 +115,69 @@ def test_dw_fwd_cl_rows_declines_what_it_does_not_take(emulation):
     x = torch.randn(1, 8, 8, 8).contiguous(memory_format=torch.channels_last)
     with pytest.raises(RuntimeError, match="does not take"):  # 7x7 stays on the general kernel
         emulation.depthwise_cl_rows_forward(x, torch.randn(8, 1, 7, 7), None, 1, 3, 3, 8, 8, False, H200_SMS)
+
+
+# (N, C, H, W, K, stride, top padding): left/right padding k // 2, as the kernel requires.
+NCHW_VEC_CASES = [
+    (2, 3, 17, 16, 3, 1, 1),
+    (1, 5, 8, 12, 3, 2, 1),
+    (2, 2, 9, 8, 3, 1, 0),  # no top padding: bottom rows past the input
+    (1, 4, 6, 4, 3, 1, 3),  # top padding past k // 2
+    (2, 3, 11, 24, 5, 1, 2),
+    (1, 2, 13, 16, 5, 2, 2),
+    (2, 3, 10, 28, 7, 1, 3),
+    (1, 2, 15, 32, 7, 2, 3),
+    (1, 3, 4, 4, 7, 1, 3),  # the window is wider than the image
+    (2, 32, 28, 28, 3, 1, 1),  # MobileNet v1's 28x28 layer, batch 2
+    (1, 8, 56, 56, 3, 2, 1),
+]
+
+
+def _nchw_vec_expected(x, weight, bias, k, stride, top, out_w):
+    """F.conv2d with left/right padding k // 2 and `top` rows on top (bottom: what the height needs)."""
+    pad = k // 2
+    padded = F.pad(x.double(), (pad, pad, top, k))  # extra bottom rows are cut by out_h
+    out_h = (x.shape[2] + top + pad - k) // stride + 1
+    y = F.conv2d(padded, weight.double(), None if bias is None else bias.double(), stride, groups=x.shape[1])
+    return y[:, :, :out_h, :out_w]
+
+
+@pytest.mark.parametrize("case", NCHW_VEC_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_dw_fwd_nchw_vec_matches_conv2d(emulation, case, dtype):
+    n, c, h, w, k, stride, top = case
+    vec = 2 if dtype == torch.float64 else 4
+    if w % vec or ((w + 2 * (k // 2) - k) // stride + 1) % vec:
+        pytest.skip("the kernel needs input and output widths that are multiples of its vector")
+    g = torch.Generator().manual_seed(hash(case) % 2**31)
+    x = torch.randn(n, c, h, w, generator=g).to(dtype)
+    weight = torch.randn(c, 1, k, k, generator=g).to(dtype)
+    bias = torch.randn(c, generator=g).to(dtype)
+    out_w = (w + 2 * (k // 2) - k) // stride + 1
+    expected = _nchw_vec_expected(x, weight, bias, k, stride, top, out_w)
+    out = emulation.depthwise_nchw_vec_forward(
+        x, weight, bias, stride, top, k // 2, expected.shape[2], expected.shape[3], False)
+    _close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("case", [c for c in NCHW_VEC_CASES if c[5] == 1 and c[6] == c[4] // 2],
+                         ids=lambda c: "x".join(map(str, c)))
+def test_dw_fwd_nchw_vec_flipped_is_grad_input(emulation, case):
+    n, c, h, w, k, stride, padding = case
+    g = torch.Generator().manual_seed(hash(case) % 2**31 + 1)
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(c, 1, k, k, generator=g, dtype=torch.float64)
+    y = F.conv2d(x, weight, None, 1, padding, groups=c)
+    grad_output = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(y, x, grad_output)
+    flipped = (k - 1) - padding
+    out = emulation.depthwise_nchw_vec_forward(grad_output.float(), weight.float(), None, 1, flipped, flipped, h, w, True)
+    _close(out, expected, torch.float32)
+
+
+def test_dw_fwd_nchw_vec_declines_what_it_does_not_take(emulation):
+    weight = torch.randn(4, 1, 3, 3)
+    with pytest.raises(RuntimeError, match="does not take"):  # width 14: not a multiple of 4
+        emulation.depthwise_nchw_vec_forward(torch.randn(1, 4, 8, 14), weight, None, 1, 1, 1, 8, 14, False)
+    with pytest.raises(RuntimeError, match="does not take"):  # left padding 0
+        emulation.depthwise_nchw_vec_forward(torch.randn(1, 4, 8, 16), weight, None, 1, 1, 0, 8, 16, False)

@@ -211,6 +211,25 @@ def test_channels_last_rows_kernel(name, dtype, monkeypatch):
     run_case(N, C, H, W, kH, kW, stride, padding, dilation, dtype=dtype, layout="channels_last")
 
 
+# The NCHW forward kernel dw_fwd_nchw_vec (FASTCNN_CUDA_DEPTHWISE_NCHW=vec; emulated on the CPU in
+# test_cuda_emulation.py): 3x3/5x5/7x7, stride 1 or 2, left padding k // 2, widths that are
+# multiples of 4 (2 in fp64). It also computes the stride-1 grad_input. The 14x14 and 7x7 layers,
+# stride 3 and asymmetric padding check the fallback under the same setting.
+NCHW_VEC_CASES = dict(CL_ROWS_CASES)
+NCHW_VEC_CASES["k7_28x32"] = (2, 6, 28, 32, 7, 7, (1, 1), (3, 3, 3, 3), (1, 1))
+NCHW_VEC_CASES["k7_stride2"] = (2, 6, 27, 32, 7, 7, (2, 2), (3, 2, 3, 3), (1, 1))
+NCHW_VEC_CASES["k5_top0"] = (2, 5, 19, 24, 5, 5, (1, 1), (0, 4, 2, 2), (1, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("name", list(NCHW_VEC_CASES))
+def test_nchw_vec_kernel(name, dtype, monkeypatch):
+    monkeypatch.setenv("FASTCNN_CUDA_DEPTHWISE_NCHW", "vec")
+    N, C, H, W, kH, kW, stride, padding, dilation = NCHW_VEC_CASES[name]
+    torch.manual_seed(len(name) + 200)
+    run_case(N, C, H, W, kH, kW, stride, padding, dilation, dtype=dtype, layout="nchw")
+
+
 @pytest.mark.parametrize("offset", [1, 4], ids=["misaligned", "8_byte_aligned"])
 def test_channels_last_rows_kernel_storage_offset(offset, monkeypatch):
     # fp16 at an 8-byte (not 16-byte) boundary: the rows kernel takes it (8-byte loads of 4

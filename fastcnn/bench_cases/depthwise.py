@@ -5,7 +5,9 @@ without), padding k // 2.
 
 Providers: every fastcnn backend that runs on the device (fastcnn[cpu], fastcnn[cuda],
 fastcnn[triton]); on CUDA also fastcnn[cuda,cl-rows], the channels_last cases with
-FASTCNN_CUDA_DEPTHWISE_CL=rows (the register-tap row-segment forward kernel, not yet the default);
+FASTCNN_CUDA_DEPTHWISE_CL=rows (the register-tap row-segment forward kernel), and
+fastcnn[cuda,nchw-vec], the NCHW cases with FASTCNN_CUDA_DEPTHWISE_NCHW=vec (vector loads), both
+not yet the default;
 PyTorch eager `F.conv2d(groups=C)` (the baseline, "torch"), and optionally `torch.compile` of the
 same F.conv2d call.
 """
@@ -136,6 +138,10 @@ def providers(device, compile: bool = False):
             "fastcnn[cuda,cl-rows]", _fastcnn,
             benchmarking.fastcnn_context("cuda", env={"FASTCNN_CUDA_DEPTHWISE_CL": "rows"}),
             layouts=("channels_last",)))
+        specs.append(benchmarking.ProviderSpec(
+            "fastcnn[cuda,nchw-vec]", _fastcnn,
+            benchmarking.fastcnn_context("cuda", env={"FASTCNN_CUDA_DEPTHWISE_NCHW": "vec"}),
+            layouts=("nchw",)))
     specs.append(benchmarking.ProviderSpec(benchmarking.BASELINE, _torch))
     if compile:
         # A fresh compile per case: dynamo's recompile limit is per code object, and hitting it

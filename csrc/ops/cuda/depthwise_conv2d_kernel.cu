@@ -13,6 +13,9 @@
 //       each thread computes kRowVec adjacent outputs of one row; the channel's taps live in
 //       registers and each input row segment is loaded once into registers and reused by all
 //       outputs and all taps of that row.
+//       With FASTCNN_CUDA_DEPTHWISE_NCHW=vec, problems with left padding k/2 and widths that are
+//       multiples of 4 run dw_fwd_nchw_vec instead (8 outputs a thread from aligned vector loads;
+//       depthwise_conv2d_nchw_vec.h): checked on the CPU by emulation, not yet measured on a GPU.
 //   forward NCHW, any other shape: same mapping, runtime taps/stride/dilation, no register reuse.
 //   forward channels_last: threads run across channels (16-byte vector loads when C allows),
 //       the block's taps sit in shared memory laid out [tap][channel]. With
@@ -52,6 +55,7 @@
 #include "common/depthwise_conv2d_checks.h"
 #include "common/depthwise_conv2d_index.h"
 #include "ops/cuda/depthwise_conv2d_cl_rows.h"
+#include "ops/cuda/depthwise_conv2d_nchw_vec.h"
 
 namespace fastcnn {
 namespace {
@@ -180,6 +184,17 @@ __global__ void __launch_bounds__(kThreads) dw_fwd_nchw_fixed(
       }
     }
   }
+}
+
+// Fixed K x K, stride S both ways, dilation 1, left padding K / 2, 32-bit indices; see
+// depthwise_conv2d_nchw_vec.h.
+template <typename scalar_t, int K, int S>
+__global__ void __launch_bounds__(depthwise::nchw_vec::kThreads) dw_fwd_nchw_vec(
+    const scalar_t* __restrict__ in, const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
+    scalar_t* __restrict__ out, const depthwise::nchw_vec::Geom g, const bool flip) {
+  depthwise::nchw_vec::forward_thread<scalar_t, K, S>(in, weight, bias, out, g, flip,
+                                                      static_cast<int32_t>(blockIdx.x * blockDim.x + threadIdx.x),
+                                                      static_cast<int32_t>(blockDim.x * gridDim.x));
 }
 
 // Any kernel size, stride and dilation.
@@ -787,6 +802,44 @@ bool try_launch_cl_rows(
   return true;
 }
 
+// FASTCNN_CUDA_DEPTHWISE_NCHW=vec selects dw_fwd_nchw_vec where it applies (read every call).
+inline bool nchw_vec_selected() {
+  const char* value = std::getenv("FASTCNN_CUDA_DEPTHWISE_NCHW");
+  return value != nullptr && std::strcmp(value, "vec") == 0;
+}
+
+template <typename scalar_t>
+bool try_launch_nchw_vec(
+    const scalar_t* in, const scalar_t* weight, const scalar_t* bias, scalar_t* out, const Geom& g, bool flip,
+    bool use32, cudaStream_t stream) {
+  namespace nv = depthwise::nchw_vec;
+  const auto vec_bytes = static_cast<uintptr_t>(sizeof(scalar_t) * nv::Width<scalar_t>::VEC);
+  const bool aligned = reinterpret_cast<uintptr_t>(in) % vec_bytes == 0 && reinterpret_cast<uintptr_t>(out) % vec_bytes == 0;
+  if (!use32 || !nchw_vec_selected() ||
+      !nv::supports<scalar_t>(g.kH, g.kW, g.sh, g.sw, g.dh, g.dw, g.pl, g.Wi, g.Wo, aligned)) {
+    return false;
+  }
+  const nv::Geom vg = nv::make_geom<scalar_t>(g.N, g.C, g.Hi, g.Wi, g.Ho, g.Wo, g.pt);
+  const auto blocks = static_cast<unsigned int>(nv::launch_blocks(nv::total_threads(vg)));
+  auto run = [&](auto k_tag, auto s_tag) {
+    constexpr int K = decltype(k_tag)::value;
+    constexpr int S = decltype(s_tag)::value;
+    dw_fwd_nchw_vec<scalar_t, K, S><<<blocks, nv::kThreads, 0, stream>>>(in, weight, bias, out, vg, flip);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  using S1 = std::integral_constant<int, 1>;
+  using S2 = std::integral_constant<int, 2>;
+  auto with_stride = [&](auto k_tag) { g.sh == 1 ? run(k_tag, S1{}) : run(k_tag, S2{}); };
+  if (g.kH == 3) {
+    with_stride(std::integral_constant<int, 3>{});
+  } else if (g.kH == 5) {
+    with_stride(std::integral_constant<int, 5>{});
+  } else {
+    with_stride(std::integral_constant<int, 7>{});
+  }
+  return true;
+}
+
 // out = correlation of `in` (g.Hi x g.Wi) with the taps (flipped when `flip`), plus bias.
 template <typename scalar_t>
 void launch_forward(
@@ -794,6 +847,7 @@ void launch_forward(
     bool channels_last, bool use32, cudaStream_t stream) {
   const int64_t K = g.kH * g.kW;
   if (!channels_last) {
+    if (try_launch_nchw_vec<scalar_t>(in, weight, bias, out, g, flip, use32, stream)) return;
     const int64_t total = g.N * g.C * g.Ho * ceil_div(g.Wo, kRowVec);
     const bool fast = use32 && total <= kMax32 && g.dh == 1 && g.dw == 1 && fixed_kernel(g) && (g.sw == 1 || g.sw == 2);
     if (fast) {
