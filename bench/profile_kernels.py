@@ -29,20 +29,6 @@ from fastcnn import benchmarking
 from fastcnn.bench_cases import depthwise, grid_sample
 
 
-@contextlib.contextmanager
-def environment(env):
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def depthwise_cases(device, dtype, quick):
     layers = [s for s in depthwise.shapes(batches=(32,)) if s.name in ("k7",) or s.name.startswith("mbv1")]
     if quick:
@@ -103,7 +89,7 @@ def profile_step(fn, leaves, steps, device, env, deterministic):
             leaf.grad = None
 
     context = benchmarking.deterministic_algorithms(True) if deterministic else contextlib.nullcontext()
-    with environment(env), context:
+    with benchmarking.environment_variables(env), context:
         for _ in range(3):
             step()
         if device == "cuda":

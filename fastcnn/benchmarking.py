@@ -155,32 +155,39 @@ def deterministic_algorithms(enabled: bool = True, fill_uninitialized_memory: bo
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
 
 
+@contextlib.contextmanager
+def environment_variables(env: Optional[Dict[str, str]]):
+    """`env` set in os.environ inside the block (kernel variants that the C++ launchers read per
+    call), the previous values restored after."""
+    saved = {name: os.environ.get(name) for name in env or {}}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def fastcnn_context(
     backend: str, deterministic: bool = False, env: Optional[Dict[str, str]] = None
 ) -> Callable[[], ContextManager]:
     """A context factory for a ProviderSpec: fastcnn.use_backend(backend), with `deterministic`
     also torch.use_deterministic_algorithms(True) (see deterministic_algorithms), and `env` set in
-    the environment (kernel variants the C++ launchers read per call), restored after."""
+    the environment (see environment_variables)."""
 
     @contextlib.contextmanager
     def context():
         import fastcnn
 
-        saved = {name: os.environ.get(name) for name in env or {}}
-        os.environ.update(env or {})
-        try:
-            with fastcnn.use_backend(backend):
-                if deterministic:
-                    with deterministic_algorithms(True):
-                        yield
-                else:
+        with environment_variables(env), fastcnn.use_backend(backend):
+            if deterministic:
+                with deterministic_algorithms(True):
                     yield
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+            else:
+                yield
 
     return context
 

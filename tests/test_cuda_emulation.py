@@ -89,18 +89,25 @@ def test_dw_fwd_cl_rows_matches_conv2d(emulation, case, dtype, sm_count):
     _close(out, expected, dtype)
 
 
-@pytest.mark.parametrize("case", [c for c in FORWARD_CASES if c[5] == 1], ids=lambda c: "x".join(map(str, c)))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_dw_fwd_cl_rows_flipped_is_grad_input(emulation, case, dtype):
-    """The launcher computes a stride-1 grad_input as the forward kernel on grad_output with the
-    taps flipped and padding (k - 1) - padding; that padding is negative when padding > k - 1."""
-    n, c, h, w, k, stride, padding = case
+def _grad_input_case(case):
+    """(grad_output, weight, grad_input) in fp64 of F.conv2d at stride 1 with `padding` all round:
+    what the launchers compute as the forward kernel on grad_output with the taps flipped and
+    padding (k - 1) - padding (negative when padding > k - 1)."""
+    n, c, h, w, k, _, padding = case
     g = torch.Generator().manual_seed(hash(case) % 2**31 + 1)
     x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(c, 1, k, k, generator=g, dtype=torch.float64)
     y = F.conv2d(x, weight, None, 1, padding, groups=c)
     grad_output = torch.randn(y.shape, generator=g, dtype=torch.float64)
     (expected,) = torch.autograd.grad(y, x, grad_output)
+    return grad_output, weight, expected
+
+
+@pytest.mark.parametrize("case", [c for c in FORWARD_CASES if c[5] == 1], ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dw_fwd_cl_rows_flipped_is_grad_input(emulation, case, dtype):
+    _, _, h, w, k, _, padding = case
+    grad_output, weight, expected = _grad_input_case(case)
     go = grad_output.to(dtype).contiguous(memory_format=torch.channels_last)
     flipped_pad = (k - 1) - padding
     out, _ = emulation.depthwise_cl_rows_forward(
@@ -163,13 +170,8 @@ def test_dw_fwd_nchw_vec_matches_conv2d(emulation, case, dtype):
 @pytest.mark.parametrize("case", [c for c in NCHW_VEC_CASES if c[5] == 1 and c[6] == c[4] // 2],
                          ids=lambda c: "x".join(map(str, c)))
 def test_dw_fwd_nchw_vec_flipped_is_grad_input(emulation, case):
-    n, c, h, w, k, stride, padding = case
-    g = torch.Generator().manual_seed(hash(case) % 2**31 + 1)
-    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(c, 1, k, k, generator=g, dtype=torch.float64)
-    y = F.conv2d(x, weight, None, 1, padding, groups=c)
-    grad_output = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    (expected,) = torch.autograd.grad(y, x, grad_output)
+    _, _, h, w, k, _, padding = case
+    grad_output, weight, expected = _grad_input_case(case)
     flipped = (k - 1) - padding
     out = emulation.depthwise_nchw_vec_forward(grad_output.float(), weight.float(), None, 1, flipped, flipped, h, w, True)
     _close(out, expected, torch.float32)
