@@ -10,7 +10,8 @@ lists, per provider, every kernel (CUDA) or op (CPU) with its calls and time per
 Cases: the MobileNet v1 depthwise layers at N=32 (NCHW and channels_last), the 7x7 layer, and the
 STN shapes of fastcnn bench (default and deterministic backward). Providers: fastcnn (default
 kernels), fastcnn with the opt-in kernels not yet the default (FASTCNN_CUDA_DEPTHWISE_CL=rows,
-FASTCNN_CUDA_DEPTHWISE_NCHW=vec, FASTCNN_CUDA_GRID_SAMPLE_SORT=int32; CUDA only), and PyTorch.
+FASTCNN_CUDA_DEPTHWISE_NCHW=vec, FASTCNN_CUDA_GRID_SAMPLE_DETERMINISTIC=sort32|gather; CUDA only),
+and PyTorch.
 Writes profile-<dtype>.md and .json.
 """
 import argparse
@@ -70,7 +71,9 @@ def grid_sample_cases(device, dtype, quick):
 
         providers = [("fastcnn", ours, {}, False), ("fastcnn deterministic", ours, {}, True)]
         if device == "cuda":
-            providers.append(("fastcnn deterministic int32-sort", ours, {"FASTCNN_CUDA_GRID_SAMPLE_SORT": "int32"}, True))
+            for variant in ("sort32", "gather"):
+                providers.append((f"fastcnn deterministic {variant}", ours,
+                                  {"FASTCNN_CUDA_GRID_SAMPLE_DETERMINISTIC": variant}, True))
         providers.append(("torch", torch_, {}, False))
         yield f"grid_sample {shape.name} {shape.label} nchw", [x, theta], providers
 

@@ -380,7 +380,7 @@ def test_grid_sample_providers(monkeypatch):
     monkeypatch.setattr(benchmarking, "fastcnn_backends", lambda device: ["cuda", "triton"])
     assert [p.name for p in grid_sample.providers("cuda")] == [
         "fastcnn[cuda]", "fastcnn[cuda,deterministic]", "fastcnn[triton]", "fastcnn[triton,deterministic]",
-        "fastcnn[cuda,deterministic,int32-sort]", "torch"]
+        "fastcnn[cuda,deterministic,sort32]", "fastcnn[cuda,deterministic,gather]", "torch"]
 
 
 def test_deterministic_context_sets_and_restores_the_global_setting():

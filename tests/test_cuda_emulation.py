@@ -7,7 +7,8 @@ PyTorch. The output starts as NaN, so a pixel that no thread writes fails the co
 
 Kernels covered: dw_fwd_cl_rows (depthwise channels_last forward and stride-1 grad_input,
 csrc/ops/cuda/depthwise_conv2d_cl_rows.h) and dw_fwd_nchw_vec (the NCHW one with vector loads,
-depthwise_conv2d_nchw_vec.h).
+depthwise_conv2d_nchw_vec.h), and gs_affine_gather_grad_input (the STN sampler's deterministic
+input gradient without a sort, grid_sample_affine_gather.h).
 """
 import functools
 import os
@@ -31,7 +32,7 @@ def _extension():
     os.makedirs(build_directory, exist_ok=True)
     return cpp_extension.load(
         name="fastcnn_cuda_emulation",
-        sources=[os.path.join(ROOT, "tests", "cuda_emulation", "depthwise.cpp")],
+        sources=[os.path.join(ROOT, "tests", "cuda_emulation", name) for name in ("depthwise.cpp", "grid_sample.cpp")],
         build_directory=build_directory,
         extra_include_paths=[os.path.join(ROOT, "csrc")],
         extra_cflags=["-O2"],
@@ -183,3 +184,120 @@ def test_dw_fwd_nchw_vec_declines_what_it_does_not_take(emulation):
         emulation.depthwise_nchw_vec_forward(torch.randn(1, 4, 8, 14), weight, None, 1, 1, 1, 8, 14, False)
     with pytest.raises(RuntimeError, match="does not take"):  # left padding 0
         emulation.depthwise_nchw_vec_forward(torch.randn(1, 4, 8, 16), weight, None, 1, 1, 0, 8, 16, False)
+
+
+def _theta(kind, n, generator):
+    """[n, 2, 3] float64 maps of one kind."""
+    def rand(lo, hi):
+        return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+    angle, shift = rand(-3.2, 3.2), rand(-0.3, 0.3)
+    zero, one = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+    if kind == "rotation":
+        s = rand(0.8, 1.2)
+        rows = [(s * angle.cos(), -s * angle.sin(), shift), (s * angle.sin(), s * angle.cos(), -shift)]
+    elif kind == "zoom_in":  # about 10 output pixels per input pixel and axis: long runs
+        rows = [(0.1 * angle.cos(), -0.1 * angle.sin(), shift), (0.1 * angle.sin(), 0.1 * angle.cos(), shift)]
+    elif kind == "zoom_out":  # sparse: most input pixels get nothing
+        rows = [(2.7 * one, 0.4 * one, shift), (-0.3 * one, 3.1 * one, zero)]
+    elif kind == "shear_reflect":
+        rows = [(-0.9 * one, 0.6 * one, shift), (0.2 * one, 1.3 * one, -shift)]
+    elif kind == "outside":  # samples entirely past the input
+        rows = [(one, zero, 3.5 * one), (zero, one, zero)]
+    elif kind == "line":  # rank 1: the output collapses onto a diagonal line
+        rows = [(0.7 * one, 0.7 * one, shift), (0.7 * one, 0.7 * one, -shift)]
+    elif kind == "point":  # theta = 0 but a translation: every output samples one point
+        rows = [(zero, zero, 0.13 * one), (zero, zero, -0.41 * one)]
+    elif kind == "cancellation":  # large terms that cancel
+        rows = [(3000.0 * one, zero, 3000.0 * 0.3 * one), (zero, one, zero)]
+    elif kind == "huge_cancellation":  # x = bx + 1e8 (by - by_12) + ...: in fp32, pixels off exact
+        rows = [(one, 1e8 * one, rand(-3.0, 3.0)), (zero, one, shift)]
+    else:
+        raise ValueError(kind)
+    return torch.stack([torch.stack(r, 1) for r in rows], 1)
+
+
+def _sampler_grad_input(x, theta, size, mode, align, grad_output):
+    x = x.detach().requires_grad_()
+    grid = torch.nn.functional.affine_grid(theta, size, align_corners=align)
+    y = torch.nn.functional.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=align)
+    (grad,) = torch.autograd.grad(y, x, grad_output)
+    return grad
+
+
+THETA_KINDS = ["rotation", "zoom_in", "zoom_out", "shear_reflect", "outside", "line", "point", "cancellation"]
+# (N, C, Hi, Wi, Ho, Wo)
+GATHER_SHAPES = [(2, 1, 13, 17, 13, 17), (2, 3, 9, 8, 15, 11), (1, 6, 7, 12, 5, 9), (1, 2, 5, 1, 4, 1)]
+
+
+@pytest.mark.filterwarnings("ignore:Since version 1.3.0, affine_grid behavior has changed")
+@pytest.mark.parametrize("shape", GATHER_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", THETA_KINDS)
+@pytest.mark.parametrize("align", [False, True], ids=["edges", "corners"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_affine_gather_grad_input_fp64(emulation, shape, kind, align, layout):
+    n, c, hi, wi, ho, wo = shape
+    g = torch.Generator().manual_seed(zlib_seed(shape, kind))
+    theta = _theta(kind, n, g)
+    x = torch.randn(n, c, hi, wi, generator=g, dtype=torch.float64)
+    go = torch.randn(n, c, ho, wo, generator=g, dtype=torch.float64)
+    for mode in ("bilinear", "nearest"):
+        expected = _sampler_grad_input(x, theta, (n, c, ho, wo), mode, align, go)
+        got = emulation.affine_gather_grad_input(go, theta, hi, wi, mode == "nearest", align, layout == "channels_last")
+        assert got.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+        assert not torch.isnan(got).any(), "an element was never written"
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"{mode}: {m}")
+
+
+@pytest.mark.parametrize("kind", THETA_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_affine_gather_grad_input_low_precision(emulation, kind, dtype):
+    n, c, hi, wi, ho, wo = 2, 3, 19, 23, 21, 18
+    g = torch.Generator().manual_seed(zlib_seed(kind, dtype))
+    theta = _theta(kind, n, g).to(dtype)
+    x = torch.randn(n, c, hi, wi, generator=g).to(dtype)
+    go = torch.randn(n, c, ho, wo, generator=g).to(dtype)
+    # The truth: fp64 on the values fed to the kernel; the kernel computes coordinates in fp32.
+    expected = _sampler_grad_input(x.double(), theta.double(), (n, c, ho, wo), "bilinear", False, go.double())
+    got = emulation.affine_gather_grad_input(go, theta, hi, wi, False, False, False)
+    _close(got, expected, dtype if dtype != torch.float32 else torch.float32)
+
+
+@pytest.mark.parametrize("kind", THETA_KINDS + ["huge_cancellation"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("align", [False, True], ids=["edges", "corners"])
+def test_affine_gather_is_bitwise_the_scatter(emulation, kind, dtype, align):
+    """Against the scatter over output pixels with the kernel's own coordinate arithmetic (what the
+    sorted formulation computes): bitwise equal for every map, including ones whose fp32
+    coordinates are pixels away from exact arithmetic (the candidate intervals' margin)."""
+    if kind == "huge_cancellation" and dtype == torch.float16:
+        pytest.skip("theta past fp16's range")
+    n, c, hi, wi, ho, wo = 8, 2, 15, 21, 17, 18
+    g = torch.Generator().manual_seed(zlib_seed(kind, dtype, align))
+    theta = _theta(kind, n, g)
+    if kind == "huge_cancellation":  # the huge term cancels on output row 12, up to fp32 rounding
+        base = -1 + 2 * 12 / (ho - 1) if align else (2 * 12 + 1 - ho) / ho
+        theta[:, 0, 2] -= 1e8 * base
+    theta = theta.to(dtype)
+    go = torch.randn(n, c, ho, wo, generator=g).to(dtype)
+    for nearest in (False, True):
+        gathered = emulation.affine_gather_grad_input(go, theta, hi, wi, nearest, align, False)
+        scattered = emulation.affine_scatter_grad_input(go, theta, hi, wi, nearest, align)
+        assert torch.equal(gathered.double(), scattered), f"nearest={nearest}"
+        if kind == "huge_cancellation" and not nearest:
+            assert scattered.abs().sum() > 0, "the case must reach the input"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_affine_gather_grad_input_nonfinite_theta(emulation, value):
+    """A non-finite theta samples padding everywhere (grid_sample_coords.h): zero gradient."""
+    theta = torch.tensor([[[1.0, value, 0.0], [0.0, 1.0, 0.0]]], dtype=torch.float64)
+    go = torch.randn(1, 2, 6, 7, dtype=torch.float64)
+    got = emulation.affine_gather_grad_input(go, theta, 5, 8, False, False, False)
+    assert torch.equal(got, torch.zeros_like(got))
+
+
+def zlib_seed(*parts):
+    import zlib
+
+    return zlib.crc32(repr(parts).encode())

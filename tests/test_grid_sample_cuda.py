@@ -429,30 +429,62 @@ def test_deterministic(op, mode, layout, dtype):
     run_case(op, 2, 16, 23, 21, 60, 57, mode, "border", True, dtype, layout, coords=coords, deterministic_mode=True)
 
 
+@pytest.mark.parametrize("variant", ["sort32", "gather"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("op", OPS)
-def test_deterministic_narrow_sort_is_bitwise_the_default(op, mode, layout, dtype, monkeypatch):
-    """FASTCNN_CUDA_GRID_SAMPLE_SORT=int32 (int32 keys and entries, a radix sort over the key bits
-    in use) must give bitwise the int64 at::sort path's results: the same stable order. Under the
-    sort-length limit of test_deterministic_sort_in_image_runs it falls back to that path."""
+@pytest.mark.parametrize("padding,align", [("zeros", False), ("zeros", True), ("border", False)])
+def test_deterministic_variants_are_bitwise_the_default(op, mode, layout, dtype, padding, align, variant, monkeypatch):
+    """FASTCNN_CUDA_GRID_SAMPLE_DETERMINISTIC=sort32 (int32 keys and entries, a radix sort over the
+    key bits in use) and =gather (affine, zeros padding: no sort, grid_sample_affine_gather.h) must
+    give bitwise the int64 at::sort path's results: the same sums in the same order. What a variant
+    declines (gather: the grid op, border padding; sort32: past the sort-length limit of
+    test_deterministic_sort_in_image_runs) falls back to that path."""
     torch.manual_seed(23)
     fmt = LAYOUTS[layout]
     x = randn(3, 12, 23, 21, dtype=dtype, memory_format=fmt)  # 1449 keys: an 11-bit sort
     coords = random_theta(3, dtype) if op == "affine" else random_grid(3, 40, 37, dtype, spread=1.3)
     go = randn(3, 12, 40, 37, dtype=dtype, memory_format=fmt)
     with deterministic():
-        wide = ours_backward(go, x, coords, op, mode, "zeros", False)
-        monkeypatch.setenv("FASTCNN_CUDA_GRID_SAMPLE_SORT", "int32")
-        narrow = ours_backward(go, x, coords, op, mode, "zeros", False)
-        again = ours_backward(go, x, coords, op, mode, "zeros", False)
+        default = ours_backward(go, x, coords, op, mode, padding, align)
+        monkeypatch.setenv("FASTCNN_CUDA_GRID_SAMPLE_DETERMINISTIC", variant)
+        first = ours_backward(go, x, coords, op, mode, padding, align)
+        again = ours_backward(go, x, coords, op, mode, padding, align)
         monkeypatch.setenv("FASTCNN_MAX_SORT_ENTRIES", str(40 * 37 * 4))
-        in_runs = ours_backward(go, x, coords, op, mode, "zeros", False)
-    for a, b, c, d in zip(wide, narrow, again, in_runs):
+        limited = ours_backward(go, x, coords, op, mode, padding, align)
+    for a, b, c, d in zip(default, first, again, limited):
         assert torch.equal(a, b) and torch.equal(b, c) and torch.equal(a, d)
     monkeypatch.delenv("FASTCNN_MAX_SORT_ENTRIES")
-    run_case(op, 3, 12, 23, 21, 40, 37, mode, "zeros", False, dtype, layout, coords=coords, deterministic_mode=True)
+    run_case(op, 3, 12, 23, 21, 40, 37, mode, padding, align, dtype, layout, coords=coords, deterministic_mode=True)
+
+
+@pytest.mark.parametrize("kind", ["zoom_in", "zoom_out", "line", "point", "outside", "huge"])
+def test_deterministic_gather_extreme_maps(kind, monkeypatch):
+    """The gather walks, per input pixel, the output pixels an inverted map sends there: runs of
+    hundreds (zoom in), none (zoom out, outside), a map of rank one or zero (every output row
+    walked) and terms of 1e8 that cancel (fp32 coordinates pixels away from exact arithmetic):
+    bitwise the sorted path's result every time."""
+    torch.manual_seed(29)
+    rows = {
+        "zoom_in": [[0.05, -0.02, 0.1], [0.02, 0.05, -0.2]],
+        "zoom_out": [[2.7, 0.4, 0.1], [-0.3, 3.1, 0.0]],
+        "line": [[0.7, 0.7, 0.1], [0.7, 0.7, -0.1]],
+        "point": [[0.0, 0.0, 0.13], [0.0, 0.0, -0.41]],
+        "outside": [[1.0, 0.0, 3.5], [0.0, 1.0, 0.0]],
+        # x = bx + 1e8 (by - by_12) + 0.3 on a 17-row output: cancels on row 12, up to fp32 rounding
+        "huge": [[1.0, 1e8, 0.3 - 1e8 * (2 * 12 + 1 - 17) / 17], [0.0, 1.0, 0.1]],
+    }[kind]
+    theta = torch.tensor([rows, rows], dtype=torch.float64, device=DEVICE).to(torch.float32)
+    x = randn(2, 3, 15, 21, dtype=torch.float32)
+    go = randn(2, 3, 17, 18, dtype=torch.float32)
+    for mode in MODES:
+        with deterministic():
+            default = ours_backward(go, x, theta, "affine", mode, "zeros", False)
+            monkeypatch.setenv("FASTCNN_CUDA_GRID_SAMPLE_DETERMINISTIC", "gather")
+            gathered = ours_backward(go, x, theta, "affine", mode, "zeros", False)
+            monkeypatch.delenv("FASTCNN_CUDA_GRID_SAMPLE_DETERMINISTIC")
+        assert torch.equal(default[0], gathered[0]), mode
 
 
 def test_deterministic_sort_in_image_runs(monkeypatch):

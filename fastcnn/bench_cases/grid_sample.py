@@ -15,9 +15,10 @@ fastcnn[triton]), `fastcnn.ops.affine_grid_sample`, which never builds the grid;
 `torch.use_deterministic_algorithms(True)` (fastcnn[<backend>,deterministic]: on CUDA/Triton the
 default backward accumulates with atomics and the deterministic one does not, so the pair gives the
 cost of determinism; the CPU backward parallelises over the batch and is deterministic either way,
-so there the pair should agree); on CUDA also fastcnn[cuda,deterministic,int32-sort], the
-deterministic backward with FASTCNN_CUDA_GRID_SAMPLE_SORT=int32 (narrow sort keys, not yet the
-default); PyTorch eager `F.affine_grid` + `F.grid_sample` (the baseline,
+so there the pair should agree); on CUDA also fastcnn[cuda,deterministic,sort32] and
+fastcnn[cuda,deterministic,gather], the deterministic backward's variants selected by
+FASTCNN_CUDA_GRID_SAMPLE_DETERMINISTIC (narrow sort keys; no sort at all), not yet the default;
+PyTorch eager `F.affine_grid` + `F.grid_sample` (the baseline,
 "torch"); and optionally `torch.compile` of the same two calls. PyTorch's own CUDA grid-sampler
 backward raises under deterministic algorithms, so there is no deterministic torch provider.
 """
@@ -144,10 +145,12 @@ def providers(device, compile: bool = False):
             f"fastcnn[{name},deterministic]", _fastcnn, benchmarking.fastcnn_context(name, deterministic=True),
             modes=benchmarking.BACKWARD_MODES))
     if "cuda" in benchmarking.fastcnn_backends(device):
-        specs.append(benchmarking.ProviderSpec(
-            "fastcnn[cuda,deterministic,int32-sort]", _fastcnn,
-            benchmarking.fastcnn_context("cuda", deterministic=True, env={"FASTCNN_CUDA_GRID_SAMPLE_SORT": "int32"}),
-            modes=benchmarking.BACKWARD_MODES))
+        for variant in ("sort32", "gather"):
+            specs.append(benchmarking.ProviderSpec(
+                f"fastcnn[cuda,deterministic,{variant}]", _fastcnn,
+                benchmarking.fastcnn_context(
+                    "cuda", deterministic=True, env={"FASTCNN_CUDA_GRID_SAMPLE_DETERMINISTIC": variant}),
+                modes=benchmarking.BACKWARD_MODES))
     specs.append(benchmarking.ProviderSpec(benchmarking.BASELINE, _torch))
     if compile:
         # A fresh compile per case: dynamo's recompile limit is per code object, and hitting it

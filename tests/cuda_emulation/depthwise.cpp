@@ -109,7 +109,10 @@ torch::Tensor nchw_vec_forward(const torch::Tensor& input, const torch::Tensor& 
 
 }  // namespace
 
+void register_grid_sample(pybind11::module& m);  // grid_sample.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("depthwise_cl_rows_forward", &forward);
   m.def("depthwise_nchw_vec_forward", &nchw_vec_forward);
+  register_grid_sample(m);
 }

@@ -44,10 +44,13 @@
 //       writes every grad_input element exactly once: the sum over its run, in sorted order, of
 //       weight * grad_output. In-bounds taps of weight zero are kept, so a non-finite grad_output
 //       propagates as it does through the atomic path and PyTorch.
-//       With FASTCNN_CUDA_GRID_SAMPLE_SORT=int32 (not the default until measured on a GPU) keys,
-//       entry indices and run bounds are int32 when they fit, and the radix sort runs over the
-//       key bits in use only (ceil(log2(N*Hi*Wi + 1)): 16 for 64x1x28x28, against 64 for at::sort's
-//       int64 keys). Same stable order: the results are bitwise those of the int64 path.
+//       FASTCNN_CUDA_GRID_SAMPLE_DETERMINISTIC picks one of two variants, not the default until
+//       measured on a GPU, both bitwise equal to this path (the same sums in the same order):
+//       =sort32: keys, entry indices and run bounds are int32 when they fit, and the radix sort
+//       runs over the key bits in use only (ceil(log2(N*Hi*Wi + 1)): 16 for 64x1x28x28, against
+//       64 for at::sort's int64 keys).
+//       =gather (affine op, zeros padding): no sort; one thread per input pixel inverts the map
+//       to find the output pixels that reach it (grid_sample_affine_gather.h).
 // PyTorch's own CUDA grid_sampler_2d_backward always uses atomics (and raises in deterministic
 // mode); this kernel honours torch.use_deterministic_algorithms(True) instead.
 //
@@ -83,6 +86,7 @@
 
 #include "common/grid_sample_checks.h"
 #include "common/grid_sample_coords.h"
+#include "ops/cuda/grid_sample_affine_gather.h"
 
 namespace fastcnn {
 namespace {
@@ -753,11 +757,11 @@ std::tuple<at::Tensor, at::Tensor> sort_entries(const at::Tensor& keys, int64_t 
   return {sorted, perm};
 }
 
-// FASTCNN_CUDA_GRID_SAMPLE_SORT=int32 selects the narrow sort (see the note at the top); read per
-// call so that tests and benchmarks switch it in process.
-bool narrow_sort_selected() {
-  const char* value = std::getenv("FASTCNN_CUDA_GRID_SAMPLE_SORT");
-  return value != nullptr && std::strcmp(value, "int32") == 0;
+// FASTCNN_CUDA_GRID_SAMPLE_DETERMINISTIC (see the note at the top); read per call so that tests
+// and benchmarks switch it in process.
+bool deterministic_variant_is(const char* name) {
+  const char* value = std::getenv("FASTCNN_CUDA_GRID_SAMPLE_DETERMINISTIC");
+  return value != nullptr && std::strcmp(value, name) == 0;
 }
 
 // Bits that hold every key 0..max_key (max_key = the sentinel).
@@ -829,11 +833,29 @@ void deterministic_grad_input(const at::Tensor& go, const at::Tensor& coords, at
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename scalar_t>
+__global__ void __launch_bounds__(gs::affine_gather::kThreads) gs_affine_gather_grad_input(
+    const scalar_t* __restrict__ go, const scalar_t* __restrict__ theta, scalar_t* __restrict__ grad_in,
+    const gs::affine_gather::Geom g) {
+  gs::affine_gather::grad_input_thread<scalar_t>(go, theta, grad_in, g,
+                                                 static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                                                 static_cast<int64_t>(blockDim.x) * gridDim.x);
+}
+
 template <typename scalar_t, bool kAffine>
 void launch_deterministic_grad_input(const at::Tensor& go, const at::Tensor& coords, at::Tensor& grad_input,
                                      const Geom& g, bool channels_last, cudaStream_t stream) {
+  if (deterministic_variant_is("gather") && gs::affine_gather::supports(kAffine, g.padding)) {
+    const gs::affine_gather::Geom ag{g.N, g.C, g.Hi, g.Wi, g.Ho, g.Wo, g.nearest, g.align_corners, channels_last};
+    gs_affine_gather_grad_input<scalar_t>
+        <<<static_cast<unsigned int>(gs::affine_gather::launch_blocks(ag)), gs::affine_gather::kThreads, 0, stream>>>(
+            go.const_data_ptr<scalar_t>(), coords.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+            ag);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   const int64_t M = (g.N * g.Ho * g.Wo) << (g.nearest ? 0 : 2);
-  const bool narrow = narrow_sort_selected() && M <= sort_limit() && fits_int32(g.N * g.Hi * g.Wi);
+  const bool narrow = deterministic_variant_is("sort32") && M <= sort_limit() && fits_int32(g.N * g.Hi * g.Wi);
   if (narrow) {
     deterministic_grad_input<scalar_t, kAffine, int32_t>(go, coords, grad_input, g, channels_last, stream);
   } else {
