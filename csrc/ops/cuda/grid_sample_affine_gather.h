@@ -57,6 +57,7 @@ inline int64_t launch_blocks(const Geom& g) {
 // forward's rounded coordinates may differ from these (plus one).
 struct Map {
   double ax, bx, cx, ay, by, cy, margin;
+  double inv_ax, inv_ay;  // 1 / ax, 1 / ay (inf for 0: solve() tests a itself): no division per row
 };
 
 // F.affine_grid's base coordinate of index i as u0 + u1 * i (affine_base_coord in exact arithmetic).
@@ -96,6 +97,8 @@ C10_HOST_DEVICE inline Map make_map(const acc_t th[6], const Geom& g) {
   const double terms_x = ::fabs(t0) + ::fabs(t1) + ::fabs(t2) + 1.0;
   const double terms_y = ::fabs(t3) + ::fabs(t4) + ::fabs(t5) + 1.0;
   m.margin = 1.0 + 16.0 * eps * (terms_x * (sx + 1.0) + terms_y * (sy + 1.0));
+  m.inv_ax = 1.0 / m.ax;
+  m.inv_ay = 1.0 / m.ay;
   return m;
 }
 
@@ -110,11 +113,12 @@ C10_HOST_DEVICE inline void integer_range(double lo, double hi, int64_t n, int64
   if (*last < *first) *last = *first;
 }
 
-// The t with lo <= a*t + b <= hi as [t_lo, t_hi] (either order of the bounds handled); a == 0: all
-// t or none. NaN in, empty out.
-C10_HOST_DEVICE inline void solve(double a, double b, double lo, double hi, double* t_lo, double* t_hi) {
+// The t with lo <= a*t + b <= hi as [t_lo, t_hi] (either order of the bounds handled; inv_a = 1/a,
+// and the bounds are widened by the caller's margin, which covers the reciprocal's rounding);
+// a == 0: all t or none. NaN in, empty out.
+C10_HOST_DEVICE inline void solve(double a, double inv_a, double b, double lo, double hi, double* t_lo, double* t_hi) {
   if (a != 0.0) {
-    const double u = (lo - b) / a, v = (hi - b) / a;
+    const double u = (lo - b) * inv_a, v = (hi - b) * inv_a;
     *t_lo = u < v ? u : v;
     *t_hi = u < v ? v : u;
   } else if (lo <= b && b <= hi) {
@@ -187,8 +191,8 @@ C10_HOST_DEVICE inline void grad_input_thread(const scalar_t* __restrict__ go, c
       for (int j = 0; j < kChannelBlock; ++j) acc[j] = acc_t(0);
       for (int64_t oy = oy_first; oy < oy_last; ++oy) {
         double a_lo, a_hi, b_lo, b_hi;
-        solve(m.ax, m.bx * double(oy) + m.cx, x_lo, x_hi, &a_lo, &a_hi);
-        solve(m.ay, m.by * double(oy) + m.cy, y_lo, y_hi, &b_lo, &b_hi);
+        solve(m.ax, m.inv_ax, m.bx * double(oy) + m.cx, x_lo, x_hi, &a_lo, &a_hi);
+        solve(m.ay, m.inv_ay, m.by * double(oy) + m.cy, y_lo, y_hi, &b_lo, &b_hi);
         int64_t ox_first, ox_last;
         integer_range(::floor(a_lo > b_lo ? a_lo : b_lo), ::ceil(a_hi < b_hi ? a_hi : b_hi), g.Wo, &ox_first,
                       &ox_last);
