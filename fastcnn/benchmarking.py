@@ -474,11 +474,10 @@ def environment() -> Dict[str, Any]:
         "gpu": gpu(),
         "allocator": allocator(),
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTORCH_CUDA_ALLOC_CONF",
-                                            "TRITON_INTERPRET", "FASTCNN_BACKEND", "CUDA_VISIBLE_DEVICES",
-                                            "FASTCNN_HUGE_PAGES", "FASTCNN_OUTPUT_CACHE_MB",
-                                            "FASTCNN_STREAMING_STORES")
-                if k in os.environ},
+        # Every FASTCNN_* setting (backend, allocator, kernel variants) and the runtime's own.
+        "env": {k: v for k, v in sorted(os.environ.items())
+                if k.startswith("FASTCNN_") or k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTORCH_CUDA_ALLOC_CONF",
+                                                     "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")},
     }
 
 

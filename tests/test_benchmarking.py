@@ -145,7 +145,10 @@ def test_floors():
 
 def test_environment_record(monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", benchmarking.REUSE_TUNABLES)
+    monkeypatch.setenv("FASTCNN_CUDA_DEPTHWISE_CL", "rows")  # a kernel variant: in the record
+    monkeypatch.setenv("UNRELATED_SETTING", "1")
     env = benchmarking.environment()
+    assert env["env"]["FASTCNN_CUDA_DEPTHWISE_CL"] == "rows" and "UNRELATED_SETTING" not in env["env"]
     for key in ("torch", "torch_cuda", "triton", "cpu", "threads", "gpu", "build_info", "backends", "isa"):
         assert key in env
     assert env["threads"] == torch.get_num_threads()
