@@ -174,7 +174,8 @@ def test_dw_fwd_nchw_vec_flipped_is_grad_input(emulation, case):
     _, _, h, w, k, _, padding = case
     grad_output, weight, expected = _grad_input_case(case)
     flipped = (k - 1) - padding
-    out = emulation.depthwise_nchw_vec_forward(grad_output.float(), weight.float(), None, 1, flipped, flipped, h, w, True)
+    out = emulation.depthwise_nchw_vec_forward(
+        grad_output.float(), weight.float(), None, 1, flipped, flipped, h, w, True)
     _close(out, expected, torch.float32)
 
 
@@ -244,7 +245,8 @@ def test_affine_gather_grad_input_fp64(emulation, shape, kind, align, layout):
     for mode in ("bilinear", "nearest"):
         expected = _sampler_grad_input(x, theta, (n, c, ho, wo), mode, align, go)
         got = emulation.affine_gather_grad_input(go, theta, hi, wi, mode == "nearest", align, layout == "channels_last")
-        assert got.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        assert got.is_contiguous(memory_format=fmt)
         assert not torch.isnan(got).any(), "an element was never written"
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"{mode}: {m}")
 

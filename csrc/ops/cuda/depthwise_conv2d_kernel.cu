@@ -108,6 +108,10 @@ inline bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
+inline bool aligned_to(const void* p, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
 inline int next_pow2(int64_t x) {
   int p = 1;
   while (p < x && p < (1 << 30)) p <<= 1;
@@ -777,7 +781,7 @@ bool try_launch_cl_rows(
     bool use32, cudaStream_t stream) {
   namespace rows = depthwise::cl_rows;
   const auto pack_bytes = static_cast<uintptr_t>(sizeof(scalar_t) * rows::kVec);
-  const bool aligned = reinterpret_cast<uintptr_t>(in) % pack_bytes == 0 && reinterpret_cast<uintptr_t>(out) % pack_bytes == 0;
+  const bool aligned = aligned_to(in, pack_bytes) && aligned_to(out, pack_bytes);
   if (!use32 || !cl_rows_selected() || !rows::supports(g.kH, g.kW, g.sh, g.sw, g.dh, g.dw, g.C, aligned)) return false;
   const int64_t sm_count = multiprocessor_count();
   auto run = [&](auto k_tag, auto s_tag) {
@@ -814,7 +818,7 @@ bool try_launch_nchw_vec(
     bool use32, cudaStream_t stream) {
   namespace nv = depthwise::nchw_vec;
   const auto vec_bytes = static_cast<uintptr_t>(sizeof(scalar_t) * nv::Width<scalar_t>::VEC);
-  const bool aligned = reinterpret_cast<uintptr_t>(in) % vec_bytes == 0 && reinterpret_cast<uintptr_t>(out) % vec_bytes == 0;
+  const bool aligned = aligned_to(in, vec_bytes) && aligned_to(out, vec_bytes);
   if (!use32 || !nchw_vec_selected() ||
       !nv::supports<scalar_t>(g.kH, g.kW, g.sh, g.sw, g.dh, g.dw, g.pl, g.Wi, g.Wo, aligned)) {
     return false;
