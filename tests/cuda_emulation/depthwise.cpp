@@ -13,12 +13,13 @@ namespace vec = fastcnn::depthwise::nchw_vec;
 
 namespace {
 
+// Returns the launch shape it ran.
 template <typename scalar_t, int K, int S>
-void run_launch(const torch::Tensor& in, const torch::Tensor& weight, const torch::Tensor& bias, torch::Tensor& out,
-                int64_t pad_top, int64_t pad_left, bool flip, int64_t sm_count) {
+rows::Launch run_launch(const torch::Tensor& in, const torch::Tensor& weight, const torch::Tensor& bias,
+                        torch::Tensor& out, int64_t pad_top, int64_t pad_left, bool flip, int64_t sm_count) {
   const rows::Geom g = rows::make_geom<K>(in.size(0), in.size(1), in.size(2), in.size(3), out.size(2), out.size(3),
                                           pad_top, pad_left);
-  const rows::Launch l = rows::launch_shape(g.C, int64_t{g.N} * g.Ho * g.segments_per_row, sm_count);
+  const rows::Launch l = rows::launch_shape(g, sm_count);
   const int32_t step = static_cast<int32_t>(l.block_y * l.grid_y);
   const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
   for (int64_t by = 0; by < l.grid_y; ++by) {
@@ -32,6 +33,7 @@ void run_launch(const torch::Tensor& in, const torch::Tensor& weight, const torc
       }
     }
   }
+  return l;
 }
 
 // input [N, C, Hi, Wi] channels_last; out_h x out_w as the caller computed them. The output starts as
@@ -49,16 +51,13 @@ std::tuple<torch::Tensor, std::vector<int64_t>> forward(
   out.fill_(NAN);
   const torch::Tensor w = weight.contiguous();
   const torch::Tensor b = bias.has_value() ? bias->contiguous() : torch::Tensor();
+  rows::Launch l{};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "emulate_dw_fwd_cl_rows", [&] {
-    if (K == 3 && stride == 1) run_launch<scalar_t, 3, 1>(input, w, b, out, pad_top, pad_left, flip, sm_count);
-    if (K == 3 && stride == 2) run_launch<scalar_t, 3, 2>(input, w, b, out, pad_top, pad_left, flip, sm_count);
-    if (K == 5 && stride == 1) run_launch<scalar_t, 5, 1>(input, w, b, out, pad_top, pad_left, flip, sm_count);
-    if (K == 5 && stride == 2) run_launch<scalar_t, 5, 2>(input, w, b, out, pad_top, pad_left, flip, sm_count);
+    if (K == 3 && stride == 1) l = run_launch<scalar_t, 3, 1>(input, w, b, out, pad_top, pad_left, flip, sm_count);
+    if (K == 3 && stride == 2) l = run_launch<scalar_t, 3, 2>(input, w, b, out, pad_top, pad_left, flip, sm_count);
+    if (K == 5 && stride == 1) l = run_launch<scalar_t, 5, 1>(input, w, b, out, pad_top, pad_left, flip, sm_count);
+    if (K == 5 && stride == 2) l = run_launch<scalar_t, 5, 2>(input, w, b, out, pad_top, pad_left, flip, sm_count);
   });
-  const rows::Launch l = [&] {
-    const int64_t R = K == 3 ? rows::Segment<3>::R : rows::Segment<5>::R;
-    return rows::launch_shape(input.size(1), input.size(0) * out_h * ((out_w + R - 1) / R), sm_count);
-  }();
   return {out, {l.grid_x, l.grid_y, l.block_x, l.block_y}};
 }
 
@@ -67,7 +66,7 @@ void run_nchw_vec_launch(const torch::Tensor& in, const torch::Tensor& weight, c
                          torch::Tensor& out, int64_t pad_top, bool flip) {
   const vec::Geom g = vec::make_geom<scalar_t>(in.size(0), in.size(1), in.size(2), in.size(3), out.size(2),
                                                out.size(3), pad_top);
-  const int64_t blocks = vec::launch_blocks(vec::total_threads(g));
+  const int64_t blocks = vec::launch_blocks(g);
   const int32_t step = static_cast<int32_t>(blocks * vec::kThreads);
   const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
   for (int64_t block = 0; block < blocks; ++block) {

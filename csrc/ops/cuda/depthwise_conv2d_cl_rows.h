@@ -70,8 +70,9 @@ struct Launch {
   int64_t grid_x, grid_y;
 };
 
-inline Launch launch_shape(int64_t C, int64_t total_segments, int64_t sm_count) {
-  const int64_t vectors = C / kVec;
+inline Launch launch_shape(const Geom& g, int64_t sm_count) {
+  const int64_t total_segments = int64_t{g.N} * g.Ho * g.segments_per_row;
+  const int64_t vectors = g.C / kVec;
   int block_x = 1;
   while (block_x < vectors && block_x < 32) block_x *= 2;
   const int block_y = kThreads / block_x;

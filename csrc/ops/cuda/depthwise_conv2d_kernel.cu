@@ -788,7 +788,7 @@ bool try_launch_cl_rows(
     constexpr int K = decltype(k_tag)::value;
     constexpr int S = decltype(s_tag)::value;
     const rows::Geom rg = rows::make_geom<K>(g.N, g.C, g.Hi, g.Wi, g.Ho, g.Wo, g.pt, g.pl);
-    const rows::Launch l = rows::launch_shape(g.C, int64_t{rg.N} * rg.Ho * rg.segments_per_row, sm_count);
+    const rows::Launch l = rows::launch_shape(rg, sm_count);
     const dim3 grid(static_cast<unsigned int>(l.grid_x), static_cast<unsigned int>(l.grid_y));
     const dim3 block(static_cast<unsigned int>(l.block_x), static_cast<unsigned int>(l.block_y));
     dw_fwd_cl_rows<scalar_t, K, S><<<grid, block, 0, stream>>>(in, weight, bias, out, rg, flip);
@@ -824,7 +824,7 @@ bool try_launch_nchw_vec(
     return false;
   }
   const nv::Geom vg = nv::make_geom<scalar_t>(g.N, g.C, g.Hi, g.Wi, g.Ho, g.Wo, g.pt);
-  const auto blocks = static_cast<unsigned int>(nv::launch_blocks(nv::total_threads(vg)));
+  const auto blocks = static_cast<unsigned int>(nv::launch_blocks(vg));
   auto run = [&](auto k_tag, auto s_tag) {
     constexpr int K = decltype(k_tag)::value;
     constexpr int S = decltype(s_tag)::value;

@@ -64,12 +64,10 @@ inline Geom make_geom(int64_t N, int64_t C, int64_t Hi, int64_t Wi, int64_t Ho, 
           static_cast<int32_t>(pad_top), static_cast<int32_t>((Wo + V - 1) / V)};
 }
 
-inline int64_t total_threads(const Geom& g) {
-  return int64_t{g.NC} * g.Ho * g.segments_per_row;
-}
-
-// A 1-D grid of 256-thread blocks; threads stride over the segments when there are more.
-inline int64_t launch_blocks(int64_t total) {
+// A 1-D grid of 256-thread blocks, one thread per segment; threads stride over the segments when
+// there are more.
+inline int64_t launch_blocks(const Geom& g) {
+  const int64_t total = int64_t{g.NC} * g.Ho * g.segments_per_row;
   return std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t{1} << 20));
 }
 

@@ -552,8 +552,8 @@ __global__ void __launch_bounds__(kThreads) gs_run_bounds(
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < M; i += step) {
     const int64_t key = sorted[i];
     if (!(key >= 0 && key < num_keys)) continue;
-    if (i == 0 || sorted[i - 1] != sorted[i]) start[key] = static_cast<key_t>(i);
-    if (i == M - 1 || sorted[i + 1] != sorted[i]) end[key] = static_cast<key_t>(i + 1);
+    if (i == 0 || sorted[i - 1] != key) start[key] = static_cast<key_t>(i);
+    if (i == M - 1 || sorted[i + 1] != key) end[key] = static_cast<key_t>(i + 1);
   }
 }
 
