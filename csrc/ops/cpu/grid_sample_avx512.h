@@ -1,0 +1,426 @@
+// The CPU sampler's AVX-512 forward (fp32): taps of 16 pixels in registers, read by gathers.
+// The backward is in grid_sample_avx512_backward.h, images of many channels in
+// grid_sample_avx512_channels.h. Private to grid_sample_kernel.cpp, the one translation unit
+// that includes it (everything here is in an anonymous namespace).
+#pragma once
+
+#include "ops/cpu/grid_sample_chunk.h"
+
+#ifdef FASTCNN_GRID_SAMPLE_AVX2
+
+namespace fastcnn {
+namespace grid_sample {
+namespace {
+
+// AVX-512 (fp32): the taps of 16 pixels at once, and a forward that reads the taps by gathers
+// (taps outside the input read zero without a load): for NCHW images of up to 8 channels, and for
+// channels_last images of 2 to 4. On the Intel Xeon of 2026-11-30 PyTorch's own AVX-512
+// grid_sample is 2-3x faster than on the AVX2 machine the loops above were tuned on; 16-lane
+// gathers took our forward over the three STN shapes from 1.2x to 1.8x PyTorch's (NCHW, geomean),
+// pair gathers to about 2.2x. Gathers across 64 planes measured 10% slower than the AVX2 blocks
+// of planes, so wider images keep those. Taps kept in registers instead of chunk arrays (and an
+// affine map taken straight to pixels, its clamp folded into one min/max) made the forward
+// 1.05-1.3x faster again (64x1x28x28 most: two vectors a row, so the arrays cost the most).
+// Tried for the backward and left out: gather, add and scatter of grad_input with the lanes that
+// share an element summed first (vpconflictd runs): 0.6-0.7x the speed of the AVX2 scalar loop,
+// whose loads the coordinate gradient shares; and grad_input scattered lane by lane from vectors
+// stored to the stack: 0.4-0.65x.
+// FASTCNN_AVX512=0 turns this off (read once per call).
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+// GCC 12 warns that the placeholder operand of _mm512_min_ps, _max_ps, _cvttps_epi32 and
+// _extracti64x4_epi64 may be (or is) uninitialised: it is unused (every lane is written).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+namespace avx512 {
+
+// The taps of 16 output pixels in registers (see Chunk for the fields).
+struct Taps16 {
+  __m512i offset;
+  __m512 w_nw, w_ne, w_sw, w_se;
+  __mmask16 nw, ne, sw, se;  // tap inside; nearest: nw only
+  __m512 dx0, dx1, dy0, dy1, scale_x, scale_y;
+};
+
+// The north (or south) taps of 16 pixels, x0 and x0 + 1, in an image of kChannels interleaved
+// channels (1: an NCHW plane): one run of 2 * kChannels floats per pixel, read as kChannels float
+// pairs by 8-lane 64-bit gathers. That is half the elements of 16-lane gathers, at about 0.6 of
+// their time on the Intel Xeon (3.6 vs 5.6-6.9 cycles a gather; the NCHW forward of the three STN
+// shapes 7-15% faster). v[j] is element j of the run (nw/sw channel j, then ne/se channel
+// j - kChannels), zeroed where its tap lies outside. A run is read where either tap is inside and
+// it lies in the image (`safe`); a tap inside whose run straddles the image's edge (x0 = -1 on
+// the first row, x0 = W - 1 on the last) comes from a 16-lane gather instead.
+template <int kChannels>
+inline void gather_run(const float* image, __m512i pixel, __mmask16 left_inside, __mmask16 right_inside,
+                       __mmask16 safe, __m512* v) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const __m512i first = kChannels == 1 ? pixel : _mm512_mullo_epi32(pixel, _mm512_set1_epi32(kChannels));
+  const __mmask16 either = left_inside | right_inside, paired = either & safe;
+#pragma GCC unroll 4
+  for (int k = 0; k < kChannels; ++k) {
+    const __m512i index = _mm512_add_epi32(first, _mm512_set1_epi32(2 * k));
+    const __m512 low = _mm512_castpd_ps(_mm512_mask_i32gather_pd(
+        _mm512_setzero_pd(), static_cast<__mmask8>(paired), _mm512_castsi512_si256(index), image, 4));
+    const __m512 high = _mm512_castpd_ps(_mm512_mask_i32gather_pd(
+        _mm512_setzero_pd(), static_cast<__mmask8>(paired >> 8), _mm512_extracti64x4_epi64(index, 1), image, 4));
+    v[2 * k] = _mm512_maskz_permutex2var_ps(2 * k < kChannels ? left_inside : right_inside, low, even, high);
+    v[2 * k + 1] = _mm512_maskz_permutex2var_ps(2 * k + 1 < kChannels ? left_inside : right_inside, low, odd, high);
+  }
+  const __mmask16 straddling = either & ~safe;
+  if (straddling) {
+#pragma GCC unroll 8
+    for (int j = 0; j < 2 * kChannels; ++j)
+      v[j] = _mm512_mask_i32gather_ps(v[j], (j < kChannels ? left_inside : right_inside) & straddling,
+                                      _mm512_add_epi32(first, _mm512_set1_epi32(j)), image, 4);
+  }
+}
+
+// The forward of 16 NCHW output pixels (`live` of them), every channel, from their taps.
+inline void sample_nchw(const float* input, float* out, const Taps16& t, __mmask16 live, int64_t channels,
+                        int64_t in_hw, int64_t out_hw, int64_t in_w, bool bilinear) {
+  const __m512 zero = _mm512_setzero_ps();
+  if (!bilinear) {
+    for (int64_t c = 0; c < channels; ++c)
+      _mm512_mask_storeu_ps(out + c * out_hw, live, _mm512_mask_i32gather_ps(zero, t.nw, t.offset, input + c * in_hw, 4));
+    return;
+  }
+  // A pair from element e is inside the plane when 0 <= e <= in_hw - 2.
+  const __m512i pair_low = _mm512_set1_epi32(-1), pair_high = _mm512_set1_epi32(static_cast<int32_t>(in_hw - 1));
+  const __m512i south = _mm512_add_epi32(t.offset, _mm512_set1_epi32(static_cast<int32_t>(in_w)));
+  const __mmask16 north_safe = _mm512_cmpgt_epi32_mask(t.offset, pair_low) & _mm512_cmplt_epi32_mask(t.offset, pair_high);
+  const __mmask16 south_safe = _mm512_cmpgt_epi32_mask(south, pair_low) & _mm512_cmplt_epi32_mask(south, pair_high);
+  for (int64_t c = 0; c < channels; ++c) {
+    const float* plane = input + c * in_hw;
+    __m512 top[2], bottom[2];  // nw, ne and sw, se
+    gather_run<1>(plane, t.offset, t.nw, t.ne, north_safe, top);
+    gather_run<1>(plane, south, t.sw, t.se, south_safe, bottom);
+    // Two independent halves, as the scalar loop; a tap outside reads 0 and its weight is finite.
+    const __m512 north = _mm512_fmadd_ps(top[1], t.w_ne, _mm512_mul_ps(top[0], t.w_nw));
+    const __m512 south_sum = _mm512_fmadd_ps(bottom[1], t.w_se, _mm512_mul_ps(bottom[0], t.w_sw));
+    _mm512_mask_storeu_ps(out + c * out_hw, live, _mm512_add_ps(north, south_sum));
+  }
+}
+
+// Output vector k of a 16-pixel channels_last block holds interleaved elements 16k..16k+15: pixel
+// (16k + i) / C, channel (16k + i) % C. Built once per call.
+template <int kChannels>
+struct Interleave {
+  __m512i pixel_of[kChannels];
+  __mmask16 channel_lanes[kChannels][kChannels];
+  Interleave() {
+    for (int k = 0; k < kChannels; ++k) {
+      alignas(64) int32_t pixels[16];
+      for (int c = 0; c < kChannels; ++c) channel_lanes[k][c] = 0;
+      for (int i = 0; i < 16; ++i) {
+        pixels[i] = (16 * k + i) / kChannels;
+        channel_lanes[k][(16 * k + i) % kChannels] |= static_cast<__mmask16>(1u << i);
+      }
+      pixel_of[k] = _mm512_load_si512(pixels);
+    }
+  }
+};
+
+// The bilinear forward of 16 output pixels (`count` of them) of a channels_last image of kChannels
+// channels; the channel vectors are interleaved by permutes into kChannels output vectors (three
+// scatters cost more than the gathers: 32x3x64x64 forward 1.5x PyTorch with them).
+template <int kChannels>
+inline void sample_nhwc_small(const float* image, float* out, const Taps16& t, int count, int64_t in_hw, int64_t in_w,
+                              const Interleave<kChannels>& il) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i pair_low = _mm512_set1_epi32(-1), pair_high = _mm512_set1_epi32(static_cast<int32_t>(in_hw - 1));
+  const __m512i south = _mm512_add_epi32(t.offset, _mm512_set1_epi32(static_cast<int32_t>(in_w)));
+  const __mmask16 north_safe = _mm512_cmpgt_epi32_mask(t.offset, pair_low) & _mm512_cmplt_epi32_mask(t.offset, pair_high);
+  const __mmask16 south_safe = _mm512_cmpgt_epi32_mask(south, pair_low) & _mm512_cmplt_epi32_mask(south, pair_high);
+  __m512 top[2 * kChannels], bottom[2 * kChannels];
+  gather_run<kChannels>(image, t.offset, t.nw, t.ne, north_safe, top);
+  gather_run<kChannels>(image, south, t.sw, t.se, south_safe, bottom);
+  __m512 value[kChannels];
+#pragma GCC unroll 4
+  for (int c = 0; c < kChannels; ++c) {
+    // Two independent halves, as the scalar loop.
+    const __m512 north = _mm512_fmadd_ps(top[kChannels + c], t.w_ne, _mm512_mul_ps(top[c], t.w_nw));
+    const __m512 south_sum = _mm512_fmadd_ps(bottom[kChannels + c], t.w_se, _mm512_mul_ps(bottom[c], t.w_sw));
+    value[c] = _mm512_add_ps(north, south_sum);
+  }
+  const int elements = count * kChannels;
+#pragma GCC unroll 4
+  for (int k = 0; k < kChannels; ++k) {
+    __m512 interleaved = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int c = 0; c < kChannels; ++c)
+      interleaved = _mm512_mask_permutexvar_ps(interleaved, il.channel_lanes[k][c], il.pixel_of[k], value[c]);
+    _mm512_mask_storeu_ps(out + 16 * k, _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(elements - 16 * k)),
+                          interleaved);
+  }
+}
+
+// Per-axis constants of taps() (see avx2::Axis).
+struct Axis {
+  __m512 size, size_m1, scale, clamp_high;
+  __m512i size_i;
+  Axis(int64_t n, bool align_corners)
+      : size(_mm512_set1_ps(float(n))),
+        size_m1(_mm512_set1_ps(float(n - 1))),
+        scale(_mm512_set1_ps(align_corners ? float(n - 1) / 2.0f : float(n) / 2.0f)),
+        clamp_high(_mm512_set1_ps(float(n))),
+        size_i(_mm512_set1_epi32(static_cast<int32_t>(n))) {}
+};
+
+// F.grid_sample's unnormalize of 16 normalised coordinates (as avx2::source_index8).
+inline __m512 unnormalize16(__m512 coord, const Axis& axis, bool align_corners) {
+  const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+  if (align_corners) return _mm512_mul_ps(_mm512_mul_ps(_mm512_add_ps(coord, one), half), axis.size_m1);
+  return _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_add_ps(coord, one), axis.size), one), half);
+}
+
+// Border padding's clip (and its zero scale outside), then a clamp to [-2, size]. A NaN becomes -2
+// (max returns its second operand when either is NaN), an infinite or huge value the nearest
+// bound. The clamp keeps every tap that is inside, and its weight; a pixel it moves has all its
+// taps outside, where the weights are finite and unused. So floor and cast need no other guard
+// (the scalar path's safe_coordinate, in two instructions).
+inline __m512 clip16(__m512 x, const Axis& axis, bool border, __m512* scale) {
+  *scale = axis.scale;
+  if (border) {
+    const __m512 zero = _mm512_setzero_ps();
+    const __mmask16 inside = _mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ) & _mm512_cmp_ps_mask(x, axis.size_m1, _CMP_LT_OQ);
+    *scale = _mm512_maskz_mov_ps(inside, *scale);
+    // Operand order keeps NaN (max/min return the second operand when either is NaN).
+    x = _mm512_min_ps(axis.size_m1, _mm512_max_ps(zero, x));
+  }
+  return _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-2.0f)), axis.clamp_high);
+}
+
+// A clamped index is in [-2, size]: negative ones compare as huge unsigned values.
+inline __mmask16 inside(__m512i i, const Axis& axis) { return _mm512_cmplt_epu32_mask(i, axis.size_i); }
+
+// Per-call constants of the taps.
+struct TapsConstants {
+  Axis ax, ay;
+  __m512i width;
+  bool border, nearest, align_corners;
+  explicit TapsConstants(const Geometry& g)
+      : ax(g.in_w, g.align_corners),
+        ay(g.in_h, g.align_corners),
+        width(_mm512_set1_epi32(static_cast<int32_t>(g.in_w))),
+        border(g.padding == Padding::Border),
+        nearest(g.interpolation == Interpolation::Nearest),
+        align_corners(g.align_corners) {}
+};
+
+// avx2::taps on 16 lanes, in registers: the taps of 16 pixels from their normalised coordinates,
+// zeros or border padding. Nearest sets offset and nw only. Where the caller stores no chunk arrays,
+// the compiler drops the gradient terms.
+inline Taps16 taps16_pixels(__m512 ix_raw, __m512 iy_raw, const TapsConstants& k, __mmask16 live) {
+  Taps16 t;
+  const __m512 ix = clip16(ix_raw, k.ax, k.border, &t.scale_x);
+  const __m512 iy = clip16(iy_raw, k.ay, k.border, &t.scale_y);
+  const __m512i one_i = _mm512_set1_epi32(1);
+  if (k.nearest) {
+    const int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m512i x = _mm512_cvttps_epi32(_mm512_roundscale_ps(ix, round));
+    const __m512i y = _mm512_cvttps_epi32(_mm512_roundscale_ps(iy, round));
+    t.offset = _mm512_add_epi32(_mm512_mullo_epi32(y, k.width), x);
+    t.nw = inside(x, k.ax) & inside(y, k.ay) & live;
+    t.ne = t.sw = t.se = 0;
+    return t;
+  }
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const int down = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
+  const __m512 fx = _mm512_roundscale_ps(ix, down), fy = _mm512_roundscale_ps(iy, down);
+  t.dx0 = _mm512_sub_ps(ix, fx);
+  t.dx1 = _mm512_sub_ps(_mm512_add_ps(fx, one), ix);
+  t.dy0 = _mm512_sub_ps(iy, fy);
+  t.dy1 = _mm512_sub_ps(_mm512_add_ps(fy, one), iy);
+  t.w_nw = _mm512_mul_ps(t.dx1, t.dy1);
+  t.w_ne = _mm512_mul_ps(t.dx0, t.dy1);
+  t.w_sw = _mm512_mul_ps(t.dx1, t.dy0);
+  t.w_se = _mm512_mul_ps(t.dx0, t.dy0);
+  const __m512i x0 = _mm512_cvttps_epi32(fx), y0 = _mm512_cvttps_epi32(fy);
+  const __mmask16 x0_in = inside(x0, k.ax), x1_in = inside(_mm512_add_epi32(x0, one_i), k.ax);
+  const __mmask16 y0_in = inside(y0, k.ay) & live, y1_in = inside(_mm512_add_epi32(y0, one_i), k.ay) & live;
+  t.offset = _mm512_add_epi32(_mm512_mullo_epi32(y0, k.width), x0);
+  t.nw = x0_in & y0_in;
+  t.ne = x1_in & y0_in;
+  t.sw = x0_in & y1_in;
+  t.se = x1_in & y1_in;
+  return t;
+}
+
+// The same from normalised coordinates.
+inline Taps16 taps16(__m512 gx, __m512 gy, const TapsConstants& k, __mmask16 live) {
+  return taps16_pixels(unnormalize16(gx, k.ax, k.align_corners), unnormalize16(gy, k.ay, k.align_corners), k, live);
+}
+
+// The normalised coordinates of 16 pixels of an affine row, from its map (mul then add, not fma:
+// the same rounding as AffineSource::load and the scalar path).
+inline void affine_coords(const AffineRow& row, int64_t p, __mmask16 live, __m512* gx, __m512* gy) {
+  const __m512 bx = _mm512_maskz_loadu_ps(live, row.base_x + p);
+  *gx = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(row.ax), bx), _mm512_set1_ps(row.cx));
+  *gy = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(row.ay), bx), _mm512_set1_ps(row.cy));
+}
+
+// The same from a grid row of (x, y) pairs; lanes past `count` read zero.
+inline void grid_coords(const float* pairs, int64_t p, int count, __m512* gx, __m512* gy) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const unsigned elements = 2u * static_cast<unsigned>(count);
+  const __mmask16 low = elements >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << elements) - 1);
+  const __mmask16 high = elements > 16 ? static_cast<__mmask16>((1u << (elements - 16)) - 1) : 0;
+  const __m512 a = _mm512_maskz_loadu_ps(low, pairs + 2 * p), b = _mm512_maskz_loadu_ps(high, pairs + 2 * p + 16);
+  *gx = _mm512_permutex2var_ps(a, even, b);
+  *gy = _mm512_permutex2var_ps(a, odd, b);
+}
+
+// Fills a chunk's arrays (the AVX2 layout, see avx2::taps) with taps16.
+void taps(Chunk<float>& ch, int len, const Geometry& g, bool scalar_arrays, bool grad_terms, const AffineRow* affine) {
+  const TapsConstants k(g);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i one_i = _mm512_set1_epi32(1);
+  for (int p = 0; p < len; p += 16) {  // kChunk is a multiple of 16: the arrays hold every lane
+    const __mmask16 live = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(len - p));
+    __m512 gx, gy;
+    if (affine) {
+      affine_coords(*affine, p, live, &gx, &gy);
+    } else {
+      gx = _mm512_maskz_loadu_ps(live, ch.gx + p);  // zero past the chunk (see avx2::taps)
+      gy = _mm512_maskz_loadu_ps(live, ch.gy + p);
+    }
+    const Taps16 t = taps16(gx, gy, k, live);
+    if (grad_terms) {
+      _mm512_storeu_ps(ch.scale_x + p, t.scale_x);
+      _mm512_storeu_ps(ch.scale_y + p, t.scale_y);
+    }
+    _mm512_storeu_si512(ch.offset32 + p, t.offset);
+    if (k.nearest) {
+      _mm512_storeu_si512(ch.bits + p, _mm512_maskz_mov_epi32(t.nw, one_i));
+      continue;
+    }
+    if (grad_terms) {
+      _mm512_storeu_ps(ch.dx0 + p, t.dx0);
+      _mm512_storeu_ps(ch.dx1 + p, t.dx1);
+      _mm512_storeu_ps(ch.dy0 + p, t.dy0);
+      _mm512_storeu_ps(ch.dy1 + p, t.dy1);
+    }
+    _mm512_storeu_ps(ch.w_nw + p, t.w_nw);
+    _mm512_storeu_ps(ch.w_ne + p, t.w_ne);
+    _mm512_storeu_ps(ch.w_sw + p, t.w_sw);
+    _mm512_storeu_ps(ch.w_se + p, t.w_se);
+    __m512i bits = _mm512_maskz_mov_epi32(t.nw, one_i);
+    bits = _mm512_or_si512(bits, _mm512_maskz_mov_epi32(t.ne, _mm512_set1_epi32(2)));
+    bits = _mm512_or_si512(bits, _mm512_maskz_mov_epi32(t.sw, _mm512_set1_epi32(4)));
+    bits = _mm512_or_si512(bits, _mm512_maskz_mov_epi32(t.se, _mm512_set1_epi32(8)));
+    _mm512_storeu_si512(ch.bits + p, bits);
+  }
+  for (int p = 0; scalar_arrays && p < len; ++p) {
+    ch.offset[p] = ch.offset32[p];
+    ch.mask[p] = static_cast<uint8_t>(ch.bits[p]);
+  }
+}
+
+// The taps of pixels p..p+15 of a chunk back from its arrays (reflection padding: scalar taps).
+inline Taps16 load_taps16(const Chunk<float>& ch, int p, __mmask16 live) {
+  Taps16 t;
+  t.offset = _mm512_maskz_loadu_epi32(live, ch.offset32 + p);
+  const __m512i bits = _mm512_maskz_loadu_epi32(live, ch.bits + p);
+  t.nw = _mm512_test_epi32_mask(bits, _mm512_set1_epi32(1));
+  t.ne = _mm512_test_epi32_mask(bits, _mm512_set1_epi32(2));
+  t.sw = _mm512_test_epi32_mask(bits, _mm512_set1_epi32(4));
+  t.se = _mm512_test_epi32_mask(bits, _mm512_set1_epi32(8));
+  t.w_nw = _mm512_maskz_loadu_ps(live, ch.w_nw + p);
+  t.w_ne = _mm512_maskz_loadu_ps(live, ch.w_ne + p);
+  t.w_sw = _mm512_maskz_loadu_ps(live, ch.w_sw + p);
+  t.w_se = _mm512_maskz_loadu_ps(live, ch.w_se + p);
+  return t;
+}
+
+// The gather forwards of one row: NCHW images of up to kGatherChannels channels, channels_last
+// images of 2 to 4. `row_taps(p, count, live)` gives the taps of pixels p..p+15.
+template <typename RowTaps>
+void forward_row_gathers(const float* image, float* out, int64_t out_w, const Geometry& g, bool channels_last,
+                         const RowTaps& row_taps) {
+  const int64_t in_hw = g.in_h * g.in_w, out_hw = g.out_h * g.out_w;
+  const bool bilinear = g.interpolation == Interpolation::Bilinear;
+  auto each_vector = [&](auto&& sample) {
+    for (int64_t p = 0; p < out_w; p += 16) {
+      const int count = static_cast<int>(std::min<int64_t>(16, out_w - p));
+      const __mmask16 live = static_cast<__mmask16>((1u << count) - 1);
+      sample(p, count, live, row_taps(p, count, live));
+    }
+  };
+  if (!channels_last) {
+    each_vector([&](int64_t p, int, __mmask16 live, const Taps16& t) {
+      sample_nchw(image, out + p, t, live, g.channels, in_hw, out_hw, g.in_w, bilinear);
+    });
+    return;
+  }
+  auto nhwc = [&](auto channels) {
+    constexpr int kChannels = decltype(channels)::value;
+    static const Interleave<kChannels> il;
+    each_vector([&](int64_t p, int count, __mmask16, const Taps16& t) {
+      sample_nhwc_small<kChannels>(image, out + p * kChannels, t, count, in_hw, g.in_w, il);
+    });
+  };
+  if (g.channels == 2) nhwc(std::integral_constant<int, 2>());
+  else if (g.channels == 3) nhwc(std::integral_constant<int, 3>());
+  else nhwc(std::integral_constant<int, 4>());
+}
+
+// Calls body(row_taps) for output row oy of image n, where row_taps(p, count, live) computes the
+// taps of pixels p..p+15 in registers, straight from the affine map or the grid (zeros and border
+// padding): no chunk arrays stored and read back.
+template <typename Source, typename Body>
+inline void with_row_taps(const Source& source, const Geometry& g, const TapsConstants& k, int64_t n, int64_t oy,
+                          Body&& body) {
+  if constexpr (std::is_same_v<Source, AffineSource<float>>) {
+    // The row's map straight to input pixels: one fma a coordinate instead of the map and
+    // unnormalize (7 instructions).
+    const AffineRow map = source.pixel_row(n, oy, g.in_h, g.in_w, g.align_corners);
+    const __m512 ax = _mm512_set1_ps(map.ax), cx = _mm512_set1_ps(map.cx);
+    const __m512 ay = _mm512_set1_ps(map.ay), cy = _mm512_set1_ps(map.cy);
+    body([&](int64_t p, int, __mmask16 live) {
+      const __m512 bx = _mm512_maskz_loadu_ps(live, map.base_x + p);
+      return taps16_pixels(_mm512_fmadd_ps(ax, bx, cx), _mm512_fmadd_ps(ay, bx, cy), k, live);
+    });
+  } else {
+    const float* pairs = source.grid + (n * g.out_h + oy) * g.out_w * 2;
+    body([&](int64_t p, int count, __mmask16 live) {
+      __m512 gx, gy;
+      grid_coords(pairs, p, count, &gx, &gy);
+      return taps16(gx, gy, k, live);
+    });
+  }
+}
+
+// Output rows [begin, end) (row = n * out_h + oy), taps in registers.
+template <typename Source>
+void forward_rows_direct(const float* input, float* output, const Source& source, const Geometry& g,
+                         bool channels_last, int64_t begin, int64_t end) {
+  const TapsConstants k(g);
+  const int64_t image_size = g.channels * g.in_h * g.in_w;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / g.out_h, oy = row % g.out_h;
+    const float* image = input + n * image_size;
+    float* out = output + (channels_last ? row * g.out_w * g.channels : n * g.channels * g.out_h * g.out_w + oy * g.out_w);
+    with_row_taps(source, g, k, n, oy, [&](const auto& row_taps) {
+      forward_row_gathers(image, out, g.out_w, g, channels_last, row_taps);
+    });
+  }
+}
+
+
+// The same for one chunk whose taps are in its arrays.
+void forward_chunk_gathers(const float* image, float* out, const Chunk<float>& ch, int len, const Geometry& g,
+                           bool channels_last) {
+  forward_row_gathers(image, out, len, g, channels_last,
+                      [&](int64_t p, int, __mmask16 live) { return load_taps16(ch, static_cast<int>(p), live); });
+}
+}  // namespace avx512
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+}  // namespace
+}  // namespace grid_sample
+}  // namespace fastcnn
+#endif  // FASTCNN_GRID_SAMPLE_AVX2
