@@ -8,6 +8,15 @@
 
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
 
+// Code between these is compiled for AVX-512 (the CPU is checked at run time). GCC 12 warns that
+// the placeholder operand of _mm512_min_ps, _max_ps, _cvttps_epi32 and _extracti64x4_epi64 may be
+// (or is) uninitialised: it is unused (every lane is written).
+#define FASTCNN_GRID_SAMPLE_AVX512_BEGIN                                                   \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f\")") _Pragma("GCC diagnostic push") \
+      _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")                         \
+          _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")
+#define FASTCNN_GRID_SAMPLE_AVX512_END _Pragma("GCC diagnostic pop") _Pragma("GCC pop_options")
+
 namespace fastcnn {
 namespace grid_sample {
 namespace {
@@ -26,13 +35,7 @@ namespace {
 // whose loads the coordinate gradient shares; and grad_input scattered lane by lane from vectors
 // stored to the stack: 0.4-0.65x.
 // FASTCNN_AVX512=0 turns this off (read once per call).
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-// GCC 12 warns that the placeholder operand of _mm512_min_ps, _max_ps, _cvttps_epi32 and
-// _extracti64x4_epi64 may be (or is) uninitialised: it is unused (every lane is written).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
+FASTCNN_GRID_SAMPLE_AVX512_BEGIN
 namespace avx512 {
 
 // The taps of 16 output pixels in registers (see Chunk for the fields).
@@ -437,8 +440,7 @@ void forward_chunk_gathers(const float* image, float* out, const Chunk<float>& c
                       [&](int64_t p, int, __mmask16 live) { return load_taps16(ch, static_cast<int>(p), live); });
 }
 }  // namespace avx512
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
+FASTCNN_GRID_SAMPLE_AVX512_END
 
 }  // namespace
 }  // namespace grid_sample

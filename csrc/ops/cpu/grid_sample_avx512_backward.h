@@ -12,13 +12,7 @@ namespace fastcnn {
 namespace grid_sample {
 namespace {
 
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-// GCC 12 warns that the placeholder operand of _mm512_min_ps, _max_ps, _cvttps_epi32 and
-// _extracti64x4_epi64 may be (or is) uninitialised: it is unused (every lane is written).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
+FASTCNN_GRID_SAMPLE_AVX512_BEGIN
 namespace avx512 {
 
 // grad_x / grad_y += gout * d(sample)/d(x, y) of 16 pixels over one NCHW plane (the shared
@@ -297,8 +291,7 @@ bool backward_affine_image_lattice(const float* image, const float* grad_output,
 }
 
 }  // namespace avx512
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
+FASTCNN_GRID_SAMPLE_AVX512_END
 
 }  // namespace
 }  // namespace grid_sample

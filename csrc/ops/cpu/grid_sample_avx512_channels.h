@@ -12,13 +12,7 @@ namespace fastcnn {
 namespace grid_sample {
 namespace {
 
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-// GCC 12 warns that the placeholder operand of _mm512_min_ps, _max_ps, _cvttps_epi32 and
-// _extracti64x4_epi64 may be (or is) uninitialised: it is unused (every lane is written).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
+FASTCNN_GRID_SAMPLE_AVX512_BEGIN
 namespace avx512 {
 
 // Feature maps (more than kGatherChannels channels): a channels_last pixel's four taps are runs of
@@ -187,8 +181,7 @@ void forward_chunk_transposed(const float* image, int64_t channels, float* out, 
 }
 
 }  // namespace avx512
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
+FASTCNN_GRID_SAMPLE_AVX512_END
 
 }  // namespace
 }  // namespace grid_sample
