@@ -10,14 +10,12 @@ seam), so an element a kernel fails to write shows up as a mismatch.
 """
 import contextlib
 import math
-import os
 import sys
-import time
-import traceback
 
 import torch
 import torch.nn.functional as F
 
+import check_runner
 import working_tree_kernels
 
 REPO = working_tree_kernels.REPO
@@ -234,30 +232,18 @@ def check_deterministic(kernels, device="cpu"):
 def run_cases(cases, device="cpu", verbose=True):
     """Runs every case; returns the list of (name, error text) failures."""
     kernels = load_kernels()
-    failures = []
     checks = [(spec["name"], lambda spec=spec: run_case(kernels, spec, device)) for spec in cases]
     checks.append(("deterministic", lambda: check_deterministic(kernels, device)))
-    for name, check in checks:
-        start = time.perf_counter()
-        try:
-            check()
-            status = "ok"
-        except Exception:
-            failures.append((name, traceback.format_exc()))
-            status = "FAIL"
-        if verbose:
-            print(f"{status:4} {name:40} {time.perf_counter() - start:6.2f} s", flush=True)
-    return failures
+    return check_runner.run_checks(checks, verbose)
 
 
 def main():
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        print("set TRITON_INTERPRET=1: this check runs the Triton kernels on CPU tensors", file=sys.stderr)
-        return 2
+    missing = check_runner.interpreter_missing()
+    if missing:
+        return missing
     torch.manual_seed(0)
     failures = run_cases(INTERPRETED_CASES)
-    for name, text in failures:
-        print(f"\n=== {name} ===\n{text}", file=sys.stderr)
+    check_runner.report(failures)
     print(f"{len(INTERPRETED_CASES) + 1 - len(failures)} passed, {len(failures)} failed")
     return 1 if failures else 0
 

@@ -22,15 +22,14 @@ PyTorch's CPU kernel itself would return NaN there.
 """
 import contextlib
 import math
-import os
 import sys
 import time
-import traceback
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+import check_runner
 import working_tree_kernels
 
 REPO = working_tree_kernels.REPO
@@ -445,34 +444,22 @@ def check_gradcheck(kernels, device="cpu"):
 def run_cases(cases, device="cpu", verbose=True, gradcheck=True):
     """Runs every case (and the gradcheck); returns the list of (name, error text) failures."""
     kernels = load_kernels()
-    failures = []
     checks = [(spec["name"], lambda spec=spec: run_case(kernels, spec, device)) for spec in cases]
     if gradcheck:
         checks.append(("gradcheck_fp64", lambda: check_gradcheck(kernels, device)))
-    for name, check in checks:
-        start = time.perf_counter()
-        try:
-            check()
-            status = "ok"
-        except Exception:
-            failures.append((name, traceback.format_exc()))
-            status = "FAIL"
-        if verbose:
-            print(f"{status:4} {name:48} {time.perf_counter() - start:6.2f} s", flush=True)
-    return failures
+    return check_runner.run_checks(checks, verbose, name_width=48)
 
 
 def main():
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        print("set TRITON_INTERPRET=1: this check runs the Triton kernels on CPU tensors", file=sys.stderr)
-        return 2
+    missing = check_runner.interpreter_missing()
+    if missing:
+        return missing
     torch.manual_seed(0)
     only = sys.argv[1:]  # optional case-name substrings
     cases = [spec for spec in INTERPRETED_CASES if not only or any(s in spec["name"] for s in only)]
     start = time.perf_counter()
     failures = run_cases(cases, gradcheck=not only or any(s in "gradcheck_fp64" for s in only))
-    for name, text in failures:
-        print(f"\n=== {name} ===\n{text}", file=sys.stderr)
+    check_runner.report(failures)
     print(f"{len(failures)} failed in {time.perf_counter() - start:.1f} s")
     return 1 if failures else 0
 
