@@ -40,7 +40,6 @@ template <typename RowTaps>
 void coordinate_grad_row_nchw(const float* image, const float* grad_output, int64_t out_w, const Geometry& g,
                               const RowTaps& row_taps, const float* base_x, float* grid_out, double row_sums[4]) {
   const int64_t in_hw = g.in_h * g.in_w, out_hw = g.out_h * g.out_w;
-  const __m512i pair_low = _mm512_set1_epi32(-1), pair_high = _mm512_set1_epi32(static_cast<int32_t>(in_hw - 1));
   const __m512i even_pairs = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i odd_pairs = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   __m512 sum_x = _mm512_setzero_ps(), sum_xb = sum_x, sum_y = sum_x, sum_yb = sum_x;
@@ -49,13 +48,17 @@ void coordinate_grad_row_nchw(const float* image, const float* grad_output, int6
     const __mmask16 live = static_cast<__mmask16>((1u << count) - 1);
     const Taps16 t = row_taps(p, count, live);
     const __m512i south = _mm512_add_epi32(t.offset, _mm512_set1_epi32(static_cast<int32_t>(g.in_w)));
-    const __mmask16 north_safe = _mm512_cmpgt_epi32_mask(t.offset, pair_low) & _mm512_cmplt_epi32_mask(t.offset, pair_high);
-    const __mmask16 south_safe = _mm512_cmpgt_epi32_mask(south, pair_low) & _mm512_cmplt_epi32_mask(south, pair_high);
     __m512 grad_x = _mm512_setzero_ps(), grad_y = grad_x;
-    for (int64_t c = 0; c < g.channels; ++c) {
-      const __m512 gout = _mm512_maskz_loadu_ps(live, grad_output + c * out_hw + p);
-      add_plane_coordinate_grad(image + c * in_hw, t, south, north_safe, south_safe, gout, &grad_x, &grad_y);
-    }
+    auto channels_loop = [&](__mmask16 north_safe, __mmask16 south_safe) {
+      for (int64_t c = 0; c < g.channels; ++c) {
+        const __m512 gout = _mm512_maskz_loadu_ps(live, grad_output + c * out_hw + p);
+        add_plane_coordinate_grad(image + c * in_hw, t, south, north_safe, south_safe, gout, &grad_x, &grad_y);
+      }
+    };
+    if (all_taps_inside(t, live))  // as sample_nchw
+      channels_loop(0xFFFF, 0xFFFF);
+    else
+      channels_loop(pairs_inside(t.offset, in_hw), pairs_inside(south, in_hw));
     // Lanes past the row are zero here (gout is) and in bx.
     const __m512 dx = _mm512_mul_ps(grad_x, t.scale_x), dy = _mm512_mul_ps(grad_y, t.scale_y);
     if (grid_out) {
@@ -228,7 +231,6 @@ bool backward_affine_image_lattice(const float* image, const float* grad_output,
   const TapsConstants k(g);
   const int64_t in_hw = g.in_h * g.in_w, out_hw = g.out_h * g.out_w;
   const __m512 ax = _mm512_set1_ps(map.ax), ay = _mm512_set1_ps(map.ay), zero = _mm512_setzero_ps();
-  const __m512i pair_low = _mm512_set1_epi32(-1), pair_high = _mm512_set1_epi32(static_cast<int32_t>(in_hw - 1));
   const __m512i even_pairs = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i odd_pairs = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   const __m512i low16 = _mm512_set1_epi32(0xFFFF), out_w = _mm512_set1_epi32(static_cast<int32_t>(g.out_w));
@@ -262,8 +264,7 @@ bool backward_affine_image_lattice(const float* image, const float* grad_output,
     const __m512 north_hi = _mm512_permutex2var_ps(t.w_nw, odd_pairs, t.w_ne);
     const __m512 south_lo = _mm512_permutex2var_ps(t.w_sw, even_pairs, t.w_se);
     const __m512 south_hi = _mm512_permutex2var_ps(t.w_sw, odd_pairs, t.w_se);
-    const __mmask16 north_safe = _mm512_cmpgt_epi32_mask(t.offset, pair_low) & _mm512_cmplt_epi32_mask(t.offset, pair_high);
-    const __mmask16 south_safe = _mm512_cmpgt_epi32_mask(south, pair_low) & _mm512_cmplt_epi32_mask(south, pair_high);
+    const __mmask16 north_safe = pairs_inside(t.offset, in_hw), south_safe = pairs_inside(south, in_hw);
     __m512 grad_x = zero, grad_y = zero;
     for (int64_t c = 0; c < g.channels; ++c) {
       const __m512 gout = _mm512_mask_i32gather_ps(zero, live, out_index, grad_output + c * out_hw, 4);
