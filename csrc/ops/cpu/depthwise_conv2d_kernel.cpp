@@ -21,7 +21,7 @@
 // - On CPUs with AVX-512, fp32 takes depthwise_conv2d_avx512.cpp instead where it applies: NCHW
 //   3x3/5x5 at stride 1 and 2 (planes read in place, no tiles); channels_last forward and input
 //   gradient of any window, weight gradient of 3x3/5x5.
-//   Everything below remains the path for other CPUs, dtypes and windows.
+//   Everything else remains the path for other CPUs, dtypes and windows.
 //
 // This file chooses the path of each call and holds the forward, backward and ATen entry points.
 // It includes, in this one translation unit, depthwise_conv2d_vector_kernels.h (the portable

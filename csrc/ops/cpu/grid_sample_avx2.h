@@ -15,8 +15,8 @@ namespace {
 #pragma GCC target("avx2,fma")
 // fp32 kernels with AVX2: the taps of 8 pixels at once, and the pixel loops that read taps only
 // where the 4-bit mask says they are inside (so a tap outside the input reads exactly zero, never
-// 0 * NaN). Used when the CPU has AVX2 and FMA; the templates above are the fallback and the
-// fp64/fp16/bf16 path. Same arithmetic as grid_sample_coords.h, lane-parallel.
+// 0 * NaN). Used when the CPU has AVX2 and FMA; the scalar templates (grid_sample_chunk.h and
+// grid_sample_kernel.cpp) are the fallback and the fp64/fp16/bf16 path. Same arithmetic as grid_sample_coords.h, lane-parallel.
 namespace avx2 {
 
 inline __m256i tail_mask(int remaining) {

@@ -177,12 +177,12 @@ void forward_kernel(const scalar_t* input, scalar_t* output, const Source& sourc
   const int64_t grain = std::max<int64_t>(
       1, std::min<int64_t>(32768 / std::max<int64_t>(1, g.out_w * C), (rows + threads - 1) / threads));
   // The pixel loops take NCHW at any C and channels_last up to 8 channels; wider channels_last
-  // rows are better served by the channel-vector loops below.
+  // rows are better served by the channel-vector loops (grid_sample_avx512_channels.h).
   const Taps vector_taps = vector_taps_for(g);
   const bool vector_pixels = std::is_same_v<scalar_t, float> && vector_taps != Taps::Scalar && (!channels_last || C <= 8);
   [[maybe_unused]] const avx2_strides st = layout_strides(channels_last, C, in_hw, out_hw);
-  // Gathers for the few-channel NCHW images (grayscale, RGB); wider ones keep the blocks of
-  // planes above (gathers across 64 planes measured 10% slower than them).
+  // Gathers for the few-channel NCHW images (grayscale, RGB); wider ones keep the AVX2 blocks of
+  // planes (avx2::forward_row; gathers across 64 planes measured 10% slower than them).
   const bool gathers = vector_pixels && !channels_last && C <= kGatherChannels && vector_taps == Taps::Avx512;
   // channels_last RGB-like images: pair gathers too, for bilinear sampling (the element index
   // pixel * C must fit in int32).
