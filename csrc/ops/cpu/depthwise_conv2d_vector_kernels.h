@@ -78,6 +78,9 @@ PlaneShape make_plane_shape(int64_t out_h, int64_t out_w, int64_t padded_w, int6
 // 32-byte vectors: native on AVX2 and AVX-512 alike. Wider GCC vectors on an AVX2 target are
 // split through the stack (seen here: a 20x slowdown), and memory bandwidth, not vector width,
 // bounds the common 3x3 layers.
+// GCC notes that returning such a vector from code built without AVX "changes the ABI": only
+// inline functions of this translation unit return them, so no ABI is crossed.
+#pragma GCC diagnostic ignored "-Wpsabi"
 template <typename T>
 struct Simd;
 template <>
