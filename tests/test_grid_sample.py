@@ -197,18 +197,21 @@ def test_wide_images_fp32(mode, padding, align, layout, batch, channels, monkeyp
         torch.testing.assert_close(o, p, rtol=0, atol=2e-5 * scale, msg=name)
 
 
+@pytest.mark.parametrize("out_hw", [(37, 41), (28, 27)])
 @pytest.mark.parametrize("channels", [1, 2])
 @pytest.mark.parametrize("align", [False, True])
 @pytest.mark.parametrize("scale", [3.5, 1.6, 1.0, 0.8, 0.62, 0.5, 0.4, 0.2])
-def test_affine_backward_by_scatters_fp32(scale, align, channels, monkeypatch):
+def test_affine_backward_by_scatters_fp32(scale, align, channels, out_hw, monkeypatch):
     """The AVX-512 backward with grad_input of an affine map, 1-2 channels, zeros padding:
     grad_input is added by pair gathers and scatters, 16 output pixels that share no tap at a time
     (pixels k apart in both directions, k from the map's smaller singular value; maps that shrink
     by more than 6 go to the AVX2 loop). A scatter of two pixels onto one element would lose a
     pixel's whole contribution. Scales from 3.5 (k = 1) to 0.2 (none), rotated and sheared, over
-    output maps of 2 x 2 tiles (32 pixels) and tails: against the AVX2 loop and the fp64 truth."""
+    output maps of 2 x 2 tiles (32 pixels) and tails, and of one tile (up to 32 x 32, whose
+    per-pixel constants come by permutes, not gathers): against the AVX2 loop and the fp64 truth."""
     g = torch.Generator().manual_seed(int(100 * scale) + channels)
-    n, h, w, ho, wo = 3, 45, 52, 37, 41
+    n, h, w = 3, 45, 52
+    ho, wo = out_hw
     x = torch.randn(n, channels, h, w, generator=g)
     angle = torch.tensor([0.3, -0.5, 1.2])
     theta = torch.zeros(n, 2, 3)
