@@ -51,6 +51,9 @@
 #if FASTCNN_AVX512_PLANES
 #pragma GCC target("avx512f")
 #include <immintrin.h>
+// GCC 12 warns that _mm512_permutexvar_ps's placeholder operand (_mm512_undefined_ps) may be
+// uninitialised: it is unused (the mask is all ones).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
 namespace fastcnn {
