@@ -210,10 +210,10 @@ inline void add_tap_pair(float* plane, __m512i offset, __mmask16 left_in, __mmas
   }
 }
 
-// Lanes l with from + l < size (as a 16-bit mask).
-inline unsigned lane_range_mask(int64_t from, int64_t size) {
+// Lanes l with from + l < size.
+inline __mmask16 lane_range_mask(int64_t from, int64_t size) {
   const int64_t count = std::min<int64_t>(16, std::max<int64_t>(0, size - from));
-  return count >= 16 ? 0xFFFFu : (1u << count) - 1u;
+  return static_cast<__mmask16>((1u << count) - 1u);
 }
 
 // Image n's grad_input (gin, zeroed) and, with `coords`, theta's six sums (ThetaSink's order:
@@ -261,8 +261,7 @@ bool backward_affine_image_lattice(const float* image, const float* grad_output,
   // 1.09x).
   const bool small_tables = g.out_w <= 32 && g.out_h <= 32;
   const auto table_half = [&](const float* table, int64_t size, int64_t from) {
-    return small_tables ? _mm512_maskz_loadu_ps(static_cast<__mmask16>(lane_range_mask(from, size)), table + from)
-                        : zero;
+    return small_tables ? _mm512_maskz_loadu_ps(lane_range_mask(from, size), table + from) : zero;
   };
   const __m512 bx_lo = table_half(source.base_x, g.out_w, 0), bx_hi = table_half(source.base_x, g.out_w, 16);
   const __m512 by_lo = table_half(source.base_y, g.out_h, 0), by_hi = table_half(source.base_y, g.out_h, 16);
