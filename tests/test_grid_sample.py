@@ -369,6 +369,39 @@ def test_output_size_differs_from_input():
     _check_affine(x, _theta(2), (2, 4, 1, 1), "bilinear", "zeros", False, 1e-12, 1e-12)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_affine_rows_grazing_the_edges_fp32(padding, channels, vector_isa):
+    """Maps that put samples exactly on the image's first and last pixels, or a rounding step
+    inside them: the AVX-512 forward samples a vector without edge tests when its end pixels' taps
+    are inside, so those ends must be judged as PyTorch does. Rows of 37 pixels (vectors of 16, 16
+    and 5); the output must match F.affine_grid + F.grid_sample to fp32 rounding (a wrong edge
+    judgement reads the wrong pixel: errors of order 1)."""
+    g = torch.Generator().manual_seed(3)
+    n, h, w = 6, 12, 37
+    x = torch.randn(n, channels, h, w, generator=g)
+    one_below = math.nextafter(1.0, 0.0)
+    theta = torch.tensor(
+        [
+            [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],  # align_corners: pixel j samples j exactly
+            [[one_below, 0.0, 0.0], [0.0, one_below, 0.0]],
+            [[1.0, 0.0, 1.0 / w], [0.0, 1.0, -1.0 / h]],  # half a pixel's shift: one tap off each edge
+            [[1.0 - 1.0 / w, 0.0, 0.0], [0.0, 1.0 - 1.0 / h, 0.0]],  # zoomed in to the pixel centres
+            [[0.9, 0.3, 0.0], [-0.3, 0.9, 0.0]],  # rotated: some vectors inside, some across an edge
+            [[0.5, 0.0, 0.5], [0.0, 0.5, -0.5]],  # a quarter of the image: every vector inside
+        ],
+        dtype=torch.float32,
+    )
+    for align in (False, True):
+        size = (n, channels, h, w)
+        out = affine_grid_sample(x, theta, size, "bilinear", padding, align)
+        expected = F.grid_sample(x, F.affine_grid(theta, size, align_corners=align), padding_mode=padding,
+                                 align_corners=align)
+        # Our map folds unnormalize into it (in fp64), PyTorch rounds the grid first: fp32
+        # coordinates a few 1e-6 pixel apart, times value slopes of up to ~6 here.
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("padding", PADDINGS)
 def test_sampling_entirely_outside(padding, vector_isa):
     """A shift of 5 (normalised) puts every sample outside the input: zeros pads with zeros,
