@@ -369,9 +369,10 @@ def test_output_size_differs_from_input():
     _check_affine(x, _theta(2), (2, 4, 1, 1), "bilinear", "zeros", False, 1e-12, 1e-12)
 
 
-@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("channels", [1, 3, 4])
 @pytest.mark.parametrize("padding", ["zeros", "border"])
-def test_affine_rows_grazing_the_edges_fp32(padding, channels, vector_isa):
+def test_affine_rows_grazing_the_edges_fp32(padding, channels, layout, vector_isa):
     """Maps that put samples exactly on the image's first and last pixels, or a rounding step
     inside them: the AVX-512 forward samples a vector without edge tests when its end pixels' taps
     are inside, so those ends must be judged as PyTorch does. Rows of 37 pixels (vectors of 16, 16
@@ -379,7 +380,7 @@ def test_affine_rows_grazing_the_edges_fp32(padding, channels, vector_isa):
     judgement reads the wrong pixel: errors of order 1)."""
     g = torch.Generator().manual_seed(3)
     n, h, w = 6, 12, 37
-    x = torch.randn(n, channels, h, w, generator=g)
+    x = _layout(torch.randn(n, channels, h, w, generator=g), layout)
     one_below = math.nextafter(1.0, 0.0)
     theta = torch.tensor(
         [

@@ -151,14 +151,14 @@ struct Interleave {
 // scatters cost more than the gathers: 32x3x64x64 forward 1.5x PyTorch with them).
 template <int kChannels>
 inline void sample_nhwc_small(const float* image, float* out, const Taps16& t, int count, int64_t in_hw, int64_t in_w,
-                              const Interleave<kChannels>& il) {
+                              const Interleave<kChannels>& il, bool all_inside = false) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i south = _mm512_add_epi32(t.offset, _mm512_set1_epi32(static_cast<int32_t>(in_w)));
-  // No all_taps_inside shortcut here: measured 3% slower on 3-channel images (two copies of the
-  // gathers; the edge tests are a smaller share of 2-4 channels' work).
+  // all_inside: the taps are taps16_inside's, every run lies in the image. (No all_taps_inside test
+  // on taps16_pixels' taps here: measured 3% slower on 3-channel images.)
   __m512 top[2 * kChannels], bottom[2 * kChannels];
-  gather_run<kChannels>(image, t.offset, t.nw, t.ne, pairs_inside(t.offset, in_hw), top);
-  gather_run<kChannels>(image, south, t.sw, t.se, pairs_inside(south, in_hw), bottom);
+  gather_run<kChannels>(image, t.offset, t.nw, t.ne, all_inside ? 0xFFFF : pairs_inside(t.offset, in_hw), top);
+  gather_run<kChannels>(image, south, t.sw, t.se, all_inside ? 0xFFFF : pairs_inside(south, in_hw), bottom);
   __m512 value[kChannels];
 #pragma GCC unroll 4
   for (int c = 0; c < kChannels; ++c) {
@@ -274,6 +274,30 @@ inline Taps16 taps16_pixels(__m512 ix_raw, __m512 iy_raw, const TapsConstants& k
 // The same from normalised coordinates.
 inline Taps16 taps16(__m512 gx, __m512 gy, const TapsConstants& k, __mmask16 live) {
   return taps16_pixels(unnormalize16(gx, k.ax, k.align_corners), unnormalize16(gy, k.ay, k.align_corners), k, live);
+}
+
+// taps16_pixels of 16 pixels whose four taps all lie inside the image (affine_span_inside),
+// bilinear, zeros or border padding: the same values without clamps or in-bounds tests, every tap
+// mask `live`. Lanes past it get offset 0. The offset y0 * W + x0 is computed in fp32: the caller
+// checks the image has at most 2^24 pixels, where it is exact.
+inline Taps16 taps16_inside(__m512 ix, __m512 iy, const TapsConstants& k, __mmask16 live) {
+  Taps16 t;
+  clip16(ix, k.ax, k.border, &t.scale_x);  // the scales only: border's clip leaves inside values as they are
+  clip16(iy, k.ay, k.border, &t.scale_y);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const int down = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
+  const __m512 fx = _mm512_roundscale_ps(ix, down), fy = _mm512_roundscale_ps(iy, down);
+  t.dx0 = _mm512_sub_ps(ix, fx);
+  t.dx1 = _mm512_sub_ps(_mm512_add_ps(fx, one), ix);
+  t.dy0 = _mm512_sub_ps(iy, fy);
+  t.dy1 = _mm512_sub_ps(_mm512_add_ps(fy, one), iy);
+  t.w_nw = _mm512_mul_ps(t.dx1, t.dy1);
+  t.w_ne = _mm512_mul_ps(t.dx0, t.dy1);
+  t.w_sw = _mm512_mul_ps(t.dx1, t.dy0);
+  t.w_se = _mm512_mul_ps(t.dx0, t.dy0);
+  t.offset = _mm512_maskz_cvttps_epi32(live, _mm512_fmadd_ps(fy, _mm512_cvtepi32_ps(k.width), fx));
+  t.nw = t.ne = t.sw = t.se = live;
+  return t;
 }
 
 // The normalised coordinates of 16 pixels of an affine row, from its map (mul then add, not fma:
@@ -428,26 +452,14 @@ inline bool affine_span_inside(const AffineRow& map, int64_t p, int count, float
          y1 < y_limit;
 }
 
-// The bilinear forward of 16 NCHW output pixels of an affine row whose taps all lie inside the
-// image (affine_span_inside): no clamps, no in-bounds masks, every run read by a full pair
-// gather. taps16_pixels and sample_nchw compute the same values with their edge tests; this
-// spares them for the vectors the STN benchmark maps keep inside (48% of them on 28-wide rows,
-// 71-76% on 64- and 224-wide ones). NCHW forward of the three STN shapes, one thread: 1.13-1.20x.
-inline void sample_nchw_inside(const float* input, float* out, __m512 ix, __m512 iy, __mmask16 live,
-                               int64_t channels, int64_t in_hw, int64_t out_hw, int64_t in_w) {
+// sample_nchw of 16 pixels whose taps all lie inside the image (taps16_inside): every run read by
+// a full pair gather, no masks.
+inline void sample_nchw_inside(const float* input, float* out, const Taps16& t, __mmask16 live, int64_t channels,
+                               int64_t in_hw, int64_t out_hw, int64_t in_w) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const int down = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
-  const __m512 fx = _mm512_roundscale_ps(ix, down), fy = _mm512_roundscale_ps(iy, down);
-  const __m512 dx0 = _mm512_sub_ps(ix, fx), dx1 = _mm512_sub_ps(_mm512_add_ps(fx, one), ix);
-  const __m512 dy0 = _mm512_sub_ps(iy, fy), dy1 = _mm512_sub_ps(_mm512_add_ps(fy, one), iy);
-  const __m512 w_nw = _mm512_mul_ps(dx1, dy1), w_ne = _mm512_mul_ps(dx0, dy1);
-  const __m512 w_sw = _mm512_mul_ps(dx1, dy0), w_se = _mm512_mul_ps(dx0, dy0);
-  // y0 * W + x0 is exact in fp32 (the caller checks in_hw <= 2^24); lanes past `live` read pixel 0.
-  const __m512i north = _mm512_maskz_cvttps_epi32(live, _mm512_fmadd_ps(fy, _mm512_set1_ps(float(in_w)), fx));
-  const __m512i south = _mm512_add_epi32(north, _mm512_set1_epi32(static_cast<int32_t>(in_w)));
-  const __m256i north_low = _mm512_castsi512_si256(north), north_high = _mm512_extracti64x4_epi64(north, 1);
+  const __m512i south = _mm512_add_epi32(t.offset, _mm512_set1_epi32(static_cast<int32_t>(in_w)));
+  const __m256i north_low = _mm512_castsi512_si256(t.offset), north_high = _mm512_extracti64x4_epi64(t.offset, 1);
   const __m256i south_low = _mm512_castsi512_si256(south), south_high = _mm512_extracti64x4_epi64(south, 1);
   for (int64_t c = 0; c < channels; ++c) {
     const float* plane = input + c * in_hw;
@@ -455,18 +467,23 @@ inline void sample_nchw_inside(const float* input, float* out, __m512 ix, __m512
     const __m512 n_high = _mm512_castpd_ps(_mm512_i32gather_pd(north_high, plane, 4));
     const __m512 s_low = _mm512_castpd_ps(_mm512_i32gather_pd(south_low, plane, 4));
     const __m512 s_high = _mm512_castpd_ps(_mm512_i32gather_pd(south_high, plane, 4));
-    const __m512 top = _mm512_fmadd_ps(_mm512_permutex2var_ps(n_low, odd, n_high), w_ne,
-                                       _mm512_mul_ps(_mm512_permutex2var_ps(n_low, even, n_high), w_nw));
-    const __m512 bottom = _mm512_fmadd_ps(_mm512_permutex2var_ps(s_low, odd, s_high), w_se,
-                                          _mm512_mul_ps(_mm512_permutex2var_ps(s_low, even, s_high), w_sw));
+    const __m512 top = _mm512_fmadd_ps(_mm512_permutex2var_ps(n_low, odd, n_high), t.w_ne,
+                                       _mm512_mul_ps(_mm512_permutex2var_ps(n_low, even, n_high), t.w_nw));
+    const __m512 bottom = _mm512_fmadd_ps(_mm512_permutex2var_ps(s_low, odd, s_high), t.w_se,
+                                          _mm512_mul_ps(_mm512_permutex2var_ps(s_low, even, s_high), t.w_sw));
     _mm512_mask_storeu_ps(out + c * out_hw, live, _mm512_add_ps(top, bottom));
   }
 }
 
-// One output row of an affine map, NCHW, bilinear, zeros or border padding: vectors whose taps
-// all lie inside take sample_nchw_inside, the rest taps16_pixels and sample_nchw.
-inline void forward_row_affine_nchw(const float* image, float* out, const AffineRow& map, const Geometry& g,
-                                    const TapsConstants& k) {
+// One output row of an affine map, bilinear, zeros or border padding, NCHW (kChannels 0) or
+// channels_last of kChannels = 2 to 4: vectors whose taps all lie inside (affine_span_inside) take
+// taps16_inside and skip the samplers' edge tests, the rest taps16_pixels. Such vectors are 48% of
+// the STN benchmark maps' on 28-wide rows, 71-76% on 64- and 224-wide ones; the shortcut made the
+// forward of the three STN shapes 1.13-1.20x faster in NCHW and the RGB ones 1.09-1.10x in
+// channels_last (one thread). Tried in the coordinate-gradient backward too: no gain (0.97-1.02x).
+template <int kChannels>
+inline void forward_row_affine(const float* image, float* out, const AffineRow& map, const Geometry& g,
+                               const TapsConstants& k) {
   const int64_t in_hw = g.in_h * g.in_w, out_hw = g.out_h * g.out_w;
   const float x_limit = float(g.in_w - 1), y_limit = float(g.in_h - 1);
   const __m512 ax = _mm512_set1_ps(map.ax), cx = _mm512_set1_ps(map.cx);
@@ -476,10 +493,20 @@ inline void forward_row_affine_nchw(const float* image, float* out, const Affine
     const __mmask16 live = static_cast<__mmask16>((1u << count) - 1);
     const __m512 bx = _mm512_maskz_loadu_ps(live, map.base_x + p);
     const __m512 ix = _mm512_fmadd_ps(ax, bx, cx), iy = _mm512_fmadd_ps(ay, bx, cy);
-    if (affine_span_inside(map, p, count, x_limit, y_limit)) {
-      sample_nchw_inside(image, out + p, ix, iy, live, g.channels, in_hw, out_hw, g.in_w);
+    const bool inside = affine_span_inside(map, p, count, x_limit, y_limit);
+    if constexpr (kChannels == 0) {
+      if (inside)
+        sample_nchw_inside(image, out + p, taps16_inside(ix, iy, k, live), live, g.channels, in_hw, out_hw, g.in_w);
+      else
+        sample_nchw(image, out + p, taps16_pixels(ix, iy, k, live), live, g.channels, in_hw, out_hw, g.in_w, true);
     } else {
-      sample_nchw(image, out + p, taps16_pixels(ix, iy, k, live), live, g.channels, in_hw, out_hw, g.in_w, true);
+      static const Interleave<kChannels> il;
+      if (inside)
+        sample_nhwc_small<kChannels>(image, out + p * kChannels, taps16_inside(ix, iy, k, live), count, in_hw, g.in_w,
+                                     il, true);
+      else
+        sample_nhwc_small<kChannels>(image, out + p * kChannels, taps16_pixels(ix, iy, k, live), count, in_hw,
+                                     g.in_w, il, false);
     }
   }
 }
@@ -490,16 +517,20 @@ void forward_rows_direct(const float* input, float* output, const Source& source
                          bool channels_last, int64_t begin, int64_t end) {
   const TapsConstants k(g);
   const int64_t image_size = g.channels * g.in_h * g.in_w;
-  // The all-inside shortcut's offsets are computed in fp32.
-  const bool affine_nchw = std::is_same_v<Source, AffineSource<float>> && !channels_last &&
-                           g.interpolation == Interpolation::Bilinear && g.in_h * g.in_w <= (int64_t(1) << 24);
+  // forward_row_affine: its offsets are computed in fp32.
+  const bool affine = std::is_same_v<Source, AffineSource<float>> && g.interpolation == Interpolation::Bilinear &&
+                      g.in_h * g.in_w <= (int64_t(1) << 24);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / g.out_h, oy = row % g.out_h;
     const float* image = input + n * image_size;
     float* out = output + (channels_last ? row * g.out_w * g.channels : n * g.channels * g.out_h * g.out_w + oy * g.out_w);
     if constexpr (std::is_same_v<Source, AffineSource<float>>) {
-      if (affine_nchw) {
-        forward_row_affine_nchw(image, out, source.pixel_row(n, oy, g.in_h, g.in_w, g.align_corners), g, k);
+      if (affine) {
+        const AffineRow map = source.pixel_row(n, oy, g.in_h, g.in_w, g.align_corners);
+        if (!channels_last) forward_row_affine<0>(image, out, map, g, k);
+        else if (g.channels == 2) forward_row_affine<2>(image, out, map, g, k);
+        else if (g.channels == 3) forward_row_affine<3>(image, out, map, g, k);
+        else forward_row_affine<4>(image, out, map, g, k);
         continue;
       }
     }
