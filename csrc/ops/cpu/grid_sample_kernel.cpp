@@ -12,8 +12,10 @@
 // pairs (NCHW) or runs of 2C floats (channels_last, 2-4 channels) where all four are inside.
 // With AVX-512, the taps go 16 pixels at once, and the forward gathers: NCHW up to 8 channels,
 // channels_last with 2 to 4 (one channel is the NCHW layout). With zeros or border padding those
-// forwards keep the taps in registers, row by row, instead of chunk arrays; so does the coordinate
-// gradient when grad_input is not wanted. The backward with grad_input of an affine map over 1-2
+// forwards keep the taps in registers, row by row, instead of chunk arrays (an affine row's
+// vectors whose taps all lie inside skip the edge tests; small 1-2 channel NCHW images are read
+// from a zero-bordered copy, with none); so does the coordinate gradient when grad_input is not
+// wanted. The backward with grad_input of an affine map over 1-2
 // channels (zeros padding) adds grad_input by pair gathers and scatters, 16 pixels that share no tap
 // at a time (backward_affine_image_lattice); otherwise, up to 8 channels, it stays on the AVX2
 // loops. Images of more channels run channel vectors, pixel by pixel; NCHW ones through a
