@@ -361,6 +361,28 @@ def test_backward_only_what_is_needed():
     torch.testing.assert_close(gw, ew)
 
 
+def test_graph_only_where_a_gradient_is_recorded():
+    """No graph node when nothing needs a gradient (the C++ autograd kernel skips Function::apply),
+    the same output; a bias that requires grad alone still records; forward-mode AD still reaches
+    apply, which rejects it."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, weight, b = _random_case(2, 5, 9, 8, 3, 3, torch.float32, "contiguous")
+    recorded = depthwise_conv2d(x, weight, b, 1, 1)
+    assert recorded.grad_fn is not None
+    with torch.no_grad():
+        unrecorded = depthwise_conv2d(x, weight, b, 1, 1)
+    detached = depthwise_conv2d(x.detach(), weight.detach(), b.detach(), 1, 1)
+    for out in (unrecorded, detached):
+        assert out.grad_fn is None and not out.requires_grad
+        assert torch.equal(out, recorded.detach())
+    assert depthwise_conv2d(x.detach(), weight.detach(), b, 1, 1).grad_fn is not None
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x.detach(), torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="jvp"):
+            depthwise_conv2d(dual, weight.detach(), None, 1, 1)
+
+
 def test_backward_is_deterministic():
     for layout in ("contiguous", "channels_last"):
         x, weight, b = _random_case(4, 12, 20, 20, 5, 5, torch.float32, layout)

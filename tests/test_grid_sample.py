@@ -519,6 +519,31 @@ def test_backward_only_what_is_needed():
     torch.testing.assert_close(gt, et)
 
 
+def test_graph_only_where_a_gradient_is_recorded():
+    """The C++ autograd kernel skips Function::apply when nothing needs a gradient (grad mode off,
+    or no input requiring one): no graph node, the same output. Forward-mode AD still reaches
+    apply, which rejects it (no jvp), rather than silently dropping the tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(2, 3, 8, 9, requires_grad=True)
+    theta = _theta(2, torch.float32).requires_grad_()
+    recorded = affine_grid_sample(x, theta, (2, 3, 7, 6))
+    assert recorded.grad_fn is not None
+    with torch.no_grad():
+        unrecorded = affine_grid_sample(x, theta, (2, 3, 7, 6))
+    detached = affine_grid_sample(x.detach(), theta.detach(), (2, 3, 7, 6))
+    for out in (unrecorded, detached):
+        assert out.grad_fn is None and not out.requires_grad
+        assert torch.equal(out, recorded.detach())
+    grid = F.affine_grid(theta.detach(), (2, 3, 7, 6), align_corners=False)
+    assert grid_sample(x, grid).grad_fn is not None
+    assert grid_sample(x.detach(), grid).grad_fn is None
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x.detach(), torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="jvp"):
+            affine_grid_sample(dual, theta.detach(), (2, 3, 7, 6))
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_backward_is_deterministic_across_runs_and_threads(layout):
     """Bitwise identical gradients run to run and with 1 or 2 threads, in deterministic mode."""
