@@ -99,8 +99,11 @@ struct AffineSource {
     return {float(t[0]), float(t[1] * by + t[2]), float(t[3]), float(t[4] * by + t[5]), nullptr};
   }
   // The same map taken on to input pixels (unnormalize folded in, in double): x = ax * base_x + cx
-  // is then one fma a coordinate; the coordinates differ from row()'s by an ulp or so.
-  AffineRow pixel_row(int64_t n, int64_t oy, int64_t in_h, int64_t in_w, bool align_corners) const {
+  // is then one fma a coordinate; the coordinates differ from row()'s by an ulp or so. Always
+  // inlined: called out of line from the AVX-512 row loops, this baseline-ISA (SSE) code ran with
+  // the vector registers' upper halves dirty, and the 64x1x28x28 forward took 4x as long.
+  __attribute__((always_inline)) AffineRow pixel_row(int64_t n, int64_t oy, int64_t in_h, int64_t in_w,
+                                                     bool align_corners) const {
     const acc_t* t = theta + n * 6;
     const double by = base_y[oy];
     const double sx = align_corners ? (in_w - 1) / 2.0 : in_w / 2.0, shift_x = (in_w - 1) / 2.0;
