@@ -100,8 +100,9 @@ struct AffineSource {
   }
   // The same map taken on to input pixels (unnormalize folded in, in double): x = ax * base_x + cx
   // is then one fma a coordinate; the coordinates differ from row()'s by an ulp or so. Always
-  // inlined: called out of line from the AVX-512 row loops, this baseline-ISA (SSE) code ran with
-  // the vector registers' upper halves dirty, and the 64x1x28x28 forward took 4x as long.
+  // inlined: once two AVX-512 row loops called it, GCC called it out of line (compiled for the
+  // baseline ISA), and the 64x1x28x28 forward took 4x as long (cause not pinned down: spills
+  // around the call, or SSE code under dirty upper vector state).
   __attribute__((always_inline)) AffineRow pixel_row(int64_t n, int64_t oy, int64_t in_h, int64_t in_w,
                                                      bool align_corners) const {
     const acc_t* t = theta + n * 6;
