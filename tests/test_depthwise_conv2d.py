@@ -361,6 +361,8 @@ def test_backward_only_what_is_needed():
     torch.testing.assert_close(gw, ew)
 
 
+# Importing torch.autograd.forward_ad runs torch.jit.script inside PyTorch, which warns.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_graph_only_where_a_gradient_is_recorded():
     """No graph node when nothing needs a gradient (the C++ autograd kernel skips Function::apply),
     the same output; a bias that requires grad alone still records; forward-mode AD still reaches

@@ -519,6 +519,8 @@ def test_backward_only_what_is_needed():
     torch.testing.assert_close(gt, et)
 
 
+# Importing torch.autograd.forward_ad runs torch.jit.script inside PyTorch, which warns.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_graph_only_where_a_gradient_is_recorded():
     """The C++ autograd kernel skips Function::apply when nothing needs a gradient (grad mode off,
     or no input requiring one): no graph node, the same output. Forward-mode AD still reaches

@@ -232,6 +232,23 @@ struct TapsConstants {
         align_corners(g.align_corners) {}
 };
 
+// The bilinear weights of 16 pixels at (ix, iy) (and the distances they are made of) into t, and
+// the coordinates' floors; shared by every kind of taps below.
+inline void bilinear_weights16(__m512 ix, __m512 iy, Taps16* t, __m512* fx, __m512* fy) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const int down = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
+  *fx = _mm512_roundscale_ps(ix, down);
+  *fy = _mm512_roundscale_ps(iy, down);
+  t->dx0 = _mm512_sub_ps(ix, *fx);
+  t->dx1 = _mm512_sub_ps(_mm512_add_ps(*fx, one), ix);
+  t->dy0 = _mm512_sub_ps(iy, *fy);
+  t->dy1 = _mm512_sub_ps(_mm512_add_ps(*fy, one), iy);
+  t->w_nw = _mm512_mul_ps(t->dx1, t->dy1);
+  t->w_ne = _mm512_mul_ps(t->dx0, t->dy1);
+  t->w_sw = _mm512_mul_ps(t->dx1, t->dy0);
+  t->w_se = _mm512_mul_ps(t->dx0, t->dy0);
+}
+
 // avx2::taps on 16 lanes, in registers: the taps of 16 pixels from their normalised coordinates,
 // zeros or border padding. Nearest sets offset and nw only. Where the caller stores no chunk arrays,
 // the compiler drops the gradient terms.
@@ -249,17 +266,8 @@ inline Taps16 taps16_pixels(__m512 ix_raw, __m512 iy_raw, const TapsConstants& k
     t.ne = t.sw = t.se = 0;
     return t;
   }
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const int down = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
-  const __m512 fx = _mm512_roundscale_ps(ix, down), fy = _mm512_roundscale_ps(iy, down);
-  t.dx0 = _mm512_sub_ps(ix, fx);
-  t.dx1 = _mm512_sub_ps(_mm512_add_ps(fx, one), ix);
-  t.dy0 = _mm512_sub_ps(iy, fy);
-  t.dy1 = _mm512_sub_ps(_mm512_add_ps(fy, one), iy);
-  t.w_nw = _mm512_mul_ps(t.dx1, t.dy1);
-  t.w_ne = _mm512_mul_ps(t.dx0, t.dy1);
-  t.w_sw = _mm512_mul_ps(t.dx1, t.dy0);
-  t.w_se = _mm512_mul_ps(t.dx0, t.dy0);
+  __m512 fx, fy;
+  bilinear_weights16(ix, iy, &t, &fx, &fy);
   const __m512i x0 = _mm512_cvttps_epi32(fx), y0 = _mm512_cvttps_epi32(fy);
   const __mmask16 x0_in = inside(x0, k.ax), x1_in = inside(_mm512_add_epi32(x0, one_i), k.ax);
   const __mmask16 y0_in = inside(y0, k.ay) & live, y1_in = inside(_mm512_add_epi32(y0, one_i), k.ay) & live;
@@ -284,17 +292,8 @@ inline Taps16 taps16_inside(__m512 ix, __m512 iy, const TapsConstants& k, __mmas
   Taps16 t;
   clip16(ix, k.ax, k.border, &t.scale_x);  // the scales only: border's clip leaves inside values as they are
   clip16(iy, k.ay, k.border, &t.scale_y);
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const int down = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
-  const __m512 fx = _mm512_roundscale_ps(ix, down), fy = _mm512_roundscale_ps(iy, down);
-  t.dx0 = _mm512_sub_ps(ix, fx);
-  t.dx1 = _mm512_sub_ps(_mm512_add_ps(fx, one), ix);
-  t.dy0 = _mm512_sub_ps(iy, fy);
-  t.dy1 = _mm512_sub_ps(_mm512_add_ps(fy, one), iy);
-  t.w_nw = _mm512_mul_ps(t.dx1, t.dy1);
-  t.w_ne = _mm512_mul_ps(t.dx0, t.dy1);
-  t.w_sw = _mm512_mul_ps(t.dx1, t.dy0);
-  t.w_se = _mm512_mul_ps(t.dx0, t.dy0);
+  __m512 fx, fy;
+  bilinear_weights16(ix, iy, &t, &fx, &fy);
   t.offset = _mm512_maskz_cvttps_epi32(live, _mm512_fmadd_ps(fy, _mm512_cvtepi32_ps(k.width), fx));
   t.nw = t.ne = t.sw = t.se = live;
   return t;
@@ -559,17 +558,9 @@ inline Taps16 taps16_padded(__m512 ix_raw, __m512 iy_raw, const TapsConstants& k
   Taps16 t;
   const __m512 ix = clip16(ix_raw, k.ax, k.border, &t.scale_x);
   const __m512 iy = clip16(iy_raw, k.ay, k.border, &t.scale_y);
-  const __m512 one = _mm512_set1_ps(1.0f), border = _mm512_set1_ps(float(kBorder));
-  const int down = _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC;
-  const __m512 fx = _mm512_roundscale_ps(ix, down), fy = _mm512_roundscale_ps(iy, down);
-  t.dx0 = _mm512_sub_ps(ix, fx);
-  t.dx1 = _mm512_sub_ps(_mm512_add_ps(fx, one), ix);
-  t.dy0 = _mm512_sub_ps(iy, fy);
-  t.dy1 = _mm512_sub_ps(_mm512_add_ps(fy, one), iy);
-  t.w_nw = _mm512_mul_ps(t.dx1, t.dy1);
-  t.w_ne = _mm512_mul_ps(t.dx0, t.dy1);
-  t.w_sw = _mm512_mul_ps(t.dx1, t.dy0);
-  t.w_se = _mm512_mul_ps(t.dx0, t.dy0);
+  const __m512 border = _mm512_set1_ps(float(kBorder));
+  __m512 fx, fy;
+  bilinear_weights16(ix, iy, &t, &fx, &fy);
   // (y0 + 2) * padded_w + x0 + 2: small integers, exact in fp32.
   t.offset = _mm512_maskz_cvttps_epi32(
       live, _mm512_fmadd_ps(_mm512_add_ps(fy, border), padded_w, _mm512_add_ps(fx, border)));
