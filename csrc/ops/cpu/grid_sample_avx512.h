@@ -413,30 +413,46 @@ void forward_row_gathers(const float* image, float* out, int64_t out_w, const Ge
   else nhwc(std::integral_constant<int, 4>());
 }
 
+// Calls body(coords) for output row oy of image n, where coords(p, count, live, &ix, &iy) gives
+// the unclamped pixel coordinates of pixels p..p+15: from the affine map (the row's map straight
+// to input pixels, one fma a coordinate instead of the map and unnormalize's 7 instructions) or
+// the grid.
+template <typename Source, typename Body>
+inline void with_row_coords(const Source& source, const Geometry& g, const TapsConstants& k, int64_t n, int64_t oy,
+                            Body&& body) {
+  if constexpr (std::is_same_v<Source, AffineSource<float>>) {
+    const AffineRow map = source.pixel_row(n, oy, g.in_h, g.in_w, g.align_corners);
+    const __m512 ax = _mm512_set1_ps(map.ax), cx = _mm512_set1_ps(map.cx);
+    const __m512 ay = _mm512_set1_ps(map.ay), cy = _mm512_set1_ps(map.cy);
+    body([&](int64_t p, int, __mmask16 live, __m512* ix, __m512* iy) {
+      const __m512 bx = _mm512_maskz_loadu_ps(live, map.base_x + p);
+      *ix = _mm512_fmadd_ps(ax, bx, cx);
+      *iy = _mm512_fmadd_ps(ay, bx, cy);
+    });
+  } else {
+    const float* pairs = source.grid + (n * g.out_h + oy) * g.out_w * 2;
+    body([&](int64_t p, int count, __mmask16, __m512* ix, __m512* iy) {
+      __m512 gx, gy;
+      grid_coords(pairs, p, count, &gx, &gy);
+      *ix = unnormalize16(gx, k.ax, k.align_corners);
+      *iy = unnormalize16(gy, k.ay, k.align_corners);
+    });
+  }
+}
+
 // Calls body(row_taps) for output row oy of image n, where row_taps(p, count, live) computes the
 // taps of pixels p..p+15 in registers, straight from the affine map or the grid (zeros and border
 // padding): no chunk arrays stored and read back.
 template <typename Source, typename Body>
 inline void with_row_taps(const Source& source, const Geometry& g, const TapsConstants& k, int64_t n, int64_t oy,
                           Body&& body) {
-  if constexpr (std::is_same_v<Source, AffineSource<float>>) {
-    // The row's map straight to input pixels: one fma a coordinate instead of the map and
-    // unnormalize (7 instructions).
-    const AffineRow map = source.pixel_row(n, oy, g.in_h, g.in_w, g.align_corners);
-    const __m512 ax = _mm512_set1_ps(map.ax), cx = _mm512_set1_ps(map.cx);
-    const __m512 ay = _mm512_set1_ps(map.ay), cy = _mm512_set1_ps(map.cy);
-    body([&](int64_t p, int, __mmask16 live) {
-      const __m512 bx = _mm512_maskz_loadu_ps(live, map.base_x + p);
-      return taps16_pixels(_mm512_fmadd_ps(ax, bx, cx), _mm512_fmadd_ps(ay, bx, cy), k, live);
-    });
-  } else {
-    const float* pairs = source.grid + (n * g.out_h + oy) * g.out_w * 2;
+  with_row_coords(source, g, k, n, oy, [&](const auto& coords) {
     body([&](int64_t p, int count, __mmask16 live) {
-      __m512 gx, gy;
-      grid_coords(pairs, p, count, &gx, &gy);
-      return taps16(gx, gy, k, live);
+      __m512 ix, iy;
+      coords(p, count, live, &ix, &iy);
+      return taps16_pixels(ix, iy, k, live);
     });
-  }
+  });
 }
 
 // Whether all four taps of every pixel p .. p + count - 1 of an affine row lie inside the image:
@@ -591,31 +607,6 @@ void forward_row_padded(const float* padded, float* out, const Geometry& g, cons
   }
 }
 
-// Calls body(coords) for output row oy of image n, where coords(p, count, live, &ix, &iy) gives
-// the unclamped pixel coordinates of pixels p..p+15: from the affine map (as with_row_taps) or
-// the grid.
-template <typename Source, typename Body>
-inline void with_row_coords(const Source& source, const Geometry& g, const TapsConstants& k, int64_t n, int64_t oy,
-                            Body&& body) {
-  if constexpr (std::is_same_v<Source, AffineSource<float>>) {
-    const AffineRow map = source.pixel_row(n, oy, g.in_h, g.in_w, g.align_corners);
-    const __m512 ax = _mm512_set1_ps(map.ax), cx = _mm512_set1_ps(map.cx);
-    const __m512 ay = _mm512_set1_ps(map.ay), cy = _mm512_set1_ps(map.cy);
-    body([&](int64_t p, int, __mmask16 live, __m512* ix, __m512* iy) {
-      const __m512 bx = _mm512_maskz_loadu_ps(live, map.base_x + p);
-      *ix = _mm512_fmadd_ps(ax, bx, cx);
-      *iy = _mm512_fmadd_ps(ay, bx, cy);
-    });
-  } else {
-    const float* pairs = source.grid + (n * g.out_h + oy) * g.out_w * 2;
-    body([&](int64_t p, int count, __mmask16, __m512* ix, __m512* iy) {
-      __m512 gx, gy;
-      grid_coords(pairs, p, count, &gx, &gy);
-      *ix = unnormalize16(gx, k.ax, k.align_corners);
-      *iy = unnormalize16(gy, k.ay, k.align_corners);
-    });
-  }
-}
 
 // Output rows [begin, end) (row = n * out_h + oy), taps in registers.
 template <typename Source>
