@@ -268,19 +268,24 @@ def _near_integer(pixel_grid, w, h, align):
     return ((pixel - pixel.round()).abs() < 1e-3).any(dim=-1)
 
 
-@pytest.mark.parametrize("channels", [1, 3, 8])
+@pytest.mark.parametrize("layout, channels, in_hw, out_hw", [
+    ("contiguous", 1, (17, 37), (13, 35)), ("contiguous", 3, (17, 37), (13, 35)), ("contiguous", 8, (17, 37), (13, 35)),
+    ("channels_last", 2, (17, 37), (13, 35)), ("channels_last", 3, (17, 37), (13, 35)),
+    ("channels_last", 4, (17, 37), (13, 35)),
+    # Over 32 KiB: the coordinate gradient in its own pass after grad_input.
+    ("channels_last", 3, (61, 67), (19, 70))])
 @pytest.mark.parametrize("align", [False, True])
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("kind", ["affine", "grid"])
-def test_coordinate_gradient_alone_and_grids_fp32(kind, padding, align, channels, vector_isa):
+def test_coordinate_gradient_alone_and_grids_fp32(kind, padding, align, layout, channels, in_hw, out_hw, vector_isa):
     """fp32 against the fp64 truth, as above, for what that test leaves out: a given grid (the
     forward computes its taps from the grid's pairs), and the coordinate gradient alone, as an
-    STN whose input needs no gradient asks for it (its own AVX-512 path), next to both
-    gradients."""
+    STN whose input needs no gradient asks for it (its own AVX-512 paths, NCHW and channels_last
+    of 2-4 channels), next to both gradients."""
     g = torch.Generator().manual_seed(2)
-    n, c, h, w = 2, channels, 17, 37
-    x = torch.randn(n, c, h, w, generator=g)
-    size = (n, c, 13, 35)
+    n, c, (h, w) = 2, channels, in_hw
+    x = _layout(torch.randn(n, c, h, w, generator=g), layout)
+    size = (n, c, *out_hw)
     theta = _theta(n, torch.float32, 0.4, g)
     coords = F.affine_grid(theta.double(), size, align_corners=align).float() if kind == "grid" else theta
     pixel_grid = coords.double() if kind == "grid" else F.affine_grid(theta.double(), size, align_corners=align)
@@ -291,18 +296,18 @@ def test_coordinate_gradient_alone_and_grids_fp32(kind, padding, align, channels
         t = coords.to(dtype).requires_grad_()
         out = fn(a, t, padding, align) if kind == "grid" else fn(a, t, size, "bilinear", padding, align)
         grads = _grads(out, (a, t) if wants_input else (t,), grad.to(dtype))
-        return [out.double(), grads[-1].double()]
+        return [out.double(), grads[-1].double()] + ([grads[0].double()] if wants_input else [])
 
     if kind == "grid":
         ours_fn = lambda a, t, p, al: grid_sample(a, t, "bilinear", p, al)
         ref_fn = lambda a, t, p, al: F.grid_sample(a, t, "bilinear", p, al)
     else:
         ours_fn, ref_fn = affine_grid_sample, fastcnn.reference.affine_grid_sample
-    truth = run(ref_fn, torch.float64, False)
-    theirs = run(ref_fn, torch.float32, False)
+    truth = run(ref_fn, torch.float64, True)
+    theirs = run(ref_fn, torch.float32, True)
     for wants_input in (False, True):
         ours = run(ours_fn, torch.float32, wants_input)
-        for name, o, t, e in zip(("output", "grad_coords"), ours, theirs, truth):
+        for name, o, t, e in zip(("output", "grad_coords", "grad_input"), ours, theirs, truth):
             our_error = (o - e).abs().max().item()
             their_error = (t - e).abs().max().item()
             assert our_error <= 2 * their_error + 1e-5 * e.abs().max().item(), (name, wants_input, our_error, their_error)

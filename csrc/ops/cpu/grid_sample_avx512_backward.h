@@ -31,15 +31,13 @@ inline void add_plane_coordinate_grad(const float* plane, const Taps16& t, __m51
 }
 
 // The coordinate gradient alone (no grad_input: an STN whose input needs no gradient) of one
-// output row of an NCHW image of up to kGatherChannels channels, bilinear, taps in registers: the
-// taps read by pair gathers, the channels summed in vectors. Leaves either the grid gradient
-// (grid_out: the row's [out_w, 2]) or theta's four sums over the row (see ThetaSink), in fp32
-// lanes added in double. 32x3x64x64: 1.6x the AVX2 loop, whose scalar loads pay off only where
-// grad_input reads the same taps (a lane-by-lane scatter from vectors measured 0.4-0.6x it).
-template <typename RowTaps>
-void coordinate_grad_row_nchw(const float* image, const float* grad_output, int64_t out_w, const Geometry& g,
-                              const RowTaps& row_taps, const float* base_x, float* grid_out, double row_sums[4]) {
-  const int64_t in_hw = g.in_h * g.in_w, out_hw = g.out_h * g.out_w;
+// output row, bilinear, taps in registers: pixel_grads(p, count, live, taps, &grad_x, &grad_y)
+// adds the sum over channels of gout * d(sample)/d(x, y) of pixels p..p+15 (lanes past the row
+// zero). Leaves either the grid gradient (grid_out: the row's [out_w, 2]) or theta's four sums
+// over the row (see ThetaSink), in fp32 lanes added in double.
+template <typename RowTaps, typename PixelGrads>
+void coordinate_grad_row(int64_t out_w, const RowTaps& row_taps, const PixelGrads& pixel_grads, const float* base_x,
+                         float* grid_out, double row_sums[4]) {
   const __m512i even_pairs = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i odd_pairs = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   __m512 sum_x = _mm512_setzero_ps(), sum_xb = sum_x, sum_y = sum_x, sum_yb = sum_x;
@@ -47,18 +45,8 @@ void coordinate_grad_row_nchw(const float* image, const float* grad_output, int6
     const int count = static_cast<int>(std::min<int64_t>(16, out_w - p));
     const __mmask16 live = static_cast<__mmask16>((1u << count) - 1);
     const Taps16 t = row_taps(p, count, live);
-    const __m512i south = _mm512_add_epi32(t.offset, _mm512_set1_epi32(static_cast<int32_t>(g.in_w)));
     __m512 grad_x = _mm512_setzero_ps(), grad_y = grad_x;
-    auto channels_loop = [&](__mmask16 north_safe, __mmask16 south_safe) {
-      for (int64_t c = 0; c < g.channels; ++c) {
-        const __m512 gout = _mm512_maskz_loadu_ps(live, grad_output + c * out_hw + p);
-        add_plane_coordinate_grad(image + c * in_hw, t, south, north_safe, south_safe, gout, &grad_x, &grad_y);
-      }
-    };
-    if (all_taps_inside(t, live))  // as sample_nchw
-      channels_loop(0xFFFF, 0xFFFF);
-    else
-      channels_loop(pairs_inside(t.offset, in_hw), pairs_inside(south, in_hw));
+    pixel_grads(p, count, live, t, &grad_x, &grad_y);
     // Lanes past the row are zero here (gout is) and in bx.
     const __m512 dx = _mm512_mul_ps(grad_x, t.scale_x), dy = _mm512_mul_ps(grad_y, t.scale_y);
     if (grid_out) {
@@ -82,6 +70,92 @@ void coordinate_grad_row_nchw(const float* image, const float* grad_output, int6
   _mm512_store_ps(lanes[2], sum_y);
   _mm512_store_ps(lanes[3], sum_yb);
   add_lanes_in_double(lanes[0], 16, row_sums);
+}
+
+// coordinate_grad_row of an NCHW image of up to kGatherChannels channels: the taps read by pair
+// gathers, the channels summed in vectors. 32x3x64x64: 1.6x the AVX2 loop, whose scalar loads
+// pay off only where grad_input reads the same taps (a lane-by-lane scatter from vectors measured
+// 0.4-0.6x it).
+template <typename RowTaps>
+void coordinate_grad_row_nchw(const float* image, const float* grad_output, int64_t out_w, const Geometry& g,
+                              const RowTaps& row_taps, const float* base_x, float* grid_out, double row_sums[4]) {
+  const int64_t in_hw = g.in_h * g.in_w, out_hw = g.out_h * g.out_w;
+  const auto pixel_grads = [&](int64_t p, int, __mmask16 live, const Taps16& t, __m512* grad_x, __m512* grad_y) {
+    const __m512i south = _mm512_add_epi32(t.offset, _mm512_set1_epi32(static_cast<int32_t>(g.in_w)));
+    auto channels_loop = [&](__mmask16 north_safe, __mmask16 south_safe) {
+      for (int64_t c = 0; c < g.channels; ++c) {
+        const __m512 gout = _mm512_maskz_loadu_ps(live, grad_output + c * out_hw + p);
+        add_plane_coordinate_grad(image + c * in_hw, t, south, north_safe, south_safe, gout, grad_x, grad_y);
+      }
+    };
+    if (all_taps_inside(t, live))  // as sample_nchw
+      channels_loop(0xFFFF, 0xFFFF);
+    else
+      channels_loop(pairs_inside(t.offset, in_hw), pairs_inside(south, in_hw));
+  };
+  coordinate_grad_row(out_w, row_taps, pixel_grads, base_x, grid_out, row_sums);
+}
+
+// Channel c of 16 channels_last pixels of kChannels channels (kChannels vectors, elements
+// 16k..16k+15: pixel (16k + i) / C, channel (16k + i) % C), by permutes: lane i of channel c is
+// element C i + c. Built once per call; Interleave's inverse.
+template <int kChannels>
+struct Deinterleave {
+  __m512i lane_of[kChannels];                      // (C i + c) % 16
+  __mmask16 from_vector[kChannels][kChannels];     // [c][k]: lanes i with (C i + c) / 16 == k
+  Deinterleave() {
+    for (int c = 0; c < kChannels; ++c) {
+      alignas(64) int32_t lanes[16];
+      for (int k = 0; k < kChannels; ++k) from_vector[c][k] = 0;
+      for (int i = 0; i < 16; ++i) {
+        const int element = kChannels * i + c;
+        lanes[i] = element % 16;
+        from_vector[c][element / 16] |= static_cast<__mmask16>(1u << i);
+      }
+      lane_of[c] = _mm512_load_si512(lanes);
+    }
+  }
+};
+
+// coordinate_grad_row of a channels_last image of kChannels (2-4) channels: each pixel's north
+// taps (nw's channels, then ne's) read as runs by pair gathers, as the forward's
+// sample_nhwc_small; grad_output's 16 pixels deinterleaved into channel vectors by permutes.
+// Theta-only backward, one thread: 32x3x64x64 1.9x, 8x3x224x224 2.2x, 64x3x28x28 1.5x the AVX2
+// runs loop (about the NCHW path's speed).
+template <int kChannels, typename RowTaps>
+void coordinate_grad_row_nhwc(const float* image, const float* grad_output, int64_t out_w, const Geometry& g,
+                              const RowTaps& row_taps, const Deinterleave<kChannels>& di, const float* base_x,
+                              float* grid_out, double row_sums[4]) {
+  const int64_t in_hw = g.in_h * g.in_w;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const auto pixel_grads = [&](int64_t p, int count, __mmask16 live, const Taps16& t, __m512* grad_x,
+                               __m512* grad_y) {
+    const __m512i south = _mm512_add_epi32(t.offset, _mm512_set1_epi32(static_cast<int32_t>(g.in_w)));
+    const bool inside = all_taps_inside(t, live);
+    __m512 top[2 * kChannels], bottom[2 * kChannels];
+    gather_run<kChannels>(image, t.offset, t.nw, t.ne, inside ? 0xFFFF : pairs_inside(t.offset, in_hw), top);
+    gather_run<kChannels>(image, south, t.sw, t.se, inside ? 0xFFFF : pairs_inside(south, in_hw), bottom);
+    __m512 interleaved[kChannels];
+    const int elements = count * kChannels;
+#pragma GCC unroll 4
+    for (int k = 0; k < kChannels; ++k)
+      interleaved[k] = _mm512_maskz_loadu_ps(_mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(elements - 16 * k)),
+                                             grad_output + (p * kChannels) + 16 * k);
+#pragma GCC unroll 4
+    for (int c = 0; c < kChannels; ++c) {
+      __m512 gout = _mm512_setzero_ps();
+#pragma GCC unroll 4
+      for (int k = 0; k < kChannels; ++k)
+        gout = _mm512_mask_permutexvar_ps(gout, di.from_vector[c][k], di.lane_of[c], interleaved[k]);
+      // bilinear_coordinate_grad, as add_plane_coordinate_grad.
+      const __m512 nw = top[c], ne = top[kChannels + c], sw = bottom[c], se = bottom[kChannels + c];
+      const __m512 d_dx = _mm512_fmadd_ps(_mm512_sub_ps(ne, nw), t.dy1, _mm512_mul_ps(_mm512_sub_ps(se, sw), t.dy0));
+      const __m512 d_dy = _mm512_fmadd_ps(_mm512_sub_ps(sw, nw), t.dx1, _mm512_mul_ps(_mm512_sub_ps(se, ne), t.dx0));
+      *grad_x = _mm512_fmadd_ps(gout, d_dx, *grad_x);
+      *grad_y = _mm512_fmadd_ps(gout, d_dy, *grad_y);
+    }
+  };
+  coordinate_grad_row(out_w, row_taps, pixel_grads, base_x, grid_out, row_sums);
 }
 
 // The coordinate gradient of image n (NCHW) by coordinate_grad_row_nchw. grid_grad: the image's
@@ -122,6 +196,28 @@ void coordinate_grad_image_nchw(const float* image, const float* grad_output, co
                                row_sums ? row_sums + 4 * oy : nullptr);
     });
   }
+}
+
+// The coordinate gradient of image n, channels_last of 2 to 4 channels, by
+// coordinate_grad_row_nhwc (arguments as coordinate_grad_image_nchw).
+template <typename Source>
+void coordinate_grad_image_nhwc(const float* image, const float* grad_output, const Source& source,
+                                const Geometry& g, int64_t n, const float* base_x, float* grid_grad, double* row_sums) {
+  const TapsConstants k(g);
+  auto rows = [&](auto channels) {
+    constexpr int kChannels = decltype(channels)::value;
+    static const Deinterleave<kChannels> di;
+    for (int64_t oy = 0; oy < g.out_h; ++oy) {
+      with_row_taps(source, g, k, n, oy, [&](const auto& row_taps) {
+        coordinate_grad_row_nhwc<kChannels>(image, grad_output + oy * g.out_w * kChannels, g.out_w, g, row_taps, di,
+                                            base_x, grid_grad ? grid_grad + oy * g.out_w * 2 : nullptr,
+                                            row_sums ? row_sums + 4 * oy : nullptr);
+      });
+    }
+  };
+  if (g.channels == 2) rows(std::integral_constant<int, 2>());
+  else if (g.channels == 3) rows(std::integral_constant<int, 3>());
+  else rows(std::integral_constant<int, 4>());
 }
 
 // grad_input (and theta's gradient) of an affine map over an NCHW image of few channels (see
