@@ -128,21 +128,38 @@ inline void sample_nchw(const float* input, float* out, const Taps16& t, __mmask
 }
 
 // Output vector k of a 16-pixel channels_last block holds interleaved elements 16k..16k+15: pixel
-// (16k + i) / C, channel (16k + i) % C. Built once per call.
+// (16k + i) / C, channel (16k + i) % C. Built once per call. Channels are taken two at a time by
+// two-source permutes (pair_index: the pixel, plus 16 for the odd channel of the pair), so a
+// vector costs 1 (C = 2), 2 (C = 3) or 3 (C = 4) permutes instead of C.
 template <int kChannels>
 struct Interleave {
   __m512i pixel_of[kChannels];
+  __m512i pair_index[kChannels];            // channels 0-1, or 2-3 (C = 4)
+  __m512i high_pair_index[kChannels];
   __mmask16 channel_lanes[kChannels][kChannels];
   Interleave() {
     for (int k = 0; k < kChannels; ++k) {
-      alignas(64) int32_t pixels[16];
+      alignas(64) int32_t pixels[16], low_pair[16], high_pair[16];
       for (int c = 0; c < kChannels; ++c) channel_lanes[k][c] = 0;
       for (int i = 0; i < 16; ++i) {
+        const int channel = (16 * k + i) % kChannels;
         pixels[i] = (16 * k + i) / kChannels;
-        channel_lanes[k][(16 * k + i) % kChannels] |= static_cast<__mmask16>(1u << i);
+        low_pair[i] = pixels[i] + (channel == 1 ? 16 : 0);
+        high_pair[i] = pixels[i] + (channel == 3 ? 16 : 0);
+        channel_lanes[k][channel] |= static_cast<__mmask16>(1u << i);
       }
       pixel_of[k] = _mm512_load_si512(pixels);
+      pair_index[k] = _mm512_load_si512(low_pair);
+      high_pair_index[k] = _mm512_load_si512(high_pair);
     }
+  }
+  // Output vector k from the channel vectors.
+  __m512 vector(int k, const __m512* value) const {
+    const __m512 low = _mm512_permutex2var_ps(value[0], pair_index[k], value[1]);
+    if constexpr (kChannels == 2) return low;
+    if constexpr (kChannels == 3) return _mm512_mask_permutexvar_ps(low, channel_lanes[k][2], pixel_of[k], value[2]);
+    const __m512 high = _mm512_permutex2var_ps(value[2], high_pair_index[k], value[kChannels - 1]);
+    return _mm512_mask_blend_ps(channel_lanes[k][2] | channel_lanes[k][kChannels - 1], low, high);
   }
 };
 
@@ -169,14 +186,9 @@ inline void sample_nhwc_small(const float* image, float* out, const Taps16& t, i
   }
   const int elements = count * kChannels;
 #pragma GCC unroll 4
-  for (int k = 0; k < kChannels; ++k) {
-    __m512 interleaved = _mm512_setzero_ps();
-#pragma GCC unroll 4
-    for (int c = 0; c < kChannels; ++c)
-      interleaved = _mm512_mask_permutexvar_ps(interleaved, il.channel_lanes[k][c], il.pixel_of[k], value[c]);
+  for (int k = 0; k < kChannels; ++k)
     _mm512_mask_storeu_ps(out + 16 * k, _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(elements - 16 * k)),
-                          interleaved);
-  }
+                          il.vector(k, value));
 }
 
 // Per-axis constants of taps() (see avx2::Axis).
