@@ -15,10 +15,11 @@
 // forwards keep the taps in registers, row by row, instead of chunk arrays (an affine row's
 // vectors whose taps all lie inside skip the edge tests; small 1-2 channel NCHW images are read
 // from a zero-bordered copy, with none); so does the coordinate gradient when grad_input is not
-// wanted. The backward with grad_input of an affine map over 1-2
-// channels (zeros padding) adds grad_input by pair gathers and scatters, 16 pixels that share no tap
-// at a time (backward_affine_image_lattice); otherwise, up to 8 channels, it stays on the AVX2
-// loops. Images of more channels run channel vectors, pixel by pixel; NCHW ones through a
+// wanted (NCHW up to 8 channels, channels_last 2 to 4), and for channels_last images of 2 to 4
+// channels over 32 KiB after grad_input alone. The backward with grad_input of an affine map over
+// 1-2 channels (zeros padding) adds grad_input by pair gathers and scatters, 16 pixels that share
+// no tap at a time (backward_affine_image_lattice); otherwise, up to 8 channels, it stays on the
+// AVX2 loops. Images of more channels run channel vectors, pixel by pixel; NCHW ones through a
 // channels_last copy of each image (and of grad_output) that stays in L2, the results transposed
 // back 16 x 16 in registers.
 //
