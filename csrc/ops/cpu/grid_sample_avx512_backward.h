@@ -341,9 +341,10 @@ inline __mmask16 lane_range_mask(int64_t from, int64_t size) {
 // lattice stride is out of range. Flattened: GCC called taps16_pixels out of line here, its
 // Taps16 returned through memory (backward 1.06-1.11x faster inlined, 64x1x28x28 to 8x1x224x224,
 // one thread; the same attribute on the forward's row loop made it 0.77-0.97x).
-__attribute__((flatten)) bool backward_affine_image_lattice(const float* image, const float* grad_output, float* gin,
-                                   const AffineSource<float>& source, const Geometry& g, int64_t n, bool coords,
-                                   LatticeScratch& scratch, double sums[6]) {
+__attribute__((flatten)) bool backward_affine_image_lattice(const float* image, const float* grad_output,
+                                                            float* gin, const AffineSource<float>& source,
+                                                            const Geometry& g, int64_t n, bool coords,
+                                                            LatticeScratch& scratch, double sums[6]) {
   const int stride = lattice_stride(source, g, n);
   if (stride == 0) return false;
   scratch.cx.resize(g.out_h);
