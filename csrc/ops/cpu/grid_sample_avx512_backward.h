@@ -30,17 +30,52 @@ inline void add_plane_coordinate_grad(const float* plane, const Taps16& t, __m51
   *grad_y = _mm512_fmadd_ps(gout, d_dy, *grad_y);
 }
 
+// theta's six sums over one image (ThetaSink's order: dx * base_x, dx * base_y, dx, then dy's) as
+// fp32 lanes, added into `sums` in double every kFlush vectors (a fixed order; no fp32 drift over
+// a large image). Shared by the coordinate gradient's rows and the lattice backward.
+struct ThetaLanes {
+  static constexpr int kFlush = 32;
+  __m512 acc[6];
+  int pending = 0;
+  double* sums;
+  explicit ThetaLanes(double image_sums[6]) : sums(image_sums) {
+    for (auto& a : acc) a = _mm512_setzero_ps();
+  }
+  // dx, dy: 16 pixels' scaled coordinate gradients (zero in dead lanes); bx, by their base grid.
+  void add(__m512 dx, __m512 dy, __m512 bx, __m512 by) {
+    acc[0] = _mm512_fmadd_ps(dx, bx, acc[0]);
+    acc[1] = _mm512_fmadd_ps(dx, by, acc[1]);
+    acc[2] = _mm512_add_ps(dx, acc[2]);
+    acc[3] = _mm512_fmadd_ps(dy, bx, acc[3]);
+    acc[4] = _mm512_fmadd_ps(dy, by, acc[4]);
+    acc[5] = _mm512_add_ps(dy, acc[5]);
+    if (++pending == kFlush) flush();
+  }
+  void flush() {
+    alignas(64) float lanes[6][16];
+    for (int s = 0; s < 6; ++s) {
+      _mm512_store_ps(lanes[s], acc[s]);
+      acc[s] = _mm512_setzero_ps();
+    }
+    for (int s = 0; s < 6; ++s)
+      for (int l = 0; l < 16; ++l) sums[s] += lanes[s][l];
+    pending = 0;
+  }
+};
+
 // The coordinate gradient alone (no grad_input: an STN whose input needs no gradient) of one
 // output row, bilinear, taps in registers: pixel_grads(p, count, live, taps, &grad_x, &grad_y)
 // adds the sum over channels of gout * d(sample)/d(x, y) of pixels p..p+15 (lanes past the row
-// zero). Leaves either the grid gradient (grid_out: the row's [out_w, 2]) or theta's four sums
-// over the row (see ThetaSink), in fp32 lanes added in double.
+// zero). Leaves either the grid gradient (grid_out: the row's [out_w, 2]) or adds to theta's sums
+// (base_y: the row's base grid y). Summed across rows in ThetaLanes, not row by row in double:
+// that cost as much as the rest of a 28-wide row (theta-only backward, one thread: 64x1x28x28
+// 1.64x, 32x3x64x64 1.25x, 8x3x224x224 1.04x, channels_last 64x3x28x28 1.31x).
 template <typename RowTaps, typename PixelGrads>
 void coordinate_grad_row(int64_t out_w, const RowTaps& row_taps, const PixelGrads& pixel_grads, const float* base_x,
-                         float* grid_out, double row_sums[4]) {
+                         float* grid_out, float base_y, ThetaLanes* theta) {
   const __m512i even_pairs = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i odd_pairs = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  __m512 sum_x = _mm512_setzero_ps(), sum_xb = sum_x, sum_y = sum_x, sum_yb = sum_x;
+  const __m512 by = _mm512_set1_ps(base_y);
   for (int64_t p = 0; p < out_w; p += 16) {
     const int count = static_cast<int>(std::min<int64_t>(16, out_w - p));
     const __mmask16 live = static_cast<__mmask16>((1u << count) - 1);
@@ -56,20 +91,9 @@ void coordinate_grad_row(int64_t out_w, const RowTaps& row_taps, const PixelGrad
       _mm512_mask_storeu_ps(grid_out + 2 * p, low, _mm512_permutex2var_ps(dx, even_pairs, dy));
       _mm512_mask_storeu_ps(grid_out + 2 * p + 16, high, _mm512_permutex2var_ps(dx, odd_pairs, dy));
     } else {
-      const __m512 bx = _mm512_maskz_loadu_ps(live, base_x + p);
-      sum_x = _mm512_add_ps(sum_x, dx);
-      sum_xb = _mm512_fmadd_ps(dx, bx, sum_xb);
-      sum_y = _mm512_add_ps(sum_y, dy);
-      sum_yb = _mm512_fmadd_ps(dy, bx, sum_yb);
+      theta->add(dx, dy, _mm512_maskz_loadu_ps(live, base_x + p), by);
     }
   }
-  if (grid_out) return;
-  alignas(64) float lanes[4][16];
-  _mm512_store_ps(lanes[0], sum_x);
-  _mm512_store_ps(lanes[1], sum_xb);
-  _mm512_store_ps(lanes[2], sum_y);
-  _mm512_store_ps(lanes[3], sum_yb);
-  add_lanes_in_double(lanes[0], 16, row_sums);
 }
 
 // coordinate_grad_row of an NCHW image of up to kGatherChannels channels: the taps read by pair
@@ -78,7 +102,8 @@ void coordinate_grad_row(int64_t out_w, const RowTaps& row_taps, const PixelGrad
 // 0.4-0.6x it).
 template <typename RowTaps>
 void coordinate_grad_row_nchw(const float* image, const float* grad_output, int64_t out_w, const Geometry& g,
-                              const RowTaps& row_taps, const float* base_x, float* grid_out, double row_sums[4]) {
+                              const RowTaps& row_taps, const float* base_x, float* grid_out, float base_y,
+                              ThetaLanes* theta) {
   const int64_t in_hw = g.in_h * g.in_w, out_hw = g.out_h * g.out_w;
   const auto pixel_grads = [&](int64_t p, int, __mmask16 live, const Taps16& t, __m512* grad_x, __m512* grad_y) {
     const __m512i south = _mm512_add_epi32(t.offset, _mm512_set1_epi32(static_cast<int32_t>(g.in_w)));
@@ -93,7 +118,7 @@ void coordinate_grad_row_nchw(const float* image, const float* grad_output, int6
     else
       channels_loop(pairs_inside(t.offset, in_hw), pairs_inside(south, in_hw));
   };
-  coordinate_grad_row(out_w, row_taps, pixel_grads, base_x, grid_out, row_sums);
+  coordinate_grad_row(out_w, row_taps, pixel_grads, base_x, grid_out, base_y, theta);
 }
 
 // Channel c of 16 channels_last pixels of kChannels channels (kChannels vectors, elements
@@ -125,7 +150,7 @@ struct Deinterleave {
 template <int kChannels, typename RowTaps>
 void coordinate_grad_row_nhwc(const float* image, const float* grad_output, int64_t out_w, const Geometry& g,
                               const RowTaps& row_taps, const Deinterleave<kChannels>& di, const float* base_x,
-                              float* grid_out, double row_sums[4]) {
+                              float* grid_out, float base_y, ThetaLanes* theta) {
   const int64_t in_hw = g.in_h * g.in_w;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const auto pixel_grads = [&](int64_t p, int count, __mmask16 live, const Taps16& t, __m512* grad_x,
@@ -155,16 +180,19 @@ void coordinate_grad_row_nhwc(const float* image, const float* grad_output, int6
       *grad_y = _mm512_fmadd_ps(gout, d_dy, *grad_y);
     }
   };
-  coordinate_grad_row(out_w, row_taps, pixel_grads, base_x, grid_out, row_sums);
+  coordinate_grad_row(out_w, row_taps, pixel_grads, base_x, grid_out, base_y, theta);
 }
 
 // The coordinate gradient of image n (NCHW) by coordinate_grad_row_nchw. grid_grad: the image's
-// [out_h, out_w, 2] grid gradient, or null for theta's row sums (row_sums: [out_h][4], base_x:
-// the affine base grid).
+// [out_h, out_w, 2] grid gradient, or null for theta's six sums, added to theta_sums (base_x,
+// base_y: the affine base grid).
 template <typename Source>
 void coordinate_grad_image_nchw(const float* image, const float* grad_output, const Source& source,
-                                const Geometry& g, int64_t n, const float* base_x, float* grid_grad, double* row_sums) {
+                                const Geometry& g, int64_t n, const float* base_x, const float* base_y,
+                                float* grid_grad, double theta_sums[6]) {
   const TapsConstants k(g);
+  ThetaLanes theta(theta_sums);
+  const auto row_y = [&](int64_t oy) { return grid_grad ? 0.0f : base_y[oy]; };
   if (PaddedImage::pays(g, false)) {
     // As the forward: a zero-bordered copy, taps without edge tests (64x1x28x28 theta-only
     // backward 1.20x, forward + it 1.13-1.18x, one thread). The rows see the copy's geometry (its
@@ -183,27 +211,29 @@ void coordinate_grad_image_nchw(const float* image, const float* grad_output, co
           return taps16_padded(ix, iy, k, live, padded_w);
         };
         coordinate_grad_row_nchw(copy, grad_output + oy * g.out_w, g.out_w, bordered, row_taps, base_x,
-                                 grid_grad ? grid_grad + oy * g.out_w * 2 : nullptr,
-                                 row_sums ? row_sums + 4 * oy : nullptr);
+                                 grid_grad ? grid_grad + oy * g.out_w * 2 : nullptr, row_y(oy), &theta);
       });
     }
+    if (!grid_grad) theta.flush();
     return;
   }
   for (int64_t oy = 0; oy < g.out_h; ++oy) {
     with_row_taps(source, g, k, n, oy, [&](const auto& row_taps) {
       coordinate_grad_row_nchw(image, grad_output + oy * g.out_w, g.out_w, g, row_taps, base_x,
-                               grid_grad ? grid_grad + oy * g.out_w * 2 : nullptr,
-                               row_sums ? row_sums + 4 * oy : nullptr);
+                               grid_grad ? grid_grad + oy * g.out_w * 2 : nullptr, row_y(oy), &theta);
     });
   }
+  if (!grid_grad) theta.flush();
 }
 
 // The coordinate gradient of image n, channels_last of 2 to 4 channels, by
 // coordinate_grad_row_nhwc (arguments as coordinate_grad_image_nchw).
 template <typename Source>
 void coordinate_grad_image_nhwc(const float* image, const float* grad_output, const Source& source,
-                                const Geometry& g, int64_t n, const float* base_x, float* grid_grad, double* row_sums) {
+                                const Geometry& g, int64_t n, const float* base_x, const float* base_y,
+                                float* grid_grad, double theta_sums[6]) {
   const TapsConstants k(g);
+  ThetaLanes theta(theta_sums);
   auto rows = [&](auto channels) {
     constexpr int kChannels = decltype(channels)::value;
     static const Deinterleave<kChannels> di;
@@ -211,13 +241,14 @@ void coordinate_grad_image_nhwc(const float* image, const float* grad_output, co
       with_row_taps(source, g, k, n, oy, [&](const auto& row_taps) {
         coordinate_grad_row_nhwc<kChannels>(image, grad_output + oy * g.out_w * kChannels, g.out_w, g, row_taps, di,
                                             base_x, grid_grad ? grid_grad + oy * g.out_w * 2 : nullptr,
-                                            row_sums ? row_sums + 4 * oy : nullptr);
+                                            grid_grad ? 0.0f : base_y[oy], &theta);
       });
     }
   };
   if (g.channels == 2) rows(std::integral_constant<int, 2>());
   else if (g.channels == 3) rows(std::integral_constant<int, 3>());
   else rows(std::integral_constant<int, 4>());
+  if (!grid_grad) theta.flush();
 }
 
 // grad_input (and theta's gradient) of an affine map over an NCHW image of few channels (see
@@ -364,19 +395,7 @@ __attribute__((flatten)) bool backward_affine_image_lattice(const float* image, 
   const __m512i odd_pairs = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   const __m512i low16 = _mm512_set1_epi32(0xFFFF), out_w = _mm512_set1_epi32(static_cast<int32_t>(g.out_w));
   const __m512i in_w = _mm512_set1_epi32(static_cast<int32_t>(g.in_w));
-  // Six fp32 lane sums, added into sums in double every kFlush vectors (a fixed order).
-  constexpr int64_t kFlush = 32;
-  __m512 acc[6];
-  auto flush = [&] {
-    alignas(64) float lanes[6][16];
-    for (int s = 0; s < 6; ++s) {
-      _mm512_store_ps(lanes[s], acc[s]);
-      acc[s] = zero;
-    }
-    for (int s = 0; s < 6; ++s)
-      for (int l = 0; l < 16; ++l) sums[s] += lanes[s][l];
-  };
-  for (int s = 0; s < 6; ++s) acc[s] = zero;
+  ThetaLanes theta(sums);
   const int64_t vectors = static_cast<int64_t>(order.size()) / 16;
   // The per-column and per-row constants of the lanes' pixels: gathered from their tables, or for
   // maps of at most 32 x 32 outputs (28 x 28 digits) permuted from the tables held in registers
@@ -424,14 +443,7 @@ __attribute__((flatten)) bool backward_affine_image_lattice(const float* image, 
       if (coords) {
         // Dead lanes: gout, bx and by are zero there.
         const __m512 by = lookup(oy, source.base_y, by_lo, by_hi);
-        const __m512 dx = _mm512_mul_ps(grad_x, t.scale_x), dy = _mm512_mul_ps(grad_y, t.scale_y);
-        acc[0] = _mm512_fmadd_ps(dx, bx, acc[0]);
-        acc[1] = _mm512_fmadd_ps(dx, by, acc[1]);
-        acc[2] = _mm512_add_ps(dx, acc[2]);
-        acc[3] = _mm512_fmadd_ps(dy, bx, acc[3]);
-        acc[4] = _mm512_fmadd_ps(dy, by, acc[4]);
-        acc[5] = _mm512_add_ps(dy, acc[5]);
-        if ((v + 1) % kFlush == 0) flush();
+        theta.add(_mm512_mul_ps(grad_x, t.scale_x), _mm512_mul_ps(grad_y, t.scale_y), bx, by);
       }
     }
   };
@@ -439,7 +451,7 @@ __attribute__((flatten)) bool backward_affine_image_lattice(const float* image, 
     vectors_loop(std::true_type());
   else
     vectors_loop(std::false_type());
-  if (coords) flush();
+  if (coords) theta.flush();
   return true;
 }
 

@@ -460,7 +460,7 @@ struct ThetaSink {
     sums[4] += sy * by;
     sums[5] += sy;
   }
-  // sums of one image in the order of `sums`, from avx512::backward_affine_image_lattice.
+  // sums of one image in the order of `sums` (avx512::ThetaLanes).
   void add_image(const double image_sums[6]) {
     for (int k = 0; k < 6; ++k) sums[k] += image_sums[k];
   }
@@ -513,7 +513,6 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
     static thread_local avx512::LatticeScratch lattice_scratch;
 #endif
     Sink sink = sink_proto;
-    std::vector<double> row_sums;
     std::vector<float> image_copy(transposed ? C * in_hw : 0), go_copy(transposed ? C * out_hw : 0),
         gin_copy(transposed && want_input ? C * in_hw : 0);
     // Image n's rows, chunk by chunk, by the AVX2 or scalar pixel loops; the coordinate gradient
@@ -607,22 +606,21 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
         if (coords_only || coords_nhwc) {
           if (want_input) chunk_rows(n, gin, false, false);
           float* grid_grad = nullptr;
-          const float* base_x = nullptr;
+          const float *base_x = nullptr, *base_y = nullptr;
+          double theta_sums[6] = {};
           if constexpr (std::is_same_v<Sink, ThetaSink<float, float>>) {
-            row_sums.assign(4 * g.out_h, 0.0);
             base_x = sink.base_x;
+            base_y = sink.base_y;
           } else {
             grid_grad = sink.grad_grid + n * out_hw * 2;
           }
           if (coords_only)
             avx512::coordinate_grad_image_nchw(input + n * C * in_hw, grad_output + n * C * out_hw, source, g, n,
-                                               base_x, grid_grad, row_sums.data());
+                                               base_x, base_y, grid_grad, theta_sums);
           else
             avx512::coordinate_grad_image_nhwc(input + n * C * in_hw, grad_output + n * C * out_hw, source, g, n,
-                                               base_x, grid_grad, row_sums.data());
-          if constexpr (std::is_same_v<Sink, ThetaSink<float, float>>) {
-            for (int64_t oy = 0; oy < g.out_h; ++oy) sink.add_row(oy, row_sums.data() + 4 * oy);
-          }
+                                               base_x, base_y, grid_grad, theta_sums);
+          if constexpr (std::is_same_v<Sink, ThetaSink<float, float>>) sink.add_image(theta_sums);
           if (want_coords) sink.end(n);
           continue;
         }
