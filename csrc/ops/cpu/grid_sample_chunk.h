@@ -145,16 +145,6 @@ void compute_taps(Chunk<acc_t>& ch, int len, const Geometry& g) {
   }
 }
 
-// sums[k] = the `count` fp32 lanes of row k of lanes[4][count], added in double in lane order
-// (grad_theta's partial sums: a fixed order, and no fp32 drift over many pixels).
-inline void add_lanes_in_double(const float* lanes, int count, double sums[4]) {
-  for (int k = 0; k < 4; ++k) {
-    double total = 0;
-    for (int l = 0; l < count; ++l) total += lanes[k * count + l];
-    sums[k] = total;
-  }
-}
-
 // Copies the scalar taps' masks and offsets into the 32-bit arrays the AVX2 path reads (used after
 // compute_taps for reflection padding, which that path leaves to scalar code).
 template <typename acc_t>

@@ -423,20 +423,33 @@ struct ThetaSink {
   const acc_t* base_x;
   const acc_t* base_y;
   double sums[6];
-  void begin(int64_t) { std::fill(sums, sums + 6, 0.0); }
+  // fp32 lane sums of the AVX2 chunks (avx2::theta_chunk_lanes), added into sums every
+  // kFlushPixels pixels and at the image's end.
+  static constexpr int kFlushPixels = 512;
+  alignas(32) float lanes[6][8];
+  int pending = 0;
+  void begin(int64_t) {
+    std::fill(sums, sums + 6, 0.0);
+    std::fill(lanes[0], lanes[0] + 6 * 8, 0.0f);
+    pending = 0;
+  }
+  void flush_lanes() {
+    for (int s = 0; s < 6; ++s)
+      for (int l = 0; l < 8; ++l) sums[s] += lanes[s][l], lanes[s][l] = 0.0f;
+    pending = 0;
+  }
   void add(int64_t, int64_t oy, int64_t ox0, int len, const Chunk<acc_t>& ch) {
-    // Chunk sums added in double: a fixed order, and no fp32 drift over 50k pixels.
-    double sx = 0, sxx = 0, sy = 0, syx = 0;
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
     if constexpr (std::is_same_v<acc_t, float>) {
       if (cpu_has_avx2()) {
-        double chunk[4];
-        avx2::theta_chunk_sums(ch, len, base_x + ox0, chunk);
-        sx = chunk[0], sxx = chunk[1], sy = chunk[2], syx = chunk[3];
-        len = 0;
+        avx2::theta_chunk_lanes(ch, len, base_x + ox0, base_y[oy], lanes);
+        if ((pending += len) >= kFlushPixels) flush_lanes();
+        return;
       }
     }
 #endif
+    // Chunk sums added in double: a fixed order, and no fp32 drift over 50k pixels.
+    double sx = 0, sxx = 0, sy = 0, syx = 0;
     for (int p = 0; p < len; ++p) {
       const double bx = base_x[ox0 + p];
       const double dx = static_cast<double>(ch.gx[p] * ch.scale_x[p]);
@@ -465,6 +478,7 @@ struct ThetaSink {
     for (int k = 0; k < 6; ++k) sums[k] += image_sums[k];
   }
   void end(int64_t n) {
+    flush_lanes();
     for (int k = 0; k < 6; ++k) grad_theta[n * 6 + k] = static_cast<scalar_t>(sums[k]);
   }
 };
