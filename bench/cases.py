@@ -42,7 +42,7 @@ def run(benchmark, op, device, dtype, shape, layout, mode, provider):
     """Times one provider on one case, after checking its error against the reference."""
     spec = next(p for p in op.providers(device, compile=provider == "torch.compile") if p.name == provider)
     args, grad_output, ref = _reference(op, shape, device, dtype)
-    prep = benchmarking.prepare(args, grad_output, mode, layout, device, dtype)
+    prep = benchmarking.prepare(args, grad_output, mode, layout, device, dtype, op.ARG_NAMES)
     fn = benchmarking.make_call(spec.fn, prep, mode)
     timed = fn
     if device.type == "cuda":  # pytest-benchmark reads a wall clock: wait for the GPU in the call

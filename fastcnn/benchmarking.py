@@ -44,6 +44,20 @@ LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 BACKWARD_MODES = ("forward+backward", "backward")
 
 
+def split_mode(mode: str):
+    """(base mode, argument) of a mode: "forward+backward[theta]" is a forward+backward in which
+    only `theta` needs a gradient (an STN's input is data, so PyTorch and fastcnn both skip
+    grad_input); a plain mode gives (mode, None)."""
+    if mode.endswith("]") and "[" in mode:
+        base, arg = mode[:-1].split("[", 1)
+        return base, arg
+    return mode, None
+
+
+def is_backward(mode: str) -> bool:
+    return split_mode(mode)[0] in BACKWARD_MODES
+
+
 # ------------------------------------------------------------------------------------------------
 # Clocks
 
@@ -554,14 +568,18 @@ class Prepared:
     grad_output: Optional[torch.Tensor]
 
 
-def prepare(args, grad_output, mode: str, layout: str, device, dtype) -> Prepared:
-    needs_grad = mode in BACKWARD_MODES
+def prepare(args, grad_output, mode: str, layout: str, device, dtype, arg_names=None) -> Prepared:
+    """arg_names (the op's ARG_NAMES) is needed by modes that name the argument to differentiate."""
+    needs_grad = is_backward(mode)
+    only = split_mode(mode)[1]
+    if only is not None and (arg_names is None or only not in arg_names):
+        raise ValueError(f"mode {mode!r}: {only!r} is not among the op's arguments {arg_names}")
     prepared = []
-    for a in args:
+    for i, a in enumerate(args):
         if isinstance(a, torch.Tensor):
             a = a.to(device=device, dtype=dtype if a.is_floating_point() else a.dtype)
             a = to_layout(a, layout).detach()
-            if needs_grad and a.is_floating_point():
+            if needs_grad and a.is_floating_point() and (only is None or arg_names[i] == only):
                 a.requires_grad_(True)
         prepared.append(a)
     grad_args = [a for a in prepared if isinstance(a, torch.Tensor) and a.requires_grad]
@@ -575,6 +593,7 @@ def make_call(fn, prep: Prepared, mode: str) -> Callable[[], Any]:
     .grad are reset to None first, so no call pays for accumulating into the previous one's.
     backward: the backward alone, of one retained graph."""
     args, grad_args, g = prep.args, prep.grad_args, prep.grad_output
+    mode = split_mode(mode)[0]
     if mode == "forward":
         return lambda: fn(*args)
     if mode == "forward+backward":
@@ -635,7 +654,7 @@ def reference_outputs(
 def errors(op, out, prep: Prepared, ref: Dict[str, torch.Tensor], mode: str) -> Dict[str, float]:
     """Max abs error of the output (and, in backward modes, of every input gradient) against `ref`."""
     result = {"output": _max_abs_error(out, ref["output"])}
-    if mode in BACKWARD_MODES:
+    if is_backward(mode):
         for name, a in zip(op.ARG_NAMES, prep.args):
             if isinstance(a, torch.Tensor) and a.requires_grad:
                 result[f"grad_{name}"] = _max_abs_error(a.grad, ref.get(f"grad_{name}"))
@@ -660,7 +679,7 @@ def _check_call(op, fn, prep, ref, mode, device, context) -> Dict[str, Any]:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
-            if mode == "forward+backward":
+            if split_mode(mode)[0] == "forward+backward":
                 holder = {}
                 info["saved_bytes"] = saved_bytes(lambda: holder.setdefault("out", fn()))
                 out = holder.pop("out")
@@ -720,7 +739,7 @@ def run_op(
         # One reference per shape, on NCHW inputs, for every layout and mode.
         ref = None
         if check:
-            with_grad = any(m in BACKWARD_MODES for m in modes)
+            with_grad = any(is_backward(m) for m in modes)
             ref = reference_outputs(
                 op, args, grad_output, with_grad=with_grad, device=device, dtype=ref_dtype, input_dtype=dtype
             )
@@ -728,7 +747,7 @@ def run_op(
             for mode in modes:
                 if progress is not None:
                     progress(f"{op.OP} {shape.name} {shape.label} {layout} {mode}")
-                prep = prepare(args, grad_output, mode, layout, device, dtype)
+                prep = prepare(args, grad_output, mode, layout, device, dtype, op.ARG_NAMES)
                 offered = [
                     p for p in op.providers(device, compile=compile)
                     if (providers is None or p.name in providers) and p.runs(mode, layout)

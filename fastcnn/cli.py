@@ -446,6 +446,15 @@ def _dtype(name: str):
     return getattr(torch, name)
 
 
+def _mode(text: str) -> str:
+    """argparse type of --modes: a base mode, optionally with the one argument to differentiate."""
+    base, arg = text[:-1].split("[", 1) if text.endswith("]") and "[" in text else (text, None)
+    if base not in ("forward", "forward+backward", "backward") or (arg is not None and (base == "forward" or not arg)):
+        raise argparse.ArgumentTypeError(
+            f"invalid mode {text!r}: forward, forward+backward, backward, or forward+backward[ARG]")
+    return text
+
+
 def _select_shapes(op, args):
     shapes = op.shapes(quick=args.quick, batches=args.batch)
     if args.cases:
@@ -525,7 +534,8 @@ def _bench_here(args, on_record=None) -> Dict[str, Dict[str, Any]]:
         if not shapes:  # e.g. --cases names another op's cases only
             continue
         layouts = [l for l in (args.layouts or op.LAYOUTS) if l in op.LAYOUTS]
-        modes = args.modes or list(op.MODES)
+        # A mode naming an argument runs only for ops that have it.
+        modes = [m for m in (args.modes or op.MODES) if benchmarking.split_mode(m)[1] in (None, *op.ARG_NAMES)]
         progress = _Progress(len(shapes) * len(layouts) * len(modes), enabled=not args.quiet)
         try:
             rows = benchmarking.run_op(
@@ -676,7 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds per case x layout x mode; rounds shrink (to 3 at least) to fit (default 60)")
     p.add_argument("--compile", action="store_true", help="also race torch.compile (slow to compile on CPU)")
     p.add_argument("--layouts", nargs="+", choices=("nchw", "channels_last"))
-    p.add_argument("--modes", nargs="+", choices=("forward", "forward+backward", "backward"))
+    p.add_argument("--modes", nargs="+", type=_mode,
+                   help="forward, forward+backward, backward, or forward+backward[ARG]: only ARG needs a gradient "
+                        "(grid_sample: forward+backward[theta]); default: the op's own")
     p.add_argument("--batch", nargs="+", type=int,
                    help="batch sizes: of depthwise's model-layer cases (default 1 32); for grid_sample they replace "
                         "each case's own")

@@ -365,8 +365,20 @@ def test_grid_sample_cost():
     assert grid_sample.cost(s, "forward", 4) == (2 * e * 4, 8 * e)
     assert grid_sample.cost(s, "backward", 2) == (3 * e * 2, 24 * e)
     assert grid_sample.cost(s, "forward+backward", 4) == (5 * e * 4, 32 * e)
+    # theta's gradient alone: grad_input is neither written nor computed.
+    assert grid_sample.cost(s, "forward+backward[theta]", 4) == (4 * e * 4, 24 * e)
     with pytest.raises(ValueError):
         grid_sample.cost(s, "sideways", 4)
+
+
+def test_prepare_differentiates_only_the_named_argument():
+    args, grad = benchmarking.case_inputs(grid_sample, grid_sample.Shape("t", 2, 1, 5, 5))
+    prep = benchmarking.prepare(args, grad, "forward+backward[theta]", "nchw", "cpu", torch.float32,
+                                grid_sample.ARG_NAMES)
+    assert [a.requires_grad for a in prep.args[:2]] == [False, True] and len(prep.grad_args) == 1
+    with pytest.raises(ValueError, match="not among"):
+        benchmarking.prepare(args, grad, "forward+backward[grid]", "nchw", "cpu", torch.float32,
+                             grid_sample.ARG_NAMES)
 
 
 def test_grid_sample_errors_are_measured_in_fp64_on_every_device():
@@ -429,10 +441,14 @@ def test_grid_sample_run_op_rows_errors_and_deterministic_provider(grid_sample_o
     rows = benchmarking.run_op(grid_sample, shapes=shapes, layouts=("channels_last",), rounds=2, min_time=0.0)
     # Determinism changes only the backward: its provider is not raced in the forward.
     assert [(r["mode"], r["provider"]) for r in rows] == [("forward", "fastcnn[reference]"), ("forward", "torch")] + [
-        ("forward+backward", p) for p in ("fastcnn[reference]", "fastcnn[reference,deterministic]", "torch")]
+        ("forward+backward", p) for p in ("fastcnn[reference]", "fastcnn[reference,deterministic]", "torch")] + [
+        ("forward+backward[theta]", p) for p in ("fastcnn[reference]", "torch")]
     assert all(r["error"] is None and r["max_rel_error"] < 1e-5 and r["rounds"] == 2 for r in rows)
     fb = [r for r in rows if r["mode"] == "forward+backward"]
     assert all(set(r["errors"]) == {"output", "grad_input", "grad_theta"} for r in fb)
+    # The STN step: theta alone needs a gradient, so the input's is neither computed nor checked.
+    step = [r for r in rows if r["mode"] == "forward+backward[theta]"]
+    assert all(set(r["errors"]) == {"output", "grad_theta"} for r in step)
     # The deterministic provider ran the op under deterministic algorithms, the plain one without.
     assert set(grid_sample_op) == {True, False}
     assert not torch.are_deterministic_algorithms_enabled()
@@ -473,9 +489,9 @@ def test_cli_bench_grid_sample_and_all_ops(tmp_path, capsys, restore_threads, gr
     assert "fastcnn[reference,deterministic]" in printed and "STN shapes (first three) (1 of 3 cases)" in printed
     record = json.loads((out / "grid_sample.json").read_text())
     assert {(r["mode"], r["provider"]) for r in record["results"]} == {
-        (m, p) for m in ("forward", "forward+backward")
+        (m, p) for m in ("forward", "forward+backward", "forward+backward[theta]")
         for p in ("fastcnn[reference]", "fastcnn[reference,deterministic]", "torch")
-        if m != "forward" or "deterministic" not in p}
+        if m == "forward+backward" or "deterministic" not in p}
     assert all(r["error"] is None for r in record["results"])
     assert (out / "grid_sample.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "deterministic / default" in (out / "grid_sample.md").read_text()
@@ -483,12 +499,18 @@ def test_cli_bench_grid_sample_and_all_ops(tmp_path, capsys, restore_threads, gr
     # No --op: every op, each into its own files.
     both = tmp_path / "both"
     argv = ["bench", "--device", "cpu", "--cases", "mnist28", "mbv1-dw13", "--batch", "1", "--rounds", "2",
-            "--min-time", "0.0005", "--threads", "1", "--layouts", "nchw", "--modes", "forward", "--providers",
-            "torch", "--no-plot", "--out", str(both)]
+            "--min-time", "0.0005", "--threads", "1", "--layouts", "nchw", "--modes", "forward",
+            "forward+backward[theta]", "--providers", "torch", "--no-plot", "--out", str(both)]
     assert cli.main(argv) == 0
     capsys.readouterr()
     assert sorted(p.name for p in both.iterdir()) == ["depthwise.json", "depthwise.md", "grid_sample.json",
                                                        "grid_sample.md"]
+    # A mode naming an argument runs for the ops that have it: grid_sample's theta, not depthwise.
+    modes = {op: {r["mode"] for r in json.loads((both / f"{op}.json").read_text())["results"]}
+             for op in ("depthwise", "grid_sample")}
+    assert modes == {"depthwise": {"forward"}, "grid_sample": {"forward", "forward+backward[theta]"}}
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--modes", "forward[theta]"])
 
 
 def test_reference_of_a_half_precision_run_starts_from_its_rounded_inputs():

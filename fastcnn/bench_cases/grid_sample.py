@@ -34,7 +34,9 @@ from . import Summary
 
 OP = "grid_sample"
 TITLE = "Spatial Transformer sampler (affine grid + bilinear grid_sample)"
-MODES = ("forward", "forward+backward")
+# forward+backward[theta]: the STN training step, where the input is data and only theta needs a
+# gradient (PyTorch then skips grad_input too). The issue's figures are the first two.
+MODES = ("forward", "forward+backward", "forward+backward[theta]")
 LAYOUTS = ("nchw", "channels_last")
 ARG_NAMES = ("input", "theta", "size", "mode", "padding_mode", "align_corners")
 # Errors against fp64 on CPU too: grad_theta sums H*W*C terms per sample, and PyTorch's own fp32
@@ -168,11 +170,13 @@ BACKWARD_FLOPS_PER_ELEMENT = 3 * FORWARD_FLOPS_PER_ELEMENT  # grad_input scatter
 def cost(shape: Shape, mode: str, element_size: int):
     """(bytes, flops) a call cannot do without. Forward: read the input, write the output (θ is
     negligible and the grid is never built). Backward: read grad_output and the input, write
-    grad_input."""
+    grad_input (not with [theta]: θ's gradient alone)."""
     x = shape.n * shape.c * shape.h * shape.w
     y = shape.n * shape.c * shape.h * shape.w  # output size = input size
     fwd_bytes, fwd_flops = (x + y) * element_size, FORWARD_FLOPS_PER_ELEMENT * y
     bwd_bytes, bwd_flops = (y + x + x) * element_size, BACKWARD_FLOPS_PER_ELEMENT * y
+    if mode == "forward+backward[theta]":
+        return fwd_bytes + (y + x) * element_size, fwd_flops + 2 * FORWARD_FLOPS_PER_ELEMENT * y
     if mode == "forward":
         return fwd_bytes, fwd_flops
     if mode == "backward":
