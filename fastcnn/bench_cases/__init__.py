@@ -5,14 +5,16 @@ Adding an op to the benchmarks is adding one module here and one line to OPS. A 
 
     OP            short name used on the command line and in results ("depthwise")
     TITLE         human title
-    MODES         default modes, a subset of ("forward", "forward+backward", "backward")
+    MODES         default modes: "forward", "forward+backward", "backward", or
+                  "forward+backward[<arg name>]" (only that argument requires grad)
     LAYOUTS       layouts it supports, a subset of ("nchw", "channels_last")
     ARG_NAMES     names of the positional arguments make_inputs returns (gradients are reported
                   as grad_<name> for the tensors among them)
     shapes(quick=False, batches=None) -> list of objects with .name, .label, .params (a dict)
     make_inputs(shape, generator) -> list of arguments (NCHW fp32 CPU tensors, Nones, ints...);
                   the driver converts tensors to the device, dtype and layout, and makes the
-                  floating-point ones require grad in backward modes
+                  floating-point ones (or the one a [<arg name>] mode names) require grad in
+                  backward modes
     reference(*args) -> output: fastcnn.reference, the definition errors are measured against
     providers(device, compile=False) -> list of benchmarking.ProviderSpec; the PyTorch eager
                   baseline is named benchmarking.BASELINE ("torch")
