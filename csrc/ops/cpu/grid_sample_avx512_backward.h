@@ -234,6 +234,7 @@ void coordinate_grad_image_nhwc(const float* image, const float* grad_output, co
                                 float* grid_grad, double theta_sums[6]) {
   const TapsConstants k(g);
   ThetaLanes theta(theta_sums);
+  const auto row_y = [&](int64_t oy) { return grid_grad ? 0.0f : base_y[oy]; };
   auto rows = [&](auto channels) {
     constexpr int kChannels = decltype(channels)::value;
     static const Deinterleave<kChannels> di;
@@ -241,7 +242,7 @@ void coordinate_grad_image_nhwc(const float* image, const float* grad_output, co
       with_row_taps(source, g, k, n, oy, [&](const auto& row_taps) {
         coordinate_grad_row_nhwc<kChannels>(image, grad_output + oy * g.out_w * kChannels, g.out_w, g, row_taps, di,
                                             base_x, grid_grad ? grid_grad + oy * g.out_w * 2 : nullptr,
-                                            grid_grad ? 0.0f : base_y[oy], &theta);
+                                            row_y(oy), &theta);
       });
     }
   };
