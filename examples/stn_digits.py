@@ -17,15 +17,16 @@ of distorted test digits next to what the transformer makes of them.
     python examples/stn_digits.py --quick           # a few seconds: smoke test, meaningless numbers
 
 Measured with the defaults (50 epochs, rotation +-45 deg, scale 0.7-1.2, shift +-2.8 px; the same
-449 distorted test digits for every seed), torch 2.14.1, fastcnn's C++ CPU backend, on a shared
-2-core x86 CPU:
+449 distorted test digits for every seed), torch 2.14.1, fastcnn's C++ CPU backend (at f6ebcc0,
+after theta's gradient changed its summation order), --threads 2, on a shared 2-core x86 CPU:
 
     seed                    0      1      2      3      4
-    STN classifier        95.3%  94.0%  91.5%  90.6%  94.7%
-    plain CNN             88.6%  79.3%  82.6%  85.1%  82.2%
+    STN classifier        94.4%  95.3%  93.3%  91.8%  95.5%
+    plain CNN             88.4%  80.8%  82.9%  84.0%  80.0%
 
-(seeds 0-2 with --threads 2, seeds 3-4 with --threads 1; seed 0 with --threads 1 gives 94.7% and
-89.1%: float summation order differs with the thread count). With one thread to itself the
+(Float summation order differs with the thread count and between fastcnn versions, which moves
+single seeds by a point or two: before that change the STN reached 95.3%, 94.0%, 91.5%, 90.6%
+and 94.7%, seeds 3 and 4 with --threads 1.) With one thread to itself the
 whole run takes 50-60 s (STN about 30 s, plain CNN about 18 s); with --threads 2 on a machine
 whose other core is busy it can take three times as long.
 
