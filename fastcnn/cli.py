@@ -536,6 +536,8 @@ def _bench_here(args, on_record=None) -> Dict[str, Dict[str, Any]]:
         layouts = [l for l in (args.layouts or op.LAYOUTS) if l in op.LAYOUTS]
         # A mode naming an argument runs only for ops that have it.
         modes = [m for m in (args.modes or op.MODES) if benchmarking.split_mode(m)[1] in (None, *op.ARG_NAMES)]
+        if not modes:
+            continue
         progress = _Progress(len(shapes) * len(layouts) * len(modes), enabled=not args.quiet)
         try:
             rows = benchmarking.run_op(
@@ -558,7 +560,8 @@ def _bench_here(args, on_record=None) -> Dict[str, Dict[str, Any]]:
         if on_record is not None:
             on_record(name, records[name])
     if not records:
-        raise SystemExit(f"fastcnn bench: no case of {', '.join(ops)} matches --cases {' '.join(args.cases or [])}")
+        raise SystemExit(f"fastcnn bench: nothing of {', '.join(ops)} matches --cases {' '.join(args.cases or [])} "
+                         f"--modes {' '.join(args.modes or [])}")
     return records
 
 

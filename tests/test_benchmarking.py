@@ -511,6 +511,11 @@ def test_cli_bench_grid_sample_and_all_ops(tmp_path, capsys, restore_threads, gr
     assert modes == {"depthwise": {"forward"}, "grid_sample": {"forward", "forward+backward[theta]"}}
     with pytest.raises(SystemExit):
         cli.main(["bench", "--modes", "forward[theta]"])
+    # No op here has the argument: nothing to run, said so instead of writing empty results.
+    with pytest.raises(SystemExit, match="nothing of depthwise"):
+        cli.main(["bench", "--op", "depthwise", "--device", "cpu", "--modes", "forward+backward[theta]",
+                  "--out", str(tmp_path / "none")])
+    assert not list((tmp_path / "none").glob("*.json"))
 
 
 def test_reference_of_a_half_precision_run_starts_from_its_rounded_inputs():
