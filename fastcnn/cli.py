@@ -448,8 +448,10 @@ def _dtype(name: str):
 
 def _mode(text: str) -> str:
     """argparse type of --modes: a base mode, optionally with the one argument to differentiate."""
-    base, arg = text[:-1].split("[", 1) if text.endswith("]") and "[" in text else (text, None)
-    if base not in ("forward", "forward+backward", "backward") or (arg is not None and (base == "forward" or not arg)):
+    from .benchmarking import BACKWARD_MODES, split_mode
+
+    base, arg = split_mode(text)
+    if base not in ("forward", *BACKWARD_MODES) or (arg is not None and (base == "forward" or not arg)):
         raise argparse.ArgumentTypeError(
             f"invalid mode {text!r}: forward, forward+backward, backward, or forward+backward[ARG]")
     return text
