@@ -5,6 +5,7 @@ The Triton kernels (under the interpreter) and the CUDA kernels have their own f
 covers the CPU kernel (scalar fp64/fp16/bf16 path and the AVX2 fp32 path), the registration
 (opcheck, autograd, compile), determinism, non-finite coordinates and argument errors.
 """
+import importlib
 import itertools
 import math
 
@@ -680,6 +681,20 @@ GRID = torch.zeros(2, 4, 4, 2)
 def test_errors_name_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_valid_calls_take_the_one_expression_check():
+    # The wrappers check the common case in one expression and leave the explanations (the cases
+    # above) to the full checks; a valid call must pass that first check, or every call pays both.
+    module = importlib.import_module("fastcnn.ops.grid_sample")  # fastcnn.ops.grid_sample is the function
+    for x in (X, X.to(memory_format=torch.channels_last), X.double()):
+        theta = THETA.to(x.dtype)
+        for size in ((2, 3, 5, 5), [2, 3, 7, 4], torch.Size((2, 3, 1, 9))):
+            assert module._well_formed_affine(x, theta, size)
+        assert module._well_formed_grid(x, GRID.to(x.dtype))
+    assert not module._well_formed_affine(X, THETA, (2, 3, 5, 5.0))
+    assert not module._well_formed_affine(X, THETA, (2, 3, 5, True))
+    assert not module._well_formed_grid(X, None)
 
 
 def test_cpp_ops_check_their_arguments_too():

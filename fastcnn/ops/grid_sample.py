@@ -55,6 +55,84 @@ def _check_same(op, name, t, input):
         raise TypeError(f"{op}: {name} has dtype {t.dtype} but input has {input.dtype}")
 
 
+# The common case of the checks below in one expression each: about 2 us instead of 8 a call
+# (a 64x1x28x28 STN forward takes 50-60 us). Whatever they reject, the full checks explain.
+def _well_formed_grid(input, grid):
+    try:
+        shape, grid_shape = input.shape, grid.shape
+        return (
+            len(shape) == 4
+            and shape[2] > 0
+            and shape[3] > 0
+            and input.dtype in _FLOAT_DTYPES
+            and len(grid_shape) == 4
+            and grid_shape[0] == shape[0]
+            and grid_shape[3] == 2
+            and grid.dtype == input.dtype
+            and grid.device == input.device
+        )
+    except AttributeError:
+        return False
+
+
+def _well_formed_affine(input, theta, size):
+    try:
+        shape = input.shape
+        return (
+            len(shape) == 4
+            and shape[2] > 0
+            and shape[3] > 0
+            and input.dtype in _FLOAT_DTYPES
+            and theta.shape == (shape[0], 2, 3)
+            and theta.dtype == input.dtype
+            and theta.device == input.device
+            and type(size) in (tuple, list, torch.Size)
+            and len(size) == 4
+            and size[0] == shape[0]
+            and size[1] == shape[1]
+            and type(size[2]) is int
+            and type(size[3]) is int
+            and size[2] > 0
+            and size[3] > 0
+        )
+    except AttributeError:
+        return False
+
+
+def _check_grid_sample(input, grid, mode, padding_mode):
+    """Raises the error that names what is wrong; returns the mode codes when nothing is."""
+    op = "grid_sample"
+    _check_input(op, input)
+    codes = _codes(op, mode, padding_mode)
+    if not isinstance(grid, Tensor) or grid.dim() != 4 or grid.shape[0] != input.shape[0] or grid.shape[3] != 2:
+        got = tuple(grid.shape) if isinstance(grid, Tensor) else type(grid).__name__
+        raise ValueError(f"{op}: expected grid of shape [N, H_out, W_out, 2] with N = {input.shape[0]}, got {got}")
+    _check_same(op, "grid", grid, input)
+    return codes
+
+
+def _check_affine_grid_sample(input, theta, size, mode, padding_mode):
+    """Raises the error that names what is wrong; returns the mode codes when nothing is."""
+    op = "affine_grid_sample"
+    _check_input(op, input)
+    codes = _codes(op, mode, padding_mode)
+    n, c = input.shape[:2]
+    if not isinstance(theta, Tensor) or tuple(theta.shape) != (n, 2, 3):
+        got = tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__
+        raise ValueError(f"{op}: expected theta of shape [N, 2, 3] with N = {n}, got {got}")
+    _check_same(op, "theta", theta, input)
+    # tuple covers torch.Size; SymInt entries come from shapes traced with dynamic=True.
+    if not isinstance(size, (tuple, list)) or len(size) != 4 or not all(isinstance(s, _INTS) for s in size):
+        raise ValueError(f"{op}: size must be the output size (N, C, H_out, W_out) as 4 ints, got {size!r}")
+    if size[0] != n or size[1] != c:
+        raise ValueError(
+            f"{op}: size {tuple(size)} does not match the input: size[0] must be N = {n} and size[1] C = {c}"
+        )
+    if size[2] <= 0 or size[3] <= 0:
+        raise ValueError(f"{op}: output height and width must be positive, got size {tuple(size)}")
+    return codes
+
+
 def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False):
     """Identical to ``F.grid_sample(input, grid, mode, padding_mode, align_corners)`` for 4-D input.
 
@@ -62,13 +140,9 @@ def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corner
     normalised (x, y) in [-1, 1]. mode 'bilinear' or 'nearest'; padding_mode 'zeros', 'border' or
     'reflection'.
     """
-    op = "grid_sample"
-    _check_input(op, input)
-    interpolation, padding = _codes(op, mode, padding_mode)
-    if not isinstance(grid, Tensor) or grid.dim() != 4 or grid.shape[0] != input.shape[0] or grid.shape[3] != 2:
-        got = tuple(grid.shape) if isinstance(grid, Tensor) else type(grid).__name__
-        raise ValueError(f"{op}: expected grid of shape [N, H_out, W_out, 2] with N = {input.shape[0]}, got {got}")
-    _check_same(op, "grid", grid, input)
+    interpolation, padding = INTERPOLATIONS.get(mode), PADDING_MODES.get(padding_mode)
+    if interpolation is None or padding is None or not _well_formed_grid(input, grid):
+        interpolation, padding = _check_grid_sample(input, grid, mode, padding_mode)
     backend = backends.resolve(input.device)
     if backend in ("cpu", "cuda"):
         return _native_grid_sample(input, grid, interpolation, padding, align_corners)
@@ -84,23 +158,9 @@ def affine_grid_sample(input, theta, size, mode="bilinear", padding_mode="zeros"
     theta [N, 2, 3] maps output to input coordinates, both normalised to [-1, 1]; size is the
     output size (N, C, H_out, W_out), as F.affine_grid takes it; N and C must be the input's.
     """
-    op = "affine_grid_sample"
-    _check_input(op, input)
-    interpolation, padding = _codes(op, mode, padding_mode)
-    n, c = input.shape[:2]
-    if not isinstance(theta, Tensor) or tuple(theta.shape) != (n, 2, 3):
-        got = tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__
-        raise ValueError(f"{op}: expected theta of shape [N, 2, 3] with N = {n}, got {got}")
-    _check_same(op, "theta", theta, input)
-    # tuple covers torch.Size; SymInt entries come from shapes traced with dynamic=True.
-    if not isinstance(size, (tuple, list)) or len(size) != 4 or not all(isinstance(s, _INTS) for s in size):
-        raise ValueError(f"{op}: size must be the output size (N, C, H_out, W_out) as 4 ints, got {size!r}")
-    if size[0] != n or size[1] != c:
-        raise ValueError(
-            f"{op}: size {tuple(size)} does not match the input: size[0] must be N = {n} and size[1] C = {c}"
-        )
-    if size[2] <= 0 or size[3] <= 0:
-        raise ValueError(f"{op}: output height and width must be positive, got size {tuple(size)}")
+    interpolation, padding = INTERPOLATIONS.get(mode), PADDING_MODES.get(padding_mode)
+    if interpolation is None or padding is None or not _well_formed_affine(input, theta, size):
+        interpolation, padding = _check_affine_grid_sample(input, theta, size, mode, padding_mode)
     out_size = [size[2], size[3]]
     backend = backends.resolve(input.device)
     if backend in ("cpu", "cuda"):
