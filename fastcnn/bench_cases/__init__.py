@@ -35,6 +35,7 @@ from typing import Dict, Optional, Sequence
 OPS = {
     "depthwise": "fastcnn.bench_cases.depthwise",
     "grid_sample": "fastcnn.bench_cases.grid_sample",
+    "models": "fastcnn.bench_cases.models",
 }
 
 
