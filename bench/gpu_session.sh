@@ -9,14 +9,15 @@
 # Writes OUTDIR/session.log (everything), OUTDIR/build.log, OUTDIR/pytest.xml and
 # OUTDIR/results.tar.gz (bench/results/cuda-<gpu>/ as the benchmarks left it, with the per-kernel
 # breakdown of bench/profile_kernels.py from the "profile" step).
-# GPU_SESSION_STEPS (default "build test bench profile") picks steps; GPU_SESSION_PYTEST adds
-# pytest args.
+# GPU_SESSION_STEPS (default "build test bench profile models") picks steps; GPU_SESSION_PYTEST
+# adds pytest args. "models" (MobileNet v1 and the STN classifier end to end, fp32) comes last, so
+# it only gets the time the others left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: bench/gpu_session.sh OUTDIR [SECONDS] [REVISION]}"
 deadline=$(( $(date +%s) + ${2:-480} ))
 revision="${3:-unknown}"
-steps="${GPU_SESSION_STEPS:-build test bench profile}"
+steps="${GPU_SESSION_STEPS:-build test bench profile models}"
 mkdir -p "$out"
 exec > >(tee -a "$out/session.log") 2>&1
 export PYTHONUNBUFFERED=1
@@ -78,7 +79,12 @@ if [[ " $steps " == *" profile "* ]]; then
     step 90 python3 bench/profile_kernels.py --device cuda --dtype "$dtype" --out "$results" >/dev/null
   done
 fi
-if [[ " $steps " == *" bench "* || " $steps " == *" profile "* ]]; then
+if [[ " $steps " == *" models "* ]]; then
+  FASTCNN_GIT_REVISION="$revision" step 120 python3 -m fastcnn bench --op models --device cuda \
+    --rounds 7 --min-time 0.005 --max-time 5 --out "$results"
+fi
+
+if [[ " $steps " == *" bench "* || " $steps " == *" profile "* || " $steps " == *" models "* ]]; then
   tar czf "$out/results.tar.gz" "$results" 2>/dev/null && echo "== results in $out/results.tar.gz"
 fi
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
