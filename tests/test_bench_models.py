@@ -73,3 +73,22 @@ def test_run_op_races_the_backends_on_the_same_model():
     assert all(r["max_rel_error"] < 1e-4 for r in rows), [(r["case"], r["max_rel_error"]) for r in rows]
     fb = [r for r in rows if r["mode"] == "forward+backward"]
     assert all(set(r["errors"]) == {"output", "grad_input"} for r in fb)
+
+
+def test_model_layers_script_times_every_leaf_under_both_backends(capsys):
+    """bench/model_layers.py, the per-layer view of the MobileNet case, on a small batch."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "model_layers.py")
+    spec = importlib.util.spec_from_file_location("model_layers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = models._model("mobilenet_v1", torch.float32, torch.device("cpu"), False)
+    layers, medians = module.layer_times(model, torch.randn(1, 3, 32, 32), ["cpu", "reference"], 2, torch.device("cpu"))
+    assert len(layers) == len(medians["cpu"]) == len(medians["reference"]) == 27 * 3 + 3
+    assert sum(isinstance(l, fastcnn.nn.DepthwiseConv2d) for l in layers) == 13
+    assert all(t > 0 for ts in medians.values() for t in ts)
+    module.main(["--batch", "1", "--layout", "nchw", "--rounds", "2"])
+    printed = capsys.readouterr().out
+    assert "DepthwiseConv2d" in printed and "Conv2d" in printed and "total" in printed
