@@ -522,9 +522,12 @@ def saved_bytes(fn: Callable[[], Any]) -> int:
 
 
 def to_layout(t, layout: str):
-    """A 4-D tensor in `layout` ('nchw' or 'channels_last'); other ranks unchanged."""
+    """A 4-D tensor in `layout` ('nchw' or 'channels_last') by its strides; other ranks unchanged.
+    `.to(memory_format=)`, not `.contiguous(memory_format=)`: with one channel a tensor is
+    contiguous in both layouts, and `contiguous` would keep its NCHW strides, so that a
+    "channels_last" case of one channel ran the NCHW paths of every provider."""
     if isinstance(t, torch.Tensor) and t.dim() == 4:
-        return t.contiguous(memory_format=LAYOUTS[layout])
+        return t.to(memory_format=LAYOUTS[layout])
     return t
 
 

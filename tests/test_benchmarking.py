@@ -381,6 +381,18 @@ def test_prepare_differentiates_only_the_named_argument():
                              grid_sample.ARG_NAMES)
 
 
+def test_prepare_lays_out_one_channel_tensors_by_their_strides():
+    # With one channel both layouts are contiguous; the case must still hand the providers a tensor
+    # laid out channels_last (stride 1 between channels), or every provider runs its NCHW path.
+    args, grad = benchmarking.case_inputs(grid_sample, grid_sample.Shape("t", 2, 1, 5, 5))
+    for layout, channel_stride in (("channels_last", 1), ("nchw", 25)):
+        prep = benchmarking.prepare(args, grad, "forward+backward", layout, "cpu", torch.float32, grid_sample.ARG_NAMES)
+        assert prep.args[0].stride(1) == channel_stride and prep.grad_output.stride(1) == channel_stride
+        assert prep.args[1].shape == (2, 2, 3)  # theta, 3-D: left alone
+    wide = benchmarking.to_layout(torch.randn(2, 3, 4, 4), "channels_last")
+    assert wide.is_contiguous(memory_format=torch.channels_last) and not wide.is_contiguous()
+
+
 def test_grid_sample_errors_are_measured_in_fp64_on_every_device():
     # grad_theta is a long fp32 sum in PyTorch too: an fp32 reference would not be ground truth
     assert benchmarking.reference_dtype("cpu", torch.float32, grid_sample) == torch.float64

@@ -78,7 +78,7 @@ FORWARD_CASES = [
 def test_dw_fwd_cl_rows_matches_conv2d(emulation, case, dtype, sm_count):
     n, c, h, w, k, stride, padding = case
     g = torch.Generator().manual_seed(hash(case) % 2**31)
-    x = torch.randn(n, c, h, w, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(n, c, h, w, generator=g).to(dtype).to(memory_format=torch.channels_last)
     weight = torch.randn(c, 1, k, k, generator=g).to(dtype)
     bias = torch.randn(c, generator=g).to(dtype)
     expected = F.conv2d(x.double(), weight.double(), bias.double(), stride, padding, groups=c)
@@ -109,7 +109,7 @@ def _grad_input_case(case):
 def test_dw_fwd_cl_rows_flipped_is_grad_input(emulation, case, dtype):
     _, _, h, w, k, _, padding = case
     grad_output, weight, expected = _grad_input_case(case)
-    go = grad_output.to(dtype).contiguous(memory_format=torch.channels_last)
+    go = grad_output.to(dtype).to(memory_format=torch.channels_last)
     flipped_pad = (k - 1) - padding
     out, _ = emulation.depthwise_cl_rows_forward(
         go, weight.to(dtype), None, 1, flipped_pad, flipped_pad, h, w, True, H200_SMS)
@@ -117,10 +117,10 @@ def test_dw_fwd_cl_rows_flipped_is_grad_input(emulation, case, dtype):
 
 
 def test_dw_fwd_cl_rows_declines_what_it_does_not_take(emulation):
-    x = torch.randn(1, 6, 8, 8).contiguous(memory_format=torch.channels_last)  # C not a multiple of 4
+    x = torch.randn(1, 6, 8, 8).to(memory_format=torch.channels_last)  # C not a multiple of 4
     with pytest.raises(RuntimeError, match="does not take"):
         emulation.depthwise_cl_rows_forward(x, torch.randn(6, 1, 3, 3), None, 1, 1, 1, 8, 8, False, H200_SMS)
-    x = torch.randn(1, 8, 8, 8).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1, 8, 8, 8).to(memory_format=torch.channels_last)
     with pytest.raises(RuntimeError, match="does not take"):  # 7x7 stays on the general kernel
         emulation.depthwise_cl_rows_forward(x, torch.randn(8, 1, 7, 7), None, 1, 3, 3, 8, 8, False, H200_SMS)
 

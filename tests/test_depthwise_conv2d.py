@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not fastcnn._extension.has_ops(), reason="fastcn
 
 def _layout(x, layout):
     if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.to(memory_format=torch.channels_last)
     if layout == "strided":  # a non-contiguous view: every other column of a wider tensor
         wide = torch.randn(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)
         wide[..., ::2] = x
@@ -210,7 +210,7 @@ def _check_fp32_case(case, layout):
 
     def rows_apart(t):  # rows of a wider tensor: columns adjacent, rows and planes farther apart
         if layout == "channels_last":
-            return t.contiguous(memory_format=torch.channels_last)
+            return t.to(memory_format=torch.channels_last)
         if layout == "contiguous":
             return t
         wide = torch.randn(*t.shape[:3], t.shape[3] + 5, dtype=t.dtype)
@@ -309,7 +309,7 @@ def test_poisoned_outputs_are_fully_written(monkeypatch):
     real_empty = torch.empty
 
     x, weight, b = _random_case(3, 7, 11, 9, 3, 3, torch.float32, "contiguous")
-    x_cl = x.detach().contiguous(memory_format=torch.channels_last)
+    x_cl = x.detach().to(memory_format=torch.channels_last)
     for inp in (x.detach(), x_cl):
         # The C++ op allocates with at::empty: ask the caching allocator to hand back NaN-filled
         # memory by freeing NaN buffers of the same sizes right before the call.
@@ -416,9 +416,9 @@ def test_opcheck(index):
 
 
 def test_opcheck_backward_op():
-    x = torch.randn(2, 5, 7, 9).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 5, 7, 9).to(memory_format=torch.channels_last)
     w = torch.randn(5, 1, 3, 3)
-    go = torch.randn(2, 5, 4, 9).contiguous(memory_format=torch.channels_last)
+    go = torch.randn(2, 5, 4, 9).to(memory_format=torch.channels_last)
     for mask in ([True, True, True], [True, False, False], [False, True, True]):
         torch.library.opcheck(
             torch.ops.fastcnn._depthwise_conv2d_backward.default, (go, x, w, [2, 1], [1, 1, 1, 1], [1, 1], mask),

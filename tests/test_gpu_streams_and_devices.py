@@ -34,7 +34,7 @@ def _inputs(op, device, generator):
         return torch.randn(*shape, generator=generator).to(device)
 
     if op == "depthwise_conv2d":
-        return randn(4, 48, 29, 31).contiguous(memory_format=torch.channels_last), randn(48, 1, 3, 3)
+        return randn(4, 48, 29, 31).to(memory_format=torch.channels_last), randn(48, 1, 3, 3)
     if op == "affine_grid_sample":
         theta = torch.tensor([[0.9, -0.2, 0.1], [0.25, 1.1, -0.05]]).repeat(4, 1, 1)
         return randn(4, 3, 40, 36), (theta + 0.05 * torch.randn(4, 2, 3, generator=generator)).to(device)

@@ -26,7 +26,7 @@ PADDINGS = ["zeros", "border", "reflection"]
 
 def _layout(x, layout):
     if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.to(memory_format=torch.channels_last)
     if layout == "strided":  # a non-contiguous view: every other column of a wider tensor
         wide = torch.randn(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)
         wide[..., ::2] = x
@@ -364,7 +364,7 @@ def test_gradcheck():
             lambda a, t: affine_grid_sample(a, t, (2, 3, 4, 7), "bilinear", padding, align), (x, theta)
         )
         grid = (torch.rand(2, 3, 4, 2, dtype=torch.float64) * 2.2 - 1.1).requires_grad_()
-        xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        xc = x.detach().to(memory_format=torch.channels_last).requires_grad_()
         assert torch.autograd.gradcheck(lambda a, gr: grid_sample(a, gr, "bilinear", padding, align), (xc, grid))
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
     theta = _theta(2, spread=0.3)
@@ -475,7 +475,7 @@ def test_poisoned_outputs_are_fully_written(vector_isa):
     """Every output element is written: NaN-filled freed buffers do not survive into results."""
     x = torch.randn(3, 7, 11, 9)
     theta = _theta(3, torch.float32)
-    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+    for inp in (x, x.to(memory_format=torch.channels_last)):
         for mode in MODES:
             for _ in range(3):
                 torch.empty(inp.shape).fill_(float("nan"))
@@ -600,13 +600,13 @@ def test_opcheck(index):
 
 
 def test_opcheck_backward_ops():
-    x = torch.randn(2, 5, 7, 9).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 5, 7, 9).to(memory_format=torch.channels_last)
     theta = _theta(2, torch.float32)
     grid = torch.rand(2, 4, 6, 2) * 2 - 1
     for mask in ([True, True], [True, False], [False, True]):
         torch.library.opcheck(
             torch.ops.fastcnn._affine_grid_sample_backward.default,
-            (torch.randn(2, 5, 3, 4).contiguous(memory_format=torch.channels_last), x, theta, 0, 2, False, mask),
+            (torch.randn(2, 5, 3, 4).to(memory_format=torch.channels_last), x, theta, 0, 2, False, mask),
             test_utils=("test_schema", "test_faketensor"),
         )
         torch.library.opcheck(
@@ -627,7 +627,7 @@ def test_torch_compile_fullgraph(backend):
         return grid_sample(warped, grid).relu().sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="inductor")
-    x = torch.randn(2, 3, 9, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = torch.randn(2, 3, 9, 9).to(memory_format=torch.channels_last).requires_grad_()
     theta = _theta(2, torch.float32).requires_grad_()
     grid = (torch.rand(2, 5, 6, 2) * 2 - 1).requires_grad_()
     with fastcnn.use_backend(backend):

@@ -607,7 +607,7 @@ def _opcheck_samples():
             if layout == "strided":
                 x = x[..., ::2]
             elif layout == "channels_last":
-                x = x.contiguous(memory_format=torch.channels_last)
+                x = x.to(memory_format=torch.channels_last)
             grid = random_grid(2, 6, 4, torch.float32)
             theta = random_theta(2, torch.float32)
             for t in (x, grid, theta):

@@ -210,7 +210,7 @@ def test_deterministic_backward_is_bitwise_reproducible_through_ops():
     on a problem where many samples share input pixels (atomics would race)."""
     fastcnn, ops = _fastcnn_ops()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(16, 32, 24, 24, device="cuda", generator=gen).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(16, 32, 24, 24, device="cuda", generator=gen).to(memory_format=torch.channels_last)
     theta = (torch.eye(2, 3, device="cuda") * 0.3 + 0.05 * torch.randn(16, 2, 3, device="cuda", generator=gen))
     go = torch.randn(16, 32, 96, 96, device="cuda", generator=gen)
     previous = torch.are_deterministic_algorithms_enabled()
@@ -240,7 +240,7 @@ def test_triton_ops_opcheck():
 
     inputs = [
         randn(3, 5, 9, 11),
-        randn(3, 5, 9, 11).contiguous(memory_format=torch.channels_last),
+        randn(3, 5, 9, 11).to(memory_format=torch.channels_last),
         randn(3, 7, 9, 13)[:, 1:6, :, 1:12],  # non-contiguous view
     ]
     for x in inputs:
@@ -267,7 +267,7 @@ def test_torch_compile_fullgraph_through_ops(deterministic):
     fastcnn, ops = _fastcnn_ops()
     torch._dynamo.reset()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(4, 6, 15, 17, device="cuda", generator=gen).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 6, 15, 17, device="cuda", generator=gen).to(memory_format=torch.channels_last)
     theta = torch.eye(2, 3, device="cuda") + 0.2 * torch.randn(4, 2, 3, device="cuda", generator=gen)
     grid = 2.4 * torch.rand(4, 9, 11, 2, device="cuda", generator=gen) - 1.2
 

@@ -32,7 +32,7 @@ def large_outputs():
     y_ref = F.conv2d(x_ref, w, None, 1, 1, 1, 32)
     (grad_ref,) = torch.autograd.grad(y_ref, x_ref, torch.ones_like(y_ref))
 
-    image = torch.randn(2, 3, 512, 512).contiguous(memory_format=torch.channels_last).requires_grad_()
+    image = torch.randn(2, 3, 512, 512).to(memory_format=torch.channels_last).requires_grad_()
     theta = torch.tensor([[[0.9, 0.1, 0.05], [-0.1, 0.9, 0.0]]]).repeat(2, 1, 1)
     sampled = fastcnn.ops.affine_grid_sample(image, theta, (2, 3, 512, 512))
     (grad_image,) = torch.autograd.grad(sampled.sum(), image)

@@ -139,9 +139,9 @@ def test_memory_format_is_prims_suggest_memory_format():
 
     base = torch.randn(2, 3, 5, 4)
     cases = [
-        base, base.contiguous(memory_format=torch.channels_last), base[:, :1], base[:, :, ::2],
-        base.contiguous(memory_format=torch.channels_last)[..., 1:], base[:1].expand(3, 3, 5, 4),
-        torch.randn(2, 1, 5, 4).contiguous(memory_format=torch.channels_last), torch.randn(2, 3, 1, 1),
+        base, base.to(memory_format=torch.channels_last), base[:, :1], base[:, :, ::2],
+        base.to(memory_format=torch.channels_last)[..., 1:], base[:1].expand(3, 3, 5, 4),
+        torch.randn(2, 1, 5, 4).to(memory_format=torch.channels_last), torch.randn(2, 3, 1, 1),
         torch.randn(0, 3, 5, 4), torch.randn(2, 3, 5, 4).permute(0, 1, 3, 2),
         torch.nn.Parameter(torch.randn(3, 1, 3, 3)),
     ]

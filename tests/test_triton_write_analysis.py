@@ -82,7 +82,7 @@ def _check(launches, inputs):
 def test_grid_sample_kernels_write_no_input(captured_launches, affine, nearest, deterministic, channels_last):
     x = torch.randn(2, 3, 7, 9)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
     theta = torch.randn(2, 2, 3) if affine else None
     grid = None if affine else torch.rand(2, 5, 6, 2) * 2 - 1
     go = torch.randn(2, 3, 5, 6)
@@ -97,7 +97,7 @@ def test_grid_sample_kernels_write_no_input(captured_launches, affine, nearest, 
 def test_depthwise_kernels_write_no_input(captured_launches, channels_last, bias):
     x = torch.randn(2, 8, 9, 10)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
     w = torch.randn(8, 1, 3, 3)
     b = torch.randn(8) if bias else None
     go = torch.randn(2, 8, 5, 10)
