@@ -14,10 +14,8 @@ statistics would make the two modes different functions, and running statistics 
 would drift between providers). The STN's regressor starts at a fixed transform near the identity
 (rotation 10 degrees, scale 0.9) instead of the identity, as after some training.
 
-Layouts: channels_last runs a channels_last copy of the model on a channels_last input. The STN
-classifier's input has one channel, which `contiguous(memory_format=torch.channels_last)` (the
-driver's conversion) leaves with NCHW strides: its channels_last rows run the NCHW model on the
-same memory, a repeat of the NCHW rows.
+Layouts: channels_last runs a channels_last copy of the model on a channels_last input, told apart
+by its strides (the STN classifier's input has one channel, contiguous in both layouts).
 
 Providers: one model, built once from a fixed seed, run under each fastcnn backend that runs on the
 device (fastcnn[cpu], fastcnn[cuda], fastcnn[triton]) and under the `reference` backend, where
