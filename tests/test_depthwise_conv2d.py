@@ -297,6 +297,32 @@ def test_low_precision_error_within_twice_pytorch(case, dtype, layout):
         assert our_error <= 2 * their_error + 1e-3 * e.abs().max().item(), (name, our_error, their_error)
 
 
+@pytest.mark.parametrize(
+    "n, c, h, w, k, stride, padding, dilation",
+    [(2, 32, 9, 11, 3, 1, 1, 1), (3, 17, 8, 7, 3, 2, 1, 1), (2, 40, 10, 9, 5, 1, 2, 1), (2, 24, 12, 13, 3, 1, 2, 2),
+     (2, 33, 15, 14, 7, 1, 3, 1), (1, 1, 5, 6, 3, 1, 1, 1),
+     # windows of whole output rows that reach only padding
+     (1, 16, 6, 6, 3, 1, 3, 1), (1, 8, 4, 4, 3, 2, 4, 1)],
+)
+def test_bf16_channels_last_forward_is_the_fp32_kernel_rounded_once(n, c, h, w, k, stride, padding, dilation):
+    """bf16 channels_last forward on AVX-512 (forward_nhwc_bf16_rows): the fp32 kernel on the
+    widened rows, rounded to bf16 once, so equal to the fp32 op's output converted by PyTorch, bit
+    for bit but for NaN's payload (PyTorch's own conversions disagree there: 0x7FC0 scalar, 0xFFFF
+    vectorised). Without AVX-512 (or with FASTCNN_AVX512=0) the portable loops run, and the error
+    rule above covers them."""
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, w)
+    x[0, 0, 0, 0], x[-1, -1, -1, -1] = float("nan"), float("inf")
+    x = x.bfloat16().to(memory_format=torch.channels_last)
+    weight, bias = torch.randn(c, 1, k, k).bfloat16(), torch.randn(c).bfloat16()
+    for b in (None, bias):
+        ours = depthwise_conv2d(x, weight, b, stride, padding, dilation)
+        fp32 = depthwise_conv2d(x.float(), weight.float(), None if b is None else b.float(), stride, padding, dilation)
+        assert ours.dtype == torch.bfloat16 and ours.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(ours, fp32.bfloat16(), rtol=0, atol=0, equal_nan=True)
+        assert ours.isnan().any() and ours.isinf().any()
+
+
 def test_gradcheck():
     x, weight, b = _random_case(2, 3, 6, 7, 3, 3, torch.float64, "contiguous")
     assert torch.autograd.gradcheck(lambda *a: depthwise_conv2d(*a, stride=2, padding=(1, 2), dilation=1), (x, weight, b))

@@ -1240,7 +1240,40 @@ void weight_grad_row_nhwc(const float* in, const float* grad_out_row, float* par
   weight_grad_row_nhwc_fixed<5, 5>(in, grad_out_row, part, part_bias, oy, g);
 }
 
+void bf16_to_float(const uint16_t* in, float* out, int64_t count) {
+  int64_t i = 0;
+  for (; i + kLanes <= count; i += kLanes) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i)));
+    _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+  }
+  for (; i < count; ++i) {
+    const uint32_t bits = uint32_t(in[i]) << 16;
+    __builtin_memcpy(out + i, &bits, sizeof(bits));
+  }
+}
+
+void float_to_bf16(const float* in, uint16_t* out, int64_t count) {
+  int64_t i = 0;
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF), nan = _mm512_set1_epi32(0x7FC0);
+  for (; i + kLanes <= count; i += kLanes) {
+    const __m512 x = _mm512_loadu_ps(in + i);
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(bias, lsb)), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), nan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(rounded));
+  }
+  for (; i < count; ++i) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, in + i, sizeof(bits));
+    out[i] = in[i] != in[i] ? uint16_t(0x7FC0) : uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+  }
+}
+
 #else  // never called: enabled() is false
+
+void bf16_to_float(const uint16_t*, float*, int64_t) {}
+void float_to_bf16(const float*, uint16_t*, int64_t) {}
 
 void forward_row_nhwc(const float*, const float*, const float*, float*, int64_t, const ImageGeometry&) {}
 void weight_grad_row_nhwc(const float*, const float*, float*, float*, int64_t, const ImageGeometry&) {}

@@ -117,6 +117,12 @@ struct ImageGeometry {
   bool stream_output = false;
 };
 
+// bfloat16 rows to fp32 and back, 16 at a time (the bits as uint16_t: this file's boundary takes
+// plain types). to_bf16 rounds to nearest even and turns NaN into the quiet NaN 0x7FC0, as
+// c10::BFloat16 does, so a bf16 output made here has the bits PyTorch's conversion would give.
+void bf16_to_float(const uint16_t* in, float* out, int64_t count);
+void float_to_bf16(const float* in, uint16_t* out, int64_t count);
+
 // Output row oy of a channels_last image: out_row[ox][c] = bias[c] + sum over the window of
 // taps[t][c] * in[...][c], with taps [kernel_h * kernel_w][channels] and bias null for none.
 void forward_row_nhwc(const float* in, const float* taps, const float* bias, float* out_row, int64_t oy,
