@@ -108,14 +108,15 @@ def _calibrate(model: nn.Module, batch: torch.Tensor) -> None:
     from .. import use_backend
 
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
     model.train()
     with torch.no_grad(), use_backend("reference"):
         model(batch)
-    for m in norms:
-        m.momentum = 0.1
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
     model.eval()
 
 

@@ -459,12 +459,6 @@ struct ThetaSink {
       sy += dy;
       syx += dy * bx;
     }
-    const double row[4] = {sx, sxx, sy, syx};
-    add_row(oy, row);
-  }
-  // row: the sums over one output row of dx, dx * base_x, dy, dy * base_x.
-  void add_row(int64_t oy, const double row[4]) {
-    const double sx = row[0], sxx = row[1], sy = row[2], syx = row[3];
     const double by = base_y[oy];
     sums[0] += sxx;
     sums[1] += sx * by;
