@@ -136,8 +136,73 @@ depthwise::avx512::PlaneGeometry avx512_grad_input_geometry(const Geometry& g, i
           (g.kernel_w - 1) * g.dilation_w - g.pad_left, g.dilation_h, g.dilation_w, 1};
 }
 
+// bf16 planes widened to dense fp32 planes (and back, each value rounded once) for the fp32
+// AVX-512 plane kernels; rows are row_stride elements apart in the bf16 tensor.
+void widen_plane(const at::BFloat16* src, int64_t rows, int64_t cols, int64_t row_stride, float* dst) {
+  const auto* bits = reinterpret_cast<const uint16_t*>(src);
+  if (row_stride == cols) return depthwise::avx512::bf16_to_float(bits, dst, rows * cols);
+  for (int64_t r = 0; r < rows; ++r) depthwise::avx512::bf16_to_float(bits + r * row_stride, dst + r * cols, cols);
+}
+
+void narrow_plane(const float* src, int64_t rows, int64_t cols, at::BFloat16* dst, int64_t row_stride) {
+  auto* bits = reinterpret_cast<uint16_t*>(dst);
+  if (row_stride == cols) return depthwise::avx512::float_to_bf16(src, bits, rows * cols);
+  for (int64_t r = 0; r < rows; ++r) depthwise::avx512::float_to_bf16(src + r * cols, bits + r * row_stride, cols);
+}
+
+template <typename scalar_t>
+std::vector<float> float_values(const scalar_t* values, int64_t count) {
+  std::vector<float> converted(count);
+  for (int64_t i = 0; i < count; ++i) converted[i] = static_cast<float>(values[i]);
+  return converted;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
+
+// bf16 NCHW through the fp32 AVX-512 plane kernels (use_avx512_planes' windows): each plane
+// widened to a dense fp32 plane in the thread's scratch, the fp32 kernel run there, each output
+// rounded to bf16 once, so the result is the fp32 op's output rounded. PyTorch's bf16 NCHW
+// depthwise is oneDNN's in bf16; against it the portable plane loops ran 0.34-0.76x on the
+// strided, 14x14 and 7x7 MobileNet v1 layers (N=32, 2 threads).
+void forward_nchw_bf16_planes(const at::BFloat16* in, at::IntArrayRef in_strides, const at::BFloat16* w,
+                              const at::BFloat16* b, at::BFloat16* out, const Geometry& g) {
+  const int64_t kernel_area = g.kernel_h * g.kernel_w, in_area = g.in_h * g.in_w, out_area = g.out_h * g.out_w;
+  const auto shape = avx512_forward_geometry(g, g.in_w, g.out_w);
+  const std::vector<float> taps = float_values(w, g.channels * kernel_area);
+  const std::vector<float> bias = b ? float_values(b, g.channels) : std::vector<float>(g.channels, 0.f);
+  depthwise::avx512::FlatPlane flat;
+  const bool use_flat = depthwise::avx512::flat_plane(shape, &flat);
+  const bool pairs = !use_flat && depthwise::avx512::pairs_planes(shape);
+  at::parallel_for(0, g.batch * g.channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> wide_in(2 * in_area), wide_out(2 * out_area);
+    const auto widen = [&](int64_t plane, float* dst) {
+      widen_plane(in + plane / g.channels * in_strides[0] + plane % g.channels * in_strides[1], g.in_h, g.in_w,
+                  in_strides[2], dst);
+    };
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t c = plane % g.channels;
+      widen(plane, wide_in.data());
+      int64_t planes = 1;
+      if (pairs && plane + 1 < end) {
+        const int64_t c2 = (plane + 1) % g.channels;
+        widen(plane + 1, wide_in.data() + in_area);
+        depthwise::avx512::forward_plane_pair(wide_in.data(), wide_in.data() + in_area, &taps[c * kernel_area],
+                                              &taps[c2 * kernel_area], bias[c], bias[c2], wide_out.data(),
+                                              wide_out.data() + out_area, shape);
+        planes = 2;
+      } else if (use_flat) {
+        depthwise::avx512::forward_plane_flat(wide_in.data(), &taps[c * kernel_area], bias[c], wide_out.data(), flat);
+      } else {
+        depthwise::avx512::forward_plane(wide_in.data(), &taps[c * kernel_area], bias[c], wide_out.data(), shape);
+      }
+      // The output is dense NCHW: a pair's planes are adjacent.
+      depthwise::avx512::float_to_bf16(wide_out.data(), reinterpret_cast<uint16_t*>(out + plane * out_area),
+                                       planes * out_area);
+      plane += planes - 1;
+    }
+  });
+}
 
 template <typename scalar_t>
 void forward_nchw(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& output,
@@ -153,6 +218,9 @@ void forward_nchw(const at::Tensor& input, const at::Tensor& weight, const at::T
   const int64_t kernel_area = g.kernel_h * g.kernel_w;
   const int64_t out_area = g.out_h * g.out_w;
 
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (in_strides[3] == 1 && use_avx512_planes(g)) return forward_nchw_bf16_planes(in, in_strides, w, b, out, g);
+  }
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (in_strides[3] == 1 && use_avx512_planes(g)) {
       auto shape = avx512_forward_geometry(g, in_strides[2], g.out_w);
@@ -307,28 +375,117 @@ constexpr int64_t kNhwcBorderedTaps = 169;
 // 13 MobileNet v1 layers 0.89x / 1.02x (default / reuse allocator, geomean).
 constexpr int64_t kBf16BandRows = 8;
 
-void forward_nhwc_bf16_rows(const at::BFloat16* in, const float* taps, const float* bias, at::BFloat16* out,
-                            const Geometry& g) {
-  static_assert(sizeof(at::BFloat16) == sizeof(uint16_t), "bf16 is 16 bits");
-  const int64_t C = g.channels, window_rows = (g.kernel_h - 1) * g.dilation_h + 1;
-  const int64_t band_in_rows = (kBf16BandRows - 1) * g.stride_h + window_rows;
-  const auto* in_bits = reinterpret_cast<const uint16_t*>(in);
-  auto* out_bits = reinterpret_cast<uint16_t*>(out);
-  at::parallel_for(0, g.batch * g.out_h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> rows(std::min(band_in_rows, g.in_h) * g.in_w * C), out_row(g.out_w * C);
+// Destination rows of `images` images, dst_h rows of dst_row_floats each, made in bands of up to
+// kBf16BandRows rows of one image: the source rows a band reads (span(y0, y1) of src_h rows of
+// src_row_floats each) widened to fp32 once into the thread's scratch, then each destination row
+// computed there by row_kernel(widened, span, y, out_row) and rounded to bf16 once.
+struct RowSpan {
+  int64_t first, last;  // source rows [first, last), clipped to the image (last <= first: none)
+  int64_t rows() const { return std::max<int64_t>(0, last - first); }
+};
+
+template <typename Span, typename RowKernel>
+void bf16_rows_in_bands(const uint16_t* src, int64_t src_h, int64_t src_row_floats, uint16_t* dst, int64_t images,
+                        int64_t dst_h, int64_t dst_row_floats, const Span& span, const RowKernel& row_kernel) {
+  at::parallel_for(0, images * dst_h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> widened, out_row(dst_row_floats);
     for (int64_t row = begin; row < end;) {
-      const int64_t n = row / g.out_h, oy0 = row % g.out_h;
-      const int64_t band = std::min({kBf16BandRows, end - row, g.out_h - oy0});
-      const int64_t top = oy0 * g.stride_h - g.pad_top, bottom = (oy0 + band - 1) * g.stride_h - g.pad_top;
-      const int64_t r0 = std::max<int64_t>(0, top), r1 = std::min<int64_t>(g.in_h, bottom + window_rows);
-      auto shape = avx512_image_geometry(g);
-      shape.in_h = std::max<int64_t>(0, r1 - r0);
-      shape.pad_top = g.pad_top + r0;
-      if (shape.in_h > 0)
-        depthwise::avx512::bf16_to_float(in_bits + (n * g.in_h + r0) * g.in_w * C, rows.data(), shape.in_h * g.in_w * C);
-      for (int64_t oy = oy0; oy < oy0 + band; ++oy, ++row) {
-        depthwise::avx512::forward_row_nhwc(rows.data(), taps, bias, out_row.data(), oy, shape);
-        depthwise::avx512::float_to_bf16(out_row.data(), out_bits + row * g.out_w * C, g.out_w * C);
+      const int64_t n = row / dst_h, y0 = row % dst_h;
+      const int64_t band = std::min({kBf16BandRows, end - row, dst_h - y0});
+      const RowSpan s = span(y0, y0 + band);
+      if (s.rows() > 0) {
+        widened.resize(std::max<size_t>(widened.size(), s.rows() * src_row_floats));
+        depthwise::avx512::bf16_to_float(src + (n * src_h + s.first) * src_row_floats, widened.data(),
+                                         s.rows() * src_row_floats);
+      }
+      for (int64_t y = y0; y < y0 + band; ++y, ++row) {
+        row_kernel(widened.data(), s, y, out_row.data());
+        depthwise::avx512::float_to_bf16(out_row.data(), dst + row * dst_row_floats, dst_row_floats);
+      }
+    }
+  });
+}
+
+// The input rows that output rows [y0, y1) of a channels_last forward read.
+RowSpan forward_row_span(int64_t y0, int64_t y1, const depthwise::avx512::ImageGeometry& g) {
+  const int64_t window_rows = (g.kernel_h - 1) * g.dilation_h + 1;
+  return {std::max<int64_t>(0, y0 * g.stride_h - g.pad_top),
+          std::min<int64_t>(g.in_h, (y1 - 1) * g.stride_h - g.pad_top + window_rows)};
+}
+
+// The forward's geometry over rows [s.first, s.last) of its input only: the top padding shifted.
+depthwise::avx512::ImageGeometry forward_rows_geometry(depthwise::avx512::ImageGeometry g, const RowSpan& s) {
+  g.in_h = s.rows();
+  g.pad_top += s.first;
+  return g;
+}
+
+// The bf16 channels_last forward (image: avx512_image_geometry) or unit-stride input gradient
+// (flipped taps, flipped_image_geometry over grad_output) through forward_row_nhwc.
+void forward_nhwc_bf16_rows(const at::BFloat16* in, const float* taps, const float* bias, at::BFloat16* out,
+                            int64_t images, const depthwise::avx512::ImageGeometry& image) {
+  static_assert(sizeof(at::BFloat16) == sizeof(uint16_t), "bf16 is 16 bits");
+  const int64_t C = image.channels;
+  bf16_rows_in_bands(
+      reinterpret_cast<const uint16_t*>(in), image.in_h, image.in_w * C, reinterpret_cast<uint16_t*>(out), images,
+      image.out_h, image.out_w * C, [&](int64_t y0, int64_t y1) { return forward_row_span(y0, y1, image); },
+      [&](const float* rows, const RowSpan& s, int64_t oy, float* out_row) {
+        depthwise::avx512::forward_row_nhwc(rows, taps, bias, out_row, oy, forward_rows_geometry(image, s));
+      });
+}
+
+// The bf16 channels_last input gradient at stride 2 and more through grad_input_row_nhwc (image:
+// avx512_image_geometry, whose out_* are grad_output's): a band of grad_input rows reads the
+// grad_output rows its taps land on, and the kernel sees only those (out_h and pad_top shifted).
+void grad_input_nhwc_bf16_rows(const at::BFloat16* grad_out, const float* taps, at::BFloat16* grad_in,
+                               int64_t images, const depthwise::avx512::ImageGeometry& image) {
+  const int64_t C = image.channels, reach = (image.kernel_h - 1) * image.dilation_h;
+  bf16_rows_in_bands(
+      reinterpret_cast<const uint16_t*>(grad_out), image.out_h, image.out_w * C, reinterpret_cast<uint16_t*>(grad_in),
+      images, image.in_h, image.in_w * C,
+      [&](int64_t y0, int64_t y1) {
+        // Output row oy reaches input rows oy * stride - pad_top + [0, reach]; a negative
+        // numerator truncates to a row at or before the first, which the clip makes 0.
+        return RowSpan{std::max<int64_t>(0, (y0 + image.pad_top - reach) / image.stride_h),
+                       std::min<int64_t>(image.out_h, (y1 - 1 + image.pad_top) / image.stride_h + 1)};
+      },
+      [&](const float* rows, const RowSpan& s, int64_t iy, float* out_row) {
+        auto shifted = image;
+        shifted.out_h = s.rows();
+        shifted.pad_top -= s.first * image.stride_h;
+        depthwise::avx512::grad_input_row_nhwc(rows, taps, out_row, iy, shifted);
+      });
+}
+
+// The bf16 channels_last weight (and bias) gradient through weight_grad_row_nhwc, into the fp32
+// partials of backward_nhwc (its fixed chunks of output rows, added in the same order): bands of
+// output rows, each band's input rows and grad_output rows widened once.
+void weight_grad_nhwc_bf16_rows(const at::BFloat16* grad_out, const at::BFloat16* in, float* partials,
+                                int64_t chunks, bool want_bias, const Geometry& g) {
+  const auto image = avx512_image_geometry(g);
+  const int64_t C = g.channels, kernel_area = g.kernel_h * g.kernel_w, partial_size = (kernel_area + 1) * C;
+  const int64_t rows = g.batch * g.out_h, in_row_floats = g.in_w * C, go_row_floats = g.out_w * C;
+  const auto* in_bits = reinterpret_cast<const uint16_t*>(in);
+  const auto* go_bits = reinterpret_cast<const uint16_t*>(grad_out);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> widened_in, widened_go(kBf16BandRows * go_row_floats);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      float* part = partials + chunk * partial_size;
+      const int64_t last_row = (chunk + 1) * rows / chunks;
+      for (int64_t row = chunk * rows / chunks; row < last_row;) {
+        const int64_t n = row / g.out_h, oy0 = row % g.out_h;
+        const int64_t band = std::min({kBf16BandRows, last_row - row, g.out_h - oy0});
+        const RowSpan s = forward_row_span(oy0, oy0 + band, image);
+        if (s.rows() > 0) {
+          widened_in.resize(std::max<size_t>(widened_in.size(), s.rows() * in_row_floats));
+          depthwise::avx512::bf16_to_float(in_bits + (n * g.in_h + s.first) * in_row_floats, widened_in.data(),
+                                           s.rows() * in_row_floats);
+        }
+        depthwise::avx512::bf16_to_float(go_bits + row * go_row_floats, widened_go.data(), band * go_row_floats);
+        const auto shifted = forward_rows_geometry(image, s);
+        for (int64_t k = 0; k < band; ++k, ++row)
+          depthwise::avx512::weight_grad_row_nhwc(widened_in.data(), widened_go.data() + k * go_row_floats, part,
+                                                  want_bias ? part + kernel_area * C : nullptr, oy0 + k, shifted);
       }
     }
   });
@@ -379,7 +536,8 @@ void forward_nhwc(const at::Tensor& input, const at::Tensor& weight, const at::T
   }
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (depthwise::avx512::enabled() && g.kernel_h * g.kernel_w < kNhwcBorderedTaps) {
-      forward_nhwc_bf16_rows(in, taps.data(), bias.defined() ? bias_values.data() : nullptr, out, g);
+      forward_nhwc_bf16_rows(in, taps.data(), bias.defined() ? bias_values.data() : nullptr, out, g.batch,
+                             avx512_image_geometry(g));
       return;
     }
   }
@@ -470,6 +628,155 @@ bool grad_input_bordered(const at::Tensor& grad_output, const at::Tensor& weight
   return true;
 }
 
+// The backward on the AVX-512 plane kernels (use_avx512_planes' windows): fp32 planes read and
+// written in place; bf16 planes each widened to a dense fp32 plane in the thread's scratch, and
+// each input-gradient plane rounded once (as forward_nchw_bf16_planes). The weight gradient is
+// summed in fp32 either way, so the bf16 gradients are the fp32 gradients of the widened tensors,
+// rounded. False, and nothing done, where a plane's columns are not adjacent.
+template <typename scalar_t>
+bool backward_nchw_avx512_planes(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                                 at::Tensor& grad_input, at::Tensor& grad_weight, at::Tensor& grad_bias,
+                                 const Geometry& g) {
+  constexpr bool widened = std::is_same_v<scalar_t, at::BFloat16>;
+  const bool want_input = grad_input.defined(), want_weight = grad_weight.defined(), want_bias = grad_bias.defined();
+  const auto go_strides = grad_output.strides(), in_strides = input.strides();
+  const auto gi_strides = want_input ? grad_input.strides() : at::IntArrayRef();
+  if (!(go_strides[3] == 1 && (!want_weight || in_strides[3] == 1) && (!want_input || gi_strides[3] == 1) &&
+        use_avx512_planes(g)))
+    return false;
+  const int64_t kernel_area = g.kernel_h * g.kernel_w, in_area = g.in_h * g.in_w, out_area = g.out_h * g.out_w;
+  const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  scalar_t* gi = want_input ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gw = want_weight ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gb = want_bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
+  std::vector<float> widened_weights;
+  const float* w;
+  if constexpr (widened) {
+    widened_weights = float_values(weight.const_data_ptr<scalar_t>(), g.channels * kernel_area);
+    w = widened_weights.data();
+  } else {
+    w = weight.const_data_ptr<float>();
+  }
+  // The row strides the kernels see: the tensors' own, or the dense widened planes'.
+  const int64_t go_row = widened ? g.out_w : go_strides[2], in_row = widened ? g.in_w : in_strides[2];
+  const int64_t gi_row = widened ? g.in_w : want_input ? gi_strides[2] : 0;
+  const auto forward_shape = avx512_forward_geometry(g, in_row, go_row);
+  const bool unit_stride = g.stride_h == 1;
+  // stride 1: a forward pass over grad_output with the flipped kernel; stride 2: a gather.
+  auto grad_input_shape = unit_stride ? avx512_grad_input_geometry(g, go_row, gi_row)
+                                      : avx512_forward_geometry(g, gi_row, go_row);
+  grad_input_shape.stream_output = !widened && want_input && cpu::stream_output_bytes(grad_input.nbytes());
+  depthwise::avx512::FlatPlane flat_forward, flat_grad_input;
+  const bool weight_flat = want_weight && depthwise::avx512::flat_plane(forward_shape, &flat_forward);
+  const bool input_flat =
+      want_input && unit_stride && depthwise::avx512::flat_plane(grad_input_shape, &flat_grad_input);
+  // Stride-2 maps whose output rows fill half a vector: two channels' weight gradients at once
+  // (the input gradient stays per plane; its rows are twice as wide).
+  const bool weight_pairs = want_weight && !unit_stride && !weight_flat &&
+                            depthwise::avx512::pairs_weight_grad_planes(forward_shape);
+  // One thread owns a range of channels for the whole batch: each weight gradient is summed
+  // without atomics, image after image, the same on every run and thread count. The thread
+  // walks its channels image by image, so its planes are read in address order (channel by
+  // channel for the whole batch jumped C planes between reads: 2.6x slower on 7x7 maps). Each
+  // input-gradient plane is written just before the weight gradient reads the same
+  // grad_output plane again, from cache.
+  at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
+    constexpr int64_t L = depthwise::avx512::kLanes;
+    const int64_t count = end - begin, lanes_per_channel = (kernel_area + 1) * L;
+    std::vector<float> flipped(count * kernel_area), lanes(count * lanes_per_channel, 0.f);
+    for (int64_t c = begin; c < end; ++c)
+      for (int64_t t = 0; t < kernel_area; ++t)
+        flipped[(c - begin) * kernel_area + kernel_area - 1 - t] = w[c * kernel_area + t];
+    // bf16: two channels' widened grad_output, input and input-gradient planes (slots 0 and 1).
+    std::vector<float> scratch(widened ? 2 * (out_area + 2 * in_area) : 0);
+    const auto go_plane = [&](int64_t n, int64_t c, int slot) -> const float* {
+      const scalar_t* src = go + n * go_strides[0] + c * go_strides[1];
+      if constexpr (widened) {
+        float* dst = scratch.data() + slot * out_area;
+        widen_plane(src, g.out_h, g.out_w, go_strides[2], dst);
+        return dst;
+      } else {
+        return src;
+      }
+    };
+    const auto in_plane = [&](int64_t n, int64_t c, int slot) -> const float* {
+      const scalar_t* src = in + n * in_strides[0] + c * in_strides[1];
+      if constexpr (widened) {
+        float* dst = scratch.data() + 2 * out_area + slot * in_area;
+        widen_plane(src, g.in_h, g.in_w, in_strides[2], dst);
+        return dst;
+      } else {
+        return src;
+      }
+    };
+    const auto gi_plane = [&](int64_t n, int64_t c, int slot) -> float* {
+      if constexpr (widened) {
+        return scratch.data() + 2 * out_area + (2 + slot) * in_area;
+      } else {
+        return gi + n * gi_strides[0] + c * gi_strides[1];
+      }
+    };
+    const auto gi_done = [&](int64_t n, int64_t c, int slot) {
+      if constexpr (widened)
+        narrow_plane(gi_plane(n, c, slot), g.in_h, g.in_w, gi + n * gi_strides[0] + c * gi_strides[1], gi_strides[2]);
+    };
+    for (int64_t n = 0; n < g.batch; ++n) {
+      for (int64_t c = begin; c < end; ++c) {
+        const float* go_c = go_plane(n, c, 0);
+        float* tap_lanes = &lanes[(c - begin) * lanes_per_channel];
+        float* bias_lanes = tap_lanes + kernel_area * L;
+        if (want_input) {
+          float* gi_c = gi_plane(n, c, 0);
+          if (input_flat)
+            depthwise::avx512::forward_plane_flat(go_c, &flipped[(c - begin) * kernel_area], 0.f, gi_c,
+                                                  flat_grad_input);
+          else if (unit_stride)
+            depthwise::avx512::forward_plane(go_c, &flipped[(c - begin) * kernel_area], 0.f, gi_c, grad_input_shape);
+          else
+            depthwise::avx512::grad_input_plane_stride2(go_c, w + c * kernel_area, gi_c, grad_input_shape);
+          gi_done(n, c, 0);
+        }
+        if (weight_pairs && c + 1 < end) {  // this plane and the next channel's, together
+          const int64_t c2 = c + 1;
+          const float* go_c2 = go_plane(n, c2, 1);
+          float* tap_lanes2 = tap_lanes + lanes_per_channel;
+          if (want_input) {
+            depthwise::avx512::grad_input_plane_stride2(go_c2, w + c2 * kernel_area, gi_plane(n, c2, 1),
+                                                        grad_input_shape);
+            gi_done(n, c2, 1);
+          }
+          depthwise::avx512::weight_grad_plane_pair(go_c, go_c2, in_plane(n, c, 0), in_plane(n, c2, 1), tap_lanes,
+                                                    tap_lanes2, want_bias ? bias_lanes : nullptr,
+                                                    want_bias ? tap_lanes2 + kernel_area * L : nullptr, forward_shape);
+          ++c;
+        } else if (weight_flat) {
+          depthwise::avx512::weight_grad_plane_flat(go_c, in_plane(n, c, 0), tap_lanes,
+                                                    want_bias ? bias_lanes : nullptr, flat_forward);
+        } else if (want_weight) {
+          depthwise::avx512::weight_grad_plane(go_c, in_plane(n, c, 0), tap_lanes, want_bias ? bias_lanes : nullptr,
+                                               forward_shape);
+        } else if (want_bias) {
+          for (int64_t y = 0; y < g.out_h; ++y)
+            for (int64_t x = 0; x < g.out_w; ++x) bias_lanes[x % L] += go_c[y * go_row + x];
+        }
+      }
+    }
+    const auto lane_sum = [](const float* partial) {
+      float sum = 0.f;
+      for (int64_t l = 0; l < L; ++l) sum += partial[l];
+      return static_cast<scalar_t>(sum);
+    };
+    for (int64_t c = begin; c < end; ++c) {
+      const float* tap_lanes = &lanes[(c - begin) * lanes_per_channel];
+      for (int64_t t = 0; want_weight && t < kernel_area; ++t) gw[c * kernel_area + t] = lane_sum(tap_lanes + t * L);
+      if (want_bias) gb[c] = lane_sum(tap_lanes + kernel_area * L);
+    }
+    if (grad_input_shape.stream_output) cpu::stream_fence();
+  });
+  return true;
+}
+
 template <typename scalar_t>
 void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
                    at::Tensor& grad_input, at::Tensor& grad_weight, at::Tensor& grad_bias, const Geometry& g) {
@@ -506,90 +813,8 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
   const bool go_in_window = transpose_as_forward && want_input && window_top >= 0 && window_left >= 0 &&
                             window_top + g.out_h <= window_h && window_left + g.out_w <= window_w;
 
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (go_strides[3] == 1 && (!want_weight || in_strides[3] == 1) && (!want_input || gi_strides[3] == 1) &&
-        use_avx512_planes(g)) {
-      const auto forward_shape = avx512_forward_geometry(g, in_strides[2], go_strides[2]);
-      const int64_t gi_row_stride = want_input ? gi_strides[2] : 0;
-      const bool unit_stride = g.stride_h == 1;
-      // stride 1: a forward pass over grad_output with the flipped kernel; stride 2: a gather.
-      auto grad_input_shape = unit_stride ? avx512_grad_input_geometry(g, go_strides[2], gi_row_stride)
-                                          : avx512_forward_geometry(g, gi_row_stride, go_strides[2]);
-      grad_input_shape.stream_output = want_input && cpu::stream_output_bytes(grad_input.nbytes());
-      depthwise::avx512::FlatPlane flat_forward, flat_grad_input;
-      const bool weight_flat = want_weight && depthwise::avx512::flat_plane(forward_shape, &flat_forward);
-      const bool input_flat =
-          want_input && unit_stride && depthwise::avx512::flat_plane(grad_input_shape, &flat_grad_input);
-      // Stride-2 maps whose output rows fill half a vector: two channels' weight gradients at once
-      // (the input gradient stays per plane; its rows are twice as wide).
-      const bool weight_pairs = want_weight && !unit_stride && !weight_flat &&
-                                depthwise::avx512::pairs_weight_grad_planes(forward_shape);
-      // One thread owns a range of channels for the whole batch: each weight gradient is summed
-      // without atomics, image after image, the same on every run and thread count. The thread
-      // walks its channels image by image, so its planes are read in address order (channel by
-      // channel for the whole batch jumped C planes between reads: 2.6x slower on 7x7 maps). Each
-      // input-gradient plane is written just before the weight gradient reads the same
-      // grad_output plane again, from cache.
-      at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
-        constexpr int64_t L = depthwise::avx512::kLanes;
-        const int64_t count = end - begin, lanes_per_channel = (kernel_area + 1) * L;
-        std::vector<float> flipped(count * kernel_area), lanes(count * lanes_per_channel, 0.f);
-        for (int64_t c = begin; c < end; ++c)
-          for (int64_t t = 0; t < kernel_area; ++t)
-            flipped[(c - begin) * kernel_area + kernel_area - 1 - t] = w[c * kernel_area + t];
-        for (int64_t n = 0; n < g.batch; ++n) {
-          for (int64_t c = begin; c < end; ++c) {
-            const float* go_plane = go + n * go_strides[0] + c * go_strides[1];
-            float* tap_lanes = &lanes[(c - begin) * lanes_per_channel];
-            float* bias_lanes = tap_lanes + kernel_area * L;
-            float* gi_plane = want_input ? gi + n * gi_strides[0] + c * gi_strides[1] : nullptr;
-            if (input_flat)
-              depthwise::avx512::forward_plane_flat(go_plane, &flipped[(c - begin) * kernel_area], 0.f, gi_plane,
-                                                    flat_grad_input);
-            else if (want_input && unit_stride)
-              depthwise::avx512::forward_plane(go_plane, &flipped[(c - begin) * kernel_area], 0.f, gi_plane,
-                                               grad_input_shape);
-            else if (want_input)
-              depthwise::avx512::grad_input_plane_stride2(go_plane, w + c * kernel_area, gi_plane, grad_input_shape);
-            if (weight_pairs && c + 1 < end) {  // this plane and the next channel's, together
-              const int64_t c2 = c + 1;
-              const float* go_plane2 = go + n * go_strides[0] + c2 * go_strides[1];
-              float* tap_lanes2 = tap_lanes + lanes_per_channel;
-              if (want_input)
-                depthwise::avx512::grad_input_plane_stride2(go_plane2, w + c2 * kernel_area,
-                                                            gi + n * gi_strides[0] + c2 * gi_strides[1],
-                                                            grad_input_shape);
-              depthwise::avx512::weight_grad_plane_pair(
-                  go_plane, go_plane2, in + n * in_strides[0] + c * in_strides[1],
-                  in + n * in_strides[0] + c2 * in_strides[1], tap_lanes, tap_lanes2,
-                  want_bias ? bias_lanes : nullptr, want_bias ? tap_lanes2 + kernel_area * L : nullptr, forward_shape);
-              ++c;
-            } else if (weight_flat) {
-              depthwise::avx512::weight_grad_plane_flat(go_plane, in + n * in_strides[0] + c * in_strides[1],
-                                                        tap_lanes, want_bias ? bias_lanes : nullptr, flat_forward);
-            } else if (want_weight) {
-              depthwise::avx512::weight_grad_plane(go_plane, in + n * in_strides[0] + c * in_strides[1], tap_lanes,
-                                                   want_bias ? bias_lanes : nullptr, forward_shape);
-            } else if (want_bias) {
-              for (int64_t y = 0; y < g.out_h; ++y)
-                for (int64_t x = 0; x < g.out_w; ++x) bias_lanes[x % L] += go_plane[y * go_strides[2] + x];
-            }
-          }
-        }
-        const auto lane_sum = [](const float* partial) {
-          float sum = 0.f;
-          for (int64_t l = 0; l < L; ++l) sum += partial[l];
-          return sum;
-        };
-        for (int64_t c = begin; c < end; ++c) {
-          const float* tap_lanes = &lanes[(c - begin) * lanes_per_channel];
-          for (int64_t t = 0; want_weight && t < kernel_area; ++t) gw[c * kernel_area + t] = lane_sum(tap_lanes + t * L);
-          if (want_bias) gb[c] = lane_sum(tap_lanes + kernel_area * L);
-        }
-        if (grad_input_shape.stream_output) cpu::stream_fence();
-      });
-      return;
-    }
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>) {
+    if (backward_nchw_avx512_planes<scalar_t>(grad_output, input, weight, grad_input, grad_weight, grad_bias, g)) return;
   }
 
   if constexpr (std::is_same_v<scalar_t, T>) {
@@ -844,6 +1069,16 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
     const std::vector<T> taps = taps_by_channel<scalar_t>(weight, g);
     scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
     bool fast_path = false;
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (depthwise::avx512::enabled() && g.kernel_h <= 64 && g.kernel_w <= 64) {
+        if (g.stride_h == 1 && g.stride_w == 1)
+          forward_nhwc_bf16_rows(go, flipped_taps(taps, kernel_area, C).data(), nullptr, gi, g.batch,
+                                 flipped_image_geometry(g));
+        else
+          grad_input_nhwc_bf16_rows(go, taps.data(), gi, g.batch, avx512_image_geometry(g));
+        fast_path = true;
+      }
+    }
     if constexpr (std::is_same_v<scalar_t, T>) {
       if (g.stride_h == 1 && g.stride_w == 1) {
         // A forward convolution of grad_output with the flipped kernel (see backward_nchw).
@@ -918,7 +1153,14 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
   const int64_t rows = g.batch * g.out_h, chunks = weight_grad_chunks(g);
   const int64_t partial_size = (kernel_area + 1) * C;  // taps, then the bias sum
   std::vector<T> partials(chunks * partial_size, T(0));
-  if constexpr (std::is_same_v<scalar_t, T>) {
+  bool bf16_rows = false;
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    bf16_rows = want_weight && depthwise::avx512::enabled() &&
+                depthwise::avx512::supports_weight_grad_nhwc(g.kernel_h, g.kernel_w, g.stride_w, g.dilation_w);
+    if (bf16_rows) weight_grad_nhwc_bf16_rows(go, in, partials.data(), chunks, want_bias, g);
+  }
+  if (bf16_rows) {
+  } else if constexpr (std::is_same_v<scalar_t, T>) {
     const RowShape shape = row_shape(g);
     const auto image = avx512_image_geometry(g);
     const bool avx512 = std::is_same_v<T, float> && want_weight && depthwise::avx512::enabled() &&
