@@ -20,7 +20,9 @@
 //   target_clones, with 32-byte GCC vectors (native on AVX2 and AVX-512).
 // - On CPUs with AVX-512, fp32 takes depthwise_conv2d_avx512.cpp instead where it applies: NCHW
 //   3x3/5x5 at stride 1 and 2 (planes read in place, no tiles); channels_last forward and input
-//   gradient of any window, weight gradient of 3x3/5x5.
+//   gradient of any window, weight gradient of 3x3/5x5. bf16 takes the same kernels on fp32
+//   copies made a plane (NCHW) or a band of rows (channels_last) at a time, each result rounded
+//   once.
 //   Everything else remains the path for other CPUs, dtypes and windows.
 //
 // This file chooses the path of each call and holds the forward, backward and ATen entry points.
@@ -1153,14 +1155,14 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
   const int64_t rows = g.batch * g.out_h, chunks = weight_grad_chunks(g);
   const int64_t partial_size = (kernel_area + 1) * C;  // taps, then the bias sum
   std::vector<T> partials(chunks * partial_size, T(0));
-  bool bf16_rows = false;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    bf16_rows = want_weight && depthwise::avx512::enabled() &&
-                depthwise::avx512::supports_weight_grad_nhwc(g.kernel_h, g.kernel_w, g.stride_w, g.dilation_w);
-    if (bf16_rows) weight_grad_nhwc_bf16_rows(go, in, partials.data(), chunks, want_bias, g);
+    if (want_weight && depthwise::avx512::enabled() &&
+        depthwise::avx512::supports_weight_grad_nhwc(g.kernel_h, g.kernel_w, g.stride_w, g.dilation_w)) {
+      weight_grad_nhwc_bf16_rows(go, in, partials.data(), chunks, want_bias, g);
+      return write_weight_partials<scalar_t>(partials, chunks, g, grad_weight, grad_bias);
+    }
   }
-  if (bf16_rows) {
-  } else if constexpr (std::is_same_v<scalar_t, T>) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
     const RowShape shape = row_shape(g);
     const auto image = avx512_image_geometry(g);
     const bool avx512 = std::is_same_v<T, float> && want_weight && depthwise::avx512::enabled() &&
