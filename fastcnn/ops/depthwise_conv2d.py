@@ -3,7 +3,8 @@
 `depthwise_conv2d` checks its arguments, normalises stride/padding/dilation and dispatches to the
 backend chosen by `fastcnn.backends`: the C++ op `torch.ops.fastcnn.depthwise_conv2d` (CPU and
 CUDA kernels by dispatch key), the Triton op `torch.ops.fastcnn._depthwise_conv2d_triton`, or the
-reference `F.conv2d(groups=C)`. Both custom ops get autograd and fake implementations here.
+reference `F.conv2d(groups=C)`. Both custom ops get autograd, fake and autocast (as conv2d's)
+implementations here.
 """
 from typing import List, Optional
 
@@ -13,6 +14,7 @@ from torch._prims_common import suggest_memory_format
 
 from .. import backends, reference
 from .._extension import has_ops
+from . import _autocast
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -76,7 +78,7 @@ def _check(input, weight, bias):
             continue
         if t.device != input.device:
             raise ValueError(f"depthwise_conv2d: {name} is on {t.device} but input is on {input.device}")
-        if t.dtype != input.dtype:
+        if t.dtype != input.dtype and not _autocast.enabled_for(input):  # autocast: cast by the op's rule
             raise TypeError(f"depthwise_conv2d: {name} has dtype {t.dtype} but input has {input.dtype}")
     if input.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"depthwise_conv2d: expected a floating-point input (fp16, bf16, fp32, fp64), got {input.dtype}")
@@ -208,6 +210,7 @@ if has_ops():
     torch.library.register_fake("fastcnn::depthwise_conv2d")(_fake_forward)
     torch.library.register_fake("fastcnn::_depthwise_conv2d_backward")(_fake_backward)
     # Autograd of the C++ op is registered in C++ (csrc/ops/autograd/): cheaper per call.
+    _autocast.register("fastcnn::depthwise_conv2d", _autocast.DEPTHWISE)
 
 
 @torch.library.triton_op("fastcnn::_depthwise_conv2d_triton", mutates_args=())
@@ -240,3 +243,4 @@ torch.library.register_autograd(
     _make_backward(torch.ops.fastcnn._depthwise_conv2d_triton_backward),
     setup_context=_setup_context,
 )
+_autocast.register("fastcnn::_depthwise_conv2d_triton", _autocast.DEPTHWISE)

@@ -6,8 +6,8 @@ grid never exists, and the backward accumulates grad_theta in the same pass as g
 `grid_sample(input, grid)` is ``F.grid_sample`` for a given grid (thin-plate splines, flows...).
 
 Both dispatch to the backend chosen by `fastcnn.backends`: the C++ ops (CPU and CUDA kernels by
-dispatch key), the Triton ops, or the reference. Autograd and fake implementations are registered
-here. Semantics follow PyTorch, with one documented choice for non-finite coordinates: a NaN
+dispatch key), the Triton ops, or the reference. Autograd, fake and autocast (as grid_sampler's)
+implementations are registered here. Semantics follow PyTorch, with one documented choice for non-finite coordinates: a NaN
 source coordinate, or an infinite one under zeros or reflection padding, samples as padding (zero)
 and gets a zero gradient. Under zeros padding that is PyTorch's CUDA behaviour (its CPU kernel
 returns NaN); under border padding an infinite coordinate clamps to the edge as in PyTorch.
@@ -23,6 +23,7 @@ from torch._prims_common import suggest_memory_format
 
 from .. import backends, reference
 from .._extension import has_ops
+from . import _autocast
 
 INTERPOLATIONS = {"bilinear": 0, "nearest": 1}
 PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
@@ -51,7 +52,7 @@ def _check_input(op, input):
 def _check_same(op, name, t, input):
     if t.device != input.device:
         raise ValueError(f"{op}: {name} is on {t.device} but input is on {input.device}")
-    if t.dtype != input.dtype:
+    if t.dtype != input.dtype and not _autocast.enabled_for(input):  # autocast: cast by the op's rule
         raise TypeError(f"{op}: {name} has dtype {t.dtype} but input has {input.dtype}")
 
 
@@ -223,6 +224,8 @@ if has_ops():
     torch.library.register_fake("fastcnn::_grid_sample_backward")(_fake_backward)
     torch.library.register_fake("fastcnn::_affine_grid_sample_backward")(_fake_backward)
     # Autograd of the C++ ops is registered in C++ (csrc/ops/autograd/): cheaper per call.
+    _autocast.register("fastcnn::grid_sample", _autocast.SAMPLER)
+    _autocast.register("fastcnn::affine_grid_sample", _autocast.SAMPLER)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,3 +285,5 @@ torch.library.register_autograd(
     _make_backward(torch.ops.fastcnn._affine_grid_sample_triton_backward.default),
     setup_context=_setup_context,
 )
+_autocast.register("fastcnn::_grid_sample_triton", _autocast.SAMPLER)
+_autocast.register("fastcnn::_affine_grid_sample_triton", _autocast.SAMPLER)
