@@ -297,7 +297,8 @@ def test_low_precision_error_within_twice_pytorch(case, dtype, layout):
         assert our_error <= 2 * their_error + 1e-3 * e.abs().max().item(), (name, our_error, their_error)
 
 
-BF16_ROW_CASES = [
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+HALF_ROW_CASES = [
     (2, 32, 9, 11, 3, 1, 1, 1), (3, 17, 8, 7, 3, 2, 1, 1), (2, 40, 10, 9, 5, 1, 2, 1), (2, 24, 12, 13, 3, 1, 2, 2),
     (2, 33, 15, 14, 7, 1, 3, 1), (1, 1, 5, 6, 3, 1, 1, 1), (2, 20, 19, 21, 5, 2, 2, 1), (1, 16, 23, 9, 3, 2, 0, 1),
     # windows of whole output rows that reach only padding
@@ -305,47 +306,51 @@ BF16_ROW_CASES = [
 ]
 
 
-@pytest.mark.parametrize("n, c, h, w, k, stride, padding, dilation", BF16_ROW_CASES)
-def test_bf16_channels_last_forward_is_the_fp32_kernel_rounded_once(n, c, h, w, k, stride, padding, dilation):
-    """bf16 channels_last forward on AVX-512 (forward_nhwc_bf16_rows): the fp32 kernel on the
-    widened rows, rounded to bf16 once, so equal to the fp32 op's output converted by PyTorch, bit
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n, c, h, w, k, stride, padding, dilation", HALF_ROW_CASES)
+def test_half_channels_last_forward_is_the_fp32_kernel_rounded_once(n, c, h, w, k, stride, padding, dilation, dtype):
+    """bf16/fp16 channels_last forward on AVX-512 (forward_nhwc_widened): the fp32 kernel on the
+    widened rows, rounded once, so equal to the fp32 op's output converted by PyTorch, bit
     for bit but for NaN's payload (PyTorch's own conversions disagree there: 0x7FC0 scalar, 0xFFFF
     vectorised). Without AVX-512 (or with FASTCNN_AVX512=0) the portable loops run, and the error
     rule above covers them."""
+    if not fastcnn.benchmarking.cpu_isa().get("avx512f"):
+        pytest.skip("the widened row kernels need AVX-512")
     torch.manual_seed(0)
     x = torch.randn(n, c, h, w)
     x[0, 0, 0, 0], x[-1, -1, -1, -1] = float("nan"), float("inf")
-    x = x.bfloat16().to(memory_format=torch.channels_last)
-    weight, bias = torch.randn(c, 1, k, k).bfloat16(), torch.randn(c).bfloat16()
+    x = x.to(dtype).to(memory_format=torch.channels_last)
+    weight, bias = torch.randn(c, 1, k, k).to(dtype), torch.randn(c).to(dtype)
     for b in (None, bias):
         ours = depthwise_conv2d(x, weight, b, stride, padding, dilation)
         fp32 = depthwise_conv2d(x.float(), weight.float(), None if b is None else b.float(), stride, padding, dilation)
-        assert ours.dtype == torch.bfloat16 and ours.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(ours, fp32.bfloat16(), rtol=0, atol=0, equal_nan=True)
+        assert ours.dtype == dtype and ours.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(ours, fp32.to(dtype), rtol=0, atol=0, equal_nan=True)
         assert ours.isnan().any() and ours.isinf().any()
 
 
-@pytest.mark.parametrize("n, c, h, w, k, stride, padding, dilation", BF16_ROW_CASES)
-def test_bf16_channels_last_backward_is_the_fp32_kernels_rounded_once(n, c, h, w, k, stride, padding, dilation):
-    """bf16 channels_last backward on AVX-512 (grad_input_nhwc_bf16_rows, weight_grad_nhwc_bf16_rows):
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n, c, h, w, k, stride, padding, dilation", HALF_ROW_CASES)
+def test_half_channels_last_backward_is_the_fp32_kernels_rounded_once(n, c, h, w, k, stride, padding, dilation, dtype):
+    """bf16/fp16 channels_last backward on AVX-512 (grad_input_nhwc_widened, weight_grad_nhwc_widened):
     the fp32 row kernels on widened rows, the weight gradient summed in fp32 in the fp32 path's
-    order, so every gradient is the fp32 op's gradient rounded to bf16 once, bit for bit. The
+    order, so every gradient is the fp32 op's gradient rounded once, bit for bit. The
     portable loops (no AVX-512) sum in another order: the error rule covers them."""
     if not fastcnn.benchmarking.cpu_isa().get("avx512f"):
-        pytest.skip("the bf16 row kernels need AVX-512")
+        pytest.skip("the widened row kernels need AVX-512")
     torch.manual_seed(0)
-    x = torch.randn(n, c, h, w).bfloat16().to(memory_format=torch.channels_last)
-    weight = torch.randn(c, 1, k, k).bfloat16()
+    x = torch.randn(n, c, h, w).to(dtype).to(memory_format=torch.channels_last)
+    weight = torch.randn(c, 1, k, k).to(dtype)
     out_shape = depthwise_conv2d(x, weight, None, stride, padding, dilation).shape
-    grad = torch.randn(out_shape).bfloat16().to(memory_format=torch.channels_last)
+    grad = torch.randn(out_shape).to(dtype).to(memory_format=torch.channels_last)
     grad[0, 0, 0, 0] = float("nan")
     args = ([stride] * 2, [padding] * 4, [dilation] * 2, [True, True, True])
     ours = torch.ops.fastcnn._depthwise_conv2d_backward(grad, x, weight, *args)
     fp32 = torch.ops.fastcnn._depthwise_conv2d_backward(grad.float(), x.float(), weight.float(), *args)
     assert ours[0].is_contiguous(memory_format=torch.channels_last)
     for name, o, f in zip(("grad_input", "grad_weight", "grad_bias"), ours, fp32):
-        assert o.dtype == torch.bfloat16, name
-        torch.testing.assert_close(o, f.bfloat16(), rtol=0, atol=0, equal_nan=True, msg=name)
+        assert o.dtype == dtype, name
+        torch.testing.assert_close(o, f.to(dtype), rtol=0, atol=0, equal_nan=True, msg=name)
     assert ours[2].isnan().any()
 
 
@@ -356,27 +361,28 @@ def test_bf16_channels_last_backward_is_the_fp32_kernels_rounded_once(n, c, h, w
     ids=["3x3", "3x3-s2", "5x5", "5x5-s2", "14x14-s2-pairs", "7x7-flat", "c1-valid", "only-padding"],
 )
 @pytest.mark.parametrize("rows", ["dense", "strided"])
-def test_bf16_nchw_is_the_fp32_plane_kernels_rounded_once(n, c, h, w, k, stride, padding, rows):
-    """bf16 NCHW on AVX-512 (forward_nchw_bf16_planes, backward_nchw_avx512_planes): each plane widened
-    to fp32, the fp32 plane kernels run on it, every output and gradient rounded to bf16 once, so
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "fp16"])
+def test_half_nchw_is_the_fp32_plane_kernels_rounded_once(n, c, h, w, k, stride, padding, rows, dtype):
+    """bf16/fp16 NCHW on AVX-512 (forward_nchw_widened, backward_nchw_avx512_planes): each plane widened
+    to fp32, the fp32 plane kernels run on it, every output and gradient rounded once, so
     bit for bit the fp32 op's results rounded; rows that are not dense (a slice of a wider
     tensor) are widened row by row."""
     if not fastcnn.benchmarking.cpu_isa().get("avx512f"):
-        pytest.skip("the bf16 plane path needs AVX-512")
+        pytest.skip("the widened plane path needs AVX-512")
     torch.manual_seed(0)
-    wide = torch.randn(n, c, h, w + (3 if rows == "strided" else 0)).bfloat16()
+    wide = torch.randn(n, c, h, w + (3 if rows == "strided" else 0)).to(dtype)
     x = wide[..., :w]
-    weight, bias = torch.randn(c, 1, k, k).bfloat16(), torch.randn(c).bfloat16()
+    weight, bias = torch.randn(c, 1, k, k).to(dtype), torch.randn(c).to(dtype)
     args = ([stride] * 2, [padding] * 4, [1, 1])
     out = torch.ops.fastcnn.depthwise_conv2d(x, weight, bias, *args)
     out32 = torch.ops.fastcnn.depthwise_conv2d(x.float(), weight.float(), bias.float(), *args)
-    torch.testing.assert_close(out, out32.bfloat16(), rtol=0, atol=0)
-    grad = torch.randn(out.shape).bfloat16()
+    torch.testing.assert_close(out, out32.to(dtype), rtol=0, atol=0)
+    grad = torch.randn(out.shape).to(dtype)
     ours = torch.ops.fastcnn._depthwise_conv2d_backward(grad, x, weight, *args, [True, True, True])
     fp32 = torch.ops.fastcnn._depthwise_conv2d_backward(grad.float(), x.float(), weight.float(), *args, [True, True, True])
     for name, o, f in zip(("grad_input", "grad_weight", "grad_bias"), ours, fp32):
-        assert o.dtype == torch.bfloat16, name
-        torch.testing.assert_close(o, f.bfloat16(), rtol=0, atol=0, msg=name)
+        assert o.dtype == dtype, name
+        torch.testing.assert_close(o, f.to(dtype), rtol=0, atol=0, msg=name)
     grad_input_only = torch.ops.fastcnn._depthwise_conv2d_backward(grad, x, weight, *args, [True, False, False])
     torch.testing.assert_close(grad_input_only[0], ours[0], rtol=0, atol=0)
 

@@ -1270,10 +1270,39 @@ void float_to_bf16(const float* in, uint16_t* out, int64_t count) {
   }
 }
 
+// The tail of a run goes through a vector's worth of stack: the conversions are AVX-512F, masked
+// 16-bit loads and stores would need AVX-512BW.
+void half_to_float(const uint16_t* in, float* out, int64_t count) {
+  int64_t i = 0;
+  for (; i + kLanes <= count; i += kLanes)
+    _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i))));
+  if (i < count) {
+    uint16_t tail[kLanes] = {};
+    __builtin_memcpy(tail, in + i, (count - i) * sizeof(uint16_t));
+    _mm512_mask_storeu_ps(out + i, lane_range(0, count - i),
+                          _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tail))));
+  }
+}
+
+void float_to_half(const float* in, uint16_t* out, int64_t count) {
+  constexpr int kNearestEven = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  int64_t i = 0;
+  for (; i + kLanes <= count; i += kLanes)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtps_ph(_mm512_loadu_ps(in + i), kNearestEven));
+  if (i < count) {
+    uint16_t tail[kLanes];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tail),
+                        _mm512_cvtps_ph(_mm512_maskz_loadu_ps(lane_range(0, count - i), in + i), kNearestEven));
+    __builtin_memcpy(out + i, tail, (count - i) * sizeof(uint16_t));
+  }
+}
+
 #else  // never called: enabled() is false
 
 void bf16_to_float(const uint16_t*, float*, int64_t) {}
 void float_to_bf16(const float*, uint16_t*, int64_t) {}
+void half_to_float(const uint16_t*, float*, int64_t) {}
+void float_to_half(const float*, uint16_t*, int64_t) {}
 
 void forward_row_nhwc(const float*, const float*, const float*, float*, int64_t, const ImageGeometry&) {}
 void weight_grad_row_nhwc(const float*, const float*, float*, float*, int64_t, const ImageGeometry&) {}

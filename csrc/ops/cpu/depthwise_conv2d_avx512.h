@@ -122,6 +122,9 @@ struct ImageGeometry {
 // c10::BFloat16 does, so a bf16 output made here has the bits PyTorch's conversion would give.
 void bf16_to_float(const uint16_t* in, float* out, int64_t count);
 void float_to_bf16(const float* in, uint16_t* out, int64_t count);
+// IEEE half (fp16) rows the same way: vcvtph2ps, and vcvtps2ph rounding to nearest even.
+void half_to_float(const uint16_t* in, float* out, int64_t count);
+void float_to_half(const float* in, uint16_t* out, int64_t count);
 
 // Output row oy of a channels_last image: out_row[ox][c] = bias[c] + sum over the window of
 // taps[t][c] * in[...][c], with taps [kernel_h * kernel_w][channels] and bias null for none.

@@ -20,7 +20,7 @@
 //   target_clones, with 32-byte GCC vectors (native on AVX2 and AVX-512).
 // - On CPUs with AVX-512, fp32 takes depthwise_conv2d_avx512.cpp instead where it applies: NCHW
 //   3x3/5x5 at stride 1 and 2 (planes read in place, no tiles); channels_last forward and input
-//   gradient of any window, weight gradient of 3x3/5x5. bf16 takes the same kernels on fp32
+//   gradient of any window, weight gradient of 3x3/5x5. bf16 and fp16 take the same kernels on fp32
 //   copies made a plane (NCHW) or a band of rows (channels_last) at a time, each result rounded
 //   once.
 //   Everything else remains the path for other CPUs, dtypes and windows.
@@ -138,18 +138,42 @@ depthwise::avx512::PlaneGeometry avx512_grad_input_geometry(const Geometry& g, i
           (g.kernel_w - 1) * g.dilation_w - g.pad_left, g.dilation_h, g.dilation_w, 1};
 }
 
-// bf16 planes widened to dense fp32 planes (and back, each value rounded once) for the fp32
-// AVX-512 plane kernels; rows are row_stride elements apart in the bf16 tensor.
-void widen_plane(const at::BFloat16* src, int64_t rows, int64_t cols, int64_t row_stride, float* dst) {
+// 16-bit floats (bf16, fp16) that the fp32 AVX-512 kernels take widened to fp32, a plane or a band
+// of rows at a time, each result rounded back once (to nearest even, as PyTorch converts).
+template <typename scalar_t>
+constexpr bool kWidened = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
+
+template <typename scalar_t>
+void to_float(const scalar_t* src, float* dst, int64_t count) {
+  static_assert(kWidened<scalar_t> && sizeof(scalar_t) == sizeof(uint16_t), "a 16-bit float");
   const auto* bits = reinterpret_cast<const uint16_t*>(src);
-  if (row_stride == cols) return depthwise::avx512::bf16_to_float(bits, dst, rows * cols);
-  for (int64_t r = 0; r < rows; ++r) depthwise::avx512::bf16_to_float(bits + r * row_stride, dst + r * cols, cols);
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
+    depthwise::avx512::bf16_to_float(bits, dst, count);
+  else
+    depthwise::avx512::half_to_float(bits, dst, count);
 }
 
-void narrow_plane(const float* src, int64_t rows, int64_t cols, at::BFloat16* dst, int64_t row_stride) {
+template <typename scalar_t>
+void from_float(const float* src, scalar_t* dst, int64_t count) {
+  static_assert(kWidened<scalar_t> && sizeof(scalar_t) == sizeof(uint16_t), "a 16-bit float");
   auto* bits = reinterpret_cast<uint16_t*>(dst);
-  if (row_stride == cols) return depthwise::avx512::float_to_bf16(src, bits, rows * cols);
-  for (int64_t r = 0; r < rows; ++r) depthwise::avx512::float_to_bf16(src + r * cols, bits + r * row_stride, cols);
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
+    depthwise::avx512::float_to_bf16(src, bits, count);
+  else
+    depthwise::avx512::float_to_half(src, bits, count);
+}
+
+// A plane of rows row_stride elements apart to a dense fp32 plane, and back.
+template <typename scalar_t>
+void widen_plane(const scalar_t* src, int64_t rows, int64_t cols, int64_t row_stride, float* dst) {
+  if (row_stride == cols) return to_float(src, dst, rows * cols);
+  for (int64_t r = 0; r < rows; ++r) to_float(src + r * row_stride, dst + r * cols, cols);
+}
+
+template <typename scalar_t>
+void narrow_plane(const float* src, int64_t rows, int64_t cols, scalar_t* dst, int64_t row_stride) {
+  if (row_stride == cols) return from_float(src, dst, rows * cols);
+  for (int64_t r = 0; r < rows; ++r) from_float(src + r * cols, dst + r * row_stride, cols);
 }
 
 template <typename scalar_t>
@@ -162,13 +186,14 @@ std::vector<float> float_values(const scalar_t* values, int64_t count) {
 // ---------------------------------------------------------------------------------------------
 // Forward
 
-// bf16 NCHW through the fp32 AVX-512 plane kernels (use_avx512_planes' windows): each plane
+// bf16/fp16 NCHW through the fp32 AVX-512 plane kernels (use_avx512_planes' windows): each plane
 // widened to a dense fp32 plane in the thread's scratch, the fp32 kernel run there, each output
-// rounded to bf16 once, so the result is the fp32 op's output rounded. PyTorch's bf16 NCHW
-// depthwise is oneDNN's in bf16; against it the portable plane loops ran 0.34-0.76x on the
-// strided, 14x14 and 7x7 MobileNet v1 layers (N=32, 2 threads).
-void forward_nchw_bf16_planes(const at::BFloat16* in, at::IntArrayRef in_strides, const at::BFloat16* w,
-                              const at::BFloat16* b, at::BFloat16* out, const Geometry& g) {
+// rounded once, so the result is the fp32 op's output rounded. PyTorch's bf16 NCHW depthwise is
+// oneDNN's in bf16; against it the portable plane loops ran 0.34-0.76x on the strided, 14x14 and
+// 7x7 MobileNet v1 layers (N=32, 2 threads), these 1.4-4.6x.
+template <typename scalar_t>
+void forward_nchw_widened(const scalar_t* in, at::IntArrayRef in_strides, const scalar_t* w, const scalar_t* b,
+                          scalar_t* out, const Geometry& g) {
   const int64_t kernel_area = g.kernel_h * g.kernel_w, in_area = g.in_h * g.in_w, out_area = g.out_h * g.out_w;
   const auto shape = avx512_forward_geometry(g, g.in_w, g.out_w);
   const std::vector<float> taps = float_values(w, g.channels * kernel_area);
@@ -199,8 +224,7 @@ void forward_nchw_bf16_planes(const at::BFloat16* in, at::IntArrayRef in_strides
         depthwise::avx512::forward_plane(wide_in.data(), &taps[c * kernel_area], bias[c], wide_out.data(), shape);
       }
       // The output is dense NCHW: a pair's planes are adjacent.
-      depthwise::avx512::float_to_bf16(wide_out.data(), reinterpret_cast<uint16_t*>(out + plane * out_area),
-                                       planes * out_area);
+      from_float(wide_out.data(), out + plane * out_area, planes * out_area);
       plane += planes - 1;
     }
   });
@@ -220,8 +244,8 @@ void forward_nchw(const at::Tensor& input, const at::Tensor& weight, const at::T
   const int64_t kernel_area = g.kernel_h * g.kernel_w;
   const int64_t out_area = g.out_h * g.out_w;
 
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    if (in_strides[3] == 1 && use_avx512_planes(g)) return forward_nchw_bf16_planes(in, in_strides, w, b, out, g);
+  if constexpr (kWidened<scalar_t>) {
+    if (in_strides[3] == 1 && use_avx512_planes(g)) return forward_nchw_widened(in, in_strides, w, b, out, g);
   }
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (in_strides[3] == 1 && use_avx512_planes(g)) {
@@ -366,43 +390,42 @@ RowShape row_shape(const Geometry& g) {
 // against the sliding rows, 8x128x56x56, 2 threads: 31x31 1.34x faster, 13x13 1.14x, 11x11 even.
 constexpr int64_t kNhwcBorderedTaps = 169;
 
-// bf16 channels_last through the fp32 AVX-512 row kernel: a band of up to kBf16BandRows output rows
-// at a time, the input rows their windows reach widened to fp32 once into a thread's scratch (a
-// sub-image of those rows, its top padding shifted to match), each output row computed there and
-// rounded to bf16 once. The same arithmetic as the fp32 kernel on the widened inputs, so the
-// result is that output rounded to bf16. PyTorch's bf16 channels_last depthwise (oneDNN) moves half
-// the bytes of fp32; against it (2 threads, N=32): the portable loops this replaces ran 0.42x
+// bf16/fp16 channels_last through the fp32 AVX-512 row kernels: a band of up to kWidenedBandRows
+// output rows at a time, the input rows their windows reach widened to fp32 once into a thread's
+// scratch (a sub-image of those rows, its top padding shifted to match), each output row computed
+// there and rounded once. The same arithmetic as the fp32 kernel on the widened inputs, so the
+// result is that output rounded. PyTorch's bf16 channels_last depthwise (oneDNN) moves half the
+// bytes of fp32; against it (2 threads, N=32): the portable loops this replaces ran 0.42x
 // (32x128x56x56) and 0.49x (32x512x14x14); one window of rows widened per output row, 0.91x and
 // 0.75x; bands of 8 rows, each input row widened about once, 0.96-1.02x and 0.89-1.09x, over the
 // 13 MobileNet v1 layers 0.89x / 1.02x (default / reuse allocator, geomean).
-constexpr int64_t kBf16BandRows = 8;
+constexpr int64_t kWidenedBandRows = 8;
 
 // Destination rows of `images` images, dst_h rows of dst_row_floats each, made in bands of up to
-// kBf16BandRows rows of one image: the source rows a band reads (span(y0, y1) of src_h rows of
+// kWidenedBandRows rows of one image: the source rows a band reads (span(y0, y1) of src_h rows of
 // src_row_floats each) widened to fp32 once into the thread's scratch, then each destination row
-// computed there by row_kernel(widened, span, y, out_row) and rounded to bf16 once.
+// computed there by row_kernel(widened, span, y, out_row) and rounded once.
 struct RowSpan {
   int64_t first, last;  // source rows [first, last), clipped to the image (last <= first: none)
   int64_t rows() const { return std::max<int64_t>(0, last - first); }
 };
 
-template <typename Span, typename RowKernel>
-void bf16_rows_in_bands(const uint16_t* src, int64_t src_h, int64_t src_row_floats, uint16_t* dst, int64_t images,
-                        int64_t dst_h, int64_t dst_row_floats, const Span& span, const RowKernel& row_kernel) {
+template <typename scalar_t, typename Span, typename RowKernel>
+void rows_in_widened_bands(const scalar_t* src, int64_t src_h, int64_t src_row_floats, scalar_t* dst, int64_t images,
+                           int64_t dst_h, int64_t dst_row_floats, const Span& span, const RowKernel& row_kernel) {
   at::parallel_for(0, images * dst_h, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> widened, out_row(dst_row_floats);
     for (int64_t row = begin; row < end;) {
       const int64_t n = row / dst_h, y0 = row % dst_h;
-      const int64_t band = std::min({kBf16BandRows, end - row, dst_h - y0});
+      const int64_t band = std::min({kWidenedBandRows, end - row, dst_h - y0});
       const RowSpan s = span(y0, y0 + band);
       if (s.rows() > 0) {
         widened.resize(std::max<size_t>(widened.size(), s.rows() * src_row_floats));
-        depthwise::avx512::bf16_to_float(src + (n * src_h + s.first) * src_row_floats, widened.data(),
-                                         s.rows() * src_row_floats);
+        to_float(src + (n * src_h + s.first) * src_row_floats, widened.data(), s.rows() * src_row_floats);
       }
       for (int64_t y = y0; y < y0 + band; ++y, ++row) {
         row_kernel(widened.data(), s, y, out_row.data());
-        depthwise::avx512::float_to_bf16(out_row.data(), dst + row * dst_row_floats, dst_row_floats);
+        from_float(out_row.data(), dst + row * dst_row_floats, dst_row_floats);
       }
     }
   });
@@ -422,29 +445,29 @@ depthwise::avx512::ImageGeometry forward_rows_geometry(depthwise::avx512::ImageG
   return g;
 }
 
-// The bf16 channels_last forward (image: avx512_image_geometry) or unit-stride input gradient
+// The widened channels_last forward (image: avx512_image_geometry) or unit-stride input gradient
 // (flipped taps, flipped_image_geometry over grad_output) through forward_row_nhwc.
-void forward_nhwc_bf16_rows(const at::BFloat16* in, const float* taps, const float* bias, at::BFloat16* out,
-                            int64_t images, const depthwise::avx512::ImageGeometry& image) {
-  static_assert(sizeof(at::BFloat16) == sizeof(uint16_t), "bf16 is 16 bits");
+template <typename scalar_t>
+void forward_nhwc_widened(const scalar_t* in, const float* taps, const float* bias, scalar_t* out, int64_t images,
+                          const depthwise::avx512::ImageGeometry& image) {
   const int64_t C = image.channels;
-  bf16_rows_in_bands(
-      reinterpret_cast<const uint16_t*>(in), image.in_h, image.in_w * C, reinterpret_cast<uint16_t*>(out), images,
-      image.out_h, image.out_w * C, [&](int64_t y0, int64_t y1) { return forward_row_span(y0, y1, image); },
+  rows_in_widened_bands(
+      in, image.in_h, image.in_w * C, out, images, image.out_h, image.out_w * C,
+      [&](int64_t y0, int64_t y1) { return forward_row_span(y0, y1, image); },
       [&](const float* rows, const RowSpan& s, int64_t oy, float* out_row) {
         depthwise::avx512::forward_row_nhwc(rows, taps, bias, out_row, oy, forward_rows_geometry(image, s));
       });
 }
 
-// The bf16 channels_last input gradient at stride 2 and more through grad_input_row_nhwc (image:
-// avx512_image_geometry, whose out_* are grad_output's): a band of grad_input rows reads the
-// grad_output rows its taps land on, and the kernel sees only those (out_h and pad_top shifted).
-void grad_input_nhwc_bf16_rows(const at::BFloat16* grad_out, const float* taps, at::BFloat16* grad_in,
-                               int64_t images, const depthwise::avx512::ImageGeometry& image) {
+// The widened channels_last input gradient at stride 2 and more through grad_input_row_nhwc
+// (image: avx512_image_geometry, whose out_* are grad_output's): a band of grad_input rows reads
+// the grad_output rows its taps land on, and the kernel sees only those (out_h and pad_top shifted).
+template <typename scalar_t>
+void grad_input_nhwc_widened(const scalar_t* grad_out, const float* taps, scalar_t* grad_in, int64_t images,
+                             const depthwise::avx512::ImageGeometry& image) {
   const int64_t C = image.channels, reach = (image.kernel_h - 1) * image.dilation_h;
-  bf16_rows_in_bands(
-      reinterpret_cast<const uint16_t*>(grad_out), image.out_h, image.out_w * C, reinterpret_cast<uint16_t*>(grad_in),
-      images, image.in_h, image.in_w * C,
+  rows_in_widened_bands(
+      grad_out, image.out_h, image.out_w * C, grad_in, images, image.in_h, image.in_w * C,
       [&](int64_t y0, int64_t y1) {
         // Output row oy reaches input rows oy * stride - pad_top + [0, reach]; a negative
         // numerator truncates to a row at or before the first, which the clip makes 0.
@@ -459,31 +482,29 @@ void grad_input_nhwc_bf16_rows(const at::BFloat16* grad_out, const float* taps, 
       });
 }
 
-// The bf16 channels_last weight (and bias) gradient through weight_grad_row_nhwc, into the fp32
+// The widened channels_last weight (and bias) gradient through weight_grad_row_nhwc, into the fp32
 // partials of backward_nhwc (its fixed chunks of output rows, added in the same order): bands of
 // output rows, each band's input rows and grad_output rows widened once.
-void weight_grad_nhwc_bf16_rows(const at::BFloat16* grad_out, const at::BFloat16* in, float* partials,
-                                int64_t chunks, bool want_bias, const Geometry& g) {
+template <typename scalar_t>
+void weight_grad_nhwc_widened(const scalar_t* grad_out, const scalar_t* in, float* partials, int64_t chunks,
+                              bool want_bias, const Geometry& g) {
   const auto image = avx512_image_geometry(g);
   const int64_t C = g.channels, kernel_area = g.kernel_h * g.kernel_w, partial_size = (kernel_area + 1) * C;
   const int64_t rows = g.batch * g.out_h, in_row_floats = g.in_w * C, go_row_floats = g.out_w * C;
-  const auto* in_bits = reinterpret_cast<const uint16_t*>(in);
-  const auto* go_bits = reinterpret_cast<const uint16_t*>(grad_out);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> widened_in, widened_go(kBf16BandRows * go_row_floats);
+    std::vector<float> widened_in, widened_go(kWidenedBandRows * go_row_floats);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       float* part = partials + chunk * partial_size;
       const int64_t last_row = (chunk + 1) * rows / chunks;
       for (int64_t row = chunk * rows / chunks; row < last_row;) {
         const int64_t n = row / g.out_h, oy0 = row % g.out_h;
-        const int64_t band = std::min({kBf16BandRows, last_row - row, g.out_h - oy0});
+        const int64_t band = std::min({kWidenedBandRows, last_row - row, g.out_h - oy0});
         const RowSpan s = forward_row_span(oy0, oy0 + band, image);
         if (s.rows() > 0) {
           widened_in.resize(std::max<size_t>(widened_in.size(), s.rows() * in_row_floats));
-          depthwise::avx512::bf16_to_float(in_bits + (n * g.in_h + s.first) * in_row_floats, widened_in.data(),
-                                           s.rows() * in_row_floats);
+          to_float(in + (n * g.in_h + s.first) * in_row_floats, widened_in.data(), s.rows() * in_row_floats);
         }
-        depthwise::avx512::bf16_to_float(go_bits + row * go_row_floats, widened_go.data(), band * go_row_floats);
+        to_float(grad_out + row * go_row_floats, widened_go.data(), band * go_row_floats);
         const auto shifted = forward_rows_geometry(image, s);
         for (int64_t k = 0; k < band; ++k, ++row)
           depthwise::avx512::weight_grad_row_nhwc(widened_in.data(), widened_go.data() + k * go_row_floats, part,
@@ -536,9 +557,9 @@ void forward_nhwc(const at::Tensor& input, const at::Tensor& weight, const at::T
       return;
     }
   }
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+  if constexpr (kWidened<scalar_t>) {
     if (depthwise::avx512::enabled() && g.kernel_h * g.kernel_w < kNhwcBorderedTaps) {
-      forward_nhwc_bf16_rows(in, taps.data(), bias.defined() ? bias_values.data() : nullptr, out, g.batch,
+      forward_nhwc_widened(in, taps.data(), bias.defined() ? bias_values.data() : nullptr, out, g.batch,
                              avx512_image_geometry(g));
       return;
     }
@@ -631,15 +652,15 @@ bool grad_input_bordered(const at::Tensor& grad_output, const at::Tensor& weight
 }
 
 // The backward on the AVX-512 plane kernels (use_avx512_planes' windows): fp32 planes read and
-// written in place; bf16 planes each widened to a dense fp32 plane in the thread's scratch, and
-// each input-gradient plane rounded once (as forward_nchw_bf16_planes). The weight gradient is
-// summed in fp32 either way, so the bf16 gradients are the fp32 gradients of the widened tensors,
+// written in place; bf16/fp16 planes each widened to a dense fp32 plane in the thread's scratch,
+// and each input-gradient plane rounded once (as forward_nchw_widened). The weight gradient is
+// summed in fp32 either way, so the 16-bit gradients are the fp32 gradients of the widened tensors,
 // rounded. False, and nothing done, where a plane's columns are not adjacent.
 template <typename scalar_t>
 bool backward_nchw_avx512_planes(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
                                  at::Tensor& grad_input, at::Tensor& grad_weight, at::Tensor& grad_bias,
                                  const Geometry& g) {
-  constexpr bool widened = std::is_same_v<scalar_t, at::BFloat16>;
+  constexpr bool widened = kWidened<scalar_t>;
   const bool want_input = grad_input.defined(), want_weight = grad_weight.defined(), want_bias = grad_bias.defined();
   const auto go_strides = grad_output.strides(), in_strides = input.strides();
   const auto gi_strides = want_input ? grad_input.strides() : at::IntArrayRef();
@@ -690,7 +711,7 @@ bool backward_nchw_avx512_planes(const at::Tensor& grad_output, const at::Tensor
     for (int64_t c = begin; c < end; ++c)
       for (int64_t t = 0; t < kernel_area; ++t)
         flipped[(c - begin) * kernel_area + kernel_area - 1 - t] = w[c * kernel_area + t];
-    // bf16: two channels' widened grad_output, input and input-gradient planes (slots 0 and 1).
+    // bf16/fp16: two channels' widened grad_output, input and input-gradient planes (slots 0 and 1).
     std::vector<float> scratch(widened ? 2 * (out_area + 2 * in_area) : 0);
     const auto go_plane = [&](int64_t n, int64_t c, int slot) -> const float* {
       const scalar_t* src = go + n * go_strides[0] + c * go_strides[1];
@@ -815,7 +836,7 @@ void backward_nchw(const at::Tensor& grad_output, const at::Tensor& input, const
   const bool go_in_window = transpose_as_forward && want_input && window_top >= 0 && window_left >= 0 &&
                             window_top + g.out_h <= window_h && window_left + g.out_w <= window_w;
 
-  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>) {
+  if constexpr (std::is_same_v<scalar_t, float> || kWidened<scalar_t>) {
     if (backward_nchw_avx512_planes<scalar_t>(grad_output, input, weight, grad_input, grad_weight, grad_bias, g)) return;
   }
 
@@ -1071,13 +1092,13 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
     const std::vector<T> taps = taps_by_channel<scalar_t>(weight, g);
     scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
     bool fast_path = false;
-    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if constexpr (kWidened<scalar_t>) {
       if (depthwise::avx512::enabled() && g.kernel_h <= 64 && g.kernel_w <= 64) {
         if (g.stride_h == 1 && g.stride_w == 1)
-          forward_nhwc_bf16_rows(go, flipped_taps(taps, kernel_area, C).data(), nullptr, gi, g.batch,
+          forward_nhwc_widened(go, flipped_taps(taps, kernel_area, C).data(), nullptr, gi, g.batch,
                                  flipped_image_geometry(g));
         else
-          grad_input_nhwc_bf16_rows(go, taps.data(), gi, g.batch, avx512_image_geometry(g));
+          grad_input_nhwc_widened(go, taps.data(), gi, g.batch, avx512_image_geometry(g));
         fast_path = true;
       }
     }
@@ -1155,10 +1176,10 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
   const int64_t rows = g.batch * g.out_h, chunks = weight_grad_chunks(g);
   const int64_t partial_size = (kernel_area + 1) * C;  // taps, then the bias sum
   std::vector<T> partials(chunks * partial_size, T(0));
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+  if constexpr (kWidened<scalar_t>) {
     if (want_weight && depthwise::avx512::enabled() &&
         depthwise::avx512::supports_weight_grad_nhwc(g.kernel_h, g.kernel_w, g.stride_w, g.dilation_w)) {
-      weight_grad_nhwc_bf16_rows(go, in, partials.data(), chunks, want_bias, g);
+      weight_grad_nhwc_widened(go, in, partials.data(), chunks, want_bias, g);
       return write_weight_partials<scalar_t>(partials, chunks, g, grad_weight, grad_bias);
     }
   }
