@@ -307,10 +307,15 @@ HALF_ROW_CASES = [
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "fp16"])
-@pytest.mark.parametrize("n, c, h, w, k, stride, padding, dilation", HALF_ROW_CASES)
+@pytest.mark.parametrize(
+    "n, c, h, w, k, stride, padding, dilation",
+    # and wide windows: the sliding runs (9 columns), and 13 columns, 8 taps at a time
+    HALF_ROW_CASES + [(1, 20, 12, 30, 9, 1, 4, 1), (1, 16, 15, 17, 13, 1, 6, 1)],
+)
 def test_half_channels_last_forward_is_the_fp32_kernel_rounded_once(n, c, h, w, k, stride, padding, dilation, dtype):
-    """bf16/fp16 channels_last forward on AVX-512 (forward_nhwc_widened): the fp32 kernel on the
-    widened rows, rounded once, so equal to the fp32 op's output converted by PyTorch, bit
+    """bf16/fp16 channels_last forward on AVX-512 (forward_nhwc_native): the fp32 row kernel reading
+    the 16-bit rows widened in registers, each output rounded once, so equal to the fp32 op's
+    output converted by PyTorch, bit
     for bit but for NaN's payload (PyTorch's own conversions disagree there: 0x7FC0 scalar, 0xFFFF
     vectorised). Without AVX-512 (or with FASTCNN_AVX512=0) the portable loops run, and the error
     rule above covers them."""

@@ -49,11 +49,15 @@
 #include "ops/cpu/depthwise_conv2d_avx512.h"
 
 #if FASTCNN_AVX512_PLANES
-#pragma GCC target("avx512f")
+// AVX-512BW/VL for the masked 16-bit loads and stores of bf16/fp16 rows (every AVX-512 CPU but
+// the Xeon Phi has them; enabled() checks).
+#pragma GCC target("avx512f,avx512bw,avx512vl")
 #include <immintrin.h>
 // GCC 12 warns that _mm512_permutexvar_ps's placeholder operand (_mm512_undefined_ps) may be
-// uninitialised: it is unused (the mask is all ones).
+// uninitialised, and _mm512_cvtepi32_epi16's and _mm512_cvtps_ph's that it is: they are unused
+// (every lane is written).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 namespace fastcnn {
@@ -107,6 +111,43 @@ inline void store_channels(float* dst, __mmask16 lanes, __m512 v, bool stream) {
     _mm512_stream_ps(dst, v);
   else
     _mm512_mask_storeu_ps(dst, lanes, v);
+}
+
+// The 16-bit floats the channels_last row kernels read and write natively (their bits; plain
+// structs so that the two are different types): each vector is widened to fp32 in registers as it
+// is loaded and rounded to nearest even as it is stored, so a row is the fp32 kernel's row on the
+// widened input, rounded once.
+struct Bf16 {
+  uint16_t bits;
+};
+struct Fp16 {
+  uint16_t bits;
+};
+
+inline __m512 load_channels(__mmask16 lanes, const float* src) { return _mm512_maskz_loadu_ps(lanes, src); }
+inline __m512 load_channels(__mmask16 lanes, const Bf16* src) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, src));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline __m512 load_channels(__mmask16 lanes, const Fp16* src) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, src));
+}
+
+// bf16's rounding of float_to_bf16 (NaN to 0x7FC0), in registers.
+inline __m256i round_to_bf16(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(rounded);
+}
+
+// 16-bit rows are never streamed (ImageGeometry::stream_output is for fp32 lines).
+inline void store_channels(Bf16* dst, __mmask16 lanes, __m512 v, bool) {
+  _mm256_mask_storeu_epi16(dst, lanes, round_to_bf16(v));
+}
+inline void store_channels(Fp16* dst, __mmask16 lanes, __m512 v, bool) {
+  _mm256_mask_storeu_epi16(dst, lanes, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
 // dst[0, count) = src[0, count): streaming stores for dst's whole lines, plain masked stores for
@@ -393,8 +434,8 @@ constexpr int64_t kPrefetchPixels = 6;
 // `last`), over the taps [kx0, kx1) of each kernel row in [ky0, ky1): R*B independent chains of
 // multiply-adds (one chain per pixel ran at the FMA latency on narrow maps), each tap's weights
 // loaded once for the R pixels. The caller passes only taps inside the input.
-template <int R, int B>
-inline void nhwc_pixels(const float* in, const float* taps, const float* bias, float* out_row, int64_t c0,
+template <int R, int B, typename E>
+inline void nhwc_pixels(const E* in, const float* taps, const float* bias, E* out_row, int64_t c0,
                         __mmask16 last, int64_t ox0, int64_t ky0, int64_t ky1, int64_t kx0, int64_t kx1, int64_t iy0,
                         const ImageGeometry& g) {
   const int64_t C = g.channels, kernel_w = g.kernel_w, tap_step = g.dilation_w * C;
@@ -402,7 +443,7 @@ inline void nhwc_pixels(const float* in, const float* taps, const float* bias, f
   __mmask16 lanes[B];
 #pragma GCC unroll 8
   for (int b = 0; b < B; ++b) lanes[b] = b + 1 < B ? 0xFFFF : last;
-  const float* first = in + (iy0 + ky0 * g.dilation_h) * g.in_w * C + (ox0 * g.stride_w - g.pad_left) * C + c0;
+  const E* first = in + (iy0 + ky0 * g.dilation_h) * g.in_w * C + (ox0 * g.stride_w - g.pad_left) * C + c0;
   const float* tap_row = taps + ky0 * kernel_w * C + c0;
   __m512 acc[R][B];
 #pragma GCC unroll 8
@@ -413,7 +454,7 @@ inline void nhwc_pixels(const float* in, const float* taps, const float* bias, f
   }
   for (int64_t ky = ky0; ky < ky1; ++ky, first += row_step, tap_row += kernel_w * C) {
     if (R > 1) {  // the interior: the window's newest columns kPrefetchPixels ahead (see there)
-      const float* edge = first + (kx1 - 1) * tap_step + kPrefetchPixels * pixel_step;
+      const E* edge = first + (kx1 - 1) * tap_step + kPrefetchPixels * pixel_step;
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
@@ -421,13 +462,13 @@ inline void nhwc_pixels(const float* in, const float* taps, const float* bias, f
           _mm_prefetch(reinterpret_cast<const char*>(edge + r * pixel_step + b * kLanes), _MM_HINT_T0);
     }
     for (int64_t kx = kx0; kx < kx1; ++kx) {
-      const float* x = first + kx * tap_step;
+      const E* x = first + kx * tap_step;
 #pragma GCC unroll 8
       for (int b = 0; b < B; ++b) {
         const __m512 w = _mm512_maskz_loadu_ps(lanes[b], tap_row + kx * C + b * kLanes);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r)
-          acc[r][b] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lanes[b], x + r * pixel_step + b * kLanes), acc[r][b]);
+          acc[r][b] = _mm512_fmadd_ps(w, load_channels(lanes[b], x + r * pixel_step + b * kLanes), acc[r][b]);
       }
     }
   }
@@ -449,22 +490,22 @@ inline void nhwc_pixels(const float* in, const float* taps, const float* bias, f
 constexpr int kSlideRun = 8;
 
 // Checked: some of the run's columns lie outside the input row; they load as zero.
-template <int KW, bool Checked>
-inline void nhwc_slide(const float* in, const float* taps, const float* bias, float* out_row, int64_t c0,
+template <int KW, bool Checked, typename E>
+inline void nhwc_slide(const E* in, const float* taps, const float* bias, E* out_row, int64_t c0,
                        __mmask16 lanes, int64_t ox0, int64_t ky0, int64_t ky1, int64_t iy0, const ImageGeometry& g) {
   const int64_t C = g.channels, row_step = g.dilation_h * g.in_w * C;
   const __m512 start = bias ? _mm512_maskz_loadu_ps(lanes, bias + c0) : _mm512_setzero_ps();
   __m512 acc[kSlideRun];
 #pragma GCC unroll 8
   for (int r = 0; r < kSlideRun; ++r) acc[r] = start;
-  const float* first = in + (iy0 + ky0 * g.dilation_h) * g.in_w * C + (ox0 - g.pad_left) * C + c0;
+  const E* first = in + (iy0 + ky0 * g.dilation_h) * g.in_w * C + (ox0 - g.pad_left) * C + c0;
   const float* tap_row = taps + ky0 * KW * C + c0;
   for (int64_t ky = ky0; ky < ky1; ++ky, first += row_step, tap_row += KW * C) {
     _mm_prefetch(reinterpret_cast<const char*>(first + (kSlideRun + KW - 1 + kPrefetchPixels) * C), _MM_HINT_T0);
     __m512 column[kSlideRun + KW - 1];
 #pragma GCC unroll 16
     for (int j = 0; j < kSlideRun + KW - 1; ++j)
-      column[j] = _mm512_maskz_loadu_ps(
+      column[j] = load_channels(
           !Checked || static_cast<uint64_t>(ox0 - g.pad_left + j) < static_cast<uint64_t>(g.in_w) ? lanes : 0,
           first + j * C);
 #pragma GCC unroll 9
@@ -482,8 +523,8 @@ inline void nhwc_slide(const float* in, const float* taps, const float* bias, fl
 // nhwc_row_slide). A chunk's taps past the row's last read zero weights, its columns past the
 // chunk none. 8x128x56x56, 2 threads, against the grouped loop: 13x13 forward 17 -> 11 ms,
 // 31x31 66 -> 46 ms (PyTorch's: 20 and 28 ms).
-template <bool Checked>
-inline void nhwc_slide_wide(const float* in, const float* taps, const float* bias, float* out_row, int64_t c0,
+template <bool Checked, typename E>
+inline void nhwc_slide_wide(const E* in, const float* taps, const float* bias, E* out_row, int64_t c0,
                             __mmask16 lanes, int64_t ox0, int64_t ky0, int64_t ky1, int64_t iy0,
                             const ImageGeometry& g) {
   constexpr int kChunkTaps = 8;
@@ -492,16 +533,16 @@ inline void nhwc_slide_wide(const float* in, const float* taps, const float* bia
   __m512 acc[kSlideRun];
 #pragma GCC unroll 8
   for (int r = 0; r < kSlideRun; ++r) acc[r] = start;
-  const float* first = in + (iy0 + ky0 * g.dilation_h) * g.in_w * C + (ox0 - g.pad_left) * C + c0;
+  const E* first = in + (iy0 + ky0 * g.dilation_h) * g.in_w * C + (ox0 - g.pad_left) * C + c0;
   const float* tap_row = taps + ky0 * kernel_w * C + c0;
   for (int64_t ky = ky0; ky < ky1; ++ky, first += row_step, tap_row += kernel_w * C) {
     for (int64_t kx0 = 0; kx0 < kernel_w; kx0 += kChunkTaps) {
       const int64_t taps_here = min64(kChunkTaps, kernel_w - kx0);
-      const float* x = first + kx0 * C;
+      const E* x = first + kx0 * C;
       __m512 column[kSlideRun + kChunkTaps - 1];
 #pragma GCC unroll 16
       for (int j = 0; j < kSlideRun + kChunkTaps - 1; ++j)
-        column[j] = _mm512_maskz_loadu_ps(
+        column[j] = load_channels(
             j < kSlideRun - 1 + taps_here &&
                     (!Checked || static_cast<uint64_t>(ox0 - g.pad_left + kx0 + j) < static_cast<uint64_t>(g.in_w))
                 ? lanes
@@ -519,8 +560,8 @@ inline void nhwc_slide_wide(const float* in, const float* taps, const float* bia
   for (int r = 0; r < kSlideRun; ++r) store_channels(out_row + (ox0 + r) * C + c0, lanes, acc[r], g.stream_output);
 }
 
-template <int KW>
-void nhwc_row_slide(const float* in, const float* taps, const float* bias, float* out_row, int64_t ky0, int64_t ky1,
+template <int KW, typename E>
+void nhwc_row_slide(const E* in, const float* taps, const float* bias, E* out_row, int64_t ky0, int64_t ky1,
                     int64_t iy0, int64_t inside_first, int64_t inside_last, const ImageGeometry& g) {
   for (int64_t c0 = 0; c0 < g.channels; c0 += kLanes) {
     const __mmask16 lanes = lane_range(0, g.channels - c0);
@@ -548,8 +589,8 @@ void nhwc_row_slide(const float* in, const float* taps, const float* bias, float
 
 // One output row for the B channel vectors from c0: pixels with every tap inside the row two at a
 // time, the others one at a time over their inside taps.
-template <int B>
-inline void nhwc_row_channels(const float* in, const float* taps, const float* bias, float* out_row, int64_t c0,
+template <int B, typename E>
+inline void nhwc_row_channels(const E* in, const float* taps, const float* bias, E* out_row, int64_t c0,
                               __mmask16 last, int64_t ky0, int64_t ky1, int64_t iy0, int64_t inside_first,
                               int64_t inside_last, const ImageGeometry& g) {
   constexpr int R = 8 / B;
@@ -1117,8 +1158,10 @@ void weight_grad_plane(const float* grad_out, const float* in, float* tap_lanes,
 #undef FASTCNN_WEIGHT_GRAD
 }
 
-void forward_row_nhwc(const float* in, const float* taps, const float* bias, float* out_row, int64_t oy,
-                      const ImageGeometry& g) {
+namespace {
+
+template <typename E>
+void forward_row(const E* in, const float* taps, const float* bias, E* out_row, int64_t oy, const ImageGeometry& g) {
   constexpr int64_t kGroup = 4 * kLanes;  // channels per group of vectors
   int64_t ky0, ky1, inside_first, inside_last;
   taps_inside(oy, g.stride_h, g.pad_top, g.dilation_h, g.in_h, g.kernel_h, &ky0, &ky1);
@@ -1138,6 +1181,23 @@ void forward_row_nhwc(const float* in, const float* taps, const float* bias, flo
   for (; c0 < g.channels; c0 += kLanes)
     nhwc_row_channels<1>(in, taps, bias, out_row, c0, lane_range(0, g.channels - c0), ky0, ky1, iy0, inside_first,
                          inside_last, g);
+}
+
+}  // namespace
+
+void forward_row_nhwc(const float* in, const float* taps, const float* bias, float* out_row, int64_t oy,
+                      const ImageGeometry& g) {
+  forward_row(in, taps, bias, out_row, oy, g);
+}
+
+void forward_row_nhwc_bf16(const uint16_t* in, const float* taps, const float* bias, uint16_t* out_row, int64_t oy,
+                           const ImageGeometry& g) {
+  forward_row(reinterpret_cast<const Bf16*>(in), taps, bias, reinterpret_cast<Bf16*>(out_row), oy, g);
+}
+
+void forward_row_nhwc_fp16(const uint16_t* in, const float* taps, const float* bias, uint16_t* out_row, int64_t oy,
+                           const ImageGeometry& g) {
+  forward_row(reinterpret_cast<const Fp16*>(in), taps, bias, reinterpret_cast<Fp16*>(out_row), oy, g);
 }
 
 void grad_input_row_nhwc(const float* grad_out, const float* taps, float* grad_in_row, int64_t iy,
@@ -1305,6 +1365,8 @@ void half_to_float(const uint16_t*, float*, int64_t) {}
 void float_to_half(const float*, uint16_t*, int64_t) {}
 
 void forward_row_nhwc(const float*, const float*, const float*, float*, int64_t, const ImageGeometry&) {}
+void forward_row_nhwc_bf16(const uint16_t*, const float*, const float*, uint16_t*, int64_t, const ImageGeometry&) {}
+void forward_row_nhwc_fp16(const uint16_t*, const float*, const float*, uint16_t*, int64_t, const ImageGeometry&) {}
 void weight_grad_row_nhwc(const float*, const float*, float*, float*, int64_t, const ImageGeometry&) {}
 void grad_input_row_nhwc(const float*, const float*, float*, int64_t, const ImageGeometry&) {}
 

@@ -35,8 +35,8 @@ struct PlaneGeometry {
 // enabled() and supports() are defined in depthwise_conv2d_kernel.cpp: code in the AVX-512
 // translation unit must not run before the CPU check.
 
-// Whether these kernels run here: the CPU has AVX-512F and FASTCNN_AVX512 is not 0 (read on every
-// call, so that tests can run both paths in one process).
+// Whether these kernels run here: the CPU has AVX-512F, BW and VL, and FASTCNN_AVX512 is not 0
+// (read on every call, so that tests can run both paths in one process).
 bool enabled();
 
 // The windows these kernels are written for: 3x3 and 5x5 (weights in registers); stride 1 with
@@ -130,6 +130,13 @@ void float_to_half(const float* in, uint16_t* out, int64_t count);
 // taps[t][c] * in[...][c], with taps [kernel_h * kernel_w][channels] and bias null for none.
 void forward_row_nhwc(const float* in, const float* taps, const float* bias, float* out_row, int64_t oy,
                       const ImageGeometry& g);
+// The same row of a bf16 or fp16 image (the bits as uint16_t): each input vector widened to fp32
+// as it is loaded, each output rounded once (to nearest even) as it is stored, so the row is
+// forward_row_nhwc's on the widened image, rounded. Needs AVX-512BW/VL (enabled() checks).
+void forward_row_nhwc_bf16(const uint16_t* in, const float* taps, const float* bias, uint16_t* out_row, int64_t oy,
+                           const ImageGeometry& g);
+void forward_row_nhwc_fp16(const uint16_t* in, const float* taps, const float* bias, uint16_t* out_row, int64_t oy,
+                           const ImageGeometry& g);
 
 // channels_last through the bordered planes (supports_bordered's windows, 169 taps and more for
 // this layout): 16 channels of one image from channel c0 scattered into 16 bordered planes, each

@@ -52,7 +52,8 @@ namespace fastcnn {
 
 bool depthwise::avx512::enabled() {
 #if FASTCNN_AVX512_PLANES
-  static const bool cpu_has_avx512 = __builtin_cpu_supports("avx512f");
+  static const bool cpu_has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                     __builtin_cpu_supports("avx512vl");
 #else
   constexpr bool cpu_has_avx512 = false;
 #endif
@@ -390,15 +391,15 @@ RowShape row_shape(const Geometry& g) {
 // against the sliding rows, 8x128x56x56, 2 threads: 31x31 1.34x faster, 13x13 1.14x, 11x11 even.
 constexpr int64_t kNhwcBorderedTaps = 169;
 
-// bf16/fp16 channels_last through the fp32 AVX-512 row kernels: a band of up to kWidenedBandRows
-// output rows at a time, the input rows their windows reach widened to fp32 once into a thread's
-// scratch (a sub-image of those rows, its top padding shifted to match), each output row computed
-// there and rounded once. The same arithmetic as the fp32 kernel on the widened inputs, so the
-// result is that output rounded. PyTorch's bf16 channels_last depthwise (oneDNN) moves half the
-// bytes of fp32; against it (2 threads, N=32): the portable loops this replaces ran 0.42x
-// (32x128x56x56) and 0.49x (32x512x14x14); one window of rows widened per output row, 0.91x and
-// 0.75x; bands of 8 rows, each input row widened about once, 0.96-1.02x and 0.89-1.09x, over the
-// 13 MobileNet v1 layers 0.89x / 1.02x (default / reuse allocator, geomean).
+// bf16/fp16 channels_last gradients through the fp32 AVX-512 row kernels that have no 16-bit
+// form (grad_input_row_nhwc, weight_grad_row_nhwc): a band of up to kWidenedBandRows rows at a
+// time, the rows they read widened to fp32 once into a thread's scratch (a sub-image of those
+// rows, its padding shifted to match), each result computed there and rounded once. The forward
+// ran this way first: against PyTorch's bf16 (oneDNN, 2 threads, N=32) the portable loops ran
+// 0.42x (32x128x56x56) and 0.49x (32x512x14x14), one window of rows widened per output row 0.91x
+// and 0.75x, bands of 8 rows 0.96-1.02x and 0.89-1.09x (0.88x / 0.92x over the 13 MobileNet v1
+// layers); reading the 16-bit rows in the row kernel itself (forward_nhwc_native) 1.4-1.9x faster
+// than the bands.
 constexpr int64_t kWidenedBandRows = 8;
 
 // Destination rows of `images` images, dst_h rows of dst_row_floats each, made in bands of up to
@@ -445,18 +446,26 @@ depthwise::avx512::ImageGeometry forward_rows_geometry(depthwise::avx512::ImageG
   return g;
 }
 
-// The widened channels_last forward (image: avx512_image_geometry) or unit-stride input gradient
-// (flipped taps, flipped_image_geometry over grad_output) through forward_row_nhwc.
+// bf16/fp16 channels_last rows read and written as they are (forward_row_nhwc_bf16 / _fp16): the
+// forward (image: avx512_image_geometry) or unit-stride input gradient (flipped taps,
+// flipped_image_geometry over grad_output).
 template <typename scalar_t>
-void forward_nhwc_widened(const scalar_t* in, const float* taps, const float* bias, scalar_t* out, int64_t images,
-                          const depthwise::avx512::ImageGeometry& image) {
+void forward_nhwc_native(const scalar_t* in, const float* taps, const float* bias, scalar_t* out, int64_t images,
+                         const depthwise::avx512::ImageGeometry& image) {
+  static_assert(kWidened<scalar_t>, "a 16-bit float");
   const int64_t C = image.channels;
-  rows_in_widened_bands(
-      in, image.in_h, image.in_w * C, out, images, image.out_h, image.out_w * C,
-      [&](int64_t y0, int64_t y1) { return forward_row_span(y0, y1, image); },
-      [&](const float* rows, const RowSpan& s, int64_t oy, float* out_row) {
-        depthwise::avx512::forward_row_nhwc(rows, taps, bias, out_row, oy, forward_rows_geometry(image, s));
-      });
+  const auto* in_bits = reinterpret_cast<const uint16_t*>(in);
+  auto* out_bits = reinterpret_cast<uint16_t*>(out);
+  at::parallel_for(0, images * image.out_h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const uint16_t* image_in = in_bits + row / image.out_h * image.in_h * image.in_w * C;
+      uint16_t* out_row = out_bits + row * image.out_w * C;
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
+        depthwise::avx512::forward_row_nhwc_bf16(image_in, taps, bias, out_row, row % image.out_h, image);
+      else
+        depthwise::avx512::forward_row_nhwc_fp16(image_in, taps, bias, out_row, row % image.out_h, image);
+    }
+  });
 }
 
 // The widened channels_last input gradient at stride 2 and more through grad_input_row_nhwc
@@ -558,9 +567,9 @@ void forward_nhwc(const at::Tensor& input, const at::Tensor& weight, const at::T
     }
   }
   if constexpr (kWidened<scalar_t>) {
-    if (depthwise::avx512::enabled() && g.kernel_h * g.kernel_w < kNhwcBorderedTaps) {
-      forward_nhwc_widened(in, taps.data(), bias.defined() ? bias_values.data() : nullptr, out, g.batch,
-                             avx512_image_geometry(g));
+    if (depthwise::avx512::enabled()) {
+      forward_nhwc_native(in, taps.data(), bias.defined() ? bias_values.data() : nullptr, out, g.batch,
+                          avx512_image_geometry(g));
       return;
     }
   }
@@ -1095,8 +1104,8 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
     if constexpr (kWidened<scalar_t>) {
       if (depthwise::avx512::enabled() && g.kernel_h <= 64 && g.kernel_w <= 64) {
         if (g.stride_h == 1 && g.stride_w == 1)
-          forward_nhwc_widened(go, flipped_taps(taps, kernel_area, C).data(), nullptr, gi, g.batch,
-                                 flipped_image_geometry(g));
+          forward_nhwc_native(go, flipped_taps(taps, kernel_area, C).data(), nullptr, gi, g.batch,
+                              flipped_image_geometry(g));
         else
           grad_input_nhwc_widened(go, taps.data(), gi, g.batch, avx512_image_geometry(g));
         fast_path = true;
