@@ -610,8 +610,8 @@ inline void nhwc_row_channels(const E* in, const float* taps, const float* bias,
 
 // One grad_in pixel for the B channel vectors from c0: the sum over the landing taps (rows x cols
 // of them, as offsets into grad_out and into the taps) of weight times grad_out.
-template <int B>
-inline void nhwc_gather_pixel(const float* go, const float* taps, float* out, int64_t c0, __mmask16 last,
+template <int B, typename E>
+inline void nhwc_gather_pixel(const E* go, const float* taps, E* out, int64_t c0, __mmask16 last,
                               const int64_t* go_rows, const int64_t* tap_rows, int64_t rows, const int64_t* go_cols,
                               const int64_t* tap_cols, int64_t cols, bool stream) {
   __mmask16 lanes[B];
@@ -623,12 +623,12 @@ inline void nhwc_gather_pixel(const float* go, const float* taps, float* out, in
   }
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j) {
-      const float* grad = go + go_rows[i] + go_cols[j] + c0;
+      const E* grad = go + go_rows[i] + go_cols[j] + c0;
       const float* weight = taps + tap_rows[i] + tap_cols[j] + c0;
 #pragma GCC unroll 4
       for (int b = 0; b < B; ++b)
         acc[b] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes[b], weight + b * kLanes),
-                                 _mm512_maskz_loadu_ps(lanes[b], grad + b * kLanes), acc[b]);
+                                 load_channels(lanes[b], grad + b * kLanes), acc[b]);
     }
 #pragma GCC unroll 4
   for (int b = 0; b < B; ++b) store_channels(out + c0 + b * kLanes, lanes[b], acc[b], stream);
@@ -637,8 +637,8 @@ inline void nhwc_gather_pixel(const float* go, const float* taps, float* out, in
 // The weight gradient of one output pixel for B channel vectors: grad_out's vectors times the
 // window's, into one accumulator per tap and vector. Checked: some of its columns lie outside the
 // row and load as zero.
-template <int KH, int KW, int B, bool Checked>
-__attribute__((always_inline)) inline void nhwc_weight_grad_pixel(const __m512* grad, const float* const* rows,
+template <int KH, int KW, int B, bool Checked, typename E>
+__attribute__((always_inline)) inline void nhwc_weight_grad_pixel(const __m512* grad, const E* const* rows,
                                                                   const __mmask16* row_lanes, __m512 (*acc)[B],
                                                                   int64_t ox, const ImageGeometry& g) {
   const int64_t C = g.channels, ix0 = ox * g.stride_w - g.pad_left;
@@ -653,15 +653,15 @@ __attribute__((always_inline)) inline void nhwc_weight_grad_pixel(const __m512* 
       for (int b = 0; b < B; ++b) {
         const __mmask16 lanes = inside ? row_lanes[ky * B + b] : 0;
         acc[ky * KW + kx][b] =
-            _mm512_fmadd_ps(grad[b], _mm512_maskz_loadu_ps(lanes, rows[ky] + offset + b * kLanes), acc[ky * KW + kx][b]);
+            _mm512_fmadd_ps(grad[b], load_channels(lanes, rows[ky] + offset + b * kLanes), acc[ky * KW + kx][b]);
       }
   }
 }
 
 // KH x KW taps for the B channel vectors from c0 (the last masked by `last`), over output row
 // oy's pixels: one accumulator per tap and vector, added into part once per row.
-template <int KH, int KW, int B, bool WithBias>
-void nhwc_weight_grad_channels(const float* in, const float* go_row, float* part, float* part_bias, int64_t c0,
+template <int KH, int KW, int B, bool WithBias, typename E>
+void nhwc_weight_grad_channels(const E* in, const E* go_row, float* part, float* part_bias, int64_t c0,
                                __mmask16 last, int64_t oy, int64_t inside_first, int64_t inside_last,
                                const ImageGeometry& g) {
   const int64_t C = g.channels;
@@ -677,7 +677,7 @@ void nhwc_weight_grad_channels(const float* in, const float* go_row, float* part
   for (int b = 0; b < B; ++b)
     bias_acc[b] = WithBias ? _mm512_maskz_loadu_ps(lanes[b], part_bias + c0 + b * kLanes) : _mm512_setzero_ps();
   // Rows of the window outside the image load with an empty mask from row 0.
-  const float* rows[KH];
+  const E* rows[KH];
   __mmask16 row_lanes[KH * B];
 #pragma GCC unroll 8
   for (int ky = 0; ky < KH; ++ky) {
@@ -702,7 +702,7 @@ void nhwc_weight_grad_channels(const float* in, const float* go_row, float* part
       _mm_prefetch(reinterpret_cast<const char*>(go_row + (ox + kPrefetchPixels) * C + c0 + b * kLanes), _MM_HINT_T0);
 #pragma GCC unroll 4
     for (int b = 0; b < B; ++b) {
-      grad[b] = _mm512_maskz_loadu_ps(lanes[b], go_row + ox * C + c0 + b * kLanes);
+      grad[b] = load_channels(lanes[b], go_row + ox * C + c0 + b * kLanes);
       if (WithBias) bias_acc[b] = _mm512_add_ps(bias_acc[b], grad[b]);
     }
     nhwc_weight_grad_pixel<KH, KW, B, decltype(checked)::value>(grad, rows, row_lanes, acc, ox, g);
@@ -720,8 +720,8 @@ void nhwc_weight_grad_channels(const float* in, const float* go_row, float* part
     for (int b = 0; b < B; ++b) _mm512_mask_storeu_ps(part_bias + c0 + b * kLanes, lanes[b], bias_acc[b]);
 }
 
-template <int KH, int KW>
-void weight_grad_row_nhwc_fixed(const float* in, const float* go_row, float* part, float* part_bias, int64_t oy,
+template <int KH, int KW, typename E>
+void weight_grad_row_nhwc_fixed(const E* in, const E* go_row, float* part, float* part_bias, int64_t oy,
                                 const ImageGeometry& g) {
   // Two channel vectors at a time where the accumulators fit (3x3: 18 of 32 registers).
   constexpr int B = KH * KW <= 12 ? 2 : 1;
@@ -1200,8 +1200,10 @@ void forward_row_nhwc_fp16(const uint16_t* in, const float* taps, const float* b
   forward_row(reinterpret_cast<const Fp16*>(in), taps, bias, reinterpret_cast<Fp16*>(out_row), oy, g);
 }
 
-void grad_input_row_nhwc(const float* grad_out, const float* taps, float* grad_in_row, int64_t iy,
-                         const ImageGeometry& g) {
+namespace {
+
+template <typename E>
+void grad_input_row(const E* grad_out, const float* taps, E* grad_in_row, int64_t iy, const ImageGeometry& g) {
   const int64_t C = g.channels;
   // Output index o of input index i through tap k: i + pad - k*dilation = o*stride.
   int64_t go_rows[64], tap_rows[64], go_cols[64], tap_cols[64], rows = 0;
@@ -1219,7 +1221,7 @@ void grad_input_row_nhwc(const float* grad_out, const float* taps, float* grad_i
       go_cols[cols] = t / g.stride_w * C;
       tap_cols[cols++] = kx * C;
     }
-    float* out = grad_in_row + ix * C;
+    E* out = grad_in_row + ix * C;
     int64_t c0 = 0;
     for (; c0 + 4 * kLanes <= C; c0 += 4 * kLanes)
       nhwc_gather_pixel<4>(grad_out, taps, out, c0, 0xFFFF, go_rows, tap_rows, rows, go_cols, tap_cols, cols,
@@ -1230,13 +1232,30 @@ void grad_input_row_nhwc(const float* grad_out, const float* taps, float* grad_i
   }
 }
 
+}  // namespace
+
+void grad_input_row_nhwc(const float* grad_out, const float* taps, float* grad_in_row, int64_t iy,
+                         const ImageGeometry& g) {
+  grad_input_row(grad_out, taps, grad_in_row, iy, g);
+}
+
+void grad_input_row_nhwc_bf16(const uint16_t* grad_out, const float* taps, uint16_t* grad_in_row, int64_t iy,
+                              const ImageGeometry& g) {
+  grad_input_row(reinterpret_cast<const Bf16*>(grad_out), taps, reinterpret_cast<Bf16*>(grad_in_row), iy, g);
+}
+
+void grad_input_row_nhwc_fp16(const uint16_t* grad_out, const float* taps, uint16_t* grad_in_row, int64_t iy,
+                              const ImageGeometry& g) {
+  grad_input_row(reinterpret_cast<const Fp16*>(grad_out), taps, reinterpret_cast<Fp16*>(grad_in_row), iy, g);
+}
+
 namespace {
 
 // The weight gradient of wide windows (7 to 9 columns, unit stride and dilation along the row),
 // one channel vector and one kernel row at a time: KW accumulators, and runs of kSlideRun output
 // pixels whose input columns are loaded once for every tap that reads them (see nhwc_slide).
-template <int KW>
-void weight_grad_row_nhwc_slide(const float* in, const float* go_row, float* part, float* part_bias, int64_t oy,
+template <int KW, typename E>
+void weight_grad_row_nhwc_slide(const E* in, const E* go_row, float* part, float* part_bias, int64_t oy,
                                 const ImageGeometry& g) {
   const int64_t C = g.channels;
   int64_t inside_first, inside_last;
@@ -1246,13 +1265,13 @@ void weight_grad_row_nhwc_slide(const float* in, const float* go_row, float* par
     if (part_bias) {
       __m512 sum = _mm512_maskz_loadu_ps(lanes, part_bias + c0);
       for (int64_t ox = 0; ox < g.out_w; ++ox)
-        sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(lanes, go_row + ox * C + c0));
+        sum = _mm512_add_ps(sum, load_channels(lanes, go_row + ox * C + c0));
       _mm512_mask_storeu_ps(part_bias + c0, lanes, sum);
     }
     for (int64_t ky = 0; ky < g.kernel_h; ++ky) {
       const int64_t iy = oy * g.stride_h - g.pad_top + ky * g.dilation_h;
       if (!row_inside(iy, g.in_h)) continue;
-      const float* row = in + iy * g.in_w * C + c0;
+      const E* row = in + iy * g.in_w * C + c0;
       float* tap_part = part + ky * KW * C + c0;
       __m512 acc[KW];
 #pragma GCC unroll 9
@@ -1260,26 +1279,26 @@ void weight_grad_row_nhwc_slide(const float* in, const float* go_row, float* par
       int64_t ox = 0;
       while (ox < g.out_w) {
         if (ox >= inside_first && ox + kSlideRun <= inside_last) {
-          const float* x = row + (ox - g.pad_left) * C;
+          const E* x = row + (ox - g.pad_left) * C;
           _mm_prefetch(reinterpret_cast<const char*>(x + (kSlideRun + KW - 1 + kPrefetchPixels) * C), _MM_HINT_T0);
           __m512 column[kSlideRun + KW - 1];
 #pragma GCC unroll 16
-          for (int j = 0; j < kSlideRun + KW - 1; ++j) column[j] = _mm512_maskz_loadu_ps(lanes, x + j * C);
+          for (int j = 0; j < kSlideRun + KW - 1; ++j) column[j] = load_channels(lanes, x + j * C);
 #pragma GCC unroll 8
           for (int r = 0; r < kSlideRun; ++r) {
-            const __m512 grad = _mm512_maskz_loadu_ps(lanes, go_row + (ox + r) * C + c0);
+            const __m512 grad = load_channels(lanes, go_row + (ox + r) * C + c0);
 #pragma GCC unroll 9
             for (int kx = 0; kx < KW; ++kx) acc[kx] = _mm512_fmadd_ps(grad, column[r + kx], acc[kx]);
           }
           ox += kSlideRun;
           continue;
         }
-        const __m512 grad = _mm512_maskz_loadu_ps(lanes, go_row + ox * C + c0);
+        const __m512 grad = load_channels(lanes, go_row + ox * C + c0);
 #pragma GCC unroll 9
         for (int kx = 0; kx < KW; ++kx) {
           const int64_t ix = ox - g.pad_left + kx;
           const __mmask16 inside = row_inside(ix, g.in_w) ? lanes : 0;
-          acc[kx] = _mm512_fmadd_ps(grad, _mm512_maskz_loadu_ps(inside, row + (inside ? ix : 0) * C), acc[kx]);
+          acc[kx] = _mm512_fmadd_ps(grad, load_channels(inside, row + (inside ? ix : 0) * C), acc[kx]);
         }
         ++ox;
       }
@@ -1289,15 +1308,31 @@ void weight_grad_row_nhwc_slide(const float* in, const float* go_row, float* par
   }
 }
 
-}  // namespace
-
-void weight_grad_row_nhwc(const float* in, const float* grad_out_row, float* part, float* part_bias, int64_t oy,
-                          const ImageGeometry& g) {
+template <typename E>
+void weight_grad_row(const E* in, const E* grad_out_row, float* part, float* part_bias, int64_t oy,
+                     const ImageGeometry& g) {
   if (g.kernel_w == 7) return weight_grad_row_nhwc_slide<7>(in, grad_out_row, part, part_bias, oy, g);
   if (g.kernel_w == 8) return weight_grad_row_nhwc_slide<8>(in, grad_out_row, part, part_bias, oy, g);
   if (g.kernel_w == 9) return weight_grad_row_nhwc_slide<9>(in, grad_out_row, part, part_bias, oy, g);
   if (g.kernel_h == 3) return weight_grad_row_nhwc_fixed<3, 3>(in, grad_out_row, part, part_bias, oy, g);
   weight_grad_row_nhwc_fixed<5, 5>(in, grad_out_row, part, part_bias, oy, g);
+}
+
+}  // namespace
+
+void weight_grad_row_nhwc(const float* in, const float* grad_out_row, float* part, float* part_bias, int64_t oy,
+                          const ImageGeometry& g) {
+  weight_grad_row(in, grad_out_row, part, part_bias, oy, g);
+}
+
+void weight_grad_row_nhwc_bf16(const uint16_t* in, const uint16_t* grad_out_row, float* part, float* part_bias,
+                               int64_t oy, const ImageGeometry& g) {
+  weight_grad_row(reinterpret_cast<const Bf16*>(in), reinterpret_cast<const Bf16*>(grad_out_row), part, part_bias, oy, g);
+}
+
+void weight_grad_row_nhwc_fp16(const uint16_t* in, const uint16_t* grad_out_row, float* part, float* part_bias,
+                               int64_t oy, const ImageGeometry& g) {
+  weight_grad_row(reinterpret_cast<const Fp16*>(in), reinterpret_cast<const Fp16*>(grad_out_row), part, part_bias, oy, g);
 }
 
 void bf16_to_float(const uint16_t* in, float* out, int64_t count) {
@@ -1368,7 +1403,11 @@ void forward_row_nhwc(const float*, const float*, const float*, float*, int64_t,
 void forward_row_nhwc_bf16(const uint16_t*, const float*, const float*, uint16_t*, int64_t, const ImageGeometry&) {}
 void forward_row_nhwc_fp16(const uint16_t*, const float*, const float*, uint16_t*, int64_t, const ImageGeometry&) {}
 void weight_grad_row_nhwc(const float*, const float*, float*, float*, int64_t, const ImageGeometry&) {}
+void weight_grad_row_nhwc_bf16(const uint16_t*, const uint16_t*, float*, float*, int64_t, const ImageGeometry&) {}
+void weight_grad_row_nhwc_fp16(const uint16_t*, const uint16_t*, float*, float*, int64_t, const ImageGeometry&) {}
 void grad_input_row_nhwc(const float*, const float*, float*, int64_t, const ImageGeometry&) {}
+void grad_input_row_nhwc_bf16(const uint16_t*, const float*, uint16_t*, int64_t, const ImageGeometry&) {}
+void grad_input_row_nhwc_fp16(const uint16_t*, const float*, uint16_t*, int64_t, const ImageGeometry&) {}
 
 void forward_plane(const float*, const float*, float, float*, const PlaneGeometry&) {}
 bool pairs_planes(const PlaneGeometry&) { return false; }

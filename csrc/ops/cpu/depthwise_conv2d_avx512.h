@@ -151,6 +151,11 @@ void forward_channels_nhwc_bordered(const float* in, const float* taps, const fl
 // Here in_* are grad_in's sizes and out_* grad_out's; kernel_h and kernel_w at most 64.
 void grad_input_row_nhwc(const float* grad_out, const float* taps, float* grad_in_row, int64_t iy,
                          const ImageGeometry& g);
+// The same for bf16 or fp16 (the bits as uint16_t): loads widened, each output rounded once.
+void grad_input_row_nhwc_bf16(const uint16_t* grad_out, const float* taps, uint16_t* grad_in_row, int64_t iy,
+                              const ImageGeometry& g);
+void grad_input_row_nhwc_fp16(const uint16_t* grad_out, const float* taps, uint16_t* grad_in_row, int64_t iy,
+                              const ImageGeometry& g);
 
 // Whether weight_grad_row_nhwc takes this window: 3x3 and 5x5 (one accumulator per tap), and
 // 7 to 9 columns at unit stride and dilation along the row (a kernel row's taps at a time).
@@ -160,6 +165,12 @@ bool supports_weight_grad_nhwc(int64_t kernel_h, int64_t kernel_w, int64_t strid
 // part_bias[c] += sum of grad_out_row[ox][c] (part_bias may be null).
 void weight_grad_row_nhwc(const float* in, const float* grad_out_row, float* part, float* part_bias, int64_t oy,
                           const ImageGeometry& g);
+// The same over bf16 or fp16 rows (the bits as uint16_t), each vector widened to fp32 as it is
+// loaded; the sums stay fp32 (the same partials as weight_grad_row_nhwc's on the widened rows).
+void weight_grad_row_nhwc_bf16(const uint16_t* in, const uint16_t* grad_out_row, float* part, float* part_bias,
+                               int64_t oy, const ImageGeometry& g);
+void weight_grad_row_nhwc_fp16(const uint16_t* in, const uint16_t* grad_out_row, float* part, float* part_bias,
+                               int64_t oy, const ImageGeometry& g);
 
 }  // namespace avx512
 }  // namespace depthwise

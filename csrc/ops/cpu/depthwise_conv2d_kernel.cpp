@@ -139,8 +139,10 @@ depthwise::avx512::PlaneGeometry avx512_grad_input_geometry(const Geometry& g, i
           (g.kernel_w - 1) * g.dilation_w - g.pad_left, g.dilation_h, g.dilation_w, 1};
 }
 
-// 16-bit floats (bf16, fp16) that the fp32 AVX-512 kernels take widened to fp32, a plane or a band
-// of rows at a time, each result rounded back once (to nearest even, as PyTorch converts).
+// 16-bit floats (bf16, fp16), which the AVX-512 fp32 kernels take widened to fp32: NCHW planes a
+// plane at a time into a thread's scratch (below), channels_last rows a vector at a time in
+// registers (forward_nhwc_native and the row kernels); each result is rounded back once (to
+// nearest even, as PyTorch converts).
 template <typename scalar_t>
 constexpr bool kWidened = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
 
@@ -391,75 +393,36 @@ RowShape row_shape(const Geometry& g) {
 // against the sliding rows, 8x128x56x56, 2 threads: 31x31 1.34x faster, 13x13 1.14x, 11x11 even.
 constexpr int64_t kNhwcBorderedTaps = 169;
 
-// bf16/fp16 channels_last gradients through the fp32 AVX-512 row kernels that have no 16-bit
-// form (grad_input_row_nhwc, weight_grad_row_nhwc): a band of up to kWidenedBandRows rows at a
-// time, the rows they read widened to fp32 once into a thread's scratch (a sub-image of those
-// rows, its padding shifted to match), each result computed there and rounded once. The forward
-// ran this way first: against PyTorch's bf16 (oneDNN, 2 threads, N=32) the portable loops ran
-// 0.42x (32x128x56x56) and 0.49x (32x512x14x14), one window of rows widened per output row 0.91x
-// and 0.75x, bands of 8 rows 0.96-1.02x and 0.89-1.09x (0.88x / 0.92x over the 13 MobileNet v1
-// layers); reading the 16-bit rows in the row kernel itself (forward_nhwc_native) 1.4-1.9x faster
-// than the bands.
-constexpr int64_t kWidenedBandRows = 8;
-
-// Destination rows of `images` images, dst_h rows of dst_row_floats each, made in bands of up to
-// kWidenedBandRows rows of one image: the source rows a band reads (span(y0, y1) of src_h rows of
-// src_row_floats each) widened to fp32 once into the thread's scratch, then each destination row
-// computed there by row_kernel(widened, span, y, out_row) and rounded once.
-struct RowSpan {
-  int64_t first, last;  // source rows [first, last), clipped to the image (last <= first: none)
-  int64_t rows() const { return std::max<int64_t>(0, last - first); }
-};
-
-template <typename scalar_t, typename Span, typename RowKernel>
-void rows_in_widened_bands(const scalar_t* src, int64_t src_h, int64_t src_row_floats, scalar_t* dst, int64_t images,
-                           int64_t dst_h, int64_t dst_row_floats, const Span& span, const RowKernel& row_kernel) {
-  at::parallel_for(0, images * dst_h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> widened, out_row(dst_row_floats);
-    for (int64_t row = begin; row < end;) {
-      const int64_t n = row / dst_h, y0 = row % dst_h;
-      const int64_t band = std::min({kWidenedBandRows, end - row, dst_h - y0});
-      const RowSpan s = span(y0, y0 + band);
-      if (s.rows() > 0) {
-        widened.resize(std::max<size_t>(widened.size(), s.rows() * src_row_floats));
-        to_float(src + (n * src_h + s.first) * src_row_floats, widened.data(), s.rows() * src_row_floats);
-      }
-      for (int64_t y = y0; y < y0 + band; ++y, ++row) {
-        row_kernel(widened.data(), s, y, out_row.data());
-        from_float(out_row.data(), dst + row * dst_row_floats, dst_row_floats);
-      }
-    }
-  });
+// bf16/fp16 channels_last rows, read and written as they are by the AVX-512 row kernels
+// (forward_row_nhwc_bf16 / _fp16 and the input- and weight-gradient rows): each 16-bit vector is
+// widened to fp32 as it is loaded, each output rounded once as it is stored, so a result is the
+// fp32 kernel's on the widened tensor, rounded. Against PyTorch's bf16 (oneDNN, which moves half
+// the bytes of fp32; 2 threads, N=32): the portable loops ran 0.42x (32x128x56x56) and 0.49x
+// (32x512x14x14) forward; the rows widened to fp32 in bands of 8 into a thread's scratch
+// 0.96-1.02x and 0.89-1.09x (0.88x over the 13 MobileNet v1 layers); reading the 16-bit rows in
+// the kernel 1.4-1.9x faster than the bands.
+template <typename scalar_t>
+const uint16_t* bits_of(const scalar_t* values) {
+  static_assert(kWidened<scalar_t>, "a 16-bit float");
+  return reinterpret_cast<const uint16_t*>(values);
 }
 
-// The input rows that output rows [y0, y1) of a channels_last forward read.
-RowSpan forward_row_span(int64_t y0, int64_t y1, const depthwise::avx512::ImageGeometry& g) {
-  const int64_t window_rows = (g.kernel_h - 1) * g.dilation_h + 1;
-  return {std::max<int64_t>(0, y0 * g.stride_h - g.pad_top),
-          std::min<int64_t>(g.in_h, (y1 - 1) * g.stride_h - g.pad_top + window_rows)};
+template <typename scalar_t>
+uint16_t* bits_of(scalar_t* values) {
+  static_assert(kWidened<scalar_t>, "a 16-bit float");
+  return reinterpret_cast<uint16_t*>(values);
 }
 
-// The forward's geometry over rows [s.first, s.last) of its input only: the top padding shifted.
-depthwise::avx512::ImageGeometry forward_rows_geometry(depthwise::avx512::ImageGeometry g, const RowSpan& s) {
-  g.in_h = s.rows();
-  g.pad_top += s.first;
-  return g;
-}
-
-// bf16/fp16 channels_last rows read and written as they are (forward_row_nhwc_bf16 / _fp16): the
-// forward (image: avx512_image_geometry) or unit-stride input gradient (flipped taps,
+// The forward (image: avx512_image_geometry) or unit-stride input gradient (flipped taps,
 // flipped_image_geometry over grad_output).
 template <typename scalar_t>
 void forward_nhwc_native(const scalar_t* in, const float* taps, const float* bias, scalar_t* out, int64_t images,
                          const depthwise::avx512::ImageGeometry& image) {
-  static_assert(kWidened<scalar_t>, "a 16-bit float");
   const int64_t C = image.channels;
-  const auto* in_bits = reinterpret_cast<const uint16_t*>(in);
-  auto* out_bits = reinterpret_cast<uint16_t*>(out);
   at::parallel_for(0, images * image.out_h, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const uint16_t* image_in = in_bits + row / image.out_h * image.in_h * image.in_w * C;
-      uint16_t* out_row = out_bits + row * image.out_w * C;
+      const uint16_t* image_in = bits_of(in) + row / image.out_h * image.in_h * image.in_w * C;
+      uint16_t* out_row = bits_of(out) + row * image.out_w * C;
       if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
         depthwise::avx512::forward_row_nhwc_bf16(image_in, taps, bias, out_row, row % image.out_h, image);
       else
@@ -468,56 +431,43 @@ void forward_nhwc_native(const scalar_t* in, const float* taps, const float* bia
   });
 }
 
-// The widened channels_last input gradient at stride 2 and more through grad_input_row_nhwc
-// (image: avx512_image_geometry, whose out_* are grad_output's): a band of grad_input rows reads
-// the grad_output rows its taps land on, and the kernel sees only those (out_h and pad_top shifted).
+// The input gradient at any stride, gathered (image: avx512_image_geometry, whose out_* are
+// grad_output's).
 template <typename scalar_t>
-void grad_input_nhwc_widened(const scalar_t* grad_out, const float* taps, scalar_t* grad_in, int64_t images,
-                             const depthwise::avx512::ImageGeometry& image) {
-  const int64_t C = image.channels, reach = (image.kernel_h - 1) * image.dilation_h;
-  rows_in_widened_bands(
-      grad_out, image.out_h, image.out_w * C, grad_in, images, image.in_h, image.in_w * C,
-      [&](int64_t y0, int64_t y1) {
-        // Output row oy reaches input rows oy * stride - pad_top + [0, reach]; a negative
-        // numerator truncates to a row at or before the first, which the clip makes 0.
-        return RowSpan{std::max<int64_t>(0, (y0 + image.pad_top - reach) / image.stride_h),
-                       std::min<int64_t>(image.out_h, (y1 - 1 + image.pad_top) / image.stride_h + 1)};
-      },
-      [&](const float* rows, const RowSpan& s, int64_t iy, float* out_row) {
-        auto shifted = image;
-        shifted.out_h = s.rows();
-        shifted.pad_top -= s.first * image.stride_h;
-        depthwise::avx512::grad_input_row_nhwc(rows, taps, out_row, iy, shifted);
-      });
+void grad_input_nhwc_native(const scalar_t* grad_out, const float* taps, scalar_t* grad_in, int64_t images,
+                            const depthwise::avx512::ImageGeometry& image) {
+  const int64_t C = image.channels;
+  at::parallel_for(0, images * image.in_h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const uint16_t* image_go = bits_of(grad_out) + row / image.in_h * image.out_h * image.out_w * C;
+      uint16_t* gi_row = bits_of(grad_in) + row * image.in_w * C;
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
+        depthwise::avx512::grad_input_row_nhwc_bf16(image_go, taps, gi_row, row % image.in_h, image);
+      else
+        depthwise::avx512::grad_input_row_nhwc_fp16(image_go, taps, gi_row, row % image.in_h, image);
+    }
+  });
 }
 
-// The widened channels_last weight (and bias) gradient through weight_grad_row_nhwc, into the fp32
-// partials of backward_nhwc (its fixed chunks of output rows, added in the same order): bands of
-// output rows, each band's input rows and grad_output rows widened once.
+// The weight (and bias) gradient into the fp32 partials of backward_nhwc: its fixed chunks of
+// output rows, added in the same order as the fp32 path.
 template <typename scalar_t>
-void weight_grad_nhwc_widened(const scalar_t* grad_out, const scalar_t* in, float* partials, int64_t chunks,
-                              bool want_bias, const Geometry& g) {
+void weight_grad_nhwc_native(const scalar_t* grad_out, const scalar_t* in, float* partials, int64_t chunks,
+                             bool want_bias, const Geometry& g) {
   const auto image = avx512_image_geometry(g);
   const int64_t C = g.channels, kernel_area = g.kernel_h * g.kernel_w, partial_size = (kernel_area + 1) * C;
-  const int64_t rows = g.batch * g.out_h, in_row_floats = g.in_w * C, go_row_floats = g.out_w * C;
+  const int64_t rows = g.batch * g.out_h;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> widened_in, widened_go(kWidenedBandRows * go_row_floats);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       float* part = partials + chunk * partial_size;
-      const int64_t last_row = (chunk + 1) * rows / chunks;
-      for (int64_t row = chunk * rows / chunks; row < last_row;) {
-        const int64_t n = row / g.out_h, oy0 = row % g.out_h;
-        const int64_t band = std::min({kWidenedBandRows, last_row - row, g.out_h - oy0});
-        const RowSpan s = forward_row_span(oy0, oy0 + band, image);
-        if (s.rows() > 0) {
-          widened_in.resize(std::max<size_t>(widened_in.size(), s.rows() * in_row_floats));
-          to_float(in + (n * g.in_h + s.first) * in_row_floats, widened_in.data(), s.rows() * in_row_floats);
-        }
-        to_float(grad_out + row * go_row_floats, widened_go.data(), band * go_row_floats);
-        const auto shifted = forward_rows_geometry(image, s);
-        for (int64_t k = 0; k < band; ++k, ++row)
-          depthwise::avx512::weight_grad_row_nhwc(widened_in.data(), widened_go.data() + k * go_row_floats, part,
-                                                  want_bias ? part + kernel_area * C : nullptr, oy0 + k, shifted);
+      float* part_bias = want_bias ? part + kernel_area * C : nullptr;
+      for (int64_t row = chunk * rows / chunks; row < (chunk + 1) * rows / chunks; ++row) {
+        const uint16_t* image_in = bits_of(in) + row / g.out_h * g.in_h * g.in_w * C;
+        const uint16_t* go_row = bits_of(grad_out) + row * g.out_w * C;
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
+          depthwise::avx512::weight_grad_row_nhwc_bf16(image_in, go_row, part, part_bias, row % g.out_h, image);
+        else
+          depthwise::avx512::weight_grad_row_nhwc_fp16(image_in, go_row, part, part_bias, row % g.out_h, image);
       }
     }
   });
@@ -1107,7 +1057,7 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
           forward_nhwc_native(go, flipped_taps(taps, kernel_area, C).data(), nullptr, gi, g.batch,
                               flipped_image_geometry(g));
         else
-          grad_input_nhwc_widened(go, taps.data(), gi, g.batch, avx512_image_geometry(g));
+          grad_input_nhwc_native(go, taps.data(), gi, g.batch, avx512_image_geometry(g));
         fast_path = true;
       }
     }
@@ -1188,7 +1138,7 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
   if constexpr (kWidened<scalar_t>) {
     if (want_weight && depthwise::avx512::enabled() &&
         depthwise::avx512::supports_weight_grad_nhwc(g.kernel_h, g.kernel_w, g.stride_w, g.dilation_w)) {
-      weight_grad_nhwc_widened(go, in, partials.data(), chunks, want_bias, g);
+      weight_grad_nhwc_native(go, in, partials.data(), chunks, want_bias, g);
       return write_weight_partials<scalar_t>(partials, chunks, g, grad_weight, grad_bias);
     }
   }
