@@ -7,11 +7,11 @@
 //   multiply-add over the block's channels, 8 output pixels at a time (transposed in registers
 //   and stored straight into the NCHW planes when the map is 8 or more wide). The unit-stride
 //   input gradient is gathered (a flipped-kernel forward); strided ones are scattered.
-// - NCHW otherwise (fewer channels, fp16/bf16): one (n, c) plane at a time. The plane is copied,
-//   zero-padded, converted to the accumulation type and split into width-stride phases, into a
-//   per-thread buffer that stays in L1/L2. After that, every tap is an unchecked unit-stride
-//   vector load, with 4 output vectors kept in registers across the window. Any input strides
-//   are read without a .contiguous() copy.
+// - NCHW otherwise (fewer channels, fp16/bf16 without the AVX-512 planes below): one (n, c)
+//   plane at a time. The plane is copied, zero-padded, converted to the accumulation type and
+//   split into width-stride phases, into a per-thread buffer that stays in L1/L2. After that,
+//   every tap is an unchecked unit-stride vector load, with 4 output vectors kept in registers
+//   across the window. Any input strides are read without a .contiguous() copy.
 // - channels_last vectorises over channels: each tap is a multiply-add of channel vectors.
 //   Small windows go pixel by pixel; large windows go channel block by channel block.
 // - Backward never uses atomics. The weight gradient of a channel (block) is summed by one thread
@@ -20,9 +20,9 @@
 //   target_clones, with 32-byte GCC vectors (native on AVX2 and AVX-512).
 // - On CPUs with AVX-512, fp32 takes depthwise_conv2d_avx512.cpp instead where it applies: NCHW
 //   3x3/5x5 at stride 1 and 2 (planes read in place, no tiles); channels_last forward and input
-//   gradient of any window, weight gradient of 3x3/5x5. bf16 and fp16 take the same kernels on fp32
-//   copies made a plane (NCHW) or a band of rows (channels_last) at a time, each result rounded
-//   once.
+//   gradient of any window, weight gradient of 3x3/5x5. bf16 and fp16 take the same kernels:
+//   NCHW planes widened to fp32 copies a plane at a time, channels_last rows read as they are
+//   (widened in registers); each result is rounded once.
 //   Everything else remains the path for other CPUs, dtypes and windows.
 //
 // This file chooses the path of each call and holds the forward, backward and ATen entry points.
