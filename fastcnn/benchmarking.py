@@ -394,7 +394,7 @@ def _cpuinfo() -> Dict[str, Any]:
 def cpu_isa() -> Dict[str, Any]:
     """The vector ISA extensions that matter for the CPU kernels, and what ATen dispatches to."""
     flags = _cpuinfo()["flags"]
-    isa = {name: name in flags for name in ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_tile")}
+    isa = {name: name in flags for name in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile")}
     try:
         isa["aten_capability"] = torch.backends.cpu.get_cpu_capability()
     except Exception:  # noqa: BLE001 - older torch

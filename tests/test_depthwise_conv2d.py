@@ -298,6 +298,13 @@ def test_low_precision_error_within_twice_pytorch(case, dtype, layout):
 
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]
+# The CPUs the AVX-512 depthwise kernels run on (depthwise::avx512::enabled()); elsewhere the
+# portable loops run, which sum in another order, and the error rule above covers them.
+_ISA = fastcnn.benchmarking.cpu_isa()
+needs_avx512_kernels = pytest.mark.skipif(
+    not all(_ISA.get(flag) for flag in ("avx512f", "avx512bw", "avx512vl")),
+    reason="the 16-bit paths of the AVX-512 kernels need AVX-512F, BW and VL",
+)
 HALF_ROW_CASES = [
     (2, 32, 9, 11, 3, 1, 1, 1), (3, 17, 8, 7, 3, 2, 1, 1), (2, 40, 10, 9, 5, 1, 2, 1), (2, 24, 12, 13, 3, 1, 2, 2),
     (2, 33, 15, 14, 7, 1, 3, 1), (1, 1, 5, 6, 3, 1, 1, 1), (2, 20, 19, 21, 5, 2, 2, 1), (1, 16, 23, 9, 3, 2, 0, 1),
@@ -312,15 +319,12 @@ HALF_ROW_CASES = [
     # and wide windows: the sliding runs (9 columns), and 13 columns, 8 taps at a time
     HALF_ROW_CASES + [(1, 20, 12, 30, 9, 1, 4, 1), (1, 16, 15, 17, 13, 1, 6, 1)],
 )
+@needs_avx512_kernels
 def test_half_channels_last_forward_is_the_fp32_kernel_rounded_once(n, c, h, w, k, stride, padding, dilation, dtype):
     """bf16/fp16 channels_last forward on AVX-512 (forward_nhwc_native): the fp32 row kernel reading
     the 16-bit rows widened in registers, each output rounded once, so equal to the fp32 op's
-    output converted by PyTorch, bit
-    for bit but for NaN's payload (PyTorch's own conversions disagree there: 0x7FC0 scalar, 0xFFFF
-    vectorised). Without AVX-512 (or with FASTCNN_AVX512=0) the portable loops run, and the error
-    rule above covers them."""
-    if not fastcnn.benchmarking.cpu_isa().get("avx512f"):
-        pytest.skip("the widened row kernels need AVX-512")
+    output converted by PyTorch, bit for bit but for NaN's payload (PyTorch's own conversions
+    disagree there: 0x7FC0 scalar, 0xFFFF vectorised)."""
     torch.manual_seed(0)
     x = torch.randn(n, c, h, w)
     x[0, 0, 0, 0], x[-1, -1, -1, -1] = float("nan"), float("inf")
@@ -336,13 +340,12 @@ def test_half_channels_last_forward_is_the_fp32_kernel_rounded_once(n, c, h, w, 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("n, c, h, w, k, stride, padding, dilation", HALF_ROW_CASES)
+@needs_avx512_kernels
 def test_half_channels_last_backward_is_the_fp32_kernels_rounded_once(n, c, h, w, k, stride, padding, dilation, dtype):
-    """bf16/fp16 channels_last backward on AVX-512 (grad_input_nhwc_widened, weight_grad_nhwc_widened):
-    the fp32 row kernels on widened rows, the weight gradient summed in fp32 in the fp32 path's
-    order, so every gradient is the fp32 op's gradient rounded once, bit for bit. The
-    portable loops (no AVX-512) sum in another order: the error rule covers them."""
-    if not fastcnn.benchmarking.cpu_isa().get("avx512f"):
-        pytest.skip("the widened row kernels need AVX-512")
+    """bf16/fp16 channels_last backward on AVX-512 (grad_input_nhwc_native, weight_grad_nhwc_native,
+    and the flipped forward_nhwc_native): the fp32 row kernels reading the 16-bit rows widened in
+    registers, the weight gradient summed in fp32 in the fp32 path's order, so every gradient is
+    the fp32 op's gradient rounded once, bit for bit."""
     torch.manual_seed(0)
     x = torch.randn(n, c, h, w).to(dtype).to(memory_format=torch.channels_last)
     weight = torch.randn(c, 1, k, k).to(dtype)
@@ -367,13 +370,12 @@ def test_half_channels_last_backward_is_the_fp32_kernels_rounded_once(n, c, h, w
 )
 @pytest.mark.parametrize("rows", ["dense", "strided"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "fp16"])
+@needs_avx512_kernels
 def test_half_nchw_is_the_fp32_plane_kernels_rounded_once(n, c, h, w, k, stride, padding, rows, dtype):
     """bf16/fp16 NCHW on AVX-512 (forward_nchw_widened, backward_nchw_avx512_planes): each plane widened
     to fp32, the fp32 plane kernels run on it, every output and gradient rounded once, so
     bit for bit the fp32 op's results rounded; rows that are not dense (a slice of a wider
     tensor) are widened row by row."""
-    if not fastcnn.benchmarking.cpu_isa().get("avx512f"):
-        pytest.skip("the widened plane path needs AVX-512")
     torch.manual_seed(0)
     wide = torch.randn(n, c, h, w + (3 if rows == "strided" else 0)).to(dtype)
     x = wide[..., :w]

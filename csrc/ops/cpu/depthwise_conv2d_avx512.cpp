@@ -1337,62 +1337,32 @@ void weight_grad_row_nhwc_fp16(const uint16_t* in, const uint16_t* grad_out_row,
   weight_grad_row(reinterpret_cast<const Fp16*>(in), reinterpret_cast<const Fp16*>(grad_out_row), part, part_bias, oy, g);
 }
 
-void bf16_to_float(const uint16_t* in, float* out, int64_t count) {
-  int64_t i = 0;
-  for (; i + kLanes <= count; i += kLanes) {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i)));
-    _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
-  }
-  for (; i < count; ++i) {
-    const uint32_t bits = uint32_t(in[i]) << 16;
-    __builtin_memcpy(out + i, &bits, sizeof(bits));
+namespace {
+
+// A run of 16-bit floats to fp32 and back, a vector at a time (the tail under a lane mask), with
+// the row kernels' loads and rounding stores.
+template <typename E>
+void widen_run(const uint16_t* in, float* out, int64_t count) {
+  for (int64_t i = 0; i < count; i += kLanes) {
+    const __mmask16 lanes = lane_range(0, count - i);
+    _mm512_mask_storeu_ps(out + i, lanes, load_channels(lanes, reinterpret_cast<const E*>(in) + i));
   }
 }
 
-void float_to_bf16(const float* in, uint16_t* out, int64_t count) {
-  int64_t i = 0;
-  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF), nan = _mm512_set1_epi32(0x7FC0);
-  for (; i + kLanes <= count; i += kLanes) {
-    const __m512 x = _mm512_loadu_ps(in + i);
-    const __m512i bits = _mm512_castps_si512(x);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(bias, lsb)), 16);
-    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), nan);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(rounded));
-  }
-  for (; i < count; ++i) {
-    uint32_t bits;
-    __builtin_memcpy(&bits, in + i, sizeof(bits));
-    out[i] = in[i] != in[i] ? uint16_t(0x7FC0) : uint16_t((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+template <typename E>
+void narrow_run(const float* in, uint16_t* out, int64_t count) {
+  for (int64_t i = 0; i < count; i += kLanes) {
+    const __mmask16 lanes = lane_range(0, count - i);
+    store_channels(reinterpret_cast<E*>(out) + i, lanes, _mm512_maskz_loadu_ps(lanes, in + i), false);
   }
 }
 
-// The tail of a run goes through a vector's worth of stack: the conversions are AVX-512F, masked
-// 16-bit loads and stores would need AVX-512BW.
-void half_to_float(const uint16_t* in, float* out, int64_t count) {
-  int64_t i = 0;
-  for (; i + kLanes <= count; i += kLanes)
-    _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i))));
-  if (i < count) {
-    uint16_t tail[kLanes] = {};
-    __builtin_memcpy(tail, in + i, (count - i) * sizeof(uint16_t));
-    _mm512_mask_storeu_ps(out + i, lane_range(0, count - i),
-                          _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tail))));
-  }
-}
+}  // namespace
 
-void float_to_half(const float* in, uint16_t* out, int64_t count) {
-  constexpr int kNearestEven = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  int64_t i = 0;
-  for (; i + kLanes <= count; i += kLanes)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtps_ph(_mm512_loadu_ps(in + i), kNearestEven));
-  if (i < count) {
-    uint16_t tail[kLanes];
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tail),
-                        _mm512_cvtps_ph(_mm512_maskz_loadu_ps(lane_range(0, count - i), in + i), kNearestEven));
-    __builtin_memcpy(out + i, tail, (count - i) * sizeof(uint16_t));
-  }
-}
+void bf16_to_float(const uint16_t* in, float* out, int64_t count) { widen_run<Bf16>(in, out, count); }
+void float_to_bf16(const float* in, uint16_t* out, int64_t count) { narrow_run<Bf16>(in, out, count); }
+void half_to_float(const uint16_t* in, float* out, int64_t count) { widen_run<Fp16>(in, out, count); }
+void float_to_half(const float* in, uint16_t* out, int64_t count) { narrow_run<Fp16>(in, out, count); }
 
 #else  // never called: enabled() is false
 
