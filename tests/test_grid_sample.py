@@ -198,6 +198,50 @@ def test_wide_images_fp32(mode, padding, align, layout, batch, channels, monkeyp
         torch.testing.assert_close(o, p, rtol=0, atol=2e-5 * scale, msg=name)
 
 
+def _rotation_theta(angles, scales, shifts):
+    theta = torch.zeros(len(angles), 2, 3)
+    for i, (angle, scale, shift) in enumerate(zip(angles, scales, shifts)):
+        a = math.radians(angle)
+        theta[i] = torch.tensor([[scale * math.cos(a), -scale * math.sin(a), shift[0]],
+                                 [scale * math.sin(a), scale * math.cos(a), shift[1]]])
+    return theta
+
+
+@pytest.mark.skipif(fastcnn._extension.build_info().get("grid_sample_window_rows", "0") == "0",
+                    reason="no AVX-512 forward on this CPU")
+@pytest.mark.parametrize("channels", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("image", [(19, 23), (67, 131)], ids=["small", "large"])
+@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_forward_by_row_windows_is_the_gathers_fp32(padding, align, image, channels, monkeypatch):
+    """The AVX-512 forward of an affine map (NCHW) reads a vector's taps from the few input rows
+    they lie in, as plain vectors picked by permutes, where those rows are at most
+    FASTCNN_GRID_SAMPLE_WINDOW_ROWS (measured per machine; 16 here) and the taps span under 32
+    columns; otherwise it gathers. Both read the same values into the same arithmetic: bitwise
+    equal, over maps of 1 to 17+ rows a vector, too wide (scale 2.3), reaching past every edge,
+    and with a NaN and an infinite entry; small 1-2 channel images go through the zero-bordered
+    copy, the large ones (and 3+ channels) through the edge-tested rows."""
+    g = torch.Generator().manual_seed(channels * 10 + image[0])
+    h, w = image
+    angles = [0.0, 4.0, -12.0, 28.0, -45.0, 70.0, 90.0, 8.0, 15.0, 0.0, 3.0]
+    scales = [1.0, 0.9, 1.2, 0.8, 1.0, 1.1, 0.5, 2.3, 1.6, 1.0, 0.7]
+    shifts = [(0.0, 0.0), (0.05, -0.03), (0.4, 0.2), (-0.6, 0.5), (0.0, 0.9), (1.2, -0.1), (0.1, 0.1),
+              (0.0, 0.0), (-0.3, -0.8), (3.0, 0.0), (0.02, 0.01)]
+    theta = _rotation_theta(angles, scales, shifts)
+    theta[9, 1, 1] = float("nan")
+    theta[10, 0, 0] = float("inf")
+    n = theta.shape[0]
+    x = torch.randn(n, channels, h, w, generator=g)
+    outputs = {}
+    for rows in ("0", "16"):
+        monkeypatch.setenv("FASTCNN_GRID_SAMPLE_WINDOW_ROWS", rows)
+        outputs[rows] = affine_grid_sample(x, theta, (n, channels, h + 3, w - 5), "bilinear", padding, align)
+    assert torch.equal(outputs["0"], outputs["16"])
+    reference = fastcnn.reference.affine_grid_sample(x[:9].double(), theta[:9].double(), (9, channels, h + 3, w - 5),
+                                                     "bilinear", padding, align)
+    torch.testing.assert_close(outputs["16"][:9].double(), reference, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("out_hw", [(37, 41), (28, 27)])
 @pytest.mark.parametrize("channels", [1, 2])
 @pytest.mark.parametrize("align", [False, True])

@@ -1,8 +1,11 @@
-// The CPU sampler's AVX-512 forward (fp32): taps of 16 pixels in registers, read by gathers.
+// The CPU sampler's AVX-512 forward (fp32): taps of 16 pixels in registers, read by gathers or,
+// for affine maps in NCHW, from the few input rows they lie in (row windows).
 // The backward is in grid_sample_avx512_backward.h, images of many channels in
 // grid_sample_avx512_channels.h. Private to grid_sample_kernel.cpp, the one translation unit
 // that includes it (everything here is in an anonymous namespace).
 #pragma once
+
+#include <chrono>
 
 #include "ops/cpu/grid_sample_chunk.h"
 
@@ -44,6 +47,7 @@ struct Taps16 {
   __m512 w_nw, w_ne, w_sw, w_se;
   __mmask16 nw, ne, sw, se;  // tap inside; nearest: nw only
   __m512 dx0, dx1, dy0, dy1, scale_x, scale_y;
+  __m512i x0, y0;  // the nw tap's column and row (bilinear; in the copy for taps16_padded)
 };
 
 // The north (or south) taps of 16 pixels, x0 and x0 + 1, in an image of kChannels interleaved
@@ -284,6 +288,7 @@ inline Taps16 taps16_pixels(__m512 ix_raw, __m512 iy_raw, const TapsConstants& k
   const __mmask16 x0_in = inside(x0, k.ax), x1_in = inside(_mm512_add_epi32(x0, one_i), k.ax);
   const __mmask16 y0_in = inside(y0, k.ay) & live, y1_in = inside(_mm512_add_epi32(y0, one_i), k.ay) & live;
   t.offset = _mm512_add_epi32(_mm512_mullo_epi32(y0, k.width), x0);
+  t.x0 = x0, t.y0 = y0;
   t.nw = x0_in & y0_in;
   t.ne = x1_in & y0_in;
   t.sw = x0_in & y1_in;
@@ -307,6 +312,7 @@ inline Taps16 taps16_inside(__m512 ix, __m512 iy, const TapsConstants& k, __mmas
   __m512 fx, fy;
   bilinear_weights16(ix, iy, &t, &fx, &fy);
   t.offset = _mm512_maskz_cvttps_epi32(live, _mm512_fmadd_ps(fy, _mm512_cvtepi32_ps(k.width), fx));
+  t.x0 = _mm512_cvttps_epi32(fx), t.y0 = _mm512_cvttps_epi32(fy);
   t.nw = t.ne = t.sw = t.se = live;
   return t;
 }
@@ -467,18 +473,6 @@ inline void with_row_taps(const Source& source, const Geometry& g, const TapsCon
   });
 }
 
-// Whether all four taps of every pixel p .. p + count - 1 of an affine row lie inside the image:
-// 0 <= x < W - 1 and 0 <= y < H - 1 (x0 + 1 and y0 + 1 inside too). The map is monotonic along
-// the row (base_x increases, and fma rounds monotonically), so its two end pixels bound the rest;
-// std::fma here is the vector path's fmadd lane for lane. A NaN fails every comparison.
-inline bool affine_span_inside(const AffineRow& map, int64_t p, int count, float x_limit, float y_limit) {
-  const float b0 = map.base_x[p], b1 = map.base_x[p + count - 1];
-  const float x0 = std::fma(map.ax, b0, map.cx), x1 = std::fma(map.ax, b1, map.cx);
-  const float y0 = std::fma(map.ay, b0, map.cy), y1 = std::fma(map.ay, b1, map.cy);
-  return x0 >= 0.0f && x1 >= 0.0f && x0 < x_limit && x1 < x_limit && y0 >= 0.0f && y1 >= 0.0f && y0 < y_limit &&
-         y1 < y_limit;
-}
-
 // sample_nchw of 16 pixels whose taps all lie inside the image (taps16_inside): every run read by
 // a full pair gather, no masks.
 inline void sample_nchw_inside(const float* input, float* out, const Taps16& t, __mmask16 live, int64_t channels,
@@ -502,6 +496,202 @@ inline void sample_nchw_inside(const float* input, float* out, const Taps16& t, 
   }
 }
 
+// Row windows: along an output row the taps of 16 pixels lie in a few input rows (an affine map
+// moves them by a constant step), within 32 columns unless the map shrinks the image more than
+// about 2x. Each such row is read as two vectors of 16 columns and both taps of every pixel on it
+// are picked by permutes, instead of four pair gathers a channel. On the Intel Xeon of
+// 2026-12-01 a pair gather took 29-38 cycles (8 or 16 lanes alike; earlier sessions' host of the
+// same model, 3.6-7: microcode that mitigates gather data sampling makes the difference) and a
+// window row about 6, so rows win up to far more than the 2-10 of an STN's maps (rotations within
+// 30 degrees): the NCHW forward of the three STN shapes went from 2.4-2.8x PyTorch's speed to
+// 3.3-5.3x (in process, 2 threads). WindowRows decides up to how many rows per machine. The values
+// and their arithmetic are the gathers' (bitwise the same result).
+constexpr int kWindowColumns = 32;
+constexpr int kMaxWindowRows = 16;
+
+// Up to how many rows a vector's taps are read from its window rather than gathered: 0 (gathers
+// only) to kMaxWindowRows. Gathers cost 3.6-7 cycles on one Intel Xeon host and 25-30 on another
+// of the same model (its microcode mitigating gather data sampling), so the limit is measured
+// once per process: how many window rows take the time of one channel's four pair gathers, both
+// timed on an image in L1 (about 0.1 ms). FASTCNN_GRID_SAMPLE_WINDOW_ROWS sets it instead (read
+// once per call).
+struct WindowRows {
+  static int limit() {
+    const char* text = std::getenv("FASTCNN_GRID_SAMPLE_WINDOW_ROWS");
+    if (text && *text) return std::max(0, std::min(kMaxWindowRows, std::atoi(text)));
+    static const int measured = measure();
+    return measured;
+  }
+
+  // Cycles a pair gather of 8 lanes takes when many are in flight: gathers timed against a chain
+  // of dependent 64-bit multiplies (3 cycles each on every x86 core of the last decade), best of
+  // interleaved tries, all in registers. About 0.1 ms.
+  static double gather_cycles() {
+    constexpr int kGathers = 256, kMultiplies = 2048;
+    alignas(64) static float image[4096];
+    const __m512i lanes = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    __m512 sink = _mm512_setzero_ps();
+    uint64_t chain = 3;
+    double gather_ns = 1e30, cycle_ns = 1e30;
+    auto elapsed = [](auto start) {
+      return std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start).count();
+    };
+    for (int trial = 0; trial < 9; ++trial) {
+      auto start = std::chrono::steady_clock::now();
+      for (int i = 0; i < kGathers; i += 2) {
+        __m512i index = _mm512_add_epi32(lanes, _mm512_set1_epi32((i * 536) & 4032));  // 16 pairs, rows apart
+        const __m512d low = _mm512_i32gather_pd(_mm512_castsi512_si256(index), image, 4);
+        const __m512d high = _mm512_i32gather_pd(_mm512_extracti64x4_epi64(index, 1), image, 4);
+        sink = _mm512_add_ps(sink, _mm512_castpd_ps(_mm512_add_pd(low, high)));
+        __asm__ volatile("" : "+v"(sink), "+v"(index));  // not hoisted nor folded
+      }
+      gather_ns = std::min(gather_ns, elapsed(start) / kGathers);
+      start = std::chrono::steady_clock::now();
+      for (int i = 0; i < kMultiplies; ++i) __asm__ volatile("imul %0, %0" : "+r"(chain));
+      cycle_ns = std::min(cycle_ns, elapsed(start) / (3.0 * kMultiplies));
+    }
+    return gather_ns / cycle_ns;
+  }
+
+  // A channel of 16 pixels takes four pair gathers, or about 6 cycles a window row (the slope of
+  // sample_nchw_window_block<1> from 2 to 10 rows on the Intel Xeon, an image in L1: 1.9-2.5 ns
+  // a row at 2.8 GHz).
+  static int measure() {
+    constexpr double kRowCycles = 6.0;
+    return static_cast<int>(std::max(0.0, std::min<double>(kMaxWindowRows, 4 * gather_cycles() / kRowCycles)));
+  }
+};
+
+struct RowWindow {
+  __m512i left, right;  // x0 and x0 + 1 as columns of the window
+  int64_t x_begin;      // the window's first column; may lie left of the image
+  int64_t y_begin;      // its first row (the smallest y0); may lie above the image
+  int rows;             // y_begin .. y_begin + rows - 1: the largest y0 plus one
+  __mmask16 low_columns, high_columns;  // the window's columns inside [0, in_w)
+};
+
+// The window of taps whose nw corners span columns [x_min, x_max] and rows [y_min, y_max]; false
+// when they do not fit one (too wide, or more than max_rows rows).
+inline bool row_window(__m512i x0, int64_t x_min, int64_t x_max, int64_t y_min, int64_t y_max, int64_t in_w,
+                       int max_rows, RowWindow* w) {
+  if (x_max + 1 - x_min >= kWindowColumns || y_max + 2 - y_min > max_rows) return false;
+  w->x_begin = x_min, w->y_begin = y_min, w->rows = static_cast<int>(y_max + 2 - y_min);
+  w->left = _mm512_sub_epi32(x0, _mm512_set1_epi32(static_cast<int32_t>(x_min)));
+  w->right = _mm512_add_epi32(w->left, _mm512_set1_epi32(1));
+  const int64_t first = std::max<int64_t>(0, -x_min), last = std::min<int64_t>(kWindowColumns, in_w - x_min);
+  const uint32_t columns =
+      last > first ? static_cast<uint32_t>(((uint64_t(1) << last) - 1) & ~((uint64_t(1) << first) - 1)) : 0u;
+  w->low_columns = static_cast<__mmask16>(columns), w->high_columns = static_cast<__mmask16>(columns >> 16);
+  return true;
+}
+
+// row_window from the taps' own x0 and y0 (any map; the live lanes' extremes by reductions).
+inline bool row_window(const Taps16& t, __mmask16 live, int64_t in_w, int max_rows, RowWindow* w) {
+  return row_window(t.x0, _mm512_mask_reduce_min_epi32(live, t.x0), _mm512_mask_reduce_max_epi32(live, t.x0),
+                    _mm512_mask_reduce_min_epi32(live, t.y0), _mm512_mask_reduce_max_epi32(live, t.y0), in_w,
+                    max_rows, w);
+}
+
+// row_window of pixels along a row of a finite affine map: their clamped x0 and y0 are monotonic
+// (fma of finite values rounds monotonically; an overflow becomes a bound), so the first and the
+// last of the `count` live lanes are the extremes. (Not so for a map with an infinite or NaN entry:
+// border padding sends a NaN lane to -2, below its neighbours' 0.)
+inline bool row_window_ends(const Taps16& t, int count, int64_t in_w, int max_rows, RowWindow* w) {
+  const __m512i last = _mm512_set1_epi32(count - 1);
+  auto first_and_last = [&](__m512i v, int64_t* low, int64_t* high) {
+    const int32_t a = _mm_cvtsi128_si32(_mm512_castsi512_si128(v));
+    const int32_t b = _mm_cvtsi128_si32(_mm512_castsi512_si128(_mm512_permutexvar_epi32(last, v)));
+    *low = std::min(a, b), *high = std::max(a, b);
+  };
+  int64_t x_min, x_max, y_min, y_max;
+  first_and_last(t.x0, &x_min, &x_max);
+  first_and_last(t.y0, &y_min, &y_max);
+  return row_window(t.x0, x_min, x_max, y_min, y_max, in_w, max_rows, w);
+}
+
+// sample_nchw of 16 pixels from the rows of their window, kChannels planes at a time (rows outer:
+// a row's lane masks are computed once for them). Rows outside the image are skipped (the taps on
+// them are outside, their masks clear); columns outside read zero.
+template <int kChannels>
+__attribute__((always_inline)) inline void sample_nchw_window_block(const float* input, float* out, const Taps16& t, const RowWindow& w,
+                                     __mmask16 live, int64_t in_hw, int64_t out_hw, int64_t in_w, int64_t in_h) {
+  const int j_begin = static_cast<int>(std::max<int64_t>(0, -w.y_begin));
+  const int j_end = static_cast<int>(std::min<int64_t>(w.rows, in_h - w.y_begin));
+  auto on_row = [&](int j) {
+    return _mm512_mask_cmpeq_epi32_mask(live, t.y0, _mm512_set1_epi32(static_cast<int32_t>(w.y_begin + j)));
+  };
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 top[kChannels][2], bottom[kChannels][2];  // nw, ne and sw, se
+#pragma GCC unroll 4
+  for (int c = 0; c < kChannels; ++c) top[c][0] = top[c][1] = bottom[c][0] = bottom[c][1] = zero;
+  // Row j of the window is the north row of the lanes whose y0 is y_begin + j and the south row of
+  // those one above (no y0 lies above y_begin).
+  __mmask16 above = j_begin > 0 ? on_row(j_begin - 1) : 0;
+  const float* row = input + (w.y_begin + j_begin) * in_w + w.x_begin;
+  for (int j = j_begin; j < j_end; ++j, row += in_w) {
+    const __mmask16 on = on_row(j);
+    const __mmask16 nw = on & t.nw, ne = on & t.ne, sw = above & t.sw, se = above & t.se;
+    above = on;
+#pragma GCC unroll 4
+    for (int c = 0; c < kChannels; ++c) {
+      const __m512 low = _mm512_maskz_loadu_ps(w.low_columns, row + c * in_hw);
+      const __m512 high = _mm512_maskz_loadu_ps(w.high_columns, row + c * in_hw + 16);
+      const __m512 left = _mm512_permutex2var_ps(low, w.left, high);
+      const __m512 right = _mm512_permutex2var_ps(low, w.right, high);
+      top[c][0] = _mm512_mask_mov_ps(top[c][0], nw, left);
+      top[c][1] = _mm512_mask_mov_ps(top[c][1], ne, right);
+      bottom[c][0] = _mm512_mask_mov_ps(bottom[c][0], sw, left);
+      bottom[c][1] = _mm512_mask_mov_ps(bottom[c][1], se, right);
+    }
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < kChannels; ++c) {
+    // sample_nchw's arithmetic.
+    const __m512 north = _mm512_fmadd_ps(top[c][1], t.w_ne, _mm512_mul_ps(top[c][0], t.w_nw));
+    const __m512 south = _mm512_fmadd_ps(bottom[c][1], t.w_se, _mm512_mul_ps(bottom[c][0], t.w_sw));
+    _mm512_mask_storeu_ps(out + c * out_hw, live, _mm512_add_ps(north, south));
+  }
+}
+
+__attribute__((always_inline)) inline void sample_nchw_window(const float* input, float* out, const Taps16& t, const RowWindow& w, __mmask16 live,
+                               int64_t channels, int64_t in_hw, int64_t out_hw, int64_t in_w, int64_t in_h) {
+  int64_t c = 0;
+  for (; c + 4 <= channels; c += 4)
+    sample_nchw_window_block<4>(input + c * in_hw, out + c * out_hw, t, w, live, in_hw, out_hw, in_w, in_h);
+  const float* rest = input + c * in_hw;
+  float* rest_out = out + c * out_hw;
+  switch (channels - c) {
+    case 3: sample_nchw_window_block<3>(rest, rest_out, t, w, live, in_hw, out_hw, in_w, in_h); break;
+    case 2: sample_nchw_window_block<2>(rest, rest_out, t, w, live, in_hw, out_hw, in_w, in_h); break;
+    case 1: sample_nchw_window_block<1>(rest, rest_out, t, w, live, in_hw, out_hw, in_w, in_h); break;
+    default: break;
+  }
+}
+
+// Whether all four taps of every pixel p .. p + count - 1 of an affine row lie inside the image:
+// 0 <= x < W - 1 and 0 <= y < H - 1 (x0 + 1 and y0 + 1 inside too). The map is monotonic along
+// the row (base_x increases, and fma rounds monotonically), so its two end pixels bound the rest;
+// std::fma here is the vector path's fmadd lane for lane. A NaN fails every comparison.
+struct AffineSpan {
+  float x0, x1, y0, y1;  // the coordinates of the first and the last pixel
+  bool inside(float x_limit, float y_limit) const {
+    return x0 >= 0.0f && x1 >= 0.0f && x0 < x_limit && x1 < x_limit && y0 >= 0.0f && y1 >= 0.0f && y0 < y_limit &&
+           y1 < y_limit;
+  }
+  // row_window of the span's pixels, whose coordinates are finite.
+  bool window(const Taps16& t, int64_t in_w, int max_rows, RowWindow* w) const {
+    return row_window(t.x0, static_cast<int64_t>(std::floor(std::min(x0, x1))),
+                      static_cast<int64_t>(std::floor(std::max(x0, x1))),
+                      static_cast<int64_t>(std::floor(std::min(y0, y1))),
+                      static_cast<int64_t>(std::floor(std::max(y0, y1))), in_w, max_rows, w);
+  }
+};
+inline AffineSpan affine_span(const AffineRow& map, int64_t p, int count) {
+  const float b0 = map.base_x[p], b1 = map.base_x[p + count - 1];
+  return {std::fma(map.ax, b0, map.cx), std::fma(map.ax, b1, map.cx), std::fma(map.ay, b0, map.cy),
+          std::fma(map.ay, b1, map.cy)};
+}
+
 // One output row of an affine map, bilinear, zeros or border padding, NCHW (kChannels 0) or
 // channels_last of kChannels = 2 to 4: vectors whose taps all lie inside (affine_span_inside) take
 // taps16_inside and skip the samplers' edge tests, the rest taps16_pixels. Such vectors are 48% of
@@ -510,22 +700,35 @@ inline void sample_nchw_inside(const float* input, float* out, const Taps16& t, 
 // channels_last (one thread). Tried in the coordinate-gradient backward too: no gain (0.97-1.02x).
 template <int kChannels>
 inline void forward_row_affine(const float* image, float* out, const AffineRow& map, const Geometry& g,
-                               const TapsConstants& k) {
+                               const TapsConstants& k, int window_rows) {
   const int64_t in_hw = g.in_h * g.in_w, out_hw = g.out_h * g.out_w;
   const float x_limit = float(g.in_w - 1), y_limit = float(g.in_h - 1);
   const __m512 ax = _mm512_set1_ps(map.ax), cx = _mm512_set1_ps(map.cx);
   const __m512 ay = _mm512_set1_ps(map.ay), cy = _mm512_set1_ps(map.cy);
+  const bool finite = map.finite();
   for (int64_t p = 0; p < g.out_w; p += 16) {
     const int count = static_cast<int>(std::min<int64_t>(16, g.out_w - p));
     const __mmask16 live = static_cast<__mmask16>((1u << count) - 1);
     const __m512 bx = _mm512_maskz_loadu_ps(live, map.base_x + p);
     const __m512 ix = _mm512_fmadd_ps(ax, bx, cx), iy = _mm512_fmadd_ps(ay, bx, cy);
-    const bool inside = affine_span_inside(map, p, count, x_limit, y_limit);
+    const AffineSpan span = affine_span(map, p, count);
+    const bool inside = span.inside(x_limit, y_limit);
     if constexpr (kChannels == 0) {
-      if (inside)
-        sample_nchw_inside(image, out + p, taps16_inside(ix, iy, k, live), live, g.channels, in_hw, out_hw, g.in_w);
-      else
-        sample_nchw(image, out + p, taps16_pixels(ix, iy, k, live), live, g.channels, in_hw, out_hw, g.in_w, true);
+      RowWindow w;
+      if (inside) {
+        const Taps16 t = taps16_inside(ix, iy, k, live);
+        if (window_rows && span.window(t, g.in_w, window_rows, &w))
+          sample_nchw_window(image, out + p, t, w, live, g.channels, in_hw, out_hw, g.in_w, g.in_h);
+        else
+          sample_nchw_inside(image, out + p, t, live, g.channels, in_hw, out_hw, g.in_w);
+      } else {
+        const Taps16 t = taps16_pixels(ix, iy, k, live);
+        if (window_rows && (finite ? row_window_ends(t, count, g.in_w, window_rows, &w)
+                                   : row_window(t, live, g.in_w, window_rows, &w)))
+          sample_nchw_window(image, out + p, t, w, live, g.channels, in_hw, out_hw, g.in_w, g.in_h);
+        else
+          sample_nchw(image, out + p, t, live, g.channels, in_hw, out_hw, g.in_w, true);
+      }
     } else {
       static const Interleave<kChannels> il;
       if (inside)
@@ -592,6 +795,7 @@ inline Taps16 taps16_padded(__m512 ix_raw, __m512 iy_raw, const TapsConstants& k
   // (y0 + 2) * padded_w + x0 + 2: small integers, exact in fp32.
   t.offset = _mm512_maskz_cvttps_epi32(
       live, _mm512_fmadd_ps(_mm512_add_ps(fy, border), padded_w, _mm512_add_ps(fx, border)));
+  t.x0 = _mm512_cvttps_epi32(_mm512_add_ps(fx, border)), t.y0 = _mm512_cvttps_epi32(_mm512_add_ps(fy, border));
   t.nw = t.ne = t.sw = t.se = live;
   return t;
 }
@@ -600,7 +804,7 @@ inline Taps16 taps16_padded(__m512 ix_raw, __m512 iy_raw, const TapsConstants& k
 // coords(p, live, &ix, &iy) gives the unclamped pixel coordinates of pixels p..p+15.
 template <int kChannels, typename Coords>
 void forward_row_padded(const float* padded, float* out, const Geometry& g, const TapsConstants& k,
-                        const Coords& coords) {
+                        const Coords& coords, int window_rows, bool monotonic) {
   const int64_t padded_w = g.in_w + 2 * kBorder, padded_hw = (g.in_h + 2 * kBorder) * padded_w;
   const int64_t out_hw = g.out_h * g.out_w;
   const __m512 padded_w_f = _mm512_set1_ps(float(padded_w));
@@ -611,7 +815,12 @@ void forward_row_padded(const float* padded, float* out, const Geometry& g, cons
     coords(p, count, live, &ix, &iy);
     const Taps16 t = taps16_padded(ix, iy, k, live, padded_w_f);
     if constexpr (kChannels == 0) {
-      sample_nchw_inside(padded, out + p, t, live, g.channels, padded_hw, out_hw, padded_w);
+      RowWindow w;
+      if (window_rows && (monotonic ? row_window_ends(t, count, padded_w, window_rows, &w)
+                                    : row_window(t, live, padded_w, window_rows, &w)))
+        sample_nchw_window(padded, out + p, t, w, live, g.channels, padded_hw, out_hw, padded_w, g.in_h + 2 * kBorder);
+      else
+        sample_nchw_inside(padded, out + p, t, live, g.channels, padded_hw, out_hw, padded_w);
     } else {
       static const Interleave<kChannels> il;
       sample_nhwc_small<kChannels>(padded, out + p * kChannels, t, count, padded_hw, padded_w, il, true);
@@ -631,6 +840,7 @@ void forward_rows_direct(const float* input, float* output, const Source& source
                       g.in_h * g.in_w <= (int64_t(1) << 24);
   const bool padded = g.interpolation == Interpolation::Bilinear && PaddedImage::pays(g, channels_last);
   static thread_local PaddedImage padded_image;
+  const int window_rows = WindowRows::limit();
   int64_t padded_n = -1;
   const float* copy = nullptr;
   for (int64_t row = begin; row < end; ++row) {
@@ -639,11 +849,14 @@ void forward_rows_direct(const float* input, float* output, const Source& source
     float* out = output + (channels_last ? row * g.out_w * g.channels : n * g.channels * g.out_h * g.out_w + oy * g.out_w);
     if (padded) {
       if (n != padded_n) copy = padded_image.fill(image, g, channels_last), padded_n = n;
+      bool monotonic = false;  // the rows of a finite affine map
+      if constexpr (std::is_same_v<Source, AffineSource<float>>)
+        monotonic = source.pixel_row(n, oy, g.in_h, g.in_w, g.align_corners).finite();
       auto run = [&](const auto& coords) {
-        if (!channels_last) forward_row_padded<0>(copy, out, g, k, coords);
-        else if (g.channels == 2) forward_row_padded<2>(copy, out, g, k, coords);
-        else if (g.channels == 3) forward_row_padded<3>(copy, out, g, k, coords);
-        else forward_row_padded<4>(copy, out, g, k, coords);
+        if (!channels_last) forward_row_padded<0>(copy, out, g, k, coords, window_rows, monotonic);
+        else if (g.channels == 2) forward_row_padded<2>(copy, out, g, k, coords, window_rows, monotonic);
+        else if (g.channels == 3) forward_row_padded<3>(copy, out, g, k, coords, window_rows, monotonic);
+        else forward_row_padded<4>(copy, out, g, k, coords, window_rows, monotonic);
       };
       with_row_coords(source, g, k, n, oy, run);
       continue;
@@ -651,10 +864,10 @@ void forward_rows_direct(const float* input, float* output, const Source& source
     if constexpr (std::is_same_v<Source, AffineSource<float>>) {
       if (affine) {
         const AffineRow map = source.pixel_row(n, oy, g.in_h, g.in_w, g.align_corners);
-        if (!channels_last) forward_row_affine<0>(image, out, map, g, k);
-        else if (g.channels == 2) forward_row_affine<2>(image, out, map, g, k);
-        else if (g.channels == 3) forward_row_affine<3>(image, out, map, g, k);
-        else forward_row_affine<4>(image, out, map, g, k);
+        if (!channels_last) forward_row_affine<0>(image, out, map, g, k, window_rows);
+        else if (g.channels == 2) forward_row_affine<2>(image, out, map, g, k, window_rows);
+        else if (g.channels == 3) forward_row_affine<3>(image, out, map, g, k, window_rows);
+        else forward_row_affine<4>(image, out, map, g, k, window_rows);
         continue;
       }
     }

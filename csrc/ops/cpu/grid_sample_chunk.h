@@ -76,6 +76,7 @@ struct GridSource {
 struct AffineRow {
   float ax, cx, ay, cy;
   const float* base_x;  // at the chunk's first pixel; readable 8 past the row's end
+  bool finite() const { return std::isfinite(ax) && std::isfinite(cx) && std::isfinite(ay) && std::isfinite(cy); }
 };
 
 template <typename acc_t>

@@ -14,7 +14,8 @@
 // channels_last with 2 to 4 (one channel is the NCHW layout). With zeros or border padding those
 // forwards keep the taps in registers, row by row, instead of chunk arrays (an affine row's
 // vectors whose taps all lie inside skip the edge tests; small 1-2 channel NCHW images are read
-// from a zero-bordered copy, with none); so does the coordinate gradient when grad_input is not
+// from a zero-bordered copy, with none; NCHW affine rows read the taps of a vector from the few
+// input rows they lie in, by plain loads and permutes, where gathers cost more: row windows); so does the coordinate gradient when grad_input is not
 // wanted (NCHW up to 8 channels, channels_last 2 to 4), and for channels_last images of 2 to 4
 // channels over 32 KiB after grad_input alone. The backward with grad_input of an affine map over
 // 1-2 channels (zeros padding) adds grad_input by pair gathers and scatters, 16 pixels that share
@@ -54,6 +55,7 @@
 #include "ops/cpu/grid_sample_avx512_backward.h"
 #include "ops/cpu/grid_sample_avx512_channels.h"
 #include "ops/cpu/grid_sample_chunk.h"
+#include "ops/cpu/grid_sample_kernel.h"
 #include "ops/cpu/output_allocator.h"
 
 namespace fastcnn {
@@ -794,6 +796,14 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(const at::Ten
 }
 
 }  // namespace
+
+int window_rows_limit() {
+#ifdef FASTCNN_GRID_SAMPLE_AVX2
+  if (cpu_has_avx512()) return avx512::WindowRows::limit();
+#endif
+  return 0;
+}
+
 }  // namespace grid_sample
 }  // namespace fastcnn
 
