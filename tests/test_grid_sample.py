@@ -209,18 +209,20 @@ def _rotation_theta(angles, scales, shifts):
 
 @pytest.mark.skipif(fastcnn._extension.build_info().get("grid_sample_window_rows", "0") == "0",
                     reason="no AVX-512 forward on this CPU")
-@pytest.mark.parametrize("channels", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("image", [(19, 23), (67, 131)], ids=["small", "large"])
 @pytest.mark.parametrize("align", [False, True])
 @pytest.mark.parametrize("padding", ["zeros", "border"])
-def test_forward_by_row_windows_is_the_gathers_fp32(padding, align, image, channels, monkeypatch):
-    """The AVX-512 forward of an affine map (NCHW) reads a vector's taps from the few input rows
-    they lie in, as plain vectors picked by permutes, where those rows are at most
-    FASTCNN_GRID_SAMPLE_WINDOW_ROWS (measured per machine; 16 here) and the taps span under 32
-    columns; otherwise it gathers. Both read the same values into the same arithmetic: bitwise
-    equal, over maps of 1 to 17+ rows a vector, too wide (scale 2.3), reaching past every edge,
-    and with a NaN and an infinite entry; small 1-2 channel images go through the zero-bordered
-    copy, the large ones (and 3+ channels) through the edge-tested rows."""
+def test_forward_by_row_windows_is_the_gathers_fp32(padding, align, image, channels, layout, monkeypatch):
+    """The AVX-512 forward of an affine map (NCHW, and channels_last of 2-4 channels) reads a
+    vector's taps from the few input rows they lie in, as plain vectors picked by permutes, where
+    those rows are at most FASTCNN_GRID_SAMPLE_WINDOW_ROWS (measured per machine) and the taps
+    span one window (32 floats of a plane, 64 of interleaved pixels); otherwise it gathers. Both
+    read the same values into the same arithmetic: bitwise equal, over maps of 1 to 17+ rows a
+    vector, too wide (scale 2.3), reaching past every edge, and with a NaN and an infinite entry;
+    small 1-2 channel NCHW images go through the zero-bordered copy, the rest through the
+    edge-tested rows."""
     g = torch.Generator().manual_seed(channels * 10 + image[0])
     h, w = image
     angles = [0.0, 4.0, -12.0, 28.0, -45.0, 70.0, 90.0, 8.0, 15.0, 0.0, 3.0]
@@ -231,7 +233,7 @@ def test_forward_by_row_windows_is_the_gathers_fp32(padding, align, image, chann
     theta[9, 1, 1] = float("nan")
     theta[10, 0, 0] = float("inf")
     n = theta.shape[0]
-    x = torch.randn(n, channels, h, w, generator=g)
+    x = _layout(torch.randn(n, channels, h, w, generator=g), layout)
     outputs = {}
     for rows in ("0", "16"):
         monkeypatch.setenv("FASTCNN_GRID_SAMPLE_WINDOW_ROWS", rows)

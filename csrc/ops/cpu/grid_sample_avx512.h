@@ -1,24 +1,13 @@
-// The CPU sampler's AVX-512 forward (fp32): taps of 16 pixels in registers, read by gathers or,
-// for affine maps in NCHW, from the few input rows they lie in (row windows).
+// The CPU sampler's AVX-512 forward (fp32): taps of 16 pixels in registers, read by gathers or
+// from the few input rows they lie in (row windows, grid_sample_avx512_windows.h).
 // The backward is in grid_sample_avx512_backward.h, images of many channels in
 // grid_sample_avx512_channels.h. Private to grid_sample_kernel.cpp, the one translation unit
 // that includes it (everything here is in an anonymous namespace).
 #pragma once
 
-#include <chrono>
-
-#include "ops/cpu/grid_sample_chunk.h"
+#include "ops/cpu/grid_sample_avx512_windows.h"
 
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
-
-// Code between these is compiled for AVX-512 (the CPU is checked at run time). GCC 12 warns that
-// the placeholder operand of _mm512_min_ps, _max_ps, _cvttps_epi32 and _extracti64x4_epi64 may be
-// (or is) uninitialised: it is unused (every lane is written).
-#define FASTCNN_GRID_SAMPLE_AVX512_BEGIN                                                   \
-  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f\")") _Pragma("GCC diagnostic push") \
-      _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")                         \
-          _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")
-#define FASTCNN_GRID_SAMPLE_AVX512_END _Pragma("GCC diagnostic pop") _Pragma("GCC pop_options")
 
 namespace fastcnn {
 namespace grid_sample {
@@ -41,14 +30,6 @@ namespace {
 FASTCNN_GRID_SAMPLE_AVX512_BEGIN
 namespace avx512 {
 
-// The taps of 16 output pixels in registers (see Chunk for the fields).
-struct Taps16 {
-  __m512i offset;
-  __m512 w_nw, w_ne, w_sw, w_se;
-  __mmask16 nw, ne, sw, se;  // tap inside; nearest: nw only
-  __m512 dx0, dx1, dy0, dy1, scale_x, scale_y;
-  __m512i x0, y0;  // the nw tap's column and row (bilinear; in the copy for taps16_padded)
-};
 
 // The north (or south) taps of 16 pixels, x0 and x0 + 1, in an image of kChannels interleaved
 // channels (1: an NCHW plane): one run of 2 * kChannels floats per pixel, read as kChannels float
@@ -167,32 +148,53 @@ struct Interleave {
   }
 };
 
-// The bilinear forward of 16 output pixels (`count` of them) of a channels_last image of kChannels
-// channels; the channel vectors are interleaved by permutes into kChannels output vectors (three
-// scatters cost more than the gathers: 32x3x64x64 forward 1.5x PyTorch with them).
+// The bilinear samples of 16 channels_last pixels (`count` of them) from their taps, interleaved
+// into kChannels output vectors.
 template <int kChannels>
-inline void sample_nhwc_small(const float* image, float* out, const Taps16& t, int count, int64_t in_hw, int64_t in_w,
-                              const Interleave<kChannels>& il, bool all_inside = false) {
+inline void store_nhwc_small(float* out, const Taps16& t, const TapValues<kChannels>& v, int count,
+                             const Interleave<kChannels>& il) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i south = _mm512_add_epi32(t.offset, _mm512_set1_epi32(static_cast<int32_t>(in_w)));
-  // all_inside: the taps are taps16_inside's, every run lies in the image. (No all_taps_inside test
-  // on taps16_pixels' taps here: measured 3% slower on 3-channel images.)
-  __m512 top[2 * kChannels], bottom[2 * kChannels];
-  gather_run<kChannels>(image, t.offset, t.nw, t.ne, all_inside ? 0xFFFF : pairs_inside(t.offset, in_hw), top);
-  gather_run<kChannels>(image, south, t.sw, t.se, all_inside ? 0xFFFF : pairs_inside(south, in_hw), bottom);
   __m512 value[kChannels];
 #pragma GCC unroll 4
   for (int c = 0; c < kChannels; ++c) {
     // Two independent halves, as the scalar loop.
-    const __m512 north = _mm512_fmadd_ps(top[kChannels + c], t.w_ne, _mm512_mul_ps(top[c], t.w_nw));
-    const __m512 south_sum = _mm512_fmadd_ps(bottom[kChannels + c], t.w_se, _mm512_mul_ps(bottom[c], t.w_sw));
-    value[c] = _mm512_add_ps(north, south_sum);
+    const __m512 north = _mm512_fmadd_ps(v.ne[c], t.w_ne, _mm512_mul_ps(v.nw[c], t.w_nw));
+    const __m512 south = _mm512_fmadd_ps(v.se[c], t.w_se, _mm512_mul_ps(v.sw[c], t.w_sw));
+    value[c] = _mm512_add_ps(north, south);
   }
   const int elements = count * kChannels;
 #pragma GCC unroll 4
   for (int k = 0; k < kChannels; ++k)
     _mm512_mask_storeu_ps(out + 16 * k, _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(elements - 16 * k)),
                           il.vector(k, value));
+}
+
+// The bilinear forward of 16 output pixels (`count` of them) of a channels_last image of kChannels
+// channels; the channel vectors are interleaved by permutes into kChannels output vectors (three
+// scatters cost more than the gathers: 32x3x64x64 forward 1.5x PyTorch with them).
+template <int kChannels>
+inline void sample_nhwc_small(const float* image, float* out, const Taps16& t, int count, int64_t in_hw, int64_t in_w,
+                              const Interleave<kChannels>& il, bool all_inside = false) {
+  const __m512i south = _mm512_add_epi32(t.offset, _mm512_set1_epi32(static_cast<int32_t>(in_w)));
+  // all_inside: the taps are taps16_inside's, every run lies in the image. (No all_taps_inside test
+  // on taps16_pixels' taps here: measured 3% slower on 3-channel images.)
+  __m512 top[2 * kChannels], bottom[2 * kChannels];
+  gather_run<kChannels>(image, t.offset, t.nw, t.ne, all_inside ? 0xFFFF : pairs_inside(t.offset, in_hw), top);
+  gather_run<kChannels>(image, south, t.sw, t.se, all_inside ? 0xFFFF : pairs_inside(south, in_hw), bottom);
+  TapValues<kChannels> v;
+#pragma GCC unroll 4
+  for (int c = 0; c < kChannels; ++c)
+    v.nw[c] = top[c], v.ne[c] = top[kChannels + c], v.sw[c] = bottom[c], v.se[c] = bottom[kChannels + c];
+  store_nhwc_small(out, t, v, count, il);
+}
+
+// sample_nhwc_small from the taps' window (make_window of Window<kChannels, 4>).
+template <int kChannels>
+inline void sample_nhwc_window(const float* image, float* out, const Taps16& t, const Window<kChannels, 4>& w,
+                               int count, __mmask16 live, int64_t in_w, int64_t in_h, const Interleave<kChannels>& il) {
+  TapValues<kChannels> v;
+  window_taps<kChannels>(image, 0, in_w * kChannels, in_h, t, w, live, &v);
+  store_nhwc_small(out, t, v, count, il);
 }
 
 // Per-axis constants of taps() (see avx2::Axis).
@@ -496,200 +498,16 @@ inline void sample_nchw_inside(const float* input, float* out, const Taps16& t, 
   }
 }
 
-// Row windows: along an output row the taps of 16 pixels lie in a few input rows (an affine map
-// moves them by a constant step), within 32 columns unless the map shrinks the image more than
-// about 2x. Each such row is read as two vectors of 16 columns and both taps of every pixel on it
-// are picked by permutes, instead of four pair gathers a channel. On the Intel Xeon of
-// 2026-12-01 a pair gather took 29-38 cycles (8 or 16 lanes alike; earlier sessions' host of the
-// same model, 3.6-7: microcode that mitigates gather data sampling makes the difference) and a
-// window row about 6, so rows win up to far more than the 2-10 of an STN's maps (rotations within
-// 30 degrees): the NCHW forward of the three STN shapes went from 2.4-2.8x PyTorch's speed to
-// 3.3-5.3x (in process, 2 threads). WindowRows decides up to how many rows per machine. The values
-// and their arithmetic are the gathers' (bitwise the same result).
-constexpr int kWindowColumns = 32;
-constexpr int kMaxWindowRows = 16;
-
-// Up to how many rows a vector's taps are read from its window rather than gathered: 0 (gathers
-// only) to kMaxWindowRows. Gathers cost 3.6-7 cycles on one Intel Xeon host and 25-30 on another
-// of the same model (its microcode mitigating gather data sampling), so the limit is measured
-// once per process: how many window rows take the time of one channel's four pair gathers, both
-// timed on an image in L1 (about 0.1 ms). FASTCNN_GRID_SAMPLE_WINDOW_ROWS sets it instead (read
-// once per call).
-struct WindowRows {
-  static int limit() {
-    const char* text = std::getenv("FASTCNN_GRID_SAMPLE_WINDOW_ROWS");
-    if (text && *text) return std::max(0, std::min(kMaxWindowRows, std::atoi(text)));
-    static const int measured = measure();
-    return measured;
-  }
-
-  // Cycles a pair gather of 8 lanes takes when many are in flight: gathers timed against a chain
-  // of dependent 64-bit multiplies (3 cycles each on every x86 core of the last decade), best of
-  // interleaved tries, all in registers. About 0.1 ms.
-  static double gather_cycles() {
-    constexpr int kGathers = 256, kMultiplies = 2048;
-    alignas(64) static float image[4096];
-    const __m512i lanes = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    __m512 sink = _mm512_setzero_ps();
-    uint64_t chain = 3;
-    double gather_ns = 1e30, cycle_ns = 1e30;
-    auto elapsed = [](auto start) {
-      return std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start).count();
-    };
-    for (int trial = 0; trial < 9; ++trial) {
-      auto start = std::chrono::steady_clock::now();
-      for (int i = 0; i < kGathers; i += 2) {
-        __m512i index = _mm512_add_epi32(lanes, _mm512_set1_epi32((i * 536) & 4032));  // 16 pairs, rows apart
-        const __m512d low = _mm512_i32gather_pd(_mm512_castsi512_si256(index), image, 4);
-        const __m512d high = _mm512_i32gather_pd(_mm512_extracti64x4_epi64(index, 1), image, 4);
-        sink = _mm512_add_ps(sink, _mm512_castpd_ps(_mm512_add_pd(low, high)));
-        __asm__ volatile("" : "+v"(sink), "+v"(index));  // not hoisted nor folded
-      }
-      gather_ns = std::min(gather_ns, elapsed(start) / kGathers);
-      start = std::chrono::steady_clock::now();
-      for (int i = 0; i < kMultiplies; ++i) __asm__ volatile("imul %0, %0" : "+r"(chain));
-      cycle_ns = std::min(cycle_ns, elapsed(start) / (3.0 * kMultiplies));
-    }
-    return gather_ns / cycle_ns;
-  }
-
-  // A channel of 16 pixels takes four pair gathers, or about 6 cycles a window row (the slope of
-  // sample_nchw_window_block<1> from 2 to 10 rows on the Intel Xeon, an image in L1: 1.9-2.5 ns
-  // a row at 2.8 GHz).
-  static int measure() {
-    constexpr double kRowCycles = 6.0;
-    return static_cast<int>(std::max(0.0, std::min<double>(kMaxWindowRows, 4 * gather_cycles() / kRowCycles)));
-  }
-};
-
-struct RowWindow {
-  __m512i left, right;  // x0 and x0 + 1 as columns of the window
-  int64_t x_begin;      // the window's first column; may lie left of the image
-  int64_t y_begin;      // its first row (the smallest y0); may lie above the image
-  int rows;             // y_begin .. y_begin + rows - 1: the largest y0 plus one
-  __mmask16 low_columns, high_columns;  // the window's columns inside [0, in_w)
-};
-
-// The window of taps whose nw corners span columns [x_min, x_max] and rows [y_min, y_max]; false
-// when they do not fit one (too wide, or more than max_rows rows).
-inline bool row_window(__m512i x0, int64_t x_min, int64_t x_max, int64_t y_min, int64_t y_max, int64_t in_w,
-                       int max_rows, RowWindow* w) {
-  if (x_max + 1 - x_min >= kWindowColumns || y_max + 2 - y_min > max_rows) return false;
-  w->x_begin = x_min, w->y_begin = y_min, w->rows = static_cast<int>(y_max + 2 - y_min);
-  w->left = _mm512_sub_epi32(x0, _mm512_set1_epi32(static_cast<int32_t>(x_min)));
-  w->right = _mm512_add_epi32(w->left, _mm512_set1_epi32(1));
-  const int64_t first = std::max<int64_t>(0, -x_min), last = std::min<int64_t>(kWindowColumns, in_w - x_min);
-  const uint32_t columns =
-      last > first ? static_cast<uint32_t>(((uint64_t(1) << last) - 1) & ~((uint64_t(1) << first) - 1)) : 0u;
-  w->low_columns = static_cast<__mmask16>(columns), w->high_columns = static_cast<__mmask16>(columns >> 16);
-  return true;
-}
-
-// row_window from the taps' own x0 and y0 (any map; the live lanes' extremes by reductions).
-inline bool row_window(const Taps16& t, __mmask16 live, int64_t in_w, int max_rows, RowWindow* w) {
-  return row_window(t.x0, _mm512_mask_reduce_min_epi32(live, t.x0), _mm512_mask_reduce_max_epi32(live, t.x0),
-                    _mm512_mask_reduce_min_epi32(live, t.y0), _mm512_mask_reduce_max_epi32(live, t.y0), in_w,
-                    max_rows, w);
-}
-
-// row_window of pixels along a row of a finite affine map: their clamped x0 and y0 are monotonic
-// (fma of finite values rounds monotonically; an overflow becomes a bound), so the first and the
-// last of the `count` live lanes are the extremes. (Not so for a map with an infinite or NaN entry:
-// border padding sends a NaN lane to -2, below its neighbours' 0.)
-inline bool row_window_ends(const Taps16& t, int count, int64_t in_w, int max_rows, RowWindow* w) {
-  const __m512i last = _mm512_set1_epi32(count - 1);
-  auto first_and_last = [&](__m512i v, int64_t* low, int64_t* high) {
-    const int32_t a = _mm_cvtsi128_si32(_mm512_castsi512_si128(v));
-    const int32_t b = _mm_cvtsi128_si32(_mm512_castsi512_si128(_mm512_permutexvar_epi32(last, v)));
-    *low = std::min(a, b), *high = std::max(a, b);
-  };
-  int64_t x_min, x_max, y_min, y_max;
-  first_and_last(t.x0, &x_min, &x_max);
-  first_and_last(t.y0, &y_min, &y_max);
-  return row_window(t.x0, x_min, x_max, y_min, y_max, in_w, max_rows, w);
-}
-
-// sample_nchw of 16 pixels from the rows of their window, kChannels planes at a time (rows outer:
-// a row's lane masks are computed once for them). Rows outside the image are skipped (the taps on
-// them are outside, their masks clear); columns outside read zero.
-template <int kChannels>
-__attribute__((always_inline)) inline void sample_nchw_window_block(const float* input, float* out, const Taps16& t, const RowWindow& w,
-                                     __mmask16 live, int64_t in_hw, int64_t out_hw, int64_t in_w, int64_t in_h) {
-  const int j_begin = static_cast<int>(std::max<int64_t>(0, -w.y_begin));
-  const int j_end = static_cast<int>(std::min<int64_t>(w.rows, in_h - w.y_begin));
-  auto on_row = [&](int j) {
-    return _mm512_mask_cmpeq_epi32_mask(live, t.y0, _mm512_set1_epi32(static_cast<int32_t>(w.y_begin + j)));
-  };
-  const __m512 zero = _mm512_setzero_ps();
-  __m512 top[kChannels][2], bottom[kChannels][2];  // nw, ne and sw, se
-#pragma GCC unroll 4
-  for (int c = 0; c < kChannels; ++c) top[c][0] = top[c][1] = bottom[c][0] = bottom[c][1] = zero;
-  // Row j of the window is the north row of the lanes whose y0 is y_begin + j and the south row of
-  // those one above (no y0 lies above y_begin).
-  __mmask16 above = j_begin > 0 ? on_row(j_begin - 1) : 0;
-  const float* row = input + (w.y_begin + j_begin) * in_w + w.x_begin;
-  for (int j = j_begin; j < j_end; ++j, row += in_w) {
-    const __mmask16 on = on_row(j);
-    const __mmask16 nw = on & t.nw, ne = on & t.ne, sw = above & t.sw, se = above & t.se;
-    above = on;
-#pragma GCC unroll 4
-    for (int c = 0; c < kChannels; ++c) {
-      const __m512 low = _mm512_maskz_loadu_ps(w.low_columns, row + c * in_hw);
-      const __m512 high = _mm512_maskz_loadu_ps(w.high_columns, row + c * in_hw + 16);
-      const __m512 left = _mm512_permutex2var_ps(low, w.left, high);
-      const __m512 right = _mm512_permutex2var_ps(low, w.right, high);
-      top[c][0] = _mm512_mask_mov_ps(top[c][0], nw, left);
-      top[c][1] = _mm512_mask_mov_ps(top[c][1], ne, right);
-      bottom[c][0] = _mm512_mask_mov_ps(bottom[c][0], sw, left);
-      bottom[c][1] = _mm512_mask_mov_ps(bottom[c][1], se, right);
-    }
-  }
-#pragma GCC unroll 4
-  for (int c = 0; c < kChannels; ++c) {
-    // sample_nchw's arithmetic.
-    const __m512 north = _mm512_fmadd_ps(top[c][1], t.w_ne, _mm512_mul_ps(top[c][0], t.w_nw));
-    const __m512 south = _mm512_fmadd_ps(bottom[c][1], t.w_se, _mm512_mul_ps(bottom[c][0], t.w_sw));
-    _mm512_mask_storeu_ps(out + c * out_hw, live, _mm512_add_ps(north, south));
-  }
-}
-
-__attribute__((always_inline)) inline void sample_nchw_window(const float* input, float* out, const Taps16& t, const RowWindow& w, __mmask16 live,
-                               int64_t channels, int64_t in_hw, int64_t out_hw, int64_t in_w, int64_t in_h) {
-  int64_t c = 0;
-  for (; c + 4 <= channels; c += 4)
-    sample_nchw_window_block<4>(input + c * in_hw, out + c * out_hw, t, w, live, in_hw, out_hw, in_w, in_h);
-  const float* rest = input + c * in_hw;
-  float* rest_out = out + c * out_hw;
-  switch (channels - c) {
-    case 3: sample_nchw_window_block<3>(rest, rest_out, t, w, live, in_hw, out_hw, in_w, in_h); break;
-    case 2: sample_nchw_window_block<2>(rest, rest_out, t, w, live, in_hw, out_hw, in_w, in_h); break;
-    case 1: sample_nchw_window_block<1>(rest, rest_out, t, w, live, in_hw, out_hw, in_w, in_h); break;
-    default: break;
-  }
-}
-
 // Whether all four taps of every pixel p .. p + count - 1 of an affine row lie inside the image:
 // 0 <= x < W - 1 and 0 <= y < H - 1 (x0 + 1 and y0 + 1 inside too). The map is monotonic along
 // the row (base_x increases, and fma rounds monotonically), so its two end pixels bound the rest;
 // std::fma here is the vector path's fmadd lane for lane. A NaN fails every comparison.
-struct AffineSpan {
-  float x0, x1, y0, y1;  // the coordinates of the first and the last pixel
-  bool inside(float x_limit, float y_limit) const {
-    return x0 >= 0.0f && x1 >= 0.0f && x0 < x_limit && x1 < x_limit && y0 >= 0.0f && y1 >= 0.0f && y0 < y_limit &&
-           y1 < y_limit;
-  }
-  // row_window of the span's pixels, whose coordinates are finite.
-  bool window(const Taps16& t, int64_t in_w, int max_rows, RowWindow* w) const {
-    return row_window(t.x0, static_cast<int64_t>(std::floor(std::min(x0, x1))),
-                      static_cast<int64_t>(std::floor(std::max(x0, x1))),
-                      static_cast<int64_t>(std::floor(std::min(y0, y1))),
-                      static_cast<int64_t>(std::floor(std::max(y0, y1))), in_w, max_rows, w);
-  }
-};
-inline AffineSpan affine_span(const AffineRow& map, int64_t p, int count) {
+inline bool affine_span_inside(const AffineRow& map, int64_t p, int count, float x_limit, float y_limit) {
   const float b0 = map.base_x[p], b1 = map.base_x[p + count - 1];
-  return {std::fma(map.ax, b0, map.cx), std::fma(map.ax, b1, map.cx), std::fma(map.ay, b0, map.cy),
-          std::fma(map.ay, b1, map.cy)};
+  const float x0 = std::fma(map.ax, b0, map.cx), x1 = std::fma(map.ax, b1, map.cx);
+  const float y0 = std::fma(map.ay, b0, map.cy), y1 = std::fma(map.ay, b1, map.cy);
+  return x0 >= 0.0f && x1 >= 0.0f && x0 < x_limit && x1 < x_limit && y0 >= 0.0f && y1 >= 0.0f && y0 < y_limit &&
+         y1 < y_limit;
 }
 
 // One output row of an affine map, bilinear, zeros or border padding, NCHW (kChannels 0) or
@@ -711,32 +529,32 @@ inline void forward_row_affine(const float* image, float* out, const AffineRow& 
     const __mmask16 live = static_cast<__mmask16>((1u << count) - 1);
     const __m512 bx = _mm512_maskz_loadu_ps(live, map.base_x + p);
     const __m512 ix = _mm512_fmadd_ps(ax, bx, cx), iy = _mm512_fmadd_ps(ay, bx, cy);
-    const AffineSpan span = affine_span(map, p, count);
-    const bool inside = span.inside(x_limit, y_limit);
+    const bool inside = affine_span_inside(map, p, count, x_limit, y_limit);
     if constexpr (kChannels == 0) {
-      RowWindow w;
+      PlaneWindow w;
       if (inside) {
         const Taps16 t = taps16_inside(ix, iy, k, live);
-        if (window_rows && span.window(t, g.in_w, window_rows, &w))
+        if (window_rows && make_window_from_ends(t, count, g.in_w, window_rows, &w))
           sample_nchw_window(image, out + p, t, w, live, g.channels, in_hw, out_hw, g.in_w, g.in_h);
         else
           sample_nchw_inside(image, out + p, t, live, g.channels, in_hw, out_hw, g.in_w);
       } else {
         const Taps16 t = taps16_pixels(ix, iy, k, live);
-        if (window_rows && (finite ? row_window_ends(t, count, g.in_w, window_rows, &w)
-                                   : row_window(t, live, g.in_w, window_rows, &w)))
+        if (window_rows && (finite ? make_window_from_ends(t, count, g.in_w, window_rows, &w)
+                                   : make_window(t, live, g.in_w, window_rows, &w)))
           sample_nchw_window(image, out + p, t, w, live, g.channels, in_hw, out_hw, g.in_w, g.in_h);
         else
           sample_nchw(image, out + p, t, live, g.channels, in_hw, out_hw, g.in_w, true);
       }
     } else {
       static const Interleave<kChannels> il;
-      if (inside)
-        sample_nhwc_small<kChannels>(image, out + p * kChannels, taps16_inside(ix, iy, k, live), count, in_hw, g.in_w,
-                                     il, true);
+      const Taps16 t = inside ? taps16_inside(ix, iy, k, live) : taps16_pixels(ix, iy, k, live);
+      Window<kChannels, 4> w;
+      if (window_rows && (inside || finite ? make_window_from_ends(t, count, g.in_w, window_rows, &w)
+                                           : make_window(t, live, g.in_w, window_rows, &w)))
+        sample_nhwc_window<kChannels>(image, out + p * kChannels, t, w, count, live, g.in_w, g.in_h, il);
       else
-        sample_nhwc_small<kChannels>(image, out + p * kChannels, taps16_pixels(ix, iy, k, live), count, in_hw,
-                                     g.in_w, il, false);
+        sample_nhwc_small<kChannels>(image, out + p * kChannels, t, count, in_hw, g.in_w, il, inside);
     }
   }
 }
@@ -815,9 +633,9 @@ void forward_row_padded(const float* padded, float* out, const Geometry& g, cons
     coords(p, count, live, &ix, &iy);
     const Taps16 t = taps16_padded(ix, iy, k, live, padded_w_f);
     if constexpr (kChannels == 0) {
-      RowWindow w;
-      if (window_rows && (monotonic ? row_window_ends(t, count, padded_w, window_rows, &w)
-                                    : row_window(t, live, padded_w, window_rows, &w)))
+      PlaneWindow w;
+      if (window_rows && (monotonic ? make_window_from_ends(t, count, padded_w, window_rows, &w)
+                                    : make_window(t, live, padded_w, window_rows, &w)))
         sample_nchw_window(padded, out + p, t, w, live, g.channels, padded_hw, out_hw, padded_w, g.in_h + 2 * kBorder);
       else
         sample_nchw_inside(padded, out + p, t, live, g.channels, padded_hw, out_hw, padded_w);
