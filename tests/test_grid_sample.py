@@ -244,6 +244,42 @@ def test_forward_by_row_windows_is_the_gathers_fp32(padding, align, image, chann
     torch.testing.assert_close(outputs["16"][:9].double(), reference, rtol=0, atol=1e-4)
 
 
+@pytest.mark.skipif(fastcnn._extension.build_info().get("grid_sample_window_rows", "0") == "0",
+                    reason="no AVX-512 forward on this CPU")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("image", [(19, 23), (67, 131)], ids=["small", "large"])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_coordinate_gradient_by_row_windows_is_the_gathers_fp32(padding, image, channels, layout, monkeypatch):
+    """The AVX-512 coordinate gradient (NCHW up to 8 channels, channels_last 2-4: theta's or the
+    grid's gradient when the input needs none, and for channels_last images over 32 KiB next to
+    grad_input) reads its taps from row windows as the forward does: bitwise the gathers' result,
+    for affine maps (as test_forward_by_row_windows_is_the_gathers_fp32) and for a smooth grid
+    with noise (the window's extremes by reductions; some vectors too spread for one)."""
+    g = torch.Generator().manual_seed(channels * 7 + image[0])
+    h, w = image
+    theta = _rotation_theta([0.0, 10.0, -25.0, 60.0, 5.0, 0.0], [1.0, 1.1, 0.8, 1.0, 2.3, 0.9],
+                            [(0.0, 0.0), (0.3, -0.2), (-0.5, 0.6), (0.1, 0.0), (0.0, 0.1), (1.5, 0.0)])
+    n = theta.shape[0]
+    size = (n, channels, h - 2, w + 3)
+    x = _layout(torch.randn(n, channels, h, w, generator=g), layout)
+    grid = F.affine_grid(theta, size, align_corners=False)
+    grid = grid + 0.02 * torch.randn(grid.shape, generator=g)
+    gout = _layout(torch.randn(size, generator=g), layout)
+    grads = {}
+    for rows in ("0", "16"):
+        monkeypatch.setenv("FASTCNN_GRID_SAMPLE_WINDOW_ROWS", rows)
+        t, gr = theta.clone().requires_grad_(), grid.clone().requires_grad_()
+        a = x.clone().requires_grad_()
+        grads[rows] = [
+            *torch.autograd.grad(affine_grid_sample(x, t, size, "bilinear", padding, False), (t,), gout),
+            *torch.autograd.grad(grid_sample(x, gr, "bilinear", padding, False), (gr,), gout),
+            *torch.autograd.grad(affine_grid_sample(a, t, size, "bilinear", padding, False), (a, t), gout),
+        ]
+    for name, gathered, windowed in zip(("theta", "grid", "input", "theta with input"), grads["0"], grads["16"]):
+        assert torch.equal(gathered, windowed), name
+
+
 @pytest.mark.parametrize("out_hw", [(37, 41), (28, 27)])
 @pytest.mark.parametrize("channels", [1, 2])
 @pytest.mark.parametrize("align", [False, True])

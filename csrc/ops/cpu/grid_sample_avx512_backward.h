@@ -15,19 +15,23 @@ namespace {
 FASTCNN_GRID_SAMPLE_AVX512_BEGIN
 namespace avx512 {
 
-// grad_x / grad_y += gout * d(sample)/d(x, y) of 16 pixels over one NCHW plane (the shared
-// header's bilinear_coordinate_grad, lane-parallel), the taps read by pair gathers (zero outside).
+// grad_x / grad_y += gout * d(sample)/d(x, y) of 16 pixels from their four taps (the shared
+// header's bilinear_coordinate_grad, lane-parallel); add_plane_coordinate_grad reads the taps of
+// an NCHW plane by pair gathers (zero outside).
+inline void add_coordinate_grad(__m512 nw, __m512 ne, __m512 sw, __m512 se, const Taps16& t, __m512 gout,
+                                __m512* grad_x, __m512* grad_y) {
+  const __m512 d_dx = _mm512_fmadd_ps(_mm512_sub_ps(ne, nw), t.dy1, _mm512_mul_ps(_mm512_sub_ps(se, sw), t.dy0));
+  const __m512 d_dy = _mm512_fmadd_ps(_mm512_sub_ps(sw, nw), t.dx1, _mm512_mul_ps(_mm512_sub_ps(se, ne), t.dx0));
+  *grad_x = _mm512_fmadd_ps(gout, d_dx, *grad_x);
+  *grad_y = _mm512_fmadd_ps(gout, d_dy, *grad_y);
+}
+
 inline void add_plane_coordinate_grad(const float* plane, const Taps16& t, __m512i south, __mmask16 north_safe,
                                       __mmask16 south_safe, __m512 gout, __m512* grad_x, __m512* grad_y) {
   __m512 top[2], bottom[2];  // nw, ne and sw, se
   gather_run<1>(plane, t.offset, t.nw, t.ne, north_safe, top);
   gather_run<1>(plane, south, t.sw, t.se, south_safe, bottom);
-  const __m512 d_dx = _mm512_fmadd_ps(_mm512_sub_ps(top[1], top[0]), t.dy1,
-                                      _mm512_mul_ps(_mm512_sub_ps(bottom[1], bottom[0]), t.dy0));
-  const __m512 d_dy = _mm512_fmadd_ps(_mm512_sub_ps(bottom[0], top[0]), t.dx1,
-                                      _mm512_mul_ps(_mm512_sub_ps(bottom[1], top[1]), t.dx0));
-  *grad_x = _mm512_fmadd_ps(gout, d_dx, *grad_x);
-  *grad_y = _mm512_fmadd_ps(gout, d_dy, *grad_y);
+  add_coordinate_grad(top[0], top[1], bottom[0], bottom[1], t, gout, grad_x, grad_y);
 }
 
 // theta's six sums over one image (ThetaSink's order: dx * base_x, dx * base_y, dx, then dy's) as
@@ -103,9 +107,32 @@ void coordinate_grad_row(int64_t out_w, const RowTaps& row_taps, const PixelGrad
 template <typename RowTaps>
 void coordinate_grad_row_nchw(const float* image, const float* grad_output, int64_t out_w, const Geometry& g,
                               const RowTaps& row_taps, const float* base_x, float* grid_out, float base_y,
-                              ThetaLanes* theta) {
+                              ThetaLanes* theta, int window_rows) {
   const int64_t in_hw = g.in_h * g.in_w, out_hw = g.out_h * g.out_w;
   const auto pixel_grads = [&](int64_t p, int, __mmask16 live, const Taps16& t, __m512* grad_x, __m512* grad_y) {
+    PlaneWindow w;
+    if (window_rows && make_window(t, live, g.in_w, window_rows, &w)) {
+      // The taps from their rows, four planes at a time; add_plane_coordinate_grad's arithmetic.
+      auto block = [&](auto block_channels, int64_t c0) {
+        constexpr int kChannels = decltype(block_channels)::value;
+        TapValues<kChannels> v;
+        window_taps<kChannels>(image + c0 * in_hw, in_hw, g.in_w, g.in_h, t, w, live, &v);
+#pragma GCC unroll 4
+        for (int c = 0; c < kChannels; ++c) {
+          const __m512 gout = _mm512_maskz_loadu_ps(live, grad_output + (c0 + c) * out_hw + p);
+          add_coordinate_grad(v.nw[c], v.ne[c], v.sw[c], v.se[c], t, gout, grad_x, grad_y);
+        }
+      };
+      int64_t c = 0;
+      for (; c + 4 <= g.channels; c += 4) block(std::integral_constant<int, 4>(), c);
+      switch (g.channels - c) {
+        case 3: block(std::integral_constant<int, 3>(), c); break;
+        case 2: block(std::integral_constant<int, 2>(), c); break;
+        case 1: block(std::integral_constant<int, 1>(), c); break;
+        default: break;
+      }
+      return;
+    }
     const __m512i south = _mm512_add_epi32(t.offset, _mm512_set1_epi32(static_cast<int32_t>(g.in_w)));
     auto channels_loop = [&](__mmask16 north_safe, __mmask16 south_safe) {
       for (int64_t c = 0; c < g.channels; ++c) {
@@ -150,16 +177,25 @@ struct Deinterleave {
 template <int kChannels, typename RowTaps>
 void coordinate_grad_row_nhwc(const float* image, const float* grad_output, int64_t out_w, const Geometry& g,
                               const RowTaps& row_taps, const Deinterleave<kChannels>& di, const float* base_x,
-                              float* grid_out, float base_y, ThetaLanes* theta) {
+                              float* grid_out, float base_y, ThetaLanes* theta, int window_rows) {
   const int64_t in_hw = g.in_h * g.in_w;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const auto pixel_grads = [&](int64_t p, int count, __mmask16 live, const Taps16& t, __m512* grad_x,
                                __m512* grad_y) {
-    const __m512i south = _mm512_add_epi32(t.offset, _mm512_set1_epi32(static_cast<int32_t>(g.in_w)));
-    const bool inside = all_taps_inside(t, live);
-    __m512 top[2 * kChannels], bottom[2 * kChannels];
-    gather_run<kChannels>(image, t.offset, t.nw, t.ne, inside ? 0xFFFF : pairs_inside(t.offset, in_hw), top);
-    gather_run<kChannels>(image, south, t.sw, t.se, inside ? 0xFFFF : pairs_inside(south, in_hw), bottom);
+    TapValues<kChannels> v;
+    Window<kChannels, 4> w;
+    if (window_rows && make_window(t, live, g.in_w, window_rows, &w)) {
+      window_taps<kChannels>(image, 0, g.in_w * kChannels, g.in_h, t, w, live, &v);
+    } else {
+      const __m512i south = _mm512_add_epi32(t.offset, _mm512_set1_epi32(static_cast<int32_t>(g.in_w)));
+      const bool inside = all_taps_inside(t, live);
+      __m512 top[2 * kChannels], bottom[2 * kChannels];
+      gather_run<kChannels>(image, t.offset, t.nw, t.ne, inside ? 0xFFFF : pairs_inside(t.offset, in_hw), top);
+      gather_run<kChannels>(image, south, t.sw, t.se, inside ? 0xFFFF : pairs_inside(south, in_hw), bottom);
+#pragma GCC unroll 4
+      for (int c = 0; c < kChannels; ++c)
+        v.nw[c] = top[c], v.ne[c] = top[kChannels + c], v.sw[c] = bottom[c], v.se[c] = bottom[kChannels + c];
+    }
     __m512 interleaved[kChannels];
     const int elements = count * kChannels;
 #pragma GCC unroll 4
@@ -172,12 +208,7 @@ void coordinate_grad_row_nhwc(const float* image, const float* grad_output, int6
 #pragma GCC unroll 4
       for (int k = 0; k < kChannels; ++k)
         gout = _mm512_mask_permutexvar_ps(gout, di.from_vector[c][k], di.lane_of[c], interleaved[k]);
-      // bilinear_coordinate_grad, as add_plane_coordinate_grad.
-      const __m512 nw = top[c], ne = top[kChannels + c], sw = bottom[c], se = bottom[kChannels + c];
-      const __m512 d_dx = _mm512_fmadd_ps(_mm512_sub_ps(ne, nw), t.dy1, _mm512_mul_ps(_mm512_sub_ps(se, sw), t.dy0));
-      const __m512 d_dy = _mm512_fmadd_ps(_mm512_sub_ps(sw, nw), t.dx1, _mm512_mul_ps(_mm512_sub_ps(se, ne), t.dx0));
-      *grad_x = _mm512_fmadd_ps(gout, d_dx, *grad_x);
-      *grad_y = _mm512_fmadd_ps(gout, d_dy, *grad_y);
+      add_coordinate_grad(v.nw[c], v.ne[c], v.sw[c], v.se[c], t, gout, grad_x, grad_y);
     }
   };
   coordinate_grad_row(out_w, row_taps, pixel_grads, base_x, grid_out, base_y, theta);
@@ -189,7 +220,7 @@ void coordinate_grad_row_nhwc(const float* image, const float* grad_output, int6
 template <typename Source>
 void coordinate_grad_image_nchw(const float* image, const float* grad_output, const Source& source,
                                 const Geometry& g, int64_t n, const float* base_x, const float* base_y,
-                                float* grid_grad, double theta_sums[6]) {
+                                float* grid_grad, double theta_sums[6], int window_rows) {
   const TapsConstants k(g);
   ThetaLanes theta(theta_sums);
   const auto row_y = [&](int64_t oy) { return grid_grad ? 0.0f : base_y[oy]; };
@@ -211,7 +242,7 @@ void coordinate_grad_image_nchw(const float* image, const float* grad_output, co
           return taps16_padded(ix, iy, k, live, padded_w);
         };
         coordinate_grad_row_nchw(copy, grad_output + oy * g.out_w, g.out_w, bordered, row_taps, base_x,
-                                 grid_grad ? grid_grad + oy * g.out_w * 2 : nullptr, row_y(oy), &theta);
+                                 grid_grad ? grid_grad + oy * g.out_w * 2 : nullptr, row_y(oy), &theta, window_rows);
       });
     }
     if (!grid_grad) theta.flush();
@@ -220,7 +251,7 @@ void coordinate_grad_image_nchw(const float* image, const float* grad_output, co
   for (int64_t oy = 0; oy < g.out_h; ++oy) {
     with_row_taps(source, g, k, n, oy, [&](const auto& row_taps) {
       coordinate_grad_row_nchw(image, grad_output + oy * g.out_w, g.out_w, g, row_taps, base_x,
-                               grid_grad ? grid_grad + oy * g.out_w * 2 : nullptr, row_y(oy), &theta);
+                               grid_grad ? grid_grad + oy * g.out_w * 2 : nullptr, row_y(oy), &theta, window_rows);
     });
   }
   if (!grid_grad) theta.flush();
@@ -231,7 +262,7 @@ void coordinate_grad_image_nchw(const float* image, const float* grad_output, co
 template <typename Source>
 void coordinate_grad_image_nhwc(const float* image, const float* grad_output, const Source& source,
                                 const Geometry& g, int64_t n, const float* base_x, const float* base_y,
-                                float* grid_grad, double theta_sums[6]) {
+                                float* grid_grad, double theta_sums[6], int window_rows) {
   const TapsConstants k(g);
   ThetaLanes theta(theta_sums);
   const auto row_y = [&](int64_t oy) { return grid_grad ? 0.0f : base_y[oy]; };
@@ -242,7 +273,7 @@ void coordinate_grad_image_nhwc(const float* image, const float* grad_output, co
       with_row_taps(source, g, k, n, oy, [&](const auto& row_taps) {
         coordinate_grad_row_nhwc<kChannels>(image, grad_output + oy * g.out_w * kChannels, g.out_w, g, row_taps, di,
                                             base_x, grid_grad ? grid_grad + oy * g.out_w * 2 : nullptr,
-                                            row_y(oy), &theta);
+                                            row_y(oy), &theta, window_rows);
       });
     }
   };

@@ -15,9 +15,10 @@
 // forwards keep the taps in registers, row by row, instead of chunk arrays (an affine row's
 // vectors whose taps all lie inside skip the edge tests; small 1-2 channel NCHW images are read
 // from a zero-bordered copy, with none; NCHW affine rows read the taps of a vector from the few
-// input rows they lie in, by plain loads and permutes, where gathers cost more: row windows); so does the coordinate gradient when grad_input is not
-// wanted (NCHW up to 8 channels, channels_last 2 to 4), and for channels_last images of 2 to 4
-// channels over 32 KiB after grad_input alone. The backward with grad_input of an affine map over
+// input rows they lie in, by plain loads and permutes, where gathers cost more: row windows, as do
+// channels_last ones of 2-4 channels); so does the coordinate gradient when grad_input is not
+// wanted (NCHW up to 8 channels, channels_last 2 to 4; its taps from row windows too), and for
+// channels_last images of 2 to 4 channels over 32 KiB after grad_input alone. The backward with grad_input of an affine map over
 // 1-2 channels (zeros padding) adds grad_input by pair gathers and scatters, 16 pixels that share
 // no tap at a time (backward_affine_image_lattice); otherwise, up to 8 channels, it stays on the
 // AVX2 loops. Images of more channels run channel vectors, pixel by pixel; NCHW ones through a
@@ -517,6 +518,9 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
   [[maybe_unused]] const bool lattice = affine_fp32 && vector_taps == Taps::Avx512 && !channels_last &&
                                         C <= kLatticeChannels && bilinear && g.padding == Padding::Zeros &&
                                         want_input && g.out_h < (1 << 15) && g.out_w < (1 << 15);
+#ifdef FASTCNN_GRID_SAMPLE_AVX2
+  const int window_rows = vector_taps == Taps::Avx512 ? avx512::WindowRows::limit() : 0;
+#endif
   at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
     Chunk<acc_t> ch;
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
@@ -626,10 +630,10 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
           }
           if (coords_only)
             avx512::coordinate_grad_image_nchw(input + n * C * in_hw, grad_output + n * C * out_hw, source, g, n,
-                                               base_x, base_y, grid_grad, theta_sums);
+                                               base_x, base_y, grid_grad, theta_sums, window_rows);
           else
             avx512::coordinate_grad_image_nhwc(input + n * C * in_hw, grad_output + n * C * out_hw, source, g, n,
-                                               base_x, base_y, grid_grad, theta_sums);
+                                               base_x, base_y, grid_grad, theta_sums, window_rows);
           if constexpr (std::is_same_v<Sink, ThetaSink<float, float>>) sink.add_image(theta_sums);
           if (want_coords) sink.end(n);
           continue;
