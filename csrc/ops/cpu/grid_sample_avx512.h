@@ -189,11 +189,11 @@ inline void sample_nhwc_small(const float* image, float* out, const Taps16& t, i
 }
 
 // sample_nhwc_small from the taps' window (make_window of Window<kChannels, 4>).
-template <int kChannels>
+template <int kChannels, bool kLiveTaps = false>
 inline void sample_nhwc_window(const float* image, float* out, const Taps16& t, const Window<kChannels, 4>& w,
                                int count, __mmask16 live, int64_t in_w, int64_t in_h, const Interleave<kChannels>& il) {
   TapValues<kChannels> v;
-  window_taps<kChannels>(image, 0, in_w * kChannels, in_h, t, w, live, &v);
+  window_taps<kChannels, kLiveTaps>(image, 0, in_w * kChannels, in_h, t, w, live, &v);
   store_nhwc_small(out, t, v, count, il);
 }
 
@@ -535,7 +535,7 @@ inline void forward_row_affine(const float* image, float* out, const AffineRow& 
       if (inside) {
         const Taps16 t = taps16_inside(ix, iy, k, live);
         if (window_rows && make_window_from_ends(t, count, g.in_w, window_rows, &w))
-          sample_nchw_window(image, out + p, t, w, live, g.channels, in_hw, out_hw, g.in_w, g.in_h);
+          sample_nchw_window<true>(image, out + p, t, w, live, g.channels, in_hw, out_hw, g.in_w, g.in_h);
         else
           sample_nchw_inside(image, out + p, t, live, g.channels, in_hw, out_hw, g.in_w);
       } else {
@@ -550,8 +550,10 @@ inline void forward_row_affine(const float* image, float* out, const AffineRow& 
       static const Interleave<kChannels> il;
       const Taps16 t = inside ? taps16_inside(ix, iy, k, live) : taps16_pixels(ix, iy, k, live);
       Window<kChannels, 4> w;
-      if (window_rows && (inside || finite ? make_window_from_ends(t, count, g.in_w, window_rows, &w)
-                                           : make_window(t, live, g.in_w, window_rows, &w)))
+      if (window_rows && inside && make_window_from_ends(t, count, g.in_w, window_rows, &w))
+        sample_nhwc_window<kChannels, true>(image, out + p * kChannels, t, w, count, live, g.in_w, g.in_h, il);
+      else if (window_rows && !inside && (finite ? make_window_from_ends(t, count, g.in_w, window_rows, &w)
+                                                 : make_window(t, live, g.in_w, window_rows, &w)))
         sample_nhwc_window<kChannels>(image, out + p * kChannels, t, w, count, live, g.in_w, g.in_h, il);
       else
         sample_nhwc_small<kChannels>(image, out + p * kChannels, t, count, in_hw, g.in_w, il, inside);
@@ -636,7 +638,8 @@ void forward_row_padded(const float* padded, float* out, const Geometry& g, cons
       PlaneWindow w;
       if (window_rows && (monotonic ? make_window_from_ends(t, count, padded_w, window_rows, &w)
                                     : make_window(t, live, padded_w, window_rows, &w)))
-        sample_nchw_window(padded, out + p, t, w, live, g.channels, padded_hw, out_hw, padded_w, g.in_h + 2 * kBorder);
+        sample_nchw_window<true>(padded, out + p, t, w, live, g.channels, padded_hw, out_hw, padded_w,
+                                 g.in_h + 2 * kBorder);
       else
         sample_nchw_inside(padded, out + p, t, live, g.channels, padded_hw, out_hw, padded_w);
     } else {

@@ -180,7 +180,8 @@ struct TapValues {
 // apart (kStride 1), or a channels_last image (kStride = the image's channels). The window's rows
 // outside the image are skipped (the taps on them are outside, their masks clear); its floats
 // outside a row read zero. Row by row, a row's lane masks computed once for every channel.
-template <int kChannels, int kStride, int kVectors>
+// kLiveTaps: every tap mask is `live` (taps16_inside, taps16_padded), so none needs testing.
+template <int kChannels, bool kLiveTaps = false, int kStride, int kVectors>
 __attribute__((always_inline)) inline void window_taps(const float* image, int64_t plane_floats, int64_t row_floats,
                                                        int64_t in_h, const Taps16& t,
                                                        const Window<kStride, kVectors>& w, __mmask16 live,
@@ -207,7 +208,8 @@ __attribute__((always_inline)) inline void window_taps(const float* image, int64
   };
   for (int j = j_begin; j < j_end; ++j, row += row_floats) {
     const __mmask16 on = on_row(j);
-    const __mmask16 nw = on & t.nw, ne = on & t.ne, sw = above & t.sw, se = above & t.se;
+    const __mmask16 nw = kLiveTaps ? on : on & t.nw, ne = kLiveTaps ? on : on & t.ne;
+    const __mmask16 sw = kLiveTaps ? above : above & t.sw, se = kLiveTaps ? above : above & t.se;
     above = on;
     __m512 floats[kVectors];
     if constexpr (kStride > 1) {
@@ -231,6 +233,7 @@ __attribute__((always_inline)) inline void window_taps(const float* image, int64
 }
 
 // sample_nchw of 16 pixels from their window, four planes at a time: the gathers' arithmetic.
+template <bool kLiveTaps = false>
 __attribute__((always_inline)) inline void sample_nchw_window(const float* input, float* out, const Taps16& t,
                                                               const PlaneWindow& w, __mmask16 live,
                                                               int64_t channels, int64_t in_hw, int64_t out_hw,
@@ -238,7 +241,7 @@ __attribute__((always_inline)) inline void sample_nchw_window(const float* input
   auto block = [&](auto block_channels, int64_t c0) {
     constexpr int kChannels = decltype(block_channels)::value;
     TapValues<kChannels> v;
-    window_taps<kChannels>(input + c0 * in_hw, in_hw, in_w, in_h, t, w, live, &v);
+    window_taps<kChannels, kLiveTaps>(input + c0 * in_hw, in_hw, in_w, in_h, t, w, live, &v);
 #pragma GCC unroll 4
     for (int c = 0; c < kChannels; ++c) {
       const __m512 north = _mm512_fmadd_ps(v.ne[c], t.w_ne, _mm512_mul_ps(v.nw[c], t.w_nw));
