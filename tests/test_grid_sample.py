@@ -234,11 +234,18 @@ def test_forward_by_row_windows_is_the_gathers_fp32(padding, align, image, chann
     theta[10, 0, 0] = float("inf")
     n = theta.shape[0]
     x = _layout(torch.randn(n, channels, h, w, generator=g), layout)
-    outputs = {}
+    # A given grid: a smooth one with noise, a NaN and an infinite coordinate (windows bounded by
+    # reductions; a grid's rows need not be monotonic).
+    grid = F.affine_grid(theta[:9], (9, channels, h + 3, w - 5), align_corners=align)
+    grid = grid + 0.05 * torch.randn(grid.shape, generator=g)
+    grid[1, 2, 3, 0], grid[2, 0, 5, 1] = float("nan"), float("inf")
+    outputs, grid_outputs = {}, {}
     for rows in ("0", "16"):
         monkeypatch.setenv("FASTCNN_GRID_SAMPLE_WINDOW_ROWS", rows)
         outputs[rows] = affine_grid_sample(x, theta, (n, channels, h + 3, w - 5), "bilinear", padding, align)
+        grid_outputs[rows] = grid_sample(x[:9], grid, "bilinear", padding, align)
     assert torch.equal(outputs["0"], outputs["16"])
+    assert torch.equal(grid_outputs["0"], grid_outputs["16"])
     reference = fastcnn.reference.affine_grid_sample(x[:9].double(), theta[:9].double(), (9, channels, h + 3, w - 5),
                                                      "bilinear", padding, align)
     torch.testing.assert_close(outputs["16"][:9].double(), reference, rtol=0, atol=1e-4)

@@ -402,10 +402,12 @@ inline Taps16 load_taps16(const Chunk<float>& ch, int p, __mmask16 live) {
 }
 
 // The gather forwards of one row: NCHW images of up to kGatherChannels channels, channels_last
-// images of 2 to 4. `row_taps(p, count, live)` gives the taps of pixels p..p+15.
+// images of 2 to 4. `row_taps(p, count, live)` gives the taps of pixels p..p+15. Bilinear vectors
+// whose taps fit a window of up to window_rows rows read it instead (make_window's reductions: a
+// grid's pixels need not be monotonic); window_rows 0 where the taps carry no x0, y0 (chunks).
 template <typename RowTaps>
 void forward_row_gathers(const float* image, float* out, int64_t out_w, const Geometry& g, bool channels_last,
-                         const RowTaps& row_taps) {
+                         const RowTaps& row_taps, int window_rows) {
   const int64_t in_hw = g.in_h * g.in_w, out_hw = g.out_h * g.out_w;
   const bool bilinear = g.interpolation == Interpolation::Bilinear;
   auto each_vector = [&](auto&& sample) {
@@ -417,15 +419,23 @@ void forward_row_gathers(const float* image, float* out, int64_t out_w, const Ge
   };
   if (!channels_last) {
     each_vector([&](int64_t p, int, __mmask16 live, const Taps16& t) {
-      sample_nchw(image, out + p, t, live, g.channels, in_hw, out_hw, g.in_w, bilinear);
+      PlaneWindow w;
+      if (bilinear && window_rows && make_window(t, live, g.in_w, window_rows, &w))
+        sample_nchw_window(image, out + p, t, w, live, g.channels, in_hw, out_hw, g.in_w, g.in_h);
+      else
+        sample_nchw(image, out + p, t, live, g.channels, in_hw, out_hw, g.in_w, bilinear);
     });
     return;
   }
   auto nhwc = [&](auto channels) {
     constexpr int kChannels = decltype(channels)::value;
     static const Interleave<kChannels> il;
-    each_vector([&](int64_t p, int count, __mmask16, const Taps16& t) {
-      sample_nhwc_small<kChannels>(image, out + p * kChannels, t, count, in_hw, g.in_w, il);
+    each_vector([&](int64_t p, int count, __mmask16 live, const Taps16& t) {
+      Window<kChannels, 4> w;
+      if (window_rows && make_window(t, live, g.in_w, window_rows, &w))  // channels_last here is bilinear
+        sample_nhwc_window<kChannels>(image, out + p * kChannels, t, w, count, live, g.in_w, g.in_h, il);
+      else
+        sample_nhwc_small<kChannels>(image, out + p * kChannels, t, count, in_hw, g.in_w, il);
     });
   };
   if (g.channels == 2) nhwc(std::integral_constant<int, 2>());
@@ -693,7 +703,7 @@ void forward_rows_direct(const float* input, float* output, const Source& source
       }
     }
     with_row_taps(source, g, k, n, oy, [&](const auto& row_taps) {
-      forward_row_gathers(image, out, g.out_w, g, channels_last, row_taps);
+      forward_row_gathers(image, out, g.out_w, g, channels_last, row_taps, window_rows);
     });
   }
 }
@@ -703,7 +713,7 @@ void forward_rows_direct(const float* input, float* output, const Source& source
 void forward_chunk_gathers(const float* image, float* out, const Chunk<float>& ch, int len, const Geometry& g,
                            bool channels_last) {
   forward_row_gathers(image, out, len, g, channels_last,
-                      [&](int64_t p, int, __mmask16 live) { return load_taps16(ch, static_cast<int>(p), live); });
+                      [&](int64_t p, int, __mmask16 live) { return load_taps16(ch, static_cast<int>(p), live); }, 0);
 }
 }  // namespace avx512
 FASTCNN_GRID_SAMPLE_AVX512_END
