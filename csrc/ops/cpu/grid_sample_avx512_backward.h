@@ -123,14 +123,7 @@ void coordinate_grad_row_nchw(const float* image, const float* grad_output, int6
           add_coordinate_grad(v.nw[c], v.ne[c], v.sw[c], v.se[c], t, gout, grad_x, grad_y);
         }
       };
-      int64_t c = 0;
-      for (; c + 4 <= g.channels; c += 4) block(std::integral_constant<int, 4>(), c);
-      switch (g.channels - c) {
-        case 3: block(std::integral_constant<int, 3>(), c); break;
-        case 2: block(std::integral_constant<int, 2>(), c); break;
-        case 1: block(std::integral_constant<int, 1>(), c); break;
-        default: break;
-      }
+      for_channel_blocks(g.channels, block);
       return;
     }
     const __m512i south = _mm512_add_epi32(t.offset, _mm512_set1_epi32(static_cast<int32_t>(g.in_w)));

@@ -232,6 +232,20 @@ __attribute__((always_inline)) inline void window_taps(const float* image, int64
   }
 }
 
+// Calls block(std::integral_constant<int, k>(), c0) for channels c0 .. c0 + k - 1, k = 4 and then
+// the remaining 1 to 3: the planes one window_taps call reads.
+template <typename Block>
+__attribute__((always_inline)) inline void for_channel_blocks(int64_t channels, Block&& block) {
+  int64_t c = 0;
+  for (; c + 4 <= channels; c += 4) block(std::integral_constant<int, 4>(), c);
+  switch (channels - c) {
+    case 3: block(std::integral_constant<int, 3>(), c); break;
+    case 2: block(std::integral_constant<int, 2>(), c); break;
+    case 1: block(std::integral_constant<int, 1>(), c); break;
+    default: break;
+  }
+}
+
 // sample_nchw of 16 pixels from their window, four planes at a time: the gathers' arithmetic.
 template <bool kLiveTaps = false>
 __attribute__((always_inline)) inline void sample_nchw_window(const float* input, float* out, const Taps16& t,
@@ -249,14 +263,7 @@ __attribute__((always_inline)) inline void sample_nchw_window(const float* input
       _mm512_mask_storeu_ps(out + (c0 + c) * out_hw, live, _mm512_add_ps(north, south));
     }
   };
-  int64_t c = 0;
-  for (; c + 4 <= channels; c += 4) block(std::integral_constant<int, 4>(), c);
-  switch (channels - c) {
-    case 3: block(std::integral_constant<int, 3>(), c); break;
-    case 2: block(std::integral_constant<int, 2>(), c); break;
-    case 1: block(std::integral_constant<int, 1>(), c); break;
-    default: break;
-  }
+  for_channel_blocks(channels, block);
 }
 
 }  // namespace avx512
