@@ -14,8 +14,10 @@ namespace grid_sample {
 namespace {
 
 // AVX-512 (fp32): the taps of 16 pixels at once, and a forward that reads the taps by gathers
-// (taps outside the input read zero without a load): for NCHW images of up to 8 channels, and for
-// channels_last images of 2 to 4. On the Intel Xeon of 2026-11-30 PyTorch's own AVX-512
+// (taps outside the input read zero without a load) or, where a vector's taps lie in few enough
+// input rows, from those rows (grid_sample_avx512_windows.h; on a host whose gathers are slow
+// that is most vectors): for NCHW images of up to 8 channels, and for channels_last images of 2
+// to 4. The history below is of hosts with fast gathers. On the Intel Xeon of 2026-11-30 PyTorch's own AVX-512
 // grid_sample is 2-3x faster than on the AVX2 machine grid_sample_avx2.h was tuned on; 16-lane
 // gathers took our forward over the three STN shapes from 1.2x to 1.8x PyTorch's (NCHW, geomean),
 // pair gathers to about 2.2x. Gathers across 64 planes measured 10% slower than the AVX2 blocks
