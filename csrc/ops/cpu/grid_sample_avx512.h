@@ -676,8 +676,9 @@ void forward_rows_direct(const float* input, float* output, const Source& source
   const int window_rows = WindowRows::limit();
   int64_t padded_n = -1;
   const float* copy = nullptr;
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t n = row / g.out_h, oy = row % g.out_h;
+  // (n, oy) of each row, stepped rather than divided out (rows of 28 pixels are two vectors).
+  for (int64_t row = begin, n = begin / g.out_h, oy = begin % g.out_h; row < end;
+       ++row, n += (oy + 1 == g.out_h), oy = (oy + 1 == g.out_h) ? 0 : oy + 1) {
     const float* image = input + n * image_size;
     float* out = output + (channels_last ? row * g.out_w * g.channels : n * g.channels * g.out_h * g.out_w + oy * g.out_w);
     if (padded) {
