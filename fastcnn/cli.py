@@ -46,7 +46,8 @@ def _info_lines(env: Dict[str, Any]) -> List[str]:
         "build configuration (fastcnn._C):",
     ]
     if env["build_info"]:
-        lines += [f"  {k:<13} {v}" for k, v in sorted(env["build_info"].items())]
+        width = max(len(k) for k in env["build_info"])
+        lines += [f"  {k:<{width}} {v}" for k, v in sorted(env["build_info"].items())]
     else:
         lines.append(f"  not loaded: {_extension.load_error()}")
     lines.append("backends:")
