@@ -40,7 +40,7 @@ struct Taps16 {
 // 64 interleaved floats for channels_last images of 2-4 channels) and both taps of every pixel on
 // it are picked by permutes, instead of four pair gathers a channel. On the Intel Xeon of
 // 2026-12-01 a pair gather took 29-38 cycles (8 or 16 lanes alike; earlier sessions' host of the
-// same model, 3.6-7: microcode that mitigates gather data sampling makes the difference) and a
+// same model, 3.6-7: most likely the host's microcode mitigating gather data sampling) and a
 // window row about 6, so rows win up to far more than the 2-10 of an STN's maps (rotations within
 // 30 degrees): the NCHW forward of the three STN shapes went from 2.4-2.8x PyTorch's speed to
 // 3.3-5.3x (in process, 2 threads). WindowRows decides up to how many rows per machine. The values
@@ -48,11 +48,12 @@ struct Taps16 {
 constexpr int kMaxWindowRows = 16;
 
 // Up to how many rows a vector's taps are read from its window rather than gathered: 0 (gathers
-// only) to kMaxWindowRows. Gathers cost 3.6-7 cycles on one Intel Xeon host and 25-30 on another
-// of the same model (its microcode mitigating gather data sampling), so the limit is measured
-// once per process: how many window rows take the time of one channel's four pair gathers, both
-// timed on an image in L1 (about 0.1 ms). FASTCNN_GRID_SAMPLE_WINDOW_ROWS sets it instead (read
-// once per call).
+// only) to kMaxWindowRows. Gathers cost 3.6-7 cycles on one Intel Xeon host and 29-38 on another
+// of the same model, so the limit is measured once per process: the cycles of a pair gather
+// (gather_cycles), times the four a channel takes, over the ~6 cycles of a window row. (Timing
+// the window code itself against the gathers was bimodal across processes: window rows 2-4x
+// slower in a third of them, cause not found.) FASTCNN_GRID_SAMPLE_WINDOW_ROWS sets it instead
+// (read once per call).
 struct WindowRows {
   static int limit() {
     const char* text = std::getenv("FASTCNN_GRID_SAMPLE_WINDOW_ROWS");
