@@ -113,7 +113,7 @@ void coordinate_grad_row_nchw(const float* image, const float* grad_output, int6
     PlaneWindow w;
     if (window_rows && make_window(t, live, g.in_w, window_rows, &w)) {
       // The taps from their rows, four planes at a time; add_plane_coordinate_grad's arithmetic.
-      auto block = [&](auto block_channels, int64_t c0) {
+      auto block = [&](auto block_channels, int64_t c0) __attribute__((always_inline)) {
         constexpr int kChannels = decltype(block_channels)::value;
         TapValues<kChannels> v;
         window_taps<kChannels>(image + c0 * in_hw, in_hw, g.in_w, g.in_h, t, w, live, &v);

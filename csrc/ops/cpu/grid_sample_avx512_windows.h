@@ -120,7 +120,7 @@ using PlaneWindow = Window<1, 2>;
 // The window of taps whose nw corners span columns [x_min, x_max] and rows [y_min, y_max] (x0 the
 // lanes' columns); false when they do not fit one (too wide, or more than max_rows rows).
 template <int kStride, int kVectors>
-inline bool make_window(__m512i x0, int64_t x_min, int64_t x_max, int64_t y_min, int64_t y_max, int64_t in_w,
+__attribute__((always_inline)) inline bool make_window(__m512i x0, int64_t x_min, int64_t x_max, int64_t y_min, int64_t y_max, int64_t in_w,
                         int max_rows, Window<kStride, kVectors>* w) {
   constexpr int kFloats = Window<kStride, kVectors>::kFloats;
   if ((x_max + 2 - x_min) * kStride > kFloats || y_max + 2 - y_min > max_rows) return false;
@@ -146,7 +146,7 @@ inline bool make_window(__m512i x0, int64_t x_min, int64_t x_max, int64_t y_min,
 
 // make_window from the live lanes' own extremes (any map), by reductions.
 template <int kStride, int kVectors>
-inline bool make_window(const Taps16& t, __mmask16 live, int64_t in_w, int max_rows, Window<kStride, kVectors>* w) {
+__attribute__((always_inline)) inline bool make_window(const Taps16& t, __mmask16 live, int64_t in_w, int max_rows, Window<kStride, kVectors>* w) {
   return make_window(t.x0, _mm512_mask_reduce_min_epi32(live, t.x0), _mm512_mask_reduce_max_epi32(live, t.x0),
                      _mm512_mask_reduce_min_epi32(live, t.y0), _mm512_mask_reduce_max_epi32(live, t.y0), in_w,
                      max_rows, w);
@@ -157,7 +157,7 @@ inline bool make_window(const Taps16& t, __mmask16 live, int64_t in_w, int max_r
 // last of the `count` live lanes are the extremes. (Not so for a map with an infinite or NaN entry:
 // border padding sends a NaN lane to -2, below its neighbours' 0.)
 template <int kStride, int kVectors>
-inline bool make_window_from_ends(const Taps16& t, int count, int64_t in_w, int max_rows,
+__attribute__((always_inline)) inline bool make_window_from_ends(const Taps16& t, int count, int64_t in_w, int max_rows,
                                   Window<kStride, kVectors>* w) {
   const __m512i last = _mm512_set1_epi32(count - 1);
   auto ends = [&](__m512i v, int64_t* low, int64_t* high) {
@@ -253,7 +253,7 @@ __attribute__((always_inline)) inline void sample_nchw_window(const float* input
                                                               const PlaneWindow& w, __mmask16 live,
                                                               int64_t channels, int64_t in_hw, int64_t out_hw,
                                                               int64_t in_w, int64_t in_h) {
-  auto block = [&](auto block_channels, int64_t c0) {
+  auto block = [&](auto block_channels, int64_t c0) __attribute__((always_inline)) {
     constexpr int kChannels = decltype(block_channels)::value;
     TapValues<kChannels> v;
     window_taps<kChannels, kLiveTaps>(input + c0 * in_hw, in_hw, in_w, in_h, t, w, live, &v);
