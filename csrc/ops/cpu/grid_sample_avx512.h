@@ -13,25 +13,24 @@ namespace fastcnn {
 namespace grid_sample {
 namespace {
 
-// AVX-512 (fp32): the taps of 16 pixels at once, and a forward that reads the taps by gathers
-// (taps outside the input read zero without a load) or, where a vector's taps lie in few enough
-// input rows, from those rows (grid_sample_avx512_windows.h; on a host whose gathers are slow
-// that is most vectors): for NCHW images of up to 8 channels, and for channels_last images of 2
-// to 4. The history below is of hosts with fast gathers. On the Intel Xeon of 2026-11-30 PyTorch's own AVX-512
-// grid_sample is 2-3x faster than on the AVX2 machine grid_sample_avx2.h was tuned on; 16-lane
-// gathers took our forward over the three STN shapes from 1.2x to 1.8x PyTorch's (NCHW, geomean),
-// pair gathers to about 2.2x. Gathers across 64 planes measured 10% slower than the AVX2 blocks
-// of planes, so wider images keep those. Taps kept in registers instead of chunk arrays (and an
-// affine map taken straight to pixels, its clamp folded into one min/max) made the forward
-// 1.05-1.3x faster again (64x1x28x28 most: two vectors a row, so the arrays cost the most).
-// Tried for the backward and left out: gather, add and scatter of grad_input with the lanes that
-// share an element summed first (vpconflictd runs): 0.6-0.7x the speed of the AVX2 scalar loop,
-// whose loads the coordinate gradient shares; and grad_input scattered lane by lane from vectors
-// stored to the stack: 0.4-0.65x.
+// AVX-512 (fp32): the taps of 16 pixels at once, and a forward that reads the taps by gathers (taps
+// outside the input read zero without a load) or, where a vector's taps lie in few enough input
+// rows, from those rows (grid_sample_avx512_windows.h; on a host whose gathers are slow that is
+// most vectors): for NCHW images of up to 8 channels, and for channels_last images of 2 to 4. The
+// history below is of hosts with fast gathers. On the Intel Xeon of 2026-11-30 PyTorch's own
+// AVX-512 grid_sample is 2-3x faster than on the AVX2 machine grid_sample_avx2.h was tuned on;
+// 16-lane gathers took our forward over the three STN shapes from 1.2x to 1.8x PyTorch's (NCHW,
+// geomean), pair gathers to about 2.2x. Gathers across 64 planes measured 10% slower than the AVX2
+// blocks of planes, so wider images keep those. Taps kept in registers instead of chunk arrays (and
+// an affine map taken straight to pixels, its clamp folded into one min/max) made the forward
+// 1.05-1.3x faster again (64x1x28x28 most: two vectors a row, so the arrays cost the most). Tried
+// for the backward and left out: gather, add and scatter of grad_input with the lanes that share an
+// element summed first (vpconflictd runs): 0.6-0.7x the speed of the AVX2 scalar loop, whose loads
+// the coordinate gradient shares; and grad_input scattered lane by lane from vectors stored to the
+// stack: 0.4-0.65x.
 // FASTCNN_AVX512=0 turns this off (read once per call).
 FASTCNN_GRID_SAMPLE_AVX512_BEGIN
 namespace avx512 {
-
 
 // The north (or south) taps of 16 pixels, x0 and x0 + 1, in an image of kChannels interleaved
 // channels (1: an NCHW plane): one run of 2 * kChannels floats per pixel, read as kChannels float
@@ -150,6 +149,20 @@ struct Interleave {
   }
 };
 
+// The taps of 16 channels_last pixels of kChannels channels, each tap row's runs by gather_run;
+// all_inside: every run lies in the image (no edge tests).
+template <int kChannels>
+__attribute__((always_inline)) inline void gather_taps_nhwc(const float* image, const Taps16& t, int64_t in_hw,
+                                                            int64_t in_w, bool all_inside, TapValues<kChannels>* v) {
+  const __m512i south = _mm512_add_epi32(t.offset, _mm512_set1_epi32(static_cast<int32_t>(in_w)));
+  __m512 top[2 * kChannels], bottom[2 * kChannels];
+  gather_run<kChannels>(image, t.offset, t.nw, t.ne, all_inside ? 0xFFFF : pairs_inside(t.offset, in_hw), top);
+  gather_run<kChannels>(image, south, t.sw, t.se, all_inside ? 0xFFFF : pairs_inside(south, in_hw), bottom);
+#pragma GCC unroll 4
+  for (int c = 0; c < kChannels; ++c)
+    v->nw[c] = top[c], v->ne[c] = top[kChannels + c], v->sw[c] = bottom[c], v->se[c] = bottom[kChannels + c];
+}
+
 // The bilinear samples of 16 channels_last pixels (`count` of them) from their taps, interleaved
 // into kChannels output vectors.
 template <int kChannels>
@@ -177,16 +190,10 @@ inline void store_nhwc_small(float* out, const Taps16& t, const TapValues<kChann
 template <int kChannels>
 inline void sample_nhwc_small(const float* image, float* out, const Taps16& t, int count, int64_t in_hw, int64_t in_w,
                               const Interleave<kChannels>& il, bool all_inside = false) {
-  const __m512i south = _mm512_add_epi32(t.offset, _mm512_set1_epi32(static_cast<int32_t>(in_w)));
   // all_inside: the taps are taps16_inside's, every run lies in the image. (No all_taps_inside test
   // on taps16_pixels' taps here: measured 3% slower on 3-channel images.)
-  __m512 top[2 * kChannels], bottom[2 * kChannels];
-  gather_run<kChannels>(image, t.offset, t.nw, t.ne, all_inside ? 0xFFFF : pairs_inside(t.offset, in_hw), top);
-  gather_run<kChannels>(image, south, t.sw, t.se, all_inside ? 0xFFFF : pairs_inside(south, in_hw), bottom);
   TapValues<kChannels> v;
-#pragma GCC unroll 4
-  for (int c = 0; c < kChannels; ++c)
-    v.nw[c] = top[c], v.ne[c] = top[kChannels + c], v.sw[c] = bottom[c], v.se[c] = bottom[kChannels + c];
+  gather_taps_nhwc(image, t, in_hw, in_w, all_inside, &v);
   store_nhwc_small(out, t, v, count, il);
 }
 
@@ -487,6 +494,18 @@ inline void with_row_taps(const Source& source, const Geometry& g, const TapsCon
   });
 }
 
+// Whether all four taps of every pixel p .. p + count - 1 of an affine row lie inside the image:
+// 0 <= x < W - 1 and 0 <= y < H - 1 (x0 + 1 and y0 + 1 inside too). The map is monotonic along
+// the row (base_x increases, and fma rounds monotonically), so its two end pixels bound the rest;
+// std::fma here is the vector path's fmadd lane for lane. A NaN fails every comparison.
+inline bool affine_span_inside(const AffineRow& map, int64_t p, int count, float x_limit, float y_limit) {
+  const float b0 = map.base_x[p], b1 = map.base_x[p + count - 1];
+  const float x0 = std::fma(map.ax, b0, map.cx), x1 = std::fma(map.ax, b1, map.cx);
+  const float y0 = std::fma(map.ay, b0, map.cy), y1 = std::fma(map.ay, b1, map.cy);
+  return x0 >= 0.0f && x1 >= 0.0f && x0 < x_limit && x1 < x_limit && y0 >= 0.0f && y1 >= 0.0f && y0 < y_limit &&
+         y1 < y_limit;
+}
+
 // sample_nchw of 16 pixels whose taps all lie inside the image (taps16_inside): every run read by
 // a full pair gather, no masks.
 inline void sample_nchw_inside(const float* input, float* out, const Taps16& t, __mmask16 live, int64_t channels,
@@ -510,18 +529,6 @@ inline void sample_nchw_inside(const float* input, float* out, const Taps16& t, 
   }
 }
 
-// Whether all four taps of every pixel p .. p + count - 1 of an affine row lie inside the image:
-// 0 <= x < W - 1 and 0 <= y < H - 1 (x0 + 1 and y0 + 1 inside too). The map is monotonic along
-// the row (base_x increases, and fma rounds monotonically), so its two end pixels bound the rest;
-// std::fma here is the vector path's fmadd lane for lane. A NaN fails every comparison.
-inline bool affine_span_inside(const AffineRow& map, int64_t p, int count, float x_limit, float y_limit) {
-  const float b0 = map.base_x[p], b1 = map.base_x[p + count - 1];
-  const float x0 = std::fma(map.ax, b0, map.cx), x1 = std::fma(map.ax, b1, map.cx);
-  const float y0 = std::fma(map.ay, b0, map.cy), y1 = std::fma(map.ay, b1, map.cy);
-  return x0 >= 0.0f && x1 >= 0.0f && x0 < x_limit && x1 < x_limit && y0 >= 0.0f && y1 >= 0.0f && y0 < y_limit &&
-         y1 < y_limit;
-}
-
 // One output row of an affine map, bilinear, zeros or border padding, NCHW (kChannels 0) or
 // channels_last of kChannels = 2 to 4: vectors whose taps all lie inside (affine_span_inside) take
 // taps16_inside and skip the samplers' edge tests, the rest taps16_pixels. Such vectors are 48% of
@@ -542,33 +549,31 @@ inline void forward_row_affine(const float* image, float* out, const AffineRow& 
     const __m512 bx = _mm512_maskz_loadu_ps(live, map.base_x + p);
     const __m512 ix = _mm512_fmadd_ps(ax, bx, cx), iy = _mm512_fmadd_ps(ay, bx, cy);
     const bool inside = affine_span_inside(map, p, count, x_limit, y_limit);
+    const Taps16 t = inside ? taps16_inside(ix, iy, k, live) : taps16_pixels(ix, iy, k, live);
+    // The window's extremes: the end lanes where the map is finite (monotonic), else reductions.
+    const auto fits = [&](auto* w) {
+      return window_rows && (inside || finite ? make_window_from_ends(t, count, g.in_w, window_rows, w)
+                                              : make_window(t, live, g.in_w, window_rows, w));
+    };
     if constexpr (kChannels == 0) {
       PlaneWindow w;
-      if (inside) {
-        const Taps16 t = taps16_inside(ix, iy, k, live);
-        if (window_rows && make_window_from_ends(t, count, g.in_w, window_rows, &w))
-          sample_nchw_window<true>(image, out + p, t, w, live, g.channels, in_hw, out_hw, g.in_w, g.in_h);
-        else
-          sample_nchw_inside(image, out + p, t, live, g.channels, in_hw, out_hw, g.in_w);
+      if (fits(&w)) {
+        if (inside) sample_nchw_window<true>(image, out + p, t, w, live, g.channels, in_hw, out_hw, g.in_w, g.in_h);
+        else sample_nchw_window(image, out + p, t, w, live, g.channels, in_hw, out_hw, g.in_w, g.in_h);
+      } else if (inside) {
+        sample_nchw_inside(image, out + p, t, live, g.channels, in_hw, out_hw, g.in_w);
       } else {
-        const Taps16 t = taps16_pixels(ix, iy, k, live);
-        if (window_rows && (finite ? make_window_from_ends(t, count, g.in_w, window_rows, &w)
-                                   : make_window(t, live, g.in_w, window_rows, &w)))
-          sample_nchw_window(image, out + p, t, w, live, g.channels, in_hw, out_hw, g.in_w, g.in_h);
-        else
-          sample_nchw(image, out + p, t, live, g.channels, in_hw, out_hw, g.in_w, true);
+        sample_nchw(image, out + p, t, live, g.channels, in_hw, out_hw, g.in_w, true);
       }
     } else {
       static const Interleave<kChannels> il;
-      const Taps16 t = inside ? taps16_inside(ix, iy, k, live) : taps16_pixels(ix, iy, k, live);
       Window<kChannels, 4> w;
-      if (window_rows && inside && make_window_from_ends(t, count, g.in_w, window_rows, &w))
-        sample_nhwc_window<kChannels, true>(image, out + p * kChannels, t, w, count, live, g.in_w, g.in_h, il);
-      else if (window_rows && !inside && (finite ? make_window_from_ends(t, count, g.in_w, window_rows, &w)
-                                                 : make_window(t, live, g.in_w, window_rows, &w)))
-        sample_nhwc_window<kChannels>(image, out + p * kChannels, t, w, count, live, g.in_w, g.in_h, il);
-      else
+      if (!fits(&w))
         sample_nhwc_small<kChannels>(image, out + p * kChannels, t, count, in_hw, g.in_w, il, inside);
+      else if (inside)
+        sample_nhwc_window<kChannels, true>(image, out + p * kChannels, t, w, count, live, g.in_w, g.in_h, il);
+      else
+        sample_nhwc_window<kChannels>(image, out + p * kChannels, t, w, count, live, g.in_w, g.in_h, il);
     }
   }
 }

@@ -180,14 +180,7 @@ void coordinate_grad_row_nhwc(const float* image, const float* grad_output, int6
     if (window_rows && make_window(t, live, g.in_w, window_rows, &w)) {
       window_taps<kChannels>(image, 0, g.in_w * kChannels, g.in_h, t, w, live, &v);
     } else {
-      const __m512i south = _mm512_add_epi32(t.offset, _mm512_set1_epi32(static_cast<int32_t>(g.in_w)));
-      const bool inside = all_taps_inside(t, live);
-      __m512 top[2 * kChannels], bottom[2 * kChannels];
-      gather_run<kChannels>(image, t.offset, t.nw, t.ne, inside ? 0xFFFF : pairs_inside(t.offset, in_hw), top);
-      gather_run<kChannels>(image, south, t.sw, t.se, inside ? 0xFFFF : pairs_inside(south, in_hw), bottom);
-#pragma GCC unroll 4
-      for (int c = 0; c < kChannels; ++c)
-        v.nw[c] = top[c], v.ne[c] = top[kChannels + c], v.sw[c] = bottom[c], v.se[c] = bottom[kChannels + c];
+      gather_taps_nhwc(image, t, in_hw, g.in_w, all_taps_inside(t, live), &v);
     }
     __m512 interleaved[kChannels];
     const int elements = count * kChannels;

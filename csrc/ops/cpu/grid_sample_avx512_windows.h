@@ -120,8 +120,9 @@ using PlaneWindow = Window<1, 2>;
 // The window of taps whose nw corners span columns [x_min, x_max] and rows [y_min, y_max] (x0 the
 // lanes' columns); false when they do not fit one (too wide, or more than max_rows rows).
 template <int kStride, int kVectors>
-__attribute__((always_inline)) inline bool make_window(__m512i x0, int64_t x_min, int64_t x_max, int64_t y_min, int64_t y_max, int64_t in_w,
-                        int max_rows, Window<kStride, kVectors>* w) {
+__attribute__((always_inline)) inline bool make_window(__m512i x0, int64_t x_min, int64_t x_max, int64_t y_min,
+                                                       int64_t y_max, int64_t in_w, int max_rows,
+                                                       Window<kStride, kVectors>* w) {
   constexpr int kFloats = Window<kStride, kVectors>::kFloats;
   if ((x_max + 2 - x_min) * kStride > kFloats || y_max + 2 - y_min > max_rows) return false;
   w->x_begin = x_min, w->y_begin = y_min, w->rows = static_cast<int>(y_max + 2 - y_min);
@@ -131,7 +132,8 @@ __attribute__((always_inline)) inline bool make_window(__m512i x0, int64_t x_min
   for (int c = 0; c < kStride; ++c) {
     for (int side = 0; side < 2; ++side) {
       w->index[side][c] = _mm512_add_epi32(first, _mm512_set1_epi32(side * kStride + c));
-      w->upper[side][c] = _mm512_cmpge_epi32_mask(w->index[side][c], _mm512_set1_epi32(32));
+      if constexpr (kVectors == 4)
+        w->upper[side][c] = _mm512_cmpge_epi32_mask(w->index[side][c], _mm512_set1_epi32(32));
     }
   }
   const int64_t begin = std::max<int64_t>(0, -x_min * kStride);
@@ -146,7 +148,8 @@ __attribute__((always_inline)) inline bool make_window(__m512i x0, int64_t x_min
 
 // make_window from the live lanes' own extremes (any map), by reductions.
 template <int kStride, int kVectors>
-__attribute__((always_inline)) inline bool make_window(const Taps16& t, __mmask16 live, int64_t in_w, int max_rows, Window<kStride, kVectors>* w) {
+__attribute__((always_inline)) inline bool make_window(const Taps16& t, __mmask16 live, int64_t in_w, int max_rows,
+                                                       Window<kStride, kVectors>* w) {
   return make_window(t.x0, _mm512_mask_reduce_min_epi32(live, t.x0), _mm512_mask_reduce_max_epi32(live, t.x0),
                      _mm512_mask_reduce_min_epi32(live, t.y0), _mm512_mask_reduce_max_epi32(live, t.y0), in_w,
                      max_rows, w);
@@ -157,8 +160,8 @@ __attribute__((always_inline)) inline bool make_window(const Taps16& t, __mmask1
 // last of the `count` live lanes are the extremes. (Not so for a map with an infinite or NaN entry:
 // border padding sends a NaN lane to -2, below its neighbours' 0.)
 template <int kStride, int kVectors>
-__attribute__((always_inline)) inline bool make_window_from_ends(const Taps16& t, int count, int64_t in_w, int max_rows,
-                                  Window<kStride, kVectors>* w) {
+__attribute__((always_inline)) inline bool make_window_from_ends(const Taps16& t, int count, int64_t in_w,
+                                                                 int max_rows, Window<kStride, kVectors>* w) {
   const __m512i last = _mm512_set1_epi32(count - 1);
   auto ends = [&](__m512i v, int64_t* low, int64_t* high) {
     const int32_t a = _mm_cvtsi128_si32(_mm512_castsi512_si128(v));

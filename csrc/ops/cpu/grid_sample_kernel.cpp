@@ -8,22 +8,21 @@
 //
 // With AVX2 (fp32), the taps of 8 pixels are computed at once (for an affine map straight from
 // theta), and the sampling loops go pixel by pixel with scalar loads, channels innermost; NCHW
-// beyond 8 channels goes plane by plane instead. The backward reads and adds a pixel's taps as float
-// pairs (NCHW) or runs of 2C floats (channels_last, 2-4 channels) where all four are inside.
+// beyond 8 channels goes plane by plane instead. The backward reads and adds a pixel's taps as
+// float pairs (NCHW) or runs of 2C floats (channels_last, 2-4 channels) where all four are inside.
 // With AVX-512, the taps go 16 pixels at once, and the forward gathers: NCHW up to 8 channels,
 // channels_last with 2 to 4 (one channel is the NCHW layout). With zeros or border padding those
-// forwards keep the taps in registers, row by row, instead of chunk arrays (an affine row's
-// vectors whose taps all lie inside skip the edge tests; small 1-2 channel NCHW images are read
-// from a zero-bordered copy, with none; NCHW affine rows read the taps of a vector from the few
-// input rows they lie in, by plain loads and permutes, where gathers cost more: row windows, as do
-// channels_last ones of 2-4 channels); so does the coordinate gradient when grad_input is not
+// forwards keep the taps in registers, row by row, instead of chunk arrays (an affine row's vectors
+// whose taps all lie inside skip the edge tests; small 1-2 channel NCHW images are read from a
+// zero-bordered copy, with none; a vector whose taps lie in few enough input rows reads them from
+// those rows by plain loads and permutes, where gathers cost more: row windows); so does the coordinate gradient when grad_input is not
 // wanted (NCHW up to 8 channels, channels_last 2 to 4; its taps from row windows too), and for
-// channels_last images of 2 to 4 channels over 32 KiB after grad_input alone. The backward with grad_input of an affine map over
-// 1-2 channels (zeros padding) adds grad_input by pair gathers and scatters, 16 pixels that share
-// no tap at a time (backward_affine_image_lattice); otherwise, up to 8 channels, it stays on the
-// AVX2 loops. Images of more channels run channel vectors, pixel by pixel; NCHW ones through a
-// channels_last copy of each image (and of grad_output) that stays in L2, the results transposed
-// back 16 x 16 in registers.
+// channels_last images of 2 to 4 channels over 32 KiB after grad_input alone. The backward with
+// grad_input of an affine map over 1-2 channels (zeros padding) adds grad_input by pair gathers and
+// scatters, 16 pixels that share no tap at a time (backward_affine_image_lattice); otherwise, up to
+// 8 channels, it stays on the AVX2 loops. Images of more channels run channel vectors, pixel by
+// pixel; NCHW ones through a channels_last copy of each image (and of grad_output) that stays in
+// L2, the results transposed back 16 x 16 in registers.
 //
 // The backward runs one batch element per task and sums in a fixed order: the input-gradient
 // scatter needs no atomics and results are bitwise identical run to run and across thread counts,
