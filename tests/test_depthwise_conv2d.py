@@ -241,6 +241,31 @@ def _check_fp32_case(case, layout):
     torch.testing.assert_close(g_input, ours[0], rtol=1e-6, atol=1e-6)
 
 
+# A pixel right of the last output's window is still read by the vector kernels (a tap of a lane
+# past the output row): its grad_output lane is zero, and zero times an inf there would turn a
+# finite weight gradient into a NaN. (H, W, stride, padding): the inf sits in the last column,
+# which only the rightmost taps of the last output reach.
+@pytest.mark.parametrize("avx512", ["1", "0"], ids=["avx512", "portable"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", [(14, 14, 1, 0), (12, 30, 1, 0), (9, 9, 1, 0), (15, 17, 2, 0), (10, 35, 2, 0)])
+def test_weight_gradient_keeps_an_infinite_pixel_to_its_taps(case, layout, avx512, monkeypatch):
+    monkeypatch.setenv("FASTCNN_AVX512", avx512)
+    h, w, stride, padding = case
+    x = torch.randn(2, 3, h, w)
+    x[1, 2, h // 2, w - 1] = float("inf")
+    x[0, 1, h // 2, w - 2 if stride == 1 else w - 1] = float("-inf")
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    weight = torch.randn(3, 1, 3, 3, requires_grad=True)
+    out = depthwise_conv2d(x, weight, None, stride, padding)
+    grad = torch.randn(out.shape)
+    (ours,) = torch.autograd.grad(out, weight, grad)
+    w64 = weight.detach().double().requires_grad_()
+    (exact,) = torch.autograd.grad(_reference(x.double(), w64, None, stride, padding, 1), w64, grad.double())
+    assert exact.isfinite().any() and not exact.isfinite().all()
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-4, equal_nan=True)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_fp32_planes_do_not_depend_on_threads(stride):
     """The weight gradient is summed in the same order whatever the split across threads."""
