@@ -241,6 +241,51 @@ def _check_fp32_case(case, layout):
     torch.testing.assert_close(g_input, ours[0], rtol=1e-6, atol=1e-6)
 
 
+# The rolled-row kernels (NCHW 3x3 planes: unit stride on rows of at most 32 outputs, and stride
+# 2) against the block kernels they replace there (FASTCNN_DEPTHWISE_ROLLED=0), which
+# test_fp32_planes no longer reaches for these windows: both against the fp64 truth, and the
+# forward and input gradient bit for bit (the same sums in the same order); the weight gradient
+# adds in another order. (N, C, H, W, stride, padding)
+ROLLED_CASES = [
+    (2, 5, 14, 14, 1, 1),  # MobileNet's 14x14 layers: one vector a row
+    (1, 3, 28, 28, 1, 1),  # two vectors a row, the second partial
+    (1, 2, 9, 32, 1, 0),  # two full vectors, no padding
+    (1, 2, 6, 5, 1, 4),  # padding past the window's reach
+    (1, 2, 1, 1, 1, 1),  # one output row: the shortest walk
+    (1, 2, 17, 20, 1, (0, 2, 1, 0)),
+    (2, 3, 28, 28, 2, 1),  # stride 2: bands of 8 output rows, the last of 6
+    (1, 2, 33, 34, 2, (0, 1, 1, 0)),  # TF-style "same" padding; 17 outputs a row
+    (2, 3, 15, 35, 2, 1),  # odd input: the last column feeds only the last output
+    (1, 2, 40, 70, 2, 1),  # three vectors a row, three bands
+    (1, 2, 2, 3, 2, 2),  # padding wider than the map
+    (1, 2, 18, 18, 2, 0),  # a band of 8 and one of 1
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "row_strided"])
+@pytest.mark.parametrize("case", ROLLED_CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"-s{c[4]}-p{c[5]}")
+def test_rolled_rows_are_the_block_kernels(case, layout, monkeypatch):
+    if not fastcnn.benchmarking.cpu_isa().get("avx512f"):
+        pytest.skip("the plane kernels need AVX-512")
+    n, c, h, w, stride, padding = case
+    full = (n, c, h, w, 3, stride, padding, 1)
+    x = torch.randn(n, c, h, w + 5)[..., 2 : 2 + w] if layout == "row_strided" else torch.randn(n, c, h, w)
+    x.requires_grad_()
+    weight = torch.randn(c, 1, 3, 3, requires_grad=True)
+    b = torch.randn(c, requires_grad=True)
+    results = {}
+    for rolled in ("1", "0"):
+        monkeypatch.setenv("FASTCNN_DEPTHWISE_ROLLED", rolled)
+        _check_fp32_case(full, layout)
+        torch.manual_seed(0)
+        out = depthwise_conv2d(x, weight, b, stride, padding)
+        results[rolled] = (out.detach(),) + _grads(out, (x, weight, b), torch.randn(out.shape))
+    rolled, block = results["1"], results["0"]
+    assert torch.equal(rolled[0], block[0]) and torch.equal(rolled[1], block[1])
+    torch.testing.assert_close(rolled[2], block[2], rtol=1e-5, atol=1e-5 * (block[2].abs().max().item() + 1))
+    torch.testing.assert_close(rolled[3], block[3], rtol=1e-5, atol=1e-5 * (block[3].abs().max().item() + 1))
+
+
 # A pixel right of the last output's window is still read by the vector kernels (a tap of a lane
 # past the output row): its grad_output lane is zero, and zero times an inf there would turn a
 # finite weight gradient into a NaN. (H, W, stride, padding): the inf sits in the last column,

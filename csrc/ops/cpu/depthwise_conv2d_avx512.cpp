@@ -537,8 +537,8 @@ void weight_grad_plane_rows3(const float* go, const float* in, float* tap_lanes,
 // gradient 6.2 -> 8.5-10.5 ms), while 32x512x14x14's backward went 3.9 -> 3.1 ms and
 // 32x256x28x28's 6.8-8.3 -> 6.2-6.7.
 inline bool rolls_rows3(const PlaneGeometry& g) {
-  return g.stride == 1 && g.kernel_h == 3 && g.kernel_w == 3 && g.dilation_h == 1 && g.dilation_w == 1 &&
-         g.out_w <= 2 * kLanes;
+  return g.rolled_rows && g.stride == 1 && g.kernel_h == 3 && g.kernel_w == 3 && g.dilation_h == 1 &&
+         g.dilation_w == 1 && g.out_w <= 2 * kLanes;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -719,7 +719,8 @@ void weight_grad_plane_stride2_rows3(const float* go, const float* in, float* ta
 }
 
 inline bool rolls_rows3_stride2(const PlaneGeometry& g) {
-  return g.stride == 2 && g.kernel_h == 3 && g.kernel_w == 3 && g.dilation_h == 1 && g.dilation_w == 1;
+  return g.rolled_rows && g.stride == 2 && g.kernel_h == 3 && g.kernel_w == 3 && g.dilation_h == 1 &&
+         g.dilation_w == 1;
 }
 
 inline int64_t floor_half(int64_t v) { return v >= 0 ? v / 2 : -((-v + 1) / 2); }

@@ -30,7 +30,14 @@ struct PlaneGeometry {
   // Write the output with streaming stores (see ops/cpu/streaming_stores.h) where the kernel can:
   // dense output rows (out_row_stride == out_w) of 3x3 and 5x5 windows. The caller fences.
   bool stream_output = false;
+  // Take the rolled-row kernels where they apply (3x3 windows: unit stride on rows of at most 32
+  // outputs, and stride 2). The caller sets it from rolled_rows_enabled().
+  bool rolled_rows = true;
 };
+
+// FASTCNN_DEPTHWISE_ROLLED=0 sends the planes the rolled-row kernels take to the block kernels
+// (read on every call: A/B timing, and tests that hold one to the other).
+bool rolled_rows_enabled();
 
 // enabled() and supports() are defined in depthwise_conv2d_kernel.cpp: code in the AVX-512
 // translation unit must not run before the CPU check.

@@ -62,6 +62,11 @@ bool depthwise::avx512::enabled() {
   return !(flag && flag[0] == '0');
 }
 
+bool depthwise::avx512::rolled_rows_enabled() {
+  const char* flag = std::getenv("FASTCNN_DEPTHWISE_ROLLED");
+  return !(flag && flag[0] == '0');
+}
+
 bool depthwise::avx512::supports_weight_grad_nhwc(int64_t kernel_h, int64_t kernel_w, int64_t stride_w,
                                                    int64_t dilation_w) {
   if (kernel_h == kernel_w && (kernel_h == 3 || kernel_h == 5)) return true;
@@ -126,8 +131,9 @@ depthwise::avx512::ImageGeometry avx512_image_geometry(const Geometry& g) {
 
 depthwise::avx512::PlaneGeometry avx512_forward_geometry(const Geometry& g, int64_t in_row_stride,
                                                          int64_t out_row_stride) {
-  return {g.in_h, g.in_w, in_row_stride, g.out_h, g.out_w, out_row_stride,
-          g.kernel_h, g.kernel_w, g.pad_top, g.pad_left, g.dilation_h, g.dilation_w, g.stride_h};
+  return {g.in_h,     g.in_w,     in_row_stride, g.out_h,      g.out_w,      out_row_stride,
+          g.kernel_h, g.kernel_w, g.pad_top,     g.pad_left,   g.dilation_h, g.dilation_w,
+          g.stride_h, false,      depthwise::avx512::rolled_rows_enabled()};
 }
 
 // The unit-stride input gradient as a forward convolution: grad_output read through the window
@@ -136,7 +142,8 @@ depthwise::avx512::PlaneGeometry avx512_grad_input_geometry(const Geometry& g, i
                                                             int64_t gi_row_stride) {
   return {g.out_h, g.out_w, go_row_stride, g.in_h, g.in_w, gi_row_stride,
           g.kernel_h, g.kernel_w, (g.kernel_h - 1) * g.dilation_h - g.pad_top,
-          (g.kernel_w - 1) * g.dilation_w - g.pad_left, g.dilation_h, g.dilation_w, 1};
+          (g.kernel_w - 1) * g.dilation_w - g.pad_left, g.dilation_h, g.dilation_w, 1,
+          false, depthwise::avx512::rolled_rows_enabled()};
 }
 
 // 16-bit floats (bf16, fp16), which the AVX-512 fp32 kernels take widened to fp32: NCHW planes a
