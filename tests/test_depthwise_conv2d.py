@@ -259,6 +259,9 @@ ROLLED_CASES = [
     (1, 2, 40, 70, 2, 1),  # three vectors a row, three bands
     (1, 2, 2, 3, 2, 2),  # padding wider than the map
     (1, 2, 18, 18, 2, 0),  # a band of 8 and one of 1
+    (3, 5, 7, 7, 1, 1),  # 7x7 maps: two channels to a vector, and channels left over
+    (2, 3, 7, 7, 1, 0),  # no padding: b's taps past its last output read its own row
+    (2, 3, 6, 5, 1, (0, 1, 2, 0)),  # a row and its left padding filling 7 of 8 lanes
 ]
 
 
@@ -311,11 +314,11 @@ def test_weight_gradient_keeps_an_infinite_pixel_to_its_taps(case, layout, avx51
     torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-4, equal_nan=True)
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_fp32_planes_do_not_depend_on_threads(stride):
+@pytest.mark.parametrize("stride, size", [(1, 14), (2, 14), (1, 7)])  # 7x7: planes paired or not
+def test_fp32_planes_do_not_depend_on_threads(stride, size):
     """The weight gradient is summed in the same order whatever the split across threads."""
-    x, weight, b = _random_case(3, 9, 14, 14, 3, 3, torch.float32, "contiguous")
-    grad = torch.randn(3, 9, 14 // stride, 14 // stride)
+    x, weight, b = _random_case(3, 9, size, size, 3, 3, torch.float32, "contiguous")
+    grad = torch.randn(3, 9, size // stride, size // stride)
     threads = torch.get_num_threads()
     results = []
     try:

@@ -404,29 +404,49 @@ inline __attribute__((always_inline)) void roll_rows3(Walk& walk, int64_t n) {
   walk.template step<true, false, false>(n + 1);
 }
 
-// Output rows oy0 .. oy0 + n - 1 of one chunk; row k of the walk is input row oy0 - pad_top + k.
-struct ForwardRows3 {
+// The rows one chunk of a plane reads and writes. Step k of a walk reads input row first_row + k
+// (rows outside the input read zero); output row r is written at out + r * out_row_stride and
+// grad_out row r read at grad + r * out_row_stride (rows of the walk's band).
+struct PlaneRows3 {
   const float* column;  // input column `base` of row 0
   int64_t first_row, in_h, in_row_stride;
   Rows3Columns cols;
+  float* out;
+  const float* grad;
+  int64_t out_row_stride;
+  __mmask16 valid;  // the chunk's output columns
+
+  template <bool Keep>
+  inline __attribute__((always_inline)) void taps(int64_t k, __m512* t) const {
+    const int64_t iy = first_row + k;
+    const bool inside = row_inside(iy, in_h);
+    cols.load<Keep>(column + (inside ? iy : 0) * in_row_stride, inside, valid, t);
+  }
+  inline __attribute__((always_inline)) void store(int64_t r, __m512 v) const {
+    _mm512_mask_storeu_ps(out + r * out_row_stride, valid, v);
+  }
+  inline __attribute__((always_inline)) __m512 grad_row(int64_t r) const {
+    return _mm512_maskz_loadu_ps(valid, grad + r * out_row_stride);
+  }
+};
+
+// Output row r of a walk: bias, then taps 0..8 in order (the block kernels' order).
+template <class Rows>
+struct ForwardRows3 {
+  Rows rows;
   const __m512* w;
   __m512 bias;
-  float* out;  // output row oy0 at the chunk's column
-  int64_t out_row_stride;
-  __mmask16 store;
   __m512 older, old;  // the output rows k - 2 and k - 1 before step k
 
   template <bool Complete, bool Continue, bool Start>
   inline __attribute__((always_inline)) void step(int64_t k) {
-    const int64_t iy = first_row + k;
-    const bool inside = row_inside(iy, in_h);
     __m512 t[3];
-    cols.load<false>(column + (inside ? iy : 0) * in_row_stride, inside, 0, t);
+    rows.template taps<false>(k, t);
     if (Complete) {
       older = _mm512_fmadd_ps(w[6], t[0], older);
       older = _mm512_fmadd_ps(w[7], t[1], older);
       older = _mm512_fmadd_ps(w[8], t[2], older);
-      _mm512_mask_storeu_ps(out + (k - 2) * out_row_stride, store, older);
+      rows.store(k - 2, older);
     }
     if (Continue) {
       older = _mm512_fmadd_ps(w[3], t[0], old);
@@ -456,38 +476,32 @@ void forward_plane_rows3(const float* in, const float* taps, float bias, float* 
     float* rows = staged ? stage : out + oy0 * g.out_row_stride;
     for (int64_t x0 = 0; x0 < g.out_w; x0 += kLanes) {
       const int64_t base = x0 - g.pad_left;
-      ForwardRows3 walk{in + base, oy0 - g.pad_top, g.in_h, g.in_row_stride, Rows3Columns(base, g.in_w),
-                        w, _mm512_set1_ps(bias), rows + x0, g.out_row_stride, lane_range(0, g.out_w - x0),
-                        _mm512_setzero_ps(), _mm512_setzero_ps()};
+      const PlaneRows3 plane{in + base, oy0 - g.pad_top, g.in_h, g.in_row_stride, Rows3Columns(base, g.in_w),
+                             rows + x0, nullptr, g.out_row_stride, lane_range(0, g.out_w - x0)};
+      ForwardRows3<PlaneRows3> walk{plane, w, _mm512_set1_ps(bias), _mm512_setzero_ps(), _mm512_setzero_ps()};
       roll_rows3(walk, n);
     }
     if (staged) stream_rows(stage, out + oy0 * g.out_row_stride, n * g.out_w);
   }
 }
 
-// One chunk of the weight gradient over the whole plane; row k of the walk is input row
-// k - pad_top and meets grad_out rows k (ky 0), k - 1 (ky 1) and k - 2 (ky 2). The nine
-// accumulators are named members: as an array GCC stored them to the stack on every row.
-template <bool WithBias>
+// The weight gradient over a walk: step k meets grad_out rows k (ky 0), k - 1 (ky 1) and k - 2
+// (ky 2). The nine accumulators are named members: as an array GCC stored them to the stack on
+// every row.
+template <bool WithBias, class Rows>
 struct WeightGradRows3 {
-  const float* column;  // input column `base` of row 0
-  const float* grad;    // grad_out row 0 at the chunk's column
-  int64_t pad_top, in_h, in_row_stride, out_row_stride;
-  Rows3Columns cols;
-  __mmask16 valid;
+  Rows rows;
   __m512 a00, a01, a02, a10, a11, a12, a20, a21, a22, bias_acc;  // a<ky><kx>
   __m512 grad_newest, grad_middle, grad_oldest;
 
   template <bool Oldest, bool Middle, bool Newest>
   inline __attribute__((always_inline)) void step(int64_t k) {
-    const int64_t iy = k - pad_top;
-    const bool inside = row_inside(iy, in_h);
     __m512 t[3];
-    cols.load<true>(column + (inside ? iy : 0) * in_row_stride, inside, valid, t);
+    rows.template taps<true>(k, t);
     grad_oldest = grad_middle;
     grad_middle = grad_newest;
     if (Newest) {
-      grad_newest = _mm512_maskz_loadu_ps(valid, grad + k * out_row_stride);
+      grad_newest = rows.grad_row(k);
       if (WithBias) bias_acc = _mm512_add_ps(bias_acc, grad_newest);
       a00 = _mm512_fmadd_ps(grad_newest, t[0], a00);
       a01 = _mm512_fmadd_ps(grad_newest, t[1], a01);
@@ -504,32 +518,89 @@ struct WeightGradRows3 {
       a22 = _mm512_fmadd_ps(grad_oldest, t[2], a22);
     }
   }
+
+  // The partial sums of `lanes` from tap_lanes ([9][16]) and bias_lanes ([16]), and back.
+  void load(const float* tap_lanes, const float* bias_lanes, __mmask16 lanes) {
+    __m512* const acc[9] = {&a00, &a01, &a02, &a10, &a11, &a12, &a20, &a21, &a22};
+    for (int t = 0; t < 9; ++t) *acc[t] = _mm512_mask_loadu_ps(*acc[t], lanes, tap_lanes + t * kLanes);
+    if (WithBias) bias_acc = _mm512_mask_loadu_ps(bias_acc, lanes, bias_lanes);
+  }
+  void save(float* tap_lanes, float* bias_lanes, __mmask16 lanes) const {
+    const __m512 acc[9] = {a00, a01, a02, a10, a11, a12, a20, a21, a22};
+    for (int t = 0; t < 9; ++t) _mm512_mask_storeu_ps(tap_lanes + t * kLanes, lanes, acc[t]);
+    if (WithBias) _mm512_mask_storeu_ps(bias_lanes, lanes, bias_acc);
+  }
 };
 
 template <bool WithBias>
 void weight_grad_plane_rows3(const float* go, const float* in, float* tap_lanes, float* bias_lanes,
                              const PlaneGeometry& g) {
-  WeightGradRows3<WithBias> walk;
-  __m512* const acc[9] = {&walk.a00, &walk.a01, &walk.a02, &walk.a10, &walk.a11,
-                          &walk.a12, &walk.a20, &walk.a21, &walk.a22};
-  for (int t = 0; t < 9; ++t) *acc[t] = _mm512_loadu_ps(tap_lanes + t * kLanes);
-  walk.bias_acc = WithBias ? _mm512_loadu_ps(bias_lanes) : _mm512_setzero_ps();
-  walk.pad_top = g.pad_top;
-  walk.in_h = g.in_h;
-  walk.in_row_stride = g.in_row_stride;
-  walk.out_row_stride = g.out_row_stride;
+  WeightGradRows3<WithBias, PlaneRows3> walk{};
+  walk.load(tap_lanes, bias_lanes, 0xFFFF);
   for (int64_t x0 = 0; x0 < g.out_w; x0 += kLanes) {
     const int64_t base = x0 - g.pad_left;
-    walk.column = in + base;
-    walk.grad = go + x0;
-    walk.cols = Rows3Columns(base, g.in_w);
-    walk.valid = lane_range(0, g.out_w - x0);
+    walk.rows = PlaneRows3{in + base, -g.pad_top, g.in_h, g.in_row_stride, Rows3Columns(base, g.in_w),
+                           nullptr, go + x0, g.out_row_stride, lane_range(0, g.out_w - x0)};
     walk.grad_newest = walk.grad_middle = walk.grad_oldest = _mm512_setzero_ps();
     roll_rows3(walk, g.out_h);
   }
-  for (int t = 0; t < 9; ++t) _mm512_storeu_ps(tap_lanes + t * kLanes, *acc[t]);
-  if (WithBias) _mm512_storeu_ps(bias_lanes, walk.bias_acc);
+  walk.save(tap_lanes, bias_lanes, 0xFFFF);
 }
+
+// Two planes of at most 8 columns (7x7 maps), plane a in lanes 0-7 and plane b in lanes 8-15,
+// each with its left padding: lane 7 and lanes 15-16 read as zero, so one valignd makes both
+// planes' taps. Each lane's sums are those of the one-plane walk above (the same bits whichever
+// way a channel is paired; the weight gradient's partial sums land in lanes 8-15 for plane b).
+struct PairedRows3 {
+  const float* column_a;  // input column -pad_left of row 0
+  const float* column_b;
+  int64_t first_row, in_h, in_row_stride;
+  __mmask16 low_a, low_b;  // input columns inside, in each half
+  float* out_a;
+  float* out_b;
+  const float* grad_a;
+  const float* grad_b;
+  int64_t out_row_stride;
+  __mmask16 valid;  // output columns, in both halves
+
+  PairedRows3(const float* in_a, const float* in_b, int64_t first, float* output_a, float* output_b,
+              const float* grad_out_a, const float* grad_out_b, const PlaneGeometry& g)
+      : column_a(in_a - g.pad_left),
+        column_b(in_b - g.pad_left - 8),
+        first_row(first),
+        in_h(g.in_h),
+        in_row_stride(g.in_row_stride),
+        low_a(lane_range(g.pad_left, g.pad_left + g.in_w)),
+        low_b(static_cast<__mmask16>(lane_range(g.pad_left, g.pad_left + g.in_w) << 8)),
+        out_a(output_a),
+        out_b(output_b ? output_b - 8 : nullptr),
+        grad_a(grad_out_a),
+        grad_b(grad_out_b ? grad_out_b - 8 : nullptr),
+        out_row_stride(g.out_row_stride),
+        valid(static_cast<__mmask16>(lane_range(0, g.out_w) | lane_range(0, g.out_w) << 8)) {}
+
+  template <bool Keep>
+  inline __attribute__((always_inline)) void taps(int64_t k, __m512* t) const {
+    const int64_t iy = first_row + k;
+    const bool inside = row_inside(iy, in_h);
+    const int64_t offset = (inside ? iy : 0) * in_row_stride;
+    const __m512i both = _mm512_castps_si512(_mm512_mask_loadu_ps(
+        _mm512_maskz_loadu_ps(inside ? low_a : 0, column_a + offset), inside ? low_b : 0, column_b + offset));
+    const __m512i zero = _mm512_setzero_si512();
+    const __mmask16 keep = Keep ? valid : 0xFFFF;
+    t[0] = _mm512_castsi512_ps(_mm512_maskz_mov_epi32(keep, both));
+    t[1] = _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(keep, zero, both, 1));
+    t[2] = _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(keep, zero, both, 2));
+  }
+  inline __attribute__((always_inline)) void store(int64_t r, __m512 v) const {
+    _mm512_mask_storeu_ps(out_a + r * out_row_stride, valid & 0x00FF, v);
+    _mm512_mask_storeu_ps(out_b + r * out_row_stride, valid & 0xFF00, v);
+  }
+  inline __attribute__((always_inline)) __m512 grad_row(int64_t r) const {
+    return _mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(valid & 0x00FF, grad_a + r * out_row_stride), valid & 0xFF00,
+                                grad_b + r * out_row_stride);
+  }
+};
 
 // The rolled kernels' planes: 3x3 windows at unit stride and dilation, output rows of at most
 // two vectors. On wider rows (56x56 and 112x112 maps) the whole-plane walk of a chunk lost to the
@@ -539,6 +610,36 @@ void weight_grad_plane_rows3(const float* go, const float* in, float* tap_lanes,
 inline bool rolls_rows3(const PlaneGeometry& g) {
   return g.rolled_rows && g.stride == 1 && g.kernel_h == 3 && g.kernel_w == 3 && g.dilation_h == 1 &&
          g.dilation_w == 1 && g.out_w <= 2 * kLanes;
+}
+
+// Planes two to a vector (PairedRows3): a row with its left padding fills at most half a vector,
+// the taps right of the last output reach only padding (lane 7, or b's left padding), and the
+// outputs fit in half a vector.
+inline bool pairs_rows3(const PlaneGeometry& g) {
+  return rolls_rows3(g) && g.pad_left >= 0 && g.in_w + g.pad_left <= 8 && g.out_w <= 8 && g.out_w < 7 + g.pad_left;
+}
+
+// Streamed outputs are not staged here: a pair's planes are small, and stores are plain.
+void forward_plane_rows3_pair(const float* in_a, const float* in_b, const float* taps_a, const float* taps_b,
+                              float bias_a, float bias_b, float* out_a, float* out_b, const PlaneGeometry& g) {
+  __m512 w[9];
+  for (int t = 0; t < 9; ++t) w[t] = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(taps_a[t]), _mm512_set1_ps(taps_b[t]));
+  const __m512 bias = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(bias_a), _mm512_set1_ps(bias_b));
+  ForwardRows3<PairedRows3> walk{PairedRows3(in_a, in_b, -g.pad_top, out_a, out_b, nullptr, nullptr, g), w, bias,
+                                 _mm512_setzero_ps(), _mm512_setzero_ps()};
+  roll_rows3(walk, g.out_h);
+}
+
+template <bool WithBias>
+void weight_grad_plane_rows3_pair(const float* go_a, const float* go_b, const float* in_a, const float* in_b,
+                                  float* tap_lanes_a, float* tap_lanes_b, float* bias_lanes_a, float* bias_lanes_b,
+                                  const PlaneGeometry& g) {
+  WeightGradRows3<WithBias, PairedRows3> walk{PairedRows3(in_a, in_b, -g.pad_top, nullptr, nullptr, go_a, go_b, g)};
+  walk.load(tap_lanes_a, bias_lanes_a, 0x00FF);
+  walk.load(tap_lanes_b, bias_lanes_b, 0xFF00);
+  roll_rows3(walk, g.out_h);
+  walk.save(tap_lanes_a, bias_lanes_a, 0x00FF);
+  walk.save(tap_lanes_b, bias_lanes_b, 0xFF00);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1490,6 +1591,11 @@ bool pairs_weight_grad_planes(const PlaneGeometry& g) { return pairs_planes(g) &
 void weight_grad_plane_pair(const float* grad_out_a, const float* grad_out_b, const float* in_a, const float* in_b,
                             float* tap_lanes_a, float* tap_lanes_b, float* bias_lanes_a, float* bias_lanes_b,
                             const PlaneGeometry& g) {
+  if (g.stride == 1)
+    return bias_lanes_a ? weight_grad_plane_rows3_pair<true>(grad_out_a, grad_out_b, in_a, in_b, tap_lanes_a,
+                                                             tap_lanes_b, bias_lanes_a, bias_lanes_b, g)
+                        : weight_grad_plane_rows3_pair<false>(grad_out_a, grad_out_b, in_a, in_b, tap_lanes_a,
+                                                              tap_lanes_b, nullptr, nullptr, g);
   if (bias_lanes_a)
     return weight_grad_pair_stride2<true>(grad_out_a, grad_out_b, in_a, in_b, tap_lanes_a, tap_lanes_b, bias_lanes_a,
                                           bias_lanes_b, g);
@@ -1497,12 +1603,14 @@ void weight_grad_plane_pair(const float* grad_out_a, const float* grad_out_b, co
 }
 
 bool pairs_planes(const PlaneGeometry& g) {
+  if (g.stride == 1) return pairs_rows3(g);
   return g.stride == 2 && g.dilation_w == 1 && (g.kernel_h == 3 || g.kernel_h == 5) && g.kernel_w == g.kernel_h &&
          g.out_w <= 8 && 2 * (g.out_w - 1) + g.kernel_w <= kLanes;
 }
 
 void forward_plane_pair(const float* in_a, const float* in_b, const float* taps_a, const float* taps_b, float bias_a,
                         float bias_b, float* out_a, float* out_b, const PlaneGeometry& g) {
+  if (g.stride == 1) return forward_plane_rows3_pair(in_a, in_b, taps_a, taps_b, bias_a, bias_b, out_a, out_b, g);
   if (g.kernel_h == 3) return forward_pair_stride2<3, 3>(in_a, in_b, taps_a, taps_b, bias_a, bias_b, out_a, out_b, g);
   forward_pair_stride2<5, 5>(in_a, in_b, taps_a, taps_b, bias_a, bias_b, out_a, out_b, g);
 }

@@ -54,15 +54,17 @@ bool supports(int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stri
 // out = bias + the window sums of `in` with `taps` ([kernel_h][kernel_w], row-major).
 void forward_plane(const float* in, const float* taps, float bias, float* out, const PlaneGeometry& g);
 
-// Stride-2 planes whose output rows fit in half a vector (14x14 -> 7x7 maps, where one plane's
-// rows use 7 of 16 lanes): two planes at once, plane a in lanes 0-7 and plane b in lanes 8-15, one
-// two-source permute serving both. Same results as forward_plane on each.
+// Planes whose rows fit in half a vector: two planes at once, plane a in lanes 0-7 and plane b in
+// lanes 8-15. Stride 2 (14x14 -> 7x7 maps, where one plane's rows use 7 of 16 lanes): one
+// two-source permute serves both. Unit stride (3x3 windows, a row and its left padding in 8
+// lanes: 7x7 maps), with the rolled rows. Same results as forward_plane on each.
 bool pairs_planes(const PlaneGeometry& g);
 void forward_plane_pair(const float* in_a, const float* in_b, const float* taps_a, const float* taps_b, float bias_a,
                         float bias_b, float* out_a, float* out_b, const PlaneGeometry& g);
 // The weight gradient the same way (3x3 windows): plane a's partial sums go to lanes 0-7 of its
 // tap_lanes, plane b's to lanes 8-15 of its own, each lane's sum in the order weight_grad_plane
-// adds it (the same bits whichever way a channel is paired).
+// adds it (the same bits whichever way a channel is paired; at unit stride the unpaired planes
+// must take weight_grad_plane, not the flat planes).
 bool pairs_weight_grad_planes(const PlaneGeometry& g);
 void weight_grad_plane_pair(const float* grad_out_a, const float* grad_out_b, const float* in_a, const float* in_b,
                             float* tap_lanes_a, float* tap_lanes_b, float* bias_lanes_a, float* bias_lanes_b,

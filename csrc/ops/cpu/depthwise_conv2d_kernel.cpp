@@ -209,8 +209,8 @@ void forward_nchw_widened(const scalar_t* in, at::IntArrayRef in_strides, const 
   const std::vector<float> taps = float_values(w, g.channels * kernel_area);
   const std::vector<float> bias = b ? float_values(b, g.channels) : std::vector<float>(g.channels, 0.f);
   depthwise::avx512::FlatPlane flat;
-  const bool use_flat = depthwise::avx512::flat_plane(shape, &flat);
-  const bool pairs = !use_flat && depthwise::avx512::pairs_planes(shape);
+  const bool pairs = depthwise::avx512::pairs_planes(shape);
+  const bool use_flat = !pairs && depthwise::avx512::flat_plane(shape, &flat);
   at::parallel_for(0, g.batch * g.channels, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> wide_in(2 * in_area), wide_out(2 * out_area);
     const auto widen = [&](int64_t plane, float* dst) {
@@ -262,8 +262,8 @@ void forward_nchw(const at::Tensor& input, const at::Tensor& weight, const at::T
       auto shape = avx512_forward_geometry(g, in_strides[2], g.out_w);
       shape.stream_output = cpu::stream_output_bytes(output.nbytes());
       depthwise::avx512::FlatPlane flat;
-      const bool use_flat = depthwise::avx512::flat_plane(shape, &flat);
-      const bool pairs = !use_flat && depthwise::avx512::pairs_planes(shape);
+      const bool pairs = depthwise::avx512::pairs_planes(shape);
+      const bool use_flat = !pairs && depthwise::avx512::flat_plane(shape, &flat);
       at::parallel_for(0, g.batch * g.channels, 1, [&](int64_t begin, int64_t end) {
         for (int64_t plane = begin; plane < end; ++plane) {
           const int64_t n = plane / g.channels, c = plane % g.channels;
@@ -656,14 +656,18 @@ bool backward_nchw_avx512_planes(const at::Tensor& grad_output, const at::Tensor
   auto grad_input_shape = unit_stride ? avx512_grad_input_geometry(g, go_row, gi_row)
                                       : avx512_forward_geometry(g, gi_row, go_row);
   grad_input_shape.stream_output = !widened && want_input && cpu::stream_output_bytes(grad_input.nbytes());
+  // Maps whose rows fill half a vector (7x7 at unit stride, 14x14 -> 7x7 at stride 2): two
+  // channels at once. At stride 2 only the weight gradient (the input gradient's rows are twice
+  // as wide); at unit stride both, and the planes left over take the rolled rows, whose sums are
+  // the pairs' lane for lane (the flat planes' are not: the weight gradient would then depend on
+  // how the channels fall to threads).
+  const bool weight_pairs = want_weight && depthwise::avx512::pairs_weight_grad_planes(forward_shape);
+  const bool input_pairs = want_input && unit_stride && depthwise::avx512::pairs_planes(grad_input_shape);
   depthwise::avx512::FlatPlane flat_forward, flat_grad_input;
-  const bool weight_flat = want_weight && depthwise::avx512::flat_plane(forward_shape, &flat_forward);
-  const bool input_flat =
-      want_input && unit_stride && depthwise::avx512::flat_plane(grad_input_shape, &flat_grad_input);
-  // Stride-2 maps whose output rows fill half a vector: two channels' weight gradients at once
-  // (the input gradient stays per plane; its rows are twice as wide).
-  const bool weight_pairs = want_weight && !unit_stride && !weight_flat &&
-                            depthwise::avx512::pairs_weight_grad_planes(forward_shape);
+  const bool weight_flat =
+      want_weight && !weight_pairs && depthwise::avx512::flat_plane(forward_shape, &flat_forward);
+  const bool input_flat = want_input && unit_stride && !input_pairs &&
+                          depthwise::avx512::flat_plane(grad_input_shape, &flat_grad_input);
   // One thread owns a range of channels for the whole batch: each weight gradient is summed
   // without atomics, image after image, the same on every run and thread count. The thread
   // walks its channels image by image, so its planes are read in address order (channel by
@@ -710,45 +714,61 @@ bool backward_nchw_avx512_planes(const at::Tensor& grad_output, const at::Tensor
       if constexpr (widened)
         narrow_plane(gi_plane(n, c, slot), g.in_h, g.in_w, gi + n * gi_strides[0] + c * gi_strides[1], gi_strides[2]);
     };
+    const auto grad_input_of = [&](int64_t n, int64_t c, const float* go_c, int slot) {
+      float* gi_c = gi_plane(n, c, slot);
+      if (input_flat)
+        depthwise::avx512::forward_plane_flat(go_c, &flipped[(c - begin) * kernel_area], 0.f, gi_c, flat_grad_input);
+      else if (unit_stride)
+        depthwise::avx512::forward_plane(go_c, &flipped[(c - begin) * kernel_area], 0.f, gi_c, grad_input_shape);
+      else
+        depthwise::avx512::grad_input_plane_stride2(go_c, w + c * kernel_area, gi_c, grad_input_shape);
+      gi_done(n, c, slot);
+    };
+    const auto weight_grad_of = [&](int64_t n, int64_t c, const float* go_c, int slot) {
+      float* tap_lanes = &lanes[(c - begin) * lanes_per_channel];
+      float* bias_lanes = tap_lanes + kernel_area * L;
+      if (weight_flat)
+        depthwise::avx512::weight_grad_plane_flat(go_c, in_plane(n, c, slot), tap_lanes,
+                                                  want_bias ? bias_lanes : nullptr, flat_forward);
+      else if (want_weight)
+        depthwise::avx512::weight_grad_plane(go_c, in_plane(n, c, slot), tap_lanes, want_bias ? bias_lanes : nullptr,
+                                             forward_shape);
+      else if (want_bias)
+        for (int64_t y = 0; y < g.out_h; ++y)
+          for (int64_t x = 0; x < g.out_w; ++x) bias_lanes[x % L] += go_c[y * go_row + x];
+    };
     for (int64_t n = 0; n < g.batch; ++n) {
       for (int64_t c = begin; c < end; ++c) {
         const float* go_c = go_plane(n, c, 0);
-        float* tap_lanes = &lanes[(c - begin) * lanes_per_channel];
-        float* bias_lanes = tap_lanes + kernel_area * L;
-        if (want_input) {
-          float* gi_c = gi_plane(n, c, 0);
-          if (input_flat)
-            depthwise::avx512::forward_plane_flat(go_c, &flipped[(c - begin) * kernel_area], 0.f, gi_c,
-                                                  flat_grad_input);
-          else if (unit_stride)
-            depthwise::avx512::forward_plane(go_c, &flipped[(c - begin) * kernel_area], 0.f, gi_c, grad_input_shape);
-          else
-            depthwise::avx512::grad_input_plane_stride2(go_c, w + c * kernel_area, gi_c, grad_input_shape);
-          gi_done(n, c, 0);
-        }
-        if (weight_pairs && c + 1 < end) {  // this plane and the next channel's, together
+        if ((weight_pairs || input_pairs) && c + 1 < end) {  // this plane and the next channel's, together
           const int64_t c2 = c + 1;
           const float* go_c2 = go_plane(n, c2, 1);
-          float* tap_lanes2 = tap_lanes + lanes_per_channel;
-          if (want_input) {
-            depthwise::avx512::grad_input_plane_stride2(go_c2, w + c2 * kernel_area, gi_plane(n, c2, 1),
-                                                        grad_input_shape);
+          if (input_pairs) {
+            depthwise::avx512::forward_plane_pair(go_c, go_c2, &flipped[(c - begin) * kernel_area],
+                                                  &flipped[(c2 - begin) * kernel_area], 0.f, 0.f, gi_plane(n, c, 0),
+                                                  gi_plane(n, c2, 1), grad_input_shape);
+            gi_done(n, c, 0);
             gi_done(n, c2, 1);
+          } else if (want_input) {
+            grad_input_of(n, c, go_c, 0);
+            grad_input_of(n, c2, go_c2, 1);
           }
-          depthwise::avx512::weight_grad_plane_pair(go_c, go_c2, in_plane(n, c, 0), in_plane(n, c2, 1), tap_lanes,
-                                                    tap_lanes2, want_bias ? bias_lanes : nullptr,
-                                                    want_bias ? tap_lanes2 + kernel_area * L : nullptr, forward_shape);
+          if (weight_pairs) {
+            float* tap_lanes = &lanes[(c - begin) * lanes_per_channel];
+            float* tap_lanes2 = tap_lanes + lanes_per_channel;
+            depthwise::avx512::weight_grad_plane_pair(go_c, go_c2, in_plane(n, c, 0), in_plane(n, c2, 1), tap_lanes,
+                                                      tap_lanes2, want_bias ? tap_lanes + kernel_area * L : nullptr,
+                                                      want_bias ? tap_lanes2 + kernel_area * L : nullptr,
+                                                      forward_shape);
+          } else {
+            weight_grad_of(n, c, go_c, 0);
+            weight_grad_of(n, c2, go_c2, 1);
+          }
           ++c;
-        } else if (weight_flat) {
-          depthwise::avx512::weight_grad_plane_flat(go_c, in_plane(n, c, 0), tap_lanes,
-                                                    want_bias ? bias_lanes : nullptr, flat_forward);
-        } else if (want_weight) {
-          depthwise::avx512::weight_grad_plane(go_c, in_plane(n, c, 0), tap_lanes, want_bias ? bias_lanes : nullptr,
-                                               forward_shape);
-        } else if (want_bias) {
-          for (int64_t y = 0; y < g.out_h; ++y)
-            for (int64_t x = 0; x < g.out_w; ++x) bias_lanes[x % L] += go_c[y * go_row + x];
+          continue;
         }
+        if (want_input) grad_input_of(n, c, go_c, 0);
+        weight_grad_of(n, c, go_c, 0);
       }
     }
     const auto lane_sum = [](const float* partial) {
