@@ -551,6 +551,9 @@ void weight_grad_plane_rows3(const float* go, const float* in, float* tap_lanes,
 // each with its left padding: lane 7 and lanes 15-16 read as zero, so one valignd makes both
 // planes' taps. Each lane's sums are those of the one-plane walk above (the same bits whichever
 // way a channel is paired; the weight gradient's partial sums land in lanes 8-15 for plane b).
+// Against the flat planes, in L2 (one thread, cycles a plane): forward 85 -> 47, weight gradient
+// 110 -> 84. From memory (32x1024x7x7, 2 threads) the layer does not move (0.92-0.98x, noise);
+// at N=1 it is 1.08-1.11x faster.
 struct PairedRows3 {
   const float* column_a;  // input column -pad_left of row 0
   const float* column_b;
