@@ -241,11 +241,10 @@ def _check_fp32_case(case, layout):
     torch.testing.assert_close(g_input, ours[0], rtol=1e-6, atol=1e-6)
 
 
-# The rolled-row kernels (NCHW 3x3 planes: unit stride on rows of at most 32 outputs, and stride
-# 2) against the block kernels they replace there (FASTCNN_DEPTHWISE_ROLLED=0), which
-# test_fp32_planes no longer reaches for these windows: both against the fp64 truth, and the
-# forward and input gradient bit for bit (the same sums in the same order); the weight gradient
-# adds in another order. (N, C, H, W, stride, padding)
+# The rolled-row kernels (NCHW 3x3 planes at stride 1 and 2) against the block kernels they
+# replace (FASTCNN_DEPTHWISE_ROLLED=0), which test_fp32_planes no longer reaches for these
+# windows: both against the fp64 truth, and the forward and input gradient bit for bit (the same
+# sums in the same order); the weight gradient adds in another order. (N, C, H, W, stride, padding)
 ROLLED_CASES = [
     (2, 5, 14, 14, 1, 1),  # MobileNet's 14x14 layers: one vector a row
     (1, 3, 28, 28, 1, 1),  # two vectors a row, the second partial
@@ -253,6 +252,8 @@ ROLLED_CASES = [
     (1, 2, 6, 5, 1, 4),  # padding past the window's reach
     (1, 2, 1, 1, 1, 1),  # one output row: the shortest walk
     (1, 2, 17, 20, 1, (0, 2, 1, 0)),
+    (2, 3, 19, 40, 1, 1),  # rows of three vectors: bands of 8 rows (8, 8, 3), the next prefetched
+    (1, 2, 9, 70, 1, (0, 2, 1, 0)),  # five vectors a row; a band of 8 and one of 3
     (2, 3, 28, 28, 2, 1),  # stride 2: bands of 8 output rows, the last of 6
     (1, 2, 33, 34, 2, (0, 1, 1, 0)),  # TF-style "same" padding; 17 outputs a row
     (2, 3, 15, 35, 2, 1),  # odd input: the last column feeds only the last output

@@ -30,8 +30,8 @@ struct PlaneGeometry {
   // Write the output with streaming stores (see ops/cpu/streaming_stores.h) where the kernel can:
   // dense output rows (out_row_stride == out_w) of 3x3 and 5x5 windows. The caller fences.
   bool stream_output = false;
-  // Take the rolled-row kernels where they apply (3x3 windows: unit stride on rows of at most 32
-  // outputs, and stride 2). The caller sets it from rolled_rows_enabled().
+  // Take the rolled-row kernels where they apply (3x3 windows at stride 1 or 2, dilation 1). The
+  // caller sets it from rolled_rows_enabled().
   bool rolled_rows = true;
 };
 
