@@ -494,13 +494,51 @@ void forward_plane_rows3(const float* in, const float* taps, float bias, float* 
   }
 }
 
+// A 3x3 weight gradient's partial sums, per lane: sum<ky><kx> and the bias's. Named members, not
+// an array: indexed by unrolled loops, GCC stored an array to the stack on every row.
+template <bool WithBias>
+struct TapSums3 {
+  __m512 s00, s01, s02, s10, s11, s12, s20, s21, s22, bias;
+
+  // Kernel row KY's taps t[kx] against one grad_out row.
+  template <int KY>
+  inline __attribute__((always_inline)) void add(__m512 grad, const __m512* t) {
+    if constexpr (KY == 0) {
+      s00 = _mm512_fmadd_ps(grad, t[0], s00);
+      s01 = _mm512_fmadd_ps(grad, t[1], s01);
+      s02 = _mm512_fmadd_ps(grad, t[2], s02);
+    } else if constexpr (KY == 1) {
+      s10 = _mm512_fmadd_ps(grad, t[0], s10);
+      s11 = _mm512_fmadd_ps(grad, t[1], s11);
+      s12 = _mm512_fmadd_ps(grad, t[2], s12);
+    } else {
+      s20 = _mm512_fmadd_ps(grad, t[0], s20);
+      s21 = _mm512_fmadd_ps(grad, t[1], s21);
+      s22 = _mm512_fmadd_ps(grad, t[2], s22);
+    }
+  }
+  inline __attribute__((always_inline)) void add_bias(__m512 grad) {
+    if (WithBias) bias = _mm512_add_ps(bias, grad);
+  }
+  // The sums of `lanes` from tap_lanes ([9][16]) and bias_lanes ([16]), and back.
+  void load(const float* tap_lanes, const float* bias_lanes, __mmask16 lanes) {
+    __m512* const sums[9] = {&s00, &s01, &s02, &s10, &s11, &s12, &s20, &s21, &s22};
+    for (int t = 0; t < 9; ++t) *sums[t] = _mm512_mask_loadu_ps(*sums[t], lanes, tap_lanes + t * kLanes);
+    if (WithBias) bias = _mm512_mask_loadu_ps(bias, lanes, bias_lanes);
+  }
+  void save(float* tap_lanes, float* bias_lanes, __mmask16 lanes) const {
+    const __m512 sums[9] = {s00, s01, s02, s10, s11, s12, s20, s21, s22};
+    for (int t = 0; t < 9; ++t) _mm512_mask_storeu_ps(tap_lanes + t * kLanes, lanes, sums[t]);
+    if (WithBias) _mm512_mask_storeu_ps(bias_lanes, lanes, bias);
+  }
+};
+
 // The weight gradient over a walk: step k meets grad_out rows k (ky 0), k - 1 (ky 1) and k - 2
-// (ky 2). The nine accumulators are named members: as an array GCC stored them to the stack on
-// every row.
+// (ky 2).
 template <bool WithBias, class Rows>
 struct WeightGradRows3 {
   Rows rows;
-  __m512 a00, a01, a02, a10, a11, a12, a20, a21, a22, bias_acc;  // a<ky><kx>
+  TapSums3<WithBias> sums;
   __m512 grad_newest, grad_middle, grad_oldest;
 
   template <bool Oldest, bool Middle, bool Newest>
@@ -511,33 +549,11 @@ struct WeightGradRows3 {
     grad_middle = grad_newest;
     if (Newest) {
       grad_newest = rows.grad_row(k);
-      if (WithBias) bias_acc = _mm512_add_ps(bias_acc, grad_newest);
-      a00 = _mm512_fmadd_ps(grad_newest, t[0], a00);
-      a01 = _mm512_fmadd_ps(grad_newest, t[1], a01);
-      a02 = _mm512_fmadd_ps(grad_newest, t[2], a02);
+      sums.add_bias(grad_newest);
+      sums.template add<0>(grad_newest, t);
     }
-    if (Middle) {
-      a10 = _mm512_fmadd_ps(grad_middle, t[0], a10);
-      a11 = _mm512_fmadd_ps(grad_middle, t[1], a11);
-      a12 = _mm512_fmadd_ps(grad_middle, t[2], a12);
-    }
-    if (Oldest) {
-      a20 = _mm512_fmadd_ps(grad_oldest, t[0], a20);
-      a21 = _mm512_fmadd_ps(grad_oldest, t[1], a21);
-      a22 = _mm512_fmadd_ps(grad_oldest, t[2], a22);
-    }
-  }
-
-  // The partial sums of `lanes` from tap_lanes ([9][16]) and bias_lanes ([16]), and back.
-  void load(const float* tap_lanes, const float* bias_lanes, __mmask16 lanes) {
-    __m512* const acc[9] = {&a00, &a01, &a02, &a10, &a11, &a12, &a20, &a21, &a22};
-    for (int t = 0; t < 9; ++t) *acc[t] = _mm512_mask_loadu_ps(*acc[t], lanes, tap_lanes + t * kLanes);
-    if (WithBias) bias_acc = _mm512_mask_loadu_ps(bias_acc, lanes, bias_lanes);
-  }
-  void save(float* tap_lanes, float* bias_lanes, __mmask16 lanes) const {
-    const __m512 acc[9] = {a00, a01, a02, a10, a11, a12, a20, a21, a22};
-    for (int t = 0; t < 9; ++t) _mm512_mask_storeu_ps(tap_lanes + t * kLanes, lanes, acc[t]);
-    if (WithBias) _mm512_mask_storeu_ps(bias_lanes, lanes, bias_acc);
+    if (Middle) sums.template add<1>(grad_middle, t);
+    if (Oldest) sums.template add<2>(grad_oldest, t);
   }
 };
 
@@ -545,7 +561,7 @@ template <bool WithBias>
 void weight_grad_plane_rows3(const float* go, const float* in, float* tap_lanes, float* bias_lanes,
                              const PlaneGeometry& g) {
   WeightGradRows3<WithBias, PlaneRows3> walk{};
-  walk.load(tap_lanes, bias_lanes, 0xFFFF);
+  walk.sums.load(tap_lanes, bias_lanes, 0xFFFF);
   const bool wide = g.out_w > 2 * kLanes;
   const int64_t band_rows = wide ? kRows3BandRows : g.out_h;
   for (int64_t oy0 = 0; oy0 < g.out_h; oy0 += band_rows) {
@@ -559,7 +575,7 @@ void weight_grad_plane_rows3(const float* go, const float* in, float* tap_lanes,
       roll_rows3(walk, n);
     }
   }
-  walk.save(tap_lanes, bias_lanes, 0xFFFF);
+  walk.sums.save(tap_lanes, bias_lanes, 0xFFFF);
 }
 
 // Two planes of at most 8 columns (7x7 maps), plane a in lanes 0-7 and plane b in lanes 8-15,
@@ -649,11 +665,11 @@ void weight_grad_plane_rows3_pair(const float* go_a, const float* go_b, const fl
                                   float* tap_lanes_a, float* tap_lanes_b, float* bias_lanes_a, float* bias_lanes_b,
                                   const PlaneGeometry& g) {
   WeightGradRows3<WithBias, PairedRows3> walk{PairedRows3(in_a, in_b, -g.pad_top, nullptr, nullptr, go_a, go_b, g)};
-  walk.load(tap_lanes_a, bias_lanes_a, 0x00FF);
-  walk.load(tap_lanes_b, bias_lanes_b, 0xFF00);
+  walk.sums.load(tap_lanes_a, bias_lanes_a, 0x00FF);
+  walk.sums.load(tap_lanes_b, bias_lanes_b, 0xFF00);
   roll_rows3(walk, g.out_h);
-  walk.save(tap_lanes_a, bias_lanes_a, 0x00FF);
-  walk.save(tap_lanes_b, bias_lanes_b, 0xFF00);
+  walk.sums.save(tap_lanes_a, bias_lanes_a, 0x00FF);
+  walk.sums.save(tap_lanes_b, bias_lanes_b, 0xFF00);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -774,7 +790,7 @@ struct WeightGradStride2 {
   int64_t first_row, in_h, in_row_stride, out_row_stride, ahead;
   Stride2Columns cols;
   __mmask16 valid;
-  __m512 a00, a01, a02, a10, a11, a12, a20, a21, a22, bias_acc;
+  TapSums3<WithBias> sums;
   __m512 grad_row;
 
   template <bool Complete, bool Continue, bool Start>
@@ -784,22 +800,12 @@ struct WeightGradStride2 {
     _mm_prefetch(reinterpret_cast<const char*>(column + (iy + ahead) * in_row_stride), _MM_HINT_T0);
     __m512 t[3];
     cols.load<true>(column + (inside ? iy : 0) * in_row_stride, inside, valid, t);
-    if (Complete) {
-      a20 = _mm512_fmadd_ps(grad_row, t[0], a20);
-      a21 = _mm512_fmadd_ps(grad_row, t[1], a21);
-      a22 = _mm512_fmadd_ps(grad_row, t[2], a22);
-    }
-    if (Continue) {
-      a10 = _mm512_fmadd_ps(grad_row, t[0], a10);
-      a11 = _mm512_fmadd_ps(grad_row, t[1], a11);
-      a12 = _mm512_fmadd_ps(grad_row, t[2], a12);
-    }
+    if (Complete) sums.template add<2>(grad_row, t);
+    if (Continue) sums.template add<1>(grad_row, t);
     if (Start) {
       grad_row = _mm512_maskz_loadu_ps(valid, grad + (k / 2) * out_row_stride);
-      if (WithBias) bias_acc = _mm512_add_ps(bias_acc, grad_row);
-      a00 = _mm512_fmadd_ps(grad_row, t[0], a00);
-      a01 = _mm512_fmadd_ps(grad_row, t[1], a01);
-      a02 = _mm512_fmadd_ps(grad_row, t[2], a02);
+      sums.add_bias(grad_row);
+      sums.template add<0>(grad_row, t);
     }
   }
 };
@@ -807,11 +813,8 @@ struct WeightGradStride2 {
 template <bool WithBias>
 void weight_grad_plane_stride2_rows3(const float* go, const float* in, float* tap_lanes, float* bias_lanes,
                                      const PlaneGeometry& g) {
-  WeightGradStride2<WithBias> walk;
-  __m512* const acc[9] = {&walk.a00, &walk.a01, &walk.a02, &walk.a10, &walk.a11,
-                          &walk.a12, &walk.a20, &walk.a21, &walk.a22};
-  for (int t = 0; t < 9; ++t) *acc[t] = _mm512_loadu_ps(tap_lanes + t * kLanes);
-  walk.bias_acc = WithBias ? _mm512_loadu_ps(bias_lanes) : _mm512_setzero_ps();
+  WeightGradStride2<WithBias> walk{};
+  walk.sums.load(tap_lanes, bias_lanes, 0xFFFF);
   walk.in_h = g.in_h;
   walk.in_row_stride = g.in_row_stride;
   walk.out_row_stride = g.out_row_stride;
@@ -829,8 +832,7 @@ void weight_grad_plane_stride2_rows3(const float* go, const float* in, float* ta
       roll_rows3_stride2(walk, n);
     }
   }
-  for (int t = 0; t < 9; ++t) _mm512_storeu_ps(tap_lanes + t * kLanes, *acc[t]);
-  if (WithBias) _mm512_storeu_ps(bias_lanes, walk.bias_acc);
+  walk.sums.save(tap_lanes, bias_lanes, 0xFFFF);
 }
 
 inline bool rolls_rows3_stride2(const PlaneGeometry& g) {
