@@ -433,6 +433,13 @@ struct PlaneRows3 {
   }
 };
 
+// sum + w[0] t[0] + w[1] t[1] + w[2] t[2], added in that order: one kernel row's three taps.
+inline __attribute__((always_inline)) __m512 kernel_row_sum(const __m512* w, const __m512* t, __m512 sum) {
+  sum = _mm512_fmadd_ps(w[0], t[0], sum);
+  sum = _mm512_fmadd_ps(w[1], t[1], sum);
+  return _mm512_fmadd_ps(w[2], t[2], sum);
+}
+
 // Output row r of a walk: bias, then taps 0..8 in order (the block kernels' order).
 template <class Rows>
 struct ForwardRows3 {
@@ -445,22 +452,9 @@ struct ForwardRows3 {
   inline __attribute__((always_inline)) void step(int64_t k) {
     __m512 t[3];
     rows.template taps<false>(k, t);
-    if (Complete) {
-      older = _mm512_fmadd_ps(w[6], t[0], older);
-      older = _mm512_fmadd_ps(w[7], t[1], older);
-      older = _mm512_fmadd_ps(w[8], t[2], older);
-      rows.store(k - 2, older);
-    }
-    if (Continue) {
-      older = _mm512_fmadd_ps(w[3], t[0], old);
-      older = _mm512_fmadd_ps(w[4], t[1], older);
-      older = _mm512_fmadd_ps(w[5], t[2], older);
-    }
-    if (Start) {
-      old = _mm512_fmadd_ps(w[0], t[0], bias);
-      old = _mm512_fmadd_ps(w[1], t[1], old);
-      old = _mm512_fmadd_ps(w[2], t[2], old);
-    }
+    if (Complete) rows.store(k - 2, kernel_row_sum(w + 6, t, older));
+    if (Continue) older = kernel_row_sum(w + 3, t, old);
+    if (Start) old = kernel_row_sum(w, t, bias);
   }
 };
 
@@ -743,22 +737,10 @@ struct ForwardStride2 {
     _mm_prefetch(reinterpret_cast<const char*>(column + (iy + ahead) * in_row_stride), _MM_HINT_T0);
     __m512 t[3];
     cols.load<false>(column + (inside ? iy : 0) * in_row_stride, inside, 0, t);
-    if (Complete) {
-      row_sum = _mm512_fmadd_ps(w[6], t[0], row_sum);
-      row_sum = _mm512_fmadd_ps(w[7], t[1], row_sum);
-      row_sum = _mm512_fmadd_ps(w[8], t[2], row_sum);
-      _mm512_mask_storeu_ps(out + (k / 2 - 1) * out_row_stride, store, row_sum);
-    }
-    if (Continue) {
-      row_sum = _mm512_fmadd_ps(w[3], t[0], row_sum);
-      row_sum = _mm512_fmadd_ps(w[4], t[1], row_sum);
-      row_sum = _mm512_fmadd_ps(w[5], t[2], row_sum);
-    }
-    if (Start) {
-      row_sum = _mm512_fmadd_ps(w[0], t[0], bias);
-      row_sum = _mm512_fmadd_ps(w[1], t[1], row_sum);
-      row_sum = _mm512_fmadd_ps(w[2], t[2], row_sum);
-    }
+    if (Complete)
+      _mm512_mask_storeu_ps(out + (k / 2 - 1) * out_row_stride, store, kernel_row_sum(w + 6, t, row_sum));
+    if (Continue) row_sum = kernel_row_sum(w + 3, t, row_sum);
+    if (Start) row_sum = kernel_row_sum(w, t, bias);
   }
 };
 
