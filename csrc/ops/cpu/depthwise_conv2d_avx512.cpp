@@ -703,6 +703,16 @@ struct Stride2Columns {
     const __m512i even_bits = _mm512_castps_si512(_mm512_permutex2var_ps(a, even, b));
     taps[2] = _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(lanes, c, even_bits, 1));
   }
+  // The taps of input row iy (zero outside the input) from `column` (column `base` of row 0),
+  // prefetching the row `ahead` rows further.
+  template <bool Keep>
+  inline __attribute__((always_inline)) void row_taps(const float* column, int64_t iy, int64_t in_h,
+                                                      int64_t in_row_stride, int64_t ahead, __mmask16 keep,
+                                                      __m512* taps) const {
+    const bool inside = row_inside(iy, in_h);
+    _mm_prefetch(reinterpret_cast<const char*>(column + (iy + ahead) * in_row_stride), _MM_HINT_T0);
+    load<Keep>(column + (inside ? iy : 0) * in_row_stride, inside, keep, taps);
+  }
 };
 
 // The 2n + 1 input rows of n output rows, k = 0 .. 2n.
@@ -732,11 +742,8 @@ struct ForwardStride2 {
 
   template <bool Complete, bool Continue, bool Start>
   inline __attribute__((always_inline)) void step(int64_t k) {
-    const int64_t iy = first_row + k;
-    const bool inside = row_inside(iy, in_h);
-    _mm_prefetch(reinterpret_cast<const char*>(column + (iy + ahead) * in_row_stride), _MM_HINT_T0);
     __m512 t[3];
-    cols.load<false>(column + (inside ? iy : 0) * in_row_stride, inside, 0, t);
+    cols.row_taps<false>(column, first_row + k, in_h, in_row_stride, ahead, 0, t);
     if (Complete)
       _mm512_mask_storeu_ps(out + (k / 2 - 1) * out_row_stride, store, kernel_row_sum(w + 6, t, row_sum));
     if (Continue) row_sum = kernel_row_sum(w + 3, t, row_sum);
@@ -777,11 +784,8 @@ struct WeightGradStride2 {
 
   template <bool Complete, bool Continue, bool Start>
   inline __attribute__((always_inline)) void step(int64_t k) {
-    const int64_t iy = first_row + k;
-    const bool inside = row_inside(iy, in_h);
-    _mm_prefetch(reinterpret_cast<const char*>(column + (iy + ahead) * in_row_stride), _MM_HINT_T0);
     __m512 t[3];
-    cols.load<true>(column + (inside ? iy : 0) * in_row_stride, inside, valid, t);
+    cols.row_taps<true>(column, first_row + k, in_h, in_row_stride, ahead, valid, t);
     if (Complete) sums.template add<2>(grad_row, t);
     if (Continue) sums.template add<1>(grad_row, t);
     if (Start) {
