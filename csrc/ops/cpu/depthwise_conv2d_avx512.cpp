@@ -704,9 +704,9 @@ struct Stride2Columns {
     const __m512 b = _mm512_maskz_loadu_ps(inside ? high : 0, row + kLanes);
     const __m512i c = _mm512_castps_si512(_mm512_maskz_loadu_ps(inside ? last : 0, row + 2 * kLanes));
     const __mmask16 lanes = Keep ? keep : 0xFFFF;
-    taps[0] = _mm512_maskz_permutex2var_ps(lanes, a, even, b);
-    taps[1] = _mm512_maskz_permutex2var_ps(lanes, a, odd, b);
     const __m512i even_bits = _mm512_castps_si512(_mm512_permutex2var_ps(a, even, b));
+    taps[0] = _mm512_castsi512_ps(_mm512_maskz_mov_epi32(lanes, even_bits));
+    taps[1] = _mm512_maskz_permutex2var_ps(lanes, a, odd, b);
     taps[2] = _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(lanes, c, even_bits, 1));
   }
   // The taps of input row iy (zero outside the input) from `column` (column `base` of row 0),
