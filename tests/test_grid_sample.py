@@ -351,6 +351,44 @@ def test_affine_backward_by_scatters_across_output_sizes(monkeypatch):
         torch.set_num_threads(saved)
 
 
+@pytest.mark.parametrize("out_hw", [(37, 41), (16, 90), (70, 15)])
+@pytest.mark.parametrize("channels", [3, 5, 8])
+@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("scale, angle", [
+    (1.0, 0.0), (1.0, 0.3), (0.8, -0.52), (1.25, 0.52), (0.62, 0.2), (2.5, -1.0), (1.0, math.pi / 4),
+    (1.0, math.pi / 2), (0.1, 0.3), (-1.1, 0.4)])
+def test_affine_grad_input_gathered_by_input_pixels_fp32(scale, angle, align, channels, out_hw, monkeypatch):
+    """The AVX-512 backward with grad_input of an affine map, 3-8 NCHW channels, zeros padding:
+    each input pixel sums the output pixels whose source lies within a pixel of it, row window by
+    row window (avx512::grad_input_image_pull), instead of each output pixel adding to its taps.
+    A lane whose candidates start a column late, a row of the parallelogram left out, or a window
+    column read past the output row would lose or invent contributions. Maps from the identity
+    (no y term) through rotations up to 90 degrees, magnifications and reflections, to ones the
+    pull leaves to the scatters (a 10x shrink): against the scatters (FASTCNN_GRID_SAMPLE_PULL=0)
+    and the fp64 truth, over outputs narrower and wider than the 32-column window."""
+    g = torch.Generator().manual_seed(int(1000 * (scale + angle)) + channels)
+    n, h, w = 2, 45, 52
+    ho, wo = out_hw
+    x = torch.randn(n, channels, h, w, generator=g)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = scale * math.cos(angle), -scale * math.sin(angle)
+    theta[:, 1, 0], theta[:, 1, 1] = abs(scale) * math.sin(angle), abs(scale) * math.cos(angle)
+    theta[:, :, 2] = torch.tensor([[0.1, -0.2], [-0.7, 0.45]])
+    size = (n, channels, ho, wo)
+    grad = torch.randn(size, generator=g)
+    runs = {}
+    for pull in ("1", "0"):
+        monkeypatch.setenv("FASTCNN_GRID_SAMPLE_PULL", pull)
+        a, t = x.clone().requires_grad_(), theta.clone().requires_grad_()
+        runs[pull] = torch.autograd.grad(affine_grid_sample(a, t, size, "bilinear", "zeros", align), a, grad)[0]
+    a = x.double().requires_grad_()
+    truth = torch.autograd.grad(
+        fastcnn.reference.affine_grid_sample(a, theta.double(), size, "bilinear", "zeros", align), a, grad.double())[0]
+    scale_of = max(1.0, truth.abs().max().item())
+    torch.testing.assert_close(runs["1"], runs["0"], rtol=0, atol=2e-5 * scale_of)
+    torch.testing.assert_close(runs["1"].double(), truth, rtol=0, atol=2e-5 * scale_of)
+
+
 def _near_integer(pixel_grid, w, h, align):
     """Output pixels whose fp64 source lies within 1e-3 pixel of an integer (see above)."""
     extent = torch.tensor([w, h], dtype=torch.float64)
