@@ -5,10 +5,11 @@
 // With zeros padding, input pixel (ix, iy) receives go(o) * K(sx(o) - ix) * K(sy(o) - iy) from every
 // output pixel o, K(t) = max(0, 1 - |t|) the tent, (sx, sy) the affine source of o in input pixels:
 // the output pixels whose source lies within one pixel of it, a parallelogram (the map's inverse
-// image of a 2 x 2 square) of about 4 / |det| pixels. Sixteen input pixels of a row take the
-// output rows their parallelograms cross; in each output row a lane's candidates are an interval
-// of consecutive columns, at most `candidates` long, and all lanes' intervals lie within 32 columns,
-// read as two vectors and picked by permutes, a row of grad_output per channel. Nothing is
+// image of a 2 x 2 square) of about 4 / |det| pixels. Sixteen input pixels, one a column along the
+// map's image of an output row (sheared: PullPlan), take the output rows their parallelograms
+// cross; in each output row a lane's candidates are an interval of consecutive columns, at most
+// `candidates` long, and all lanes' intervals lie within 32 columns, read as two vectors and picked
+// by permutes, a row of grad_output per channel. Nothing is
 // scattered: no gathers or scatters (29-38 cycles each on the Intel Xeon of 2026-12-01), no
 // zeroing of grad_input first, no read-modify-write of it, and each element sums in a fixed order
 // (deterministic, independent of threads). The weights are the tent's, from the map in pixel units:
@@ -76,11 +77,24 @@ constexpr double kMaxPullSpan = 30.0;
 constexpr int kMaxPullCost = 64;
 
 constexpr int kMaxPullCandidates = 8;
+// Sheared vectors up to this slope (45 degrees of rotation); steeper maps go unsheared.
+constexpr double kMaxPullShear = 1.0;
 
 struct PullPlan {
   PixelMap map;
   int candidates = 0;  // per lane and output row; 0: the pull does not take this map
   double inv_det, inv_ax, inv_ay, reach_x, reach_y;  // reach: half the width of a tap's interval
+  // Lane l of a vector is input pixel (ix0 + l, iy + shift[l]): the lanes follow the map's image
+  // of an output row (shift ~ l * ay / ax), so their parallelograms cross the fewest output rows
+  // (a 30-degree rotation: about 5 instead of 11). Every pixel belongs to one vector: iy runs
+  // from -shift_max to in_h - shift_min.
+  int shift_min = 0, shift_max = 0;
+  alignas(64) float shift[16];    // shift[l]
+  alignas(64) float y_shift[16];  // shift[l] / ay: how far lane l's y-interval moves
+  double y_shift_min = 0, y_shift_max = 0;
+  double oy_shift_min = 0, oy_shift_max = 0;  // lane l's preimage row minus lane 0's, over l
+  double oy_reach = 0;  // a pixel's parallelogram's half-extent in output rows
+  uint16_t shift_lanes[16];  // shift_lanes[s - shift_min]: the lanes with that shift
 };
 
 inline PullPlan pull_plan(const AffineSource<float>& source, const Geometry& g, int64_t n) {
@@ -94,19 +108,43 @@ inline PullPlan pull_plan(const AffineSource<float>& source, const Geometry& g, 
       g.in_h >= (1 << 15) || g.out_w >= (1 << 15) || g.out_h >= (1 << 15) || std::fabs(m.cx) > 1e5 ||
       std::fabs(m.cy) > 1e5)
     return plan;
-  const double width = m.ay != 0.0 ? std::min(2.0 / std::fabs(m.ax), 2.0 / std::fabs(m.ay)) : 2.0 / std::fabs(m.ax);
-  const double span = m.ay != 0.0 ? std::min(17.0 / std::fabs(m.ax), 2.0 / std::fabs(m.ay)) : 17.0 / std::fabs(m.ax);
-  // Output rows a vector's parallelograms cross: the 17 x 2 box's extent in oy, plus one.
-  const double rows = (17.0 * std::fabs(m.ay) + 2.0 * std::fabs(m.ax)) / std::fabs(det) + 1.0;
-  const int candidates = static_cast<int>(std::ceil(width));
-  if (span > kMaxPullSpan || candidates > kMaxPullCandidates || candidates * rows > kMaxPullCost) return plan;
-  plan.map = m;
-  plan.candidates = candidates;
+  const double slope = m.ay / m.ax;
+  const bool sheared = m.ay != 0.0 && std::fabs(slope) <= kMaxPullShear;
   plan.inv_det = 1.0 / det;
   plan.inv_ax = 1.0 / m.ax;
   plan.inv_ay = m.ay != 0.0 ? 1.0 / m.ay : 0.0;
   plan.reach_x = 1.0 / std::fabs(m.ax);
   plan.reach_y = m.ay != 0.0 ? 1.0 / std::fabs(m.ay) : 0.0;
+  int shifts[16];
+  double oy_min = 0, oy_max = 0, y_min = 0, y_max = 0;
+  for (int l = 0; l < 16; ++l) {
+    shifts[l] = sheared ? static_cast<int>(std::nearbyint(l * slope)) : 0;
+    plan.shift[l] = float(shifts[l]);
+    plan.y_shift[l] = float(shifts[l] * plan.inv_ay);
+    plan.shift_min = std::min(plan.shift_min, shifts[l]);
+    plan.shift_max = std::max(plan.shift_max, shifts[l]);
+    const double oy = (-m.ay * l + m.ax * shifts[l]) * plan.inv_det;
+    oy_min = std::min(oy_min, oy), oy_max = std::max(oy_max, oy);
+    y_min = std::min(y_min, shifts[l] * plan.inv_ay), y_max = std::max(y_max, shifts[l] * plan.inv_ay);
+  }
+  std::fill(plan.shift_lanes, plan.shift_lanes + 16, uint16_t(0));
+  for (int l = 0; l < 16; ++l) plan.shift_lanes[shifts[l] - plan.shift_min] |= uint16_t(1u << l);
+  plan.oy_shift_min = oy_min, plan.oy_shift_max = oy_max;
+  plan.y_shift_min = y_min, plan.y_shift_max = y_max;
+  plan.oy_reach = (std::fabs(m.ay) + std::fabs(m.ax)) * std::fabs(plan.inv_det);
+  const double width = m.ay != 0.0 ? std::min(2.0 / std::fabs(m.ax), 2.0 / std::fabs(m.ay)) : 2.0 / std::fabs(m.ax);
+  // A row's candidates over all lanes lie within the x-intervals (17 / |ax| wide) and, unsheared,
+  // within the one y-interval (2 / |ay|).
+  const double span = sheared || m.ay == 0.0 ? 17.0 / std::fabs(m.ax)
+                                             : std::min(17.0 / std::fabs(m.ax), 2.0 / std::fabs(m.ay));
+  // Output rows a vector's parallelograms cross, and the vectors per row of input pixels.
+  const double rows = 2.0 * plan.oy_reach + (oy_max - oy_min) + 1.0;
+  const double vectors = double(g.in_h + plan.shift_max - plan.shift_min) / double(g.in_h);
+  const int candidates = static_cast<int>(std::ceil(width));
+  if (span > kMaxPullSpan || candidates > kMaxPullCandidates || candidates * rows * vectors > kMaxPullCost)
+    return plan;
+  plan.map = m;
+  plan.candidates = candidates;
   return plan;
 }
 
@@ -115,11 +153,11 @@ inline PullPlan pull_plan(const AffineSource<float>& source, const Geometry& g, 
 struct PullRows {
   alignas(64) int32_t window[8];  // the window's first column (0 for a row without candidates)
   alignas(64) float x_lower[8];   // lane 0's lower bound from x, from the window's first column
-  alignas(64) float y_lower[8];   // every lane's lower bound from y, likewise
+  alignas(64) float y_lower[8];   // lane 0's lower bound from y, likewise
   alignas(64) float dx[8];        // lane 0's dx at the window's first column
-  alignas(64) float dy[8];        // dy there
+  alignas(64) float dy[8];        // lane 0's dy there
 
-  // Rows oy0 .. oy0 + 7 of the vector of input row iy from column ix0 on.
+  // Rows oy0 .. oy0 + 7 of the vector from input pixel (ix0, iy) on.
   void fill(const PullPlan& plan, const Geometry& g, int64_t oy0, int64_t ix0, int64_t iy) {
     const PixelMap& m = plan.map;
     const __m512d oy = _mm512_add_pd(_mm512_set1_pd(double(oy0)), _mm512_setr_pd(0, 1, 2, 3, 4, 5, 6, 7));
@@ -139,9 +177,11 @@ struct PullRows {
     }
     const __m512d x_first = _mm512_fnmsub_pd(rx, _mm512_set1_pd(plan.inv_ax), _mm512_set1_pd(plan.reach_x));
     const __m512d x_last = _mm512_add_pd(x_first, _mm512_set1_pd(15.0 * plan.inv_ax));
-    const __m512d row_lower = _mm512_max_pd(y_low, _mm512_min_pd(x_first, x_last));
+    const __m512d row_lower =
+        _mm512_max_pd(_mm512_add_pd(y_low, _mm512_set1_pd(plan.y_shift_min)), _mm512_min_pd(x_first, x_last));
     const __m512d row_upper =
-        _mm512_min_pd(y_high, _mm512_add_pd(_mm512_max_pd(x_first, x_last), _mm512_set1_pd(2.0 * plan.reach_x)));
+        _mm512_min_pd(_mm512_add_pd(y_high, _mm512_set1_pd(plan.y_shift_max)),
+                      _mm512_add_pd(_mm512_max_pd(x_first, x_last), _mm512_set1_pd(2.0 * plan.reach_x)));
     __mmask8 live = _mm512_cmp_pd_mask(row_upper, row_lower, _CMP_GT_OQ);
     live = _mm512_mask_cmp_pd_mask(live, row_upper, _mm512_setzero_pd(), _CMP_GT_OQ);
     live = _mm512_mask_cmp_pd_mask(live, row_lower, _mm512_set1_pd(double(g.out_w)), _CMP_LT_OQ);
@@ -156,25 +196,27 @@ struct PullRows {
   }
 };
 
-// Sixteen input pixels of row iy from column ix0 on, kChannels planes of grad_output: their
-// grad_input sums (kCandidates per lane and output row: the plan's).
+// Sixteen input pixels from (ix0, iy) on (lane l at (ix0 + l, iy + shift[l])), kChannels planes
+// of grad_output: their grad_input sums (kCandidates per lane and output row: the plan's).
 template <int kChannels, int kCandidates>
 inline void pull_vector(const float* grad_output, float* gin, const PullPlan& plan, const Geometry& g, int64_t iy,
                         int64_t ix0) {
   const PixelMap& m = plan.map;
   const int64_t out_hw = g.out_h * g.out_w, in_hw = g.in_h * g.in_w;
-  // oy of input point (x, y): (-ay * (x - cx) + ax * (y - cy)) / det, over the corners of the box
-  // x in (ix0 - 1, ix0 + 16), y in (iy - 1, iy + 1): linear, so the extremes are at the corners.
-  const double oy_centre = (-m.ay * (double(ix0) + 7.5 - m.cx) + m.ax * (double(iy) - m.cy)) * plan.inv_det;
-  const double oy_reach = (8.5 * std::fabs(m.ay) + std::fabs(m.ax)) * std::fabs(plan.inv_det);
+  // Lane 0's preimage row, (-ay * (x - cx) + ax * (y - cy)) / det; the lanes' parallelograms
+  // reach oy_reach rows past theirs.
+  const double oy_lane0 = (-m.ay * (double(ix0) - m.cx) + m.ax * (double(iy) - m.cy)) * plan.inv_det;
   // Rows strictly inside; a row on the boundary has weights of zero.
-  const int64_t row_begin = std::max<int64_t>(0, static_cast<int64_t>(std::floor(oy_centre - oy_reach)) + 1);
-  const int64_t row_end = std::min<int64_t>(g.out_h, static_cast<int64_t>(std::ceil(oy_centre + oy_reach)));
+  const int64_t row_begin = std::max<int64_t>(
+      0, static_cast<int64_t>(std::floor(oy_lane0 + plan.oy_shift_min - plan.oy_reach)) + 1);
+  const int64_t row_end = std::min<int64_t>(
+      g.out_h, static_cast<int64_t>(std::ceil(oy_lane0 + plan.oy_shift_max + plan.oy_reach)));
   const __m512 lane = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
   const __m512 ax = _mm512_set1_ps(float(m.ax)), ay = _mm512_set1_ps(float(m.ay));
-  // Lane l's candidates in a row lie past x_lower + l / ax (x) and past y_lower (y).
+  // Lane l's candidates in a row lie past x_lower + l / ax (x) and past y_lower + y_shift[l] (y).
   const __m512 lower_lanes = _mm512_mul_ps(lane, _mm512_set1_ps(float(plan.inv_ax)));
+  const __m512 y_shift = _mm512_load_ps(plan.y_shift), shift = _mm512_load_ps(plan.shift);
   __m512 acc[kChannels];
   for (int c = 0; c < kChannels; ++c) acc[c] = _mm512_setzero_ps();
   PullRows rows;
@@ -185,13 +227,13 @@ inline void pull_vector(const float* grad_output, float* gin, const PullPlan& pl
       const int64_t window = rows.window[r];
       // Each lane's first candidate as a column of the window (a row without any: past 32).
       const __m512 lower = _mm512_max_ps(_mm512_add_ps(lower_lanes, _mm512_set1_ps(rows.x_lower[r])),
-                                         _mm512_set1_ps(rows.y_lower[r]));
+                                         _mm512_add_ps(y_shift, _mm512_set1_ps(rows.y_lower[r])));
       // Not left of the window: a first rounded below it has weight zero there.
       const __m512 first = _mm512_max_ps(
           _mm512_add_ps(_mm512_roundscale_ps(lower, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), one), zero);
       __m512i index = _mm512_cvttps_epi32(first);
       __m512 dx = _mm512_fmadd_ps(ax, first, _mm512_sub_ps(_mm512_set1_ps(rows.dx[r]), lane));
-      __m512 dy = _mm512_fmadd_ps(ay, first, _mm512_set1_ps(rows.dy[r]));
+      __m512 dy = _mm512_fmadd_ps(ay, first, _mm512_sub_ps(_mm512_set1_ps(rows.dy[r]), shift));
       // The window's columns inside the output row (without branches: which ones varies row by
       // row near the edges, and mispredicted branches took a third of the time).
       const uint32_t in_begin = static_cast<uint32_t>(std::clamp<int64_t>(-window, 0, 32));
@@ -220,12 +262,18 @@ inline void pull_vector(const float* grad_output, float* gin, const PullPlan& pl
     }
   }
   const __mmask16 inside = lane_range_mask(ix0, g.in_w);
-  for (int c = 0; c < kChannels; ++c) _mm512_mask_storeu_ps(gin + c * in_hw + iy * g.in_w + ix0, inside, acc[c]);
+  const int64_t shift_begin = std::max<int64_t>(plan.shift_min, -iy);
+  const int64_t shift_end = std::min<int64_t>(plan.shift_max, g.in_h - 1 - iy);
+  for (int64_t s = shift_begin; s <= shift_end; ++s) {
+    const __mmask16 lanes = inside & plan.shift_lanes[s - plan.shift_min];
+    float* row = gin + (iy + s) * g.in_w + ix0;
+    for (int c = 0; c < kChannels; ++c) _mm512_mask_storeu_ps(row + c * in_hw, lanes, acc[c]);
+  }
 }
 
 template <int kChannels, int kCandidates>
 void pull_planes(const float* grad_output, float* gin, const PullPlan& plan, const Geometry& g) {
-  for (int64_t iy = 0; iy < g.in_h; ++iy)
+  for (int64_t iy = -plan.shift_max; iy < g.in_h - plan.shift_min; ++iy)
     for (int64_t ix0 = 0; ix0 < g.in_w; ix0 += 16)
       pull_vector<kChannels, kCandidates>(grad_output, gin, plan, g, iy, ix0);
 }
