@@ -10,7 +10,11 @@ dispatch key), the Triton ops, or the reference. Autograd, fake and autocast (as
 implementations are registered here. Semantics follow PyTorch, with one documented choice for non-finite coordinates: a NaN
 source coordinate, or an infinite one under zeros or reflection padding, samples as padding (zero)
 and gets a zero gradient. Under zeros padding that is PyTorch's CUDA behaviour (its CPU kernel
-returns NaN); under border padding an infinite coordinate clamps to the edge as in PyTorch.
+returns NaN); under border padding an infinite coordinate clamps to the edge as in PyTorch. A second one,
+for non-finite grad_output: the CPU backward of an affine map over 3-8 NCHW channels (zeros
+padding) gathers grad_input per input pixel over the taps of positive weight, so an infinite
+grad_output at a pixel whose source lies exactly on a pixel column or row does not reach the
+neighbouring tap of weight zero (PyTorch's scatter makes it NaN there: 0 * inf).
 The backwards are deterministic under ``torch.use_deterministic_algorithms(True)``: the CPU
 kernel always is (one batch element per thread, fixed order), CUDA and Triton switch from atomics
 to a sorted, fixed-order gather. Bicubic sampling is not implemented (use F.grid_sample).
