@@ -19,8 +19,10 @@
 // wanted (NCHW up to 8 channels, channels_last 2 to 4; its taps from row windows too), and for
 // channels_last images of 2 to 4 channels over 32 KiB after grad_input alone. The backward with
 // grad_input of an affine map over 1-2 channels (zeros padding) adds grad_input by pair gathers and
-// scatters, 16 pixels that share no tap at a time (backward_affine_image_lattice); otherwise, up to
-// 8 channels, it stays on the AVX2 loops. Images of more channels run channel vectors, pixel by
+// scatters, 16 pixels that share no tap at a time (backward_affine_image_lattice); over 3-8 NCHW
+// channels each input pixel gathers it from the output pixels whose taps reach it
+// (grad_input_image_pull), the coordinate gradient then in its own pass; otherwise, up to 8
+// channels, it stays on the AVX2 loops. Images of more channels run channel vectors, pixel by
 // pixel; NCHW ones through a channels_last copy of each image (and of grad_output) that stays in
 // L2, the results transposed back 16 x 16 in registers.
 //
@@ -33,8 +35,9 @@
 // This file holds the dispatch (which path serves a call), the scalar templates and the ATen entry
 // points. The parts it includes, in this one translation unit: grid_sample_chunk.h (chunks, sources,
 // scalar taps), grid_sample_avx2.h, grid_sample_avx512.h (taps in registers, gather forwards),
-// grid_sample_avx512_backward.h (coordinate gradient, the lattice backward) and
-// grid_sample_avx512_channels.h (feature maps of many channels).
+// grid_sample_avx512_backward.h (coordinate gradient, the lattice backward),
+// grid_sample_avx512_pull.h (grad_input gathered by input pixels) and grid_sample_avx512_channels.h
+// (feature maps of many channels).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
