@@ -352,15 +352,16 @@ def test_affine_backward_by_scatters_across_output_sizes(monkeypatch):
 
 
 @pytest.mark.parametrize("out_hw", [(37, 41), (16, 90), (70, 15)])
-@pytest.mark.parametrize("channels", [3, 5, 8])
+@pytest.mark.parametrize("channels", [3, 5, 8, 11])
 @pytest.mark.parametrize("align", [False, True])
 @pytest.mark.parametrize("scale, angle", [
     (1.0, 0.0), (1.0, 0.3), (0.8, -0.52), (1.25, 0.52), (0.62, 0.2), (2.5, -1.0), (1.0, math.pi / 4),
     (1.0, math.pi / 2), (0.1, 0.3), (-1.1, 0.4)])
 def test_affine_grad_input_gathered_by_input_pixels_fp32(scale, angle, align, channels, out_hw, monkeypatch):
-    """The AVX-512 backward with grad_input of an affine map, 3-8 NCHW channels, zeros padding:
-    each input pixel sums the output pixels whose source lies within a pixel of it, row window by
-    row window (avx512::grad_input_image_pull), instead of each output pixel adding to its taps.
+    """The AVX-512 backward with grad_input of an affine map, 3-8 NCHW channels (and more, four
+    planes at a time, when grad_input is all that is wanted), zeros padding: each input pixel sums
+    the output pixels whose source lies within a pixel of it, row window by row window
+    (avx512::grad_input_image_pull), instead of each output pixel adding to its taps.
     A lane whose candidates start a column late, a row of the parallelogram left out, or a window
     column read past the output row would lose or invent contributions. Maps from the identity
     (no y term) through rotations up to 90 degrees, magnifications and reflections, to ones the

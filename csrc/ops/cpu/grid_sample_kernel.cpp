@@ -526,12 +526,15 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
   constexpr bool affine_fp32 = std::is_same_v<Source, AffineSource<float>> && std::is_same_v<scalar_t, float>;
   // grad_input of an affine map gathered by each input pixel (avx512::grad_input_image_pull), where
   // the image's map allows; the coordinate gradient then by coordinate_grad_image_nchw. Past the
-  // lattice's channels: against the AVX2 pair loop, one thread, in process, 32x3x64x64 grad_input
-  // 1.2x, with grad_theta 1.1x; 8x3x224x224 1.2x and 1.15x. (Against the lattice, 64x1x28x28:
-  // 0.9x.)
+  // lattice's channels: against the AVX2 pair loop, 2 threads, in process
+  // (bench/ab_grid_sample_env.py), 32x3x64x64 grad_input 1.36x, with grad_theta 1.24x;
+  // 8x3x224x224 1.47x and 1.36x. (Against the lattice, 64x1x28x28: 0.9-1.0x.)
+  // Feature maps (NCHW, more than kGatherChannels) too when grad_input is all that is wanted, four
+  // planes at a time: 32x64x56x56 1.5x the wide-channel pass (2 threads, in process). With the
+  // coordinate gradient, that pass alone costs about what it costs doing both (pull and it: 0.97x).
   [[maybe_unused]] const bool pull = affine_fp32 && vector_taps == Taps::Avx512 && !channels_last &&
-                                     C > kLatticeChannels && C <= kGatherChannels && bilinear &&
-                                     g.padding == Padding::Zeros && want_input && pull_enabled();
+                                     C > kLatticeChannels && (C <= kGatherChannels || (transposed && !coords)) &&
+                                     bilinear && g.padding == Padding::Zeros && want_input && pull_enabled();
   [[maybe_unused]] const bool lattice = affine_fp32 && vector_taps == Taps::Avx512 && !channels_last &&
                                         C <= kLatticeChannels && bilinear && g.padding == Padding::Zeros &&
                                         want_input && g.out_h < (1 << 15) && g.out_w < (1 << 15);
