@@ -8,11 +8,11 @@
 // image of a 2 x 2 square) of about 4 / |det| pixels. Sixteen input pixels, one a column along the
 // map's image of an output row (sheared: PullPlan), take the output rows their parallelograms
 // cross; in each output row a lane's candidates are an interval of consecutive columns, at most
-// `candidates` long, and all lanes' intervals lie within 32 columns, read as two vectors and picked
-// by permutes, a row of grad_output per channel. Nothing is
-// scattered: no gathers or scatters (29-38 cycles each on the Intel Xeon of 2026-12-01), no
-// zeroing of grad_input first, no read-modify-write of it, and each element sums in a fixed order
-// (deterministic, independent of threads). The weights are the tent's, from the map in pixel units:
+// `candidates` long, and all lanes' intervals lie within 32 columns, read as two vectors and
+// picked by permutes, a row of grad_output per channel. Nothing is scattered: no gathers or
+// scatters (29-38 cycles each on the Intel Xeon of 2026-12-01), no zeroing of grad_input first, no
+// read-modify-write of it, and each element sums in a fixed order (deterministic, independent of
+// threads). The weights are the tent's, from the map in pixel units:
 // they differ from the scatter's (which takes the fraction of the rounded source coordinate) by
 // rounding only. An output pixel adds where its weight is positive: a non-finite grad_output that
 // the scatter would multiply by a zero weight (a source exactly on a pixel column) is skipped here.
@@ -32,8 +32,8 @@ namespace {
 FASTCNN_GRID_SAMPLE_AVX512_BEGIN
 namespace avx512 {
 
-// Up to this many channels (NCHW) the pull keeps a window of grad_output and an accumulator per
-// channel in registers.
+// Channels (NCHW planes) per pass over an image: each keeps its two window vectors and its
+// accumulator in registers; wider images go four at a time.
 constexpr int kPullChannels = 4;
 
 // The source of output pixel (ox, oy) in input pixels: sx = ax * ox + bx * oy + cx, sy likewise.
@@ -70,9 +70,10 @@ inline PixelMap pixel_map(const AffineSource<float>& source, const Geometry& g, 
 }
 
 // A vector's sixteen input pixels span 17 columns (with the taps' reach, 15 + 2): its candidates in
-// one output row lie within min(17 / |ax|, 2 / |ay|) columns, which the 32-column window must hold.
-// Past kMaxPullCost candidate vectors (output rows times candidates a row) per input vector the
-// scatters are cheaper (maps that shrink the image, rotations near 90 degrees).
+// one output row lie within 17 / |ax| columns (unsheared also within 2 / |ay|), which the
+// 32-column window must hold. Past kMaxPullCost candidate vectors (output rows times candidates a
+// row, times the sheared vectors' share past the image) per input vector the scatters are
+// cheaper (maps that shrink the image, rotations near 90 degrees).
 constexpr double kMaxPullSpan = 30.0;
 constexpr int kMaxPullCost = 64;
 
