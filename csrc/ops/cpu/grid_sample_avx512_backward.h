@@ -324,13 +324,9 @@ inline const std::vector<int32_t>& lattice_order(LatticeScratch& scratch, int k,
 // The lattice stride for image n's map, 0 when none up to kMaxLatticeStride keeps the taps apart.
 inline int lattice_stride(const AffineSource<float>& source, const Geometry& g, int64_t n) {
   if (g.out_h < 2 || g.out_w < 2) return 0;
-  const float* t = source.theta + n * 6;
-  const double sx = g.align_corners ? (g.in_w - 1) / 2.0 : g.in_w / 2.0;
-  const double sy = g.align_corners ? (g.in_h - 1) / 2.0 : g.in_h / 2.0;
-  const double step_x = (double(source.base_x[g.out_w - 1]) - source.base_x[0]) / double(g.out_w - 1);
-  const double step_y = (double(source.base_y[g.out_h - 1]) - source.base_y[0]) / double(g.out_h - 1);
   // Input pixels per output column (a, c) and per output row (b, d).
-  const double a = t[0] * sx * step_x, b = t[1] * sx * step_y, c = t[3] * sy * step_x, d = t[4] * sy * step_y;
+  const PixelMap map = source.pixel_map(n, g);
+  const double a = map.ax, b = map.bx, c = map.ay, d = map.by;
   const double squares = a * a + b * b + c * c + d * d, det = std::fabs(a * d - b * c);
   // sigma_min = det / sigma_max, with sigma_max +- sigma_min = sqrt(squares +- 2 det).
   const double sigma = 2 * det / (std::sqrt(squares + 2 * det) + std::sqrt(std::max(0.0, squares - 2 * det)));

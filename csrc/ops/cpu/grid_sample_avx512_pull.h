@@ -36,39 +36,6 @@ namespace avx512 {
 // accumulator in registers; wider images go four at a time.
 constexpr int kPullChannels = 4;
 
-// The source of output pixel (ox, oy) in input pixels: sx = ax * ox + bx * oy + cx, sy likewise.
-struct PixelMap {
-  double ax, bx, cx, ay, by, cy;
-};
-
-// Image n's map in pixel units (F.affine_grid's base grid and unnormalize folded in, in double).
-inline PixelMap pixel_map(const AffineSource<float>& source, const Geometry& g, int64_t n) {
-  const float* t = source.theta + n * 6;
-  // affine_grid's base grid is linear in the pixel index: first + step * i.
-  const auto base = [&](int64_t size, double* step, double* first) {
-    if (g.align_corners) {
-      *step = size > 1 ? 2.0 / double(size - 1) : 0.0;
-      *first = size > 1 ? -1.0 : 0.0;
-    } else {
-      *step = 2.0 / double(size);
-      *first = 1.0 / double(size) - 1.0;
-    }
-  };
-  double step_x, first_x, step_y, first_y;
-  base(g.out_w, &step_x, &first_x);
-  base(g.out_h, &step_y, &first_y);
-  const double scale_x = g.align_corners ? (g.in_w - 1) / 2.0 : g.in_w / 2.0, shift_x = (g.in_w - 1) / 2.0;
-  const double scale_y = g.align_corners ? (g.in_h - 1) / 2.0 : g.in_h / 2.0, shift_y = (g.in_h - 1) / 2.0;
-  PixelMap m;
-  m.ax = t[0] * scale_x * step_x;
-  m.bx = t[1] * scale_x * step_y;
-  m.cx = (t[0] * first_x + t[1] * first_y + double(t[2])) * scale_x + shift_x;
-  m.ay = t[3] * scale_y * step_x;
-  m.by = t[4] * scale_y * step_y;
-  m.cy = (t[3] * first_x + t[4] * first_y + double(t[5])) * scale_y + shift_y;
-  return m;
-}
-
 // A vector's sixteen input pixels span 17 columns (with the taps' reach, 15 + 2): its candidates in
 // one output row lie within 17 / |ax| columns (unsheared also within 2 / |ay|), which the
 // 32-column window must hold. Past kMaxPullCost candidate vectors (output rows times candidates a
@@ -100,7 +67,7 @@ struct PullPlan {
 
 inline PullPlan pull_plan(const AffineSource<float>& source, const Geometry& g, int64_t n) {
   PullPlan plan;
-  const PixelMap m = pixel_map(source, g, n);
+  const PixelMap m = source.pixel_map(n, g);
   const double det = m.ax * m.by - m.bx * m.ay;
   const bool finite = std::isfinite(m.ax) && std::isfinite(m.bx) && std::isfinite(m.cx) && std::isfinite(m.ay) &&
                       std::isfinite(m.by) && std::isfinite(m.cy);

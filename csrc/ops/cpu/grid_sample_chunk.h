@@ -79,6 +79,11 @@ struct AffineRow {
   bool finite() const { return std::isfinite(ax) && std::isfinite(cx) && std::isfinite(ay) && std::isfinite(cy); }
 };
 
+// The source of output pixel (ox, oy) in input pixels: sx = ax * ox + bx * oy + cx, sy likewise.
+struct PixelMap {
+  double ax, bx, cx, ay, by, cy;
+};
+
 template <typename acc_t>
 struct AffineSource {
   const acc_t* theta;   // [N, 6] in acc_t
@@ -112,6 +117,33 @@ struct AffineSource {
     const double sy = align_corners ? (in_h - 1) / 2.0 : in_h / 2.0, shift_y = (in_h - 1) / 2.0;
     return {float(t[0] * sx), float((t[1] * by + t[2]) * sx + shift_x), float(t[3] * sy),
             float((t[4] * by + t[5]) * sy + shift_y), base_x};
+  }
+  // Image n's whole map in input pixels, in double (F.affine_grid's base grid is linear in the
+  // pixel index: first + step * i).
+  PixelMap pixel_map(int64_t n, const Geometry& g) const {
+    const acc_t* t = theta + n * 6;
+    const auto base = [&](int64_t size, double* step, double* first) {
+      if (g.align_corners) {
+        *step = size > 1 ? 2.0 / double(size - 1) : 0.0;
+        *first = size > 1 ? -1.0 : 0.0;
+      } else {
+        *step = 2.0 / double(size);
+        *first = 1.0 / double(size) - 1.0;
+      }
+    };
+    double step_x, first_x, step_y, first_y;
+    base(g.out_w, &step_x, &first_x);
+    base(g.out_h, &step_y, &first_y);
+    const double scale_x = g.align_corners ? (g.in_w - 1) / 2.0 : g.in_w / 2.0, shift_x = (g.in_w - 1) / 2.0;
+    const double scale_y = g.align_corners ? (g.in_h - 1) / 2.0 : g.in_h / 2.0, shift_y = (g.in_h - 1) / 2.0;
+    PixelMap m;
+    m.ax = t[0] * scale_x * step_x;
+    m.bx = t[1] * scale_x * step_y;
+    m.cx = (t[0] * first_x + t[1] * first_y + double(t[2])) * scale_x + shift_x;
+    m.ay = t[3] * scale_y * step_x;
+    m.by = t[4] * scale_y * step_y;
+    m.cy = (t[3] * first_x + t[4] * first_y + double(t[5])) * scale_y + shift_y;
+    return m;
   }
 };
 
