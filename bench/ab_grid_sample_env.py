@@ -50,7 +50,8 @@ def main():
         x, theta, size, *_ = cases.make_inputs(shape, torch.Generator().manual_seed(0))
         grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
         if args.layout == "channels_last":
-            x, grad = x.contiguous(memory_format=torch.channels_last), grad.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+            grad = grad.contiguous(memory_format=torch.channels_last)
         x.requires_grad_()
         theta.requires_grad_()
         for mode in args.modes:

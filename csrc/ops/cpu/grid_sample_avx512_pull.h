@@ -158,7 +158,8 @@ struct PullRows {
     _mm256_store_si256(reinterpret_cast<__m256i*>(window), _mm512_cvttpd_epi32(first));
     _mm256_store_ps(x_lower, _mm512_cvtpd_ps(_mm512_sub_pd(x_first, first)));
     // A row without candidates: y's bound past every column.
-    _mm256_store_ps(y_lower, _mm512_cvtpd_ps(_mm512_mask_blend_pd(live, _mm512_set1_pd(1e30), _mm512_sub_pd(y_low, first))));
+    const __m512d y_from_first = _mm512_mask_blend_pd(live, _mm512_set1_pd(1e30), _mm512_sub_pd(y_low, first));
+    _mm256_store_ps(y_lower, _mm512_cvtpd_ps(y_from_first));
     _mm256_store_ps(dx, _mm512_cvtpd_ps(_mm512_fmadd_pd(_mm512_set1_pd(m.ax), first, rx)));
     _mm256_store_ps(dy, _mm512_cvtpd_ps(_mm512_fmadd_pd(_mm512_set1_pd(m.ay), first, ry)));
   }
