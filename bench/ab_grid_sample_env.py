@@ -7,8 +7,9 @@ the median per shape of t(BASE) / t(NEW), above 1 when NEW is faster.
     python bench/ab_grid_sample_env.py --env FASTCNN_GRID_SAMPLE_PULL --values 0 1
     python bench/ab_grid_sample_env.py --env FASTCNN_GRID_SAMPLE_PULL --values 0 1 --threads 1 --layout nchw
 
-Modes: `backward` (the backward op alone, grad_input and grad_theta), `grad_input` (the backward
-op asked for grad_input only) and `forward+backward` (through autograd, as `fastcnn bench`).
+Modes: `forward` (under no_grad; not run unless asked), `backward` (the backward op alone,
+grad_input and grad_theta), `grad_input` (the backward op asked for grad_input only) and
+`forward+backward` (through autograd, as `fastcnn bench`).
 """
 import argparse
 import os
@@ -20,10 +21,14 @@ import torch
 import fastcnn
 from fastcnn.bench_cases import grid_sample as cases
 
-MODES = ("backward", "grad_input", "forward+backward")
+MODES = ("forward", "backward", "grad_input", "forward+backward")
 
 
 def call(mode, x, theta, size, grad):
+    if mode == "forward":
+        with torch.no_grad():
+            fastcnn.ops.affine_grid_sample(x, theta, size)
+        return
     if mode == "forward+backward":
         x.grad = None
         theta.grad = None
@@ -37,7 +42,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", required=True, help="the switch, e.g. FASTCNN_GRID_SAMPLE_PULL")
     parser.add_argument("--values", nargs=2, required=True, metavar=("BASE", "NEW"))
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES[1:]))
     parser.add_argument("--layout", choices=("nchw", "channels_last"), default="nchw")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds per measurement")
