@@ -11,10 +11,11 @@ from fastcnn.models.mobilenet import count_mult_adds
 
 def test_cases_and_registration():
     assert bench_cases.get("models") is models and models.OP == "models"
+    mobilenets = ["mobilenet_v1"] + (["tv_mobilenet_v2"] if models._has_torchvision() else [])
     assert [(s.name, s.n, s.label) for s in models.shapes()] == [
-        ("mobilenet_v1", 1, "1x3x224x224"), ("mobilenet_v1", 8, "8x3x224x224"), ("stn_mnist", 64, "64x1x28x28")]
-    assert [(s.name, s.n) for s in models.shapes(quick=True)] == [("mobilenet_v1", 1), ("stn_mnist", 64)]
-    assert [(s.name, s.n) for s in models.shapes(batches=[2])] == [("mobilenet_v1", 2), ("stn_mnist", 64)]
+        (name, n, f"{n}x3x224x224") for name in mobilenets for n in (1, 8)] + [("stn_mnist", 64, "64x1x28x28")]
+    assert [(s.name, s.n) for s in models.shapes(quick=True)] == [(name, 1) for name in mobilenets] + [("stn_mnist", 64)]
+    assert [(s.name, s.n) for s in models.shapes(batches=[2])] == [(name, 2) for name in mobilenets] + [("stn_mnist", 64)]
     names = [p.name for p in models.providers(torch.device("cpu"))]
     assert names[-1] == benchmarking.BASELINE and "fastcnn[cpu]" in names
 
@@ -62,15 +63,36 @@ def test_cost_counts_the_models_multiply_adds():
         models.cost(shape, "backward", 4)
 
 
+def test_torchvision_mobilenet_v2_runs_converted():
+    pytest.importorskip("torchvision")
+    model = models._model("tv_mobilenet_v2", torch.float32, torch.device("cpu"), False)
+    assert sum(isinstance(m, fastcnn.nn.DepthwiseConv2d) for m in model.modules()) == 17
+    logits = models.run(torch.randn(2, 3, 64, 64), "tv_mobilenet_v2")
+    assert logits.shape == (2, 1000) and 1e-3 < float(logits.std()) < 1e3
+
+
 def test_run_op_races_the_backends_on_the_same_model():
     shapes = [models.Shape("mobilenet_v1", 1, 3, 64, 64), models.Shape("stn_mnist", 4, 1, 28, 28)]
+    if models._has_torchvision():
+        shapes.insert(1, models.Shape("tv_mobilenet_v2", 1, 3, 64, 64))
     rows = benchmarking.run_op(models, shapes=shapes, rounds=2, min_time=0.0, providers=["fastcnn[cpu]", "torch"])
     assert {(r["case"], r["layout"], r["mode"], r["provider"]) for r in rows} == {
         (s.name, layout, mode, p) for s in shapes for layout in models.LAYOUTS for mode in models.MODES
         for p in ("fastcnn[cpu]", "torch")}
     assert all(r["error"] is None for r in rows)
     # The same function of the same weights: fastcnn's layers agree with the stock ones they replace.
-    assert all(r["max_rel_error"] < 1e-4 for r in rows), [(r["case"], r["max_rel_error"]) for r in rows]
+    # MobileNet v2's channels_last input gradient differs from the NCHW reference by up to 1e-2
+    # relative under PyTorch's own layers too (rounding of another summation order, amplified by
+    # the network at random weights): there fastcnn must do as well as the stock layers.
+    stock = {(r["case"], r["layout"], r["mode"]): r["max_rel_error"] for r in rows if r["provider"] == "torch"}
+
+    def allowed(r):
+        if r["case"] != "tv_mobilenet_v2":
+            return 1e-4
+        return max(1e-4, 2 * stock[(r["case"], r["layout"], r["mode"])])
+
+    assert all(r["max_rel_error"] < allowed(r) for r in rows), [
+        (r["case"], r["layout"], r["mode"], r["provider"], r["max_rel_error"]) for r in rows]
     fb = [r for r in rows if r["mode"] == "forward+backward"]
     assert all(set(r["errors"]) == {"output", "grad_input"} for r in fb)
 

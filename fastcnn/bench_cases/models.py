@@ -3,6 +3,9 @@ benchmarks time one layer.
 
     mobilenet_v1  MobileNet v1 (Howard et al. 2017), alpha 1.0, 1000 classes, 3 x 224 x 224, at
                   batch 1 (inference latency) and 8
+    tv_mobilenet_v2  torchvision's MobileNet v2 (Sandler et al. 2018), 1000 classes, passed through
+                  fastcnn.nn.convert (its 17 depthwise convolutions), at the same batches; left out
+                  where torchvision is not installed
     stn_mnist     the STN classifier of examples/stn_digits.py (Jaderberg et al. 2015), 64 x 1 x 28 x 28
 
 forward is inference (no autograd graph); forward+backward is a training step's compute (gradients
@@ -76,9 +79,25 @@ def _stn_mnist():
     return model
 
 
-_BUILDERS = {"mobilenet_v1": _mobilenet_v1, "stn_mnist": _stn_mnist}
-_CLASSES = {"mobilenet_v1": 1000, "stn_mnist": 10}
-_IMAGES = {"mobilenet_v1": (3, 224, 224), "stn_mnist": (1, 28, 28)}
+def _torchvision_mobilenet_v2():
+    import torchvision
+
+    from ..nn import convert
+
+    return convert(torchvision.models.mobilenet_v2())
+
+
+def _has_torchvision() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_BUILDERS = {"mobilenet_v1": _mobilenet_v1, "tv_mobilenet_v2": _torchvision_mobilenet_v2, "stn_mnist": _stn_mnist}
+_CLASSES = {"mobilenet_v1": 1000, "tv_mobilenet_v2": 1000, "stn_mnist": 10}
+_IMAGES = {"mobilenet_v1": (3, 224, 224), "tv_mobilenet_v2": (3, 224, 224), "stn_mnist": (1, 28, 28)}
 CALIBRATION_BATCH = 4
 _MODELS = {}
 
@@ -121,10 +140,11 @@ def _calibrate(model: nn.Module, batch: torch.Tensor) -> None:
 
 
 def shapes(quick: bool = False, batches: Optional[Sequence[int]] = None):
-    """`batches` replaces MobileNet's batch sizes; the STN classifier stays at its 64."""
+    """`batches` replaces the MobileNets' batch sizes; the STN classifier stays at its 64."""
     if batches is None:
         batches = (1,) if quick else MOBILENET_BATCHES
-    return [Shape("mobilenet_v1", n, 3, 224, 224) for n in batches] + [Shape("stn_mnist", 64, 1, 28, 28)]
+    mobilenets = ["mobilenet_v1"] + (["tv_mobilenet_v2"] if _has_torchvision() else [])
+    return [Shape(name, n, 3, 224, 224) for name in mobilenets for n in batches] + [Shape("stn_mnist", 64, 1, 28, 28)]
 
 
 def make_inputs(shape: Shape, generator: torch.Generator):
