@@ -111,6 +111,20 @@ def test_verbose_names_the_layers(capsys):
                                                                                "3.2")]
 
 
+def test_leaves_parametrised_weights_alone():
+    """Weight normalisation (either API) recomputes the weight from other parameters: such a layer
+    is not converted (the new layer could not hold the recomputed weight as its Parameter)."""
+    parametrized = nn.utils.parametrizations.weight_norm(nn.Conv2d(4, 4, 3, padding=1, groups=4))
+    with pytest.warns(FutureWarning):
+        hooked = nn.utils.weight_norm(nn.Conv2d(4, 4, 3, padding=1, groups=4))
+    model = nn.Sequential(parametrized, hooked, nn.Conv2d(4, 4, 3, padding=1, groups=4))
+    x = torch.randn(1, 4, 6, 6)
+    expected = model(x)
+    convert(model)
+    assert model[0] is parametrized and model[1] is hooked and isinstance(model[2], DepthwiseConv2d)
+    torch.testing.assert_close(model(x), expected)
+
+
 def test_rejects_what_is_not_a_module():
     with pytest.raises(TypeError, match="expected an nn.Module, got Tensor"):
         convert(torch.zeros(1))

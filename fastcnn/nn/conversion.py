@@ -10,7 +10,7 @@ size, stride, padding, dilation and padding_mode) → `DepthwiseConv2d`: the dep
 torchvision's MobileNet v2/v3, EfficientNet, ConvNeXt, MNASNet and the like. Other convolutions
 (dense, grouped with more than one channel a group, depthwise with a channel multiplier) are left
 as they are, as are subclasses of ``nn.Conv2d`` other than ``nn.Conv2d`` itself, whose forward may
-do something else.
+do something else, and convolutions whose weight is parametrised (weight normalisation).
 """
 from torch import nn
 
@@ -20,10 +20,14 @@ __all__ = ["convert", "convertible"]
 
 
 def convertible(module: nn.Module) -> bool:
-    """Whether `convert` replaces this module itself (not its children)."""
+    """Whether `convert` replaces this module itself (not its children). Besides the depthwise
+    shape, its weight must be a plain Parameter of its own: convolutions under weight
+    normalisation or another parametrisation (whose class is no longer nn.Conv2d, or whose weight
+    a hook recomputes) stay as they are."""
     return (
         type(module) is nn.Conv2d
         and module.groups == module.in_channels == module.out_channels
+        and module._parameters.get("weight") is not None
     )
 
 
