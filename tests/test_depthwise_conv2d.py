@@ -244,8 +244,8 @@ def _check_fp32_case(case, layout):
 # The rolled-row kernels (NCHW 3x3 planes at stride 1 and 2) against the block kernels they
 # replace (FASTCNN_DEPTHWISE_ROLLED=0), which test_fp32_planes no longer reaches for these
 # windows: both against the fp64 truth, and the forward and input gradient bit for bit (the same
-# sums in the same order; the stride-2 input gradient is rolled for padding 1 only); the weight
-# gradient adds in another order. (N, C, H, W, stride, padding)
+# sums in the same order; the stride-2 input gradient is rolled for padding 0 or 1 on top and
+# left); the weight gradient adds in another order. (N, C, H, W, stride, padding)
 ROLLED_CASES = [
     (2, 5, 14, 14, 1, 1),  # MobileNet's 14x14 layers: one vector a row
     (1, 3, 28, 28, 1, 1),  # two vectors a row, the second partial
@@ -264,6 +264,7 @@ ROLLED_CASES = [
     (2, 5, 14, 14, 2, 1),  # stride-2 input gradient walks: 7x7 grad_out, one vector a row
     (1, 2, 16, 37, 2, 1),  # even height: the last odd row has no grad_out row below it; 3 chunks
     (1, 2, 50, 112, 2, 1),  # 112 columns: 7 chunks a row; bands of 8 rows and a tail of 2
+    (2, 3, 21, 30, 2, (1, 0, 0, 1)),  # padding 1 on top, 0 on the left
     (3, 5, 7, 7, 1, 1),  # 7x7 maps: two channels to a vector, and channels left over
     (2, 3, 7, 7, 1, 0),  # no padding: b's taps past its last output read its own row
     (2, 3, 6, 5, 1, (0, 1, 2, 0)),  # a row and its left padding filling 7 of 8 lanes

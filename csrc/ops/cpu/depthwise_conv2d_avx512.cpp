@@ -24,7 +24,9 @@
 // - The weight gradient keeps one accumulator per tap, in vector form across planes (a 7x7 plane
 //   is 49 pixels: reducing nine vectors per plane cost 3x the arithmetic).
 // - The stride-2 input gradient is a gather: each grad_in vector permutes one load of grad_out
-//   per kernel row onto the lanes of matching parity; no scatter, no atomics.
+//   per kernel row onto the lanes of matching parity; no scatter, no atomics. For 3x3 windows with
+//   padding 0 or 1 it is rolled: a walk down grad_out makes each row's permutes once and
+//   completes two grad_in rows a step.
 // - Stride-2 maps whose output rows fill at most half a vector (14x14 -> 7x7) run two planes at
 //   once, one in each half: one two-source permute makes both planes' taps, where a single plane
 //   used 7 of 16 lanes (32x512x14x14, 2 threads: forward 1.8x, weight gradient 1.6x faster).
@@ -882,62 +884,81 @@ void grad_input_plane_stride2_fixed(const float* go, const float* taps, float* g
   }
 }
 
-// The same for 3x3 windows with one row and column of padding (MobileNet's strided layers),
-// rolled. With that padding an even input row 2m takes kernel row 1 of grad_out row m, an odd one
-// 2m - 1 kernel rows 0 and 2 of grad_out rows m and m - 1; the columns likewise. So lane l of 16
-// input columns from x0 (even) reads grad_out columns x0/2 + l/2 (`near`: tap 1 on even lanes,
-// tap 2 on odd ones) and x0/2 + l/2 + 1 (`far`: tap 0, odd lanes), two permutes of one load, and
-// a walk down grad_out rows m makes each row's pair once and completes input rows 2m - 1 and 2m
-// a step, the previous row's pair kept for the odd row. Each lane adds its taps in the block
-// kernel's order (kernel rows up, taps left to right; a masked multiply-add where the block
-// kernel added a zeroed lane): bit for bit its sums. Against grad_input_plane_stride2_fixed,
-// planes in L2, one thread, cycles a plane (rdtsc): 14x14 306 -> 97, 28x28 861 -> 340, 112x112
-// 20300 -> 7800 (the block kernel took 2.5-3x the stride-2 forward's time); from memory (N=32,
-// 2 threads, in-process A/B) the MobileNet v1 stride-2 layers' forward+backward 1.06-1.28x.
+// The same for 3x3 windows with padding 0 or 1 on top and left (MobileNet's strided layers;
+// TensorFlow's "same"), rolled. With padding p on top, input row 2m - p takes kernel rows 0 and 2
+// of grad_out rows m and m - 1, row 2m + 1 - p kernel row 1 of grad_out row m; the columns
+// likewise. So lane l of 16 input columns from x0 (even) reads two grad_out columns, c + l/2 + 1
+// (`high`) and c + l/2 (`low`) with c = x0/2 - 1 + pad_left: two permutes of one load, each with
+// its lanes' weights (a lane reads one or two taps). A walk down grad_out rows m makes each row's
+// pair once and completes two input rows a step, the previous row's pair kept. Each lane adds its
+// taps in the block kernel's order (kernel rows down, taps left to right: the high column's tap
+// before the low one's; a masked multiply-add where the block kernel added a zeroed lane): bit
+// for bit its sums. Against grad_input_plane_stride2_fixed, planes in L2, one thread, cycles a
+// plane (rdtsc): 14x14 306 -> 97, 28x28 861 -> 340, 112x112 20300 -> 7800 (the block kernel took
+// 2.5-3x the stride-2 forward's time); from memory (N=32, 2 threads, in-process A/B) MobileNet
+// v1's stride-2 layers' forward+backward 1.06-1.28x. The two paddings are template parameters:
+// as run-time values (masks and row offsets) the walk ran 1.2-1.4x slower.
 inline bool rolls_grad_input_stride2(const PlaneGeometry& g) {
-  return rolls_rows3_stride2(g) && g.pad_top == 1 && g.pad_left == 1;
+  return rolls_rows3_stride2(g) && (g.pad_top == 0 || g.pad_top == 1) && (g.pad_left == 0 || g.pad_left == 1);
 }
 
+template <bool kLeftPadded, int64_t kTop>
 void grad_input_plane_stride2_rows3(const float* go, const float* taps, float* gi, const PlaneGeometry& g) {
   constexpr int64_t kBandRows = 8;  // as the block kernel's: a streamed band is staged whole
   constexpr __mmask16 kOdd = 0xAAAA;
-  __m512 near_w[3], far_w[3];
+  // Each kernel row's high and low terms. Padding 1 on the left: odd lanes take tap 0 from the
+  // high column and tap 2 from the low one, even lanes tap 1 from the low one; padding 0: even
+  // lanes taps 0 (high) and 2 (low), odd lanes tap 1 (high).
+  __m512 high_w[3], low_w[3];
   for (int ky = 0; ky < 3; ++ky) {
-    near_w[ky] = _mm512_mask_blend_ps(kOdd, _mm512_set1_ps(taps[3 * ky + 1]), _mm512_set1_ps(taps[3 * ky + 2]));
-    far_w[ky] = _mm512_set1_ps(taps[3 * ky]);
+    const float* w = taps + 3 * ky;
+    high_w[ky] = kLeftPadded ? _mm512_set1_ps(w[0]) : _mm512_mask_blend_ps(kOdd, _mm512_set1_ps(w[0]), _mm512_set1_ps(w[1]));
+    low_w[ky] = kLeftPadded ? _mm512_mask_blend_ps(kOdd, _mm512_set1_ps(w[1]), _mm512_set1_ps(w[2])) : _mm512_set1_ps(w[2]);
   }
-  const __m512i near_index = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-  const __m512i far_index = _mm512_add_epi32(near_index, _mm512_set1_epi32(1));
+  const __m512i low_index = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i high_index = _mm512_add_epi32(low_index, _mm512_set1_epi32(1));
   const __m512 zero = _mm512_setzero_ps();
-  // The terms of kernel row ky from grad_out row pair (near, far), after acc.
-  const auto add_row = [&](int ky, __m512 near, __m512 far, __m512 acc) {
-    acc = _mm512_mask3_fmadd_ps(far_w[ky], far, acc, kOdd);
-    return _mm512_fmadd_ps(near_w[ky], near, acc);
+  // Kernel row ky's terms from a grad_out row's pair, after acc.
+  const auto add_row = [&](int ky, __m512 high, __m512 low, __m512 acc) {
+    if (kLeftPadded) return _mm512_fmadd_ps(low_w[ky], low, _mm512_mask3_fmadd_ps(high_w[ky], high, acc, kOdd));
+    return _mm512_mask3_fmadd_ps(low_w[ky], low, _mm512_fmadd_ps(high_w[ky], high, acc), 0x5555);
   };
   alignas(64) float stage[kStageFloats];
   const bool staged = stageable(g, kBandRows, g.in_row_stride, g.in_w);
+  constexpr int64_t top = kTop;
   for (int64_t iy0 = 0; iy0 < g.in_h; iy0 += kBandRows) {
     const int64_t iy1 = min64(g.in_h, iy0 + kBandRows);
     float* band = staged ? stage : gi + iy0 * g.in_row_stride;
     for (int64_t x0 = 0; x0 < g.in_w; x0 += kLanes) {
-      const float* column = go + x0 / 2;
-      const __mmask16 load = lane_range(0, g.out_w - x0 / 2), store = lane_range(0, g.in_w - x0);
+      const int64_t c = x0 / 2 - 1 + (kLeftPadded ? 1 : 0);
+      const __mmask16 load = lane_range(-c, g.out_w - c), store = lane_range(0, g.in_w - x0);
+      const float* column = go + c;
       float* out = band + x0 - iy0 * g.in_row_stride;  // input row iy at out + iy * in_row_stride
-      __m512 near_prev = zero, far_prev = zero;
-      for (int64_t m = iy0 / 2; 2 * m - 1 < iy1; ++m) {
+      int64_t m = (iy0 + top) / 2;
+      // grad_out row m - 1's pair (zero where it does not exist).
+      __m512 high_prev = zero, low_prev = zero;
+      if (m >= 1 && m - 1 < g.out_h) {
+        const __m512 row = _mm512_maskz_loadu_ps(load, column + (m - 1) * g.out_row_stride);
+        high_prev = _mm512_permutexvar_ps(high_index, row);
+        low_prev = _mm512_permutexvar_ps(low_index, row);
+      }
+      for (; 2 * m - top < iy1; ++m) {
         const bool exists = m < g.out_h;
-        __m512 near = zero, far = zero;
+        __m512 high = zero, low = zero;
         if (exists) {
           const __m512 row = _mm512_maskz_loadu_ps(load, column + m * g.out_row_stride);
-          near = _mm512_permutexvar_ps(near_index, row);
-          far = _mm512_permutexvar_ps(far_index, row);
+          high = _mm512_permutexvar_ps(high_index, row);
+          low = _mm512_permutexvar_ps(low_index, row);
         }
-        if (2 * m - 1 >= iy0) {
-          const __m512 acc = exists ? add_row(0, near, far, zero) : zero;
-          _mm512_mask_storeu_ps(out + (2 * m - 1) * g.in_row_stride, store, add_row(2, near_prev, far_prev, acc));
+        if (2 * m - top >= iy0) {  // kernel rows 0 (grad_out row m) and 2 (row m - 1)
+          const __m512 acc = exists ? add_row(0, high, low, zero) : zero;
+          _mm512_mask_storeu_ps(out + (2 * m - top) * g.in_row_stride, store,
+                                m >= 1 && m - 1 < g.out_h ? add_row(2, high_prev, low_prev, acc) : acc);
         }
-        if (2 * m < iy1) _mm512_mask_storeu_ps(out + 2 * m * g.in_row_stride, store, exists ? add_row(1, near, far, zero) : zero);
-        near_prev = near, far_prev = far;
+        if (2 * m + 1 - top < iy1)  // kernel row 1 (row m)
+          _mm512_mask_storeu_ps(out + (2 * m + 1 - top) * g.in_row_stride, store,
+                                exists ? add_row(1, high, low, zero) : zero);
+        high_prev = high, low_prev = low;
       }
     }
     if (staged) stream_rows(stage, gi + iy0 * g.in_row_stride, (iy1 - iy0) * g.in_w);
@@ -1697,7 +1718,14 @@ void forward_plane(const float* in, const float* taps, float bias, float* out, c
 }
 
 void grad_input_plane_stride2(const float* grad_out, const float* taps, float* grad_in, const PlaneGeometry& g) {
-  if (rolls_grad_input_stride2(g)) return grad_input_plane_stride2_rows3(grad_out, taps, grad_in, g);
+  if (rolls_grad_input_stride2(g)) {
+    if (g.pad_top) {
+      return g.pad_left ? grad_input_plane_stride2_rows3<true, 1>(grad_out, taps, grad_in, g)
+                        : grad_input_plane_stride2_rows3<false, 1>(grad_out, taps, grad_in, g);
+    }
+    return g.pad_left ? grad_input_plane_stride2_rows3<true, 0>(grad_out, taps, grad_in, g)
+                      : grad_input_plane_stride2_rows3<false, 0>(grad_out, taps, grad_in, g);
+  }
   if (g.kernel_h == 3) return grad_input_plane_stride2_fixed<3, 3>(grad_out, taps, grad_in, g);
   grad_input_plane_stride2_fixed<5, 5>(grad_out, taps, grad_in, g);
 }
