@@ -32,18 +32,7 @@ def convertible(module: nn.Module) -> bool:
 
 
 def _converted(conv: nn.Conv2d) -> DepthwiseConv2d:
-    layer = DepthwiseConv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-        device="meta",  # no allocation and no initialisation: the parameters are conv's own
-        dtype=conv.weight.dtype,
-    )
+    layer = DepthwiseConv2d._shell_of(conv)  # the parameters are conv's own
     layer.weight = conv.weight
     layer.bias = conv.bias
     layer.train(conv.training)

@@ -83,6 +83,23 @@ class DepthwiseConv2d(nn.Conv2d):
         return _depthwise_conv2d(input, weight, bias, self.stride, self.padding, self.dilation)
 
     @classmethod
+    def _shell_of(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":
+        """A layer of conv's geometry whose parameters, on the meta device, are there to be replaced
+        (no allocation, and no initialisation that would be overwritten)."""
+        return cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device="meta",
+            dtype=conv.weight.dtype,
+        )
+
+    @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":
         """A `DepthwiseConv2d` computing what the depthwise ``conv`` computes.
 
@@ -99,19 +116,7 @@ class DepthwiseConv2d(nn.Conv2d):
                 "DepthwiseConv2d.from_conv: conv is not depthwise: expected groups == in_channels == "
                 f"out_channels, got in_channels={c}, out_channels={conv.out_channels}, groups={conv.groups}"
             )
-        # Build on the meta device: no allocation and no initialisation that would be overwritten.
-        layer = cls(
-            c,
-            c,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device="meta",
-            dtype=conv.weight.dtype,
-        )
+        layer = cls._shell_of(conv)
         layer.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=conv.weight.requires_grad)
         if conv.bias is not None:
             layer.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.bias.requires_grad)
