@@ -97,11 +97,12 @@ def test_module_itself_and_training_mode_and_hooks_carry_over():
     conv = nn.Conv2d(4, 4, 3, padding=1, groups=4).eval()
     seen = []
     conv.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    conv.register_full_backward_hook(lambda module, grad_input, grad_output: seen.append("backward"))
     layer = convert(conv)
     assert isinstance(layer, DepthwiseConv2d) and layer.weight is conv.weight and layer.bias is conv.bias
     assert not layer.training
-    layer(torch.randn(1, 4, 5, 5))
-    assert seen == [torch.Size([1, 4, 5, 5])]
+    layer(torch.randn(1, 4, 5, 5, requires_grad=True)).sum().backward()
+    assert seen == [torch.Size([1, 4, 5, 5]), "backward"]
 
 
 def test_verbose_names_the_layers(capsys):

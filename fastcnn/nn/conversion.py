@@ -44,6 +44,9 @@ def _converted(conv: nn.Conv2d) -> DepthwiseConv2d:
                  "_load_state_dict_post_hooks"):
         if hasattr(conv, name):
             getattr(layer, name).update(getattr(conv, name))
+    # Which kind the backward hooks are (full or not): unset, the module would run neither.
+    if hasattr(conv, "_is_full_backward_hook"):
+        layer._is_full_backward_hook = conv._is_full_backward_hook
     return layer
 
 
