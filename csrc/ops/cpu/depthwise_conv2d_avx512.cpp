@@ -931,40 +931,39 @@ void grad_input_plane_stride2_rows3(const float* go, const float* taps, float* g
   };
   alignas(64) float stage[kStageFloats];
   const bool staged = stageable(g, kBandRows, g.in_row_stride, g.in_w);
-  constexpr int64_t top = kTop;
   for (int64_t iy0 = 0; iy0 < g.in_h; iy0 += kBandRows) {
     const int64_t iy1 = min64(g.in_h, iy0 + kBandRows);
     float* band = staged ? stage : gi + iy0 * g.in_row_stride;
     for (int64_t x0 = 0; x0 < g.in_w; x0 += kLanes) {
-      const int64_t c = x0 / 2 - 1 + (kLeftPadded ? 1 : 0);
+      const int64_t c = x0 / 2 - (kLeftPadded ? 0 : 1);
       const __mmask16 load = lane_range(-c, g.out_w - c), store = lane_range(0, g.in_w - x0);
       const float* column = go + c;
       float* out = band + x0 - iy0 * g.in_row_stride;  // input row iy at out + iy * in_row_stride
-      int64_t m = (iy0 + top) / 2;
-      // grad_out row m - 1's pair (zero where it does not exist).
-      __m512 high_prev = zero, low_prev = zero;
-      if (m >= 1 && m - 1 < g.out_h) {
-        const __m512 row = _mm512_maskz_loadu_ps(load, column + (m - 1) * g.out_row_stride);
-        high_prev = _mm512_permutexvar_ps(high_index, row);
-        low_prev = _mm512_permutexvar_ps(low_index, row);
-      }
-      for (; 2 * m - top < iy1; ++m) {
+      // grad_out row r's pair, zero where the row does not exist.
+      const auto pair = [&](int64_t r, bool exists, __m512* high, __m512* low) {
+        *high = *low = zero;
+        if (!exists) return;
+        const __m512 row = _mm512_maskz_loadu_ps(load, column + r * g.out_row_stride);
+        *high = _mm512_permutexvar_ps(high_index, row);
+        *low = _mm512_permutexvar_ps(low_index, row);
+      };
+      int64_t m = (iy0 + kTop) / 2;
+      bool exists_prev = m >= 1 && m - 1 < g.out_h;
+      __m512 high_prev, low_prev;
+      pair(m - 1, exists_prev, &high_prev, &low_prev);
+      for (; 2 * m - kTop < iy1; ++m) {
         const bool exists = m < g.out_h;
-        __m512 high = zero, low = zero;
-        if (exists) {
-          const __m512 row = _mm512_maskz_loadu_ps(load, column + m * g.out_row_stride);
-          high = _mm512_permutexvar_ps(high_index, row);
-          low = _mm512_permutexvar_ps(low_index, row);
-        }
-        if (2 * m - top >= iy0) {  // kernel rows 0 (grad_out row m) and 2 (row m - 1)
+        __m512 high, low;
+        pair(m, exists, &high, &low);
+        if (2 * m - kTop >= iy0) {  // kernel rows 0 (grad_out row m) and 2 (row m - 1)
           const __m512 acc = exists ? add_row(0, high, low, zero) : zero;
-          _mm512_mask_storeu_ps(out + (2 * m - top) * g.in_row_stride, store,
-                                m >= 1 && m - 1 < g.out_h ? add_row(2, high_prev, low_prev, acc) : acc);
+          _mm512_mask_storeu_ps(out + (2 * m - kTop) * g.in_row_stride, store,
+                                exists_prev ? add_row(2, high_prev, low_prev, acc) : acc);
         }
-        if (2 * m + 1 - top < iy1)  // kernel row 1 (row m)
-          _mm512_mask_storeu_ps(out + (2 * m + 1 - top) * g.in_row_stride, store,
+        if (2 * m + 1 - kTop < iy1)  // kernel row 1 (row m)
+          _mm512_mask_storeu_ps(out + (2 * m + 1 - kTop) * g.in_row_stride, store,
                                 exists ? add_row(1, high, low, zero) : zero);
-        high_prev = high, low_prev = low;
+        high_prev = high, low_prev = low, exists_prev = exists;
       }
     }
     if (staged) stream_rows(stage, gi + iy0 * g.in_row_stride, (iy1 - iy0) * g.in_w);
