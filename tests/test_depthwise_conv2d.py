@@ -189,6 +189,8 @@ STREAMED_CASES = [
     (1, 2, 9, 30, 3, 1, 1, 1),  # rows of 30 floats
     (2, 3, 17, 34, 3, 2, 1, 1),  # stride 2: a band of 8 rows, another, then 1
     (1, 2, 20, 40, 5, 2, 2, 1),
+    (2, 3, 14, 28, 5, 1, 2, 1),  # 5x5 rolled rows, staged: one band
+    (1, 2, 19, 40, 5, 1, 2, 1),  # 5x5 rolled rows, staged in bands of 8 and 11
     (2, 32, 9, 12, 3, 1, 1, 1),  # channels_last: two channel vectors
     (1, 64, 10, 10, 3, 1, 1, 1),  # a group of 4 vectors
     (1, 48, 11, 10, 5, 2, 2, 1),  # the strided input gradient's gather
@@ -269,18 +271,35 @@ ROLLED_CASES = [
     (2, 3, 7, 7, 1, 0),  # no padding: b's taps past its last output read its own row
     (2, 3, 6, 5, 1, (0, 1, 2, 0)),  # a row and its left padding filling 7 of 8 lanes
 ]
+# 5x5 windows at unit stride: the rolled forward (and so the input gradient); bands of at least
+# four rows, walks of four steps before the first output row completes.
+ROLLED_5X5_CASES = [
+    (2, 5, 14, 14, 1, 2),  # MobileNet v3's 14x14 layers: one vector a row
+    (1, 3, 28, 28, 1, 2),  # two vectors a row, the second partial
+    (1, 2, 6, 5, 1, 1),  # four output rows: the shortest walk
+    (1, 2, 4, 9, 1, (0, 1, 2, 0)),  # three output rows: the block kernel (and a 5x5 input gradient walk)
+    (1, 2, 12, 40, 1, 2),  # wide rows: a band of 8 and one of 4
+    (2, 3, 11, 40, 1, 2),  # a remainder of 3 joins the band: one band of 11
+    (1, 2, 9, 70, 1, (1, 2, 0, 3)),  # five vectors a row, uneven padding
+    (1, 2, 6, 5, 1, 5),  # padding past the window's reach: the input gradient's window a crop
+    (1, 2, 20, 20, 1, 0),  # no padding
+]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "row_strided"])
-@pytest.mark.parametrize("case", ROLLED_CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"-s{c[4]}-p{c[5]}")
-def test_rolled_rows_are_the_block_kernels(case, layout, monkeypatch):
+@pytest.mark.parametrize(
+    "case, k",
+    [(case, 3) for case in ROLLED_CASES] + [(case, 5) for case in ROLLED_5X5_CASES],
+    ids=lambda c: "x".join(map(str, c[:4])) + f"-s{c[4]}-p{c[5]}" if isinstance(c, tuple) else f"k{c}",
+)
+def test_rolled_rows_are_the_block_kernels(case, k, layout, monkeypatch):
     if not fastcnn.benchmarking.cpu_isa().get("avx512f"):
         pytest.skip("the plane kernels need AVX-512")
     n, c, h, w, stride, padding = case
-    full = (n, c, h, w, 3, stride, padding, 1)
+    full = (n, c, h, w, k, stride, padding, 1)
     x = torch.randn(n, c, h, w + 5)[..., 2 : 2 + w] if layout == "row_strided" else torch.randn(n, c, h, w)
     x.requires_grad_()
-    weight = torch.randn(c, 1, 3, 3, requires_grad=True)
+    weight = torch.randn(c, 1, k, k, requires_grad=True)
     b = torch.randn(c, requires_grad=True)
     results = {}
     for rolled in ("1", "0"):

@@ -10,14 +10,13 @@
 //   as zero without touching memory (AVX-512 masked loads suppress faults), so there is no
 //   zero-padded copy and no transpose to channel blocks: the input is read once from memory and
 //   the output written once.
-// - 3x3 windows (stride 1 or 2) take the rolled rows (see "rolled rows" below): a chunk walks
-//   down the plane loading each input row once, its taps made in registers, every accumulator a
-//   named register; 7x7 maps two planes to a vector. They are 1.3-2x faster in L2 than the block
-//   kernels that follow, which stay for 5x5 and dilated windows and as their reference under
-//   FASTCNN_DEPTHWISE_ROLLED=0.
-// - 5x5 windows (and 3x3 under FASTCNN_DEPTHWISE_ROLLED=0) keep their weights in registers and
-//   share each loaded input row among the R output rows it feeds (R = 7 for 3x3: 112, 56, 28, 14
-//   and 7 are multiples of 7).
+// - 3x3 windows (stride 1 or 2) and 5x5 at stride 1 take the rolled rows (see "rolled rows"
+//   below): a chunk walks down the plane loading each input row once, its taps made in registers,
+//   every accumulator a named register; 7x7 maps two planes to a vector. They are 1.3-3x faster
+//   in L2 than the block kernels that follow, which stay for 5x5 windows at stride 2 and dilated
+//   windows and as their reference under FASTCNN_DEPTHWISE_ROLLED=0.
+// - The block kernels keep their weights in registers and share each loaded input row among the
+//   R output rows it feeds (R = 7 for 3x3: 112, 56, 28, 14 and 7 are multiples of 7).
 // - Row blocks wholly inside the input run without row checks; border blocks load the rows
 //   outside with an empty mask. With a branch per row GCC kept the accumulators on the stack, and
 //   the weight gradient ran 3x slower.
@@ -678,6 +677,325 @@ void weight_grad_plane_rows3_pair(const float* go_a, const float* go_b, const fl
   roll_rows3(walk, g.out_h);
   walk.sums.save(tap_lanes_a, bias_lanes_a, 0x00FF);
   walk.sums.save(tap_lanes_b, bias_lanes_b, 0xFF00);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5x5 windows at unit stride and dilation (MobileNet v3's, EfficientNet's and MnasNet's): the
+// forward, and with it the unit-stride input gradient, rolled as the 3x3 rows are. A chunk loads
+// each input row once, its 16 columns and the four after (two masked loads), makes the five taps
+// one at a time with valignd, and adds each to the up to five output rows the row feeds, carried
+// in named registers; an output row is stored when its fifth kernel row is in. Each output row
+// adds bias, then taps (ky, kx) in row-major order, as forward_plane_fixed<1, 5, 5, 4> does, so
+// the sums are its bit for bit. That block kernel (25 weights, 4 accumulators, 5 taps: more than
+// 32 registers) ran at ~49 cycles per output vector in L2 and ~116 from memory. Planes in L2,
+// one thread, cycles a plane, block -> rolled: forward 56x56 10900 -> 4860, 28x28 2660 -> 1070,
+// 14x14 1080 -> 480; weight gradient 13200 -> 5700, 4000 -> 1570, 1230 -> 510. From memory
+// (N=32, 2 threads, reuse, ms): 32x128x56x56 forward 16.6 -> 8.0 and forward+backward 46.8 ->
+// 24.3; 32x120x28x28 3.2 -> 2.2 and 10.7 -> 7.0; 32x240x14x14 2.8 -> 1.5 and 9.3 -> 5.1.
+
+// A band's steps run k = 0 .. n + 3 over its n >= 4 output rows; step k reads input row k and
+// feeds output rows k - ky for the kernel rows ky in [Lo, Hi].
+template <class Walk>
+inline __attribute__((always_inline)) void roll_rows5(Walk& walk, int64_t n) {
+  walk.template step<0, 0>(0);
+  walk.template step<0, 1>(1);
+  walk.template step<0, 2>(2);
+  walk.template step<0, 3>(3);
+#pragma GCC unroll 2
+  for (int64_t k = 4; k < n; ++k) walk.template step<0, 4>(k);
+  walk.template step<1, 4>(n);
+  walk.template step<2, 4>(n + 1);
+  walk.template step<3, 4>(n + 2);
+  walk.template step<4, 4>(n + 3);
+}
+
+// Chunks (1 or 2) adjacent column chunks at once: each output row's five multiply-adds a step
+// are a chain (20 cycles of latency), and five rows in flight left the FMA ports half idle; two
+// chunks put ten in flight and share a load (the second chunk's low columns are the first's high).
+template <int Chunks>
+struct ForwardRows5 {
+  const float* column;  // input column `base` of row 0
+  int64_t first_row, in_h, in_row_stride;
+  __mmask16 inside[Chunks + 1];  // lanes inside the input: each chunk's 16 columns, then the four after
+  float* out;
+  int64_t out_row_stride;
+  __mmask16 valid[Chunks];  // the chunks' output columns
+  int64_t ahead;            // rows to the next band's, prefetched a step at a time (0: none)
+  const __m512* w;          // [5][5]
+  __m512 bias;
+  __m512 partial[Chunks][4];  // output rows k - 1 .. k - 4 before step k
+
+  // Tap column KX against the output rows that exist (kernel rows Lo..Hi).
+  template <int Lo, int Hi, int KX>
+  inline __attribute__((always_inline)) void add_column(__m512 t, __m512* s) const {
+    if constexpr (Lo <= 0) s[0] = _mm512_fmadd_ps(w[KX], t, s[0]);
+    if constexpr (Lo <= 1 && Hi >= 1) s[1] = _mm512_fmadd_ps(w[5 + KX], t, s[1]);
+    if constexpr (Lo <= 2 && Hi >= 2) s[2] = _mm512_fmadd_ps(w[10 + KX], t, s[2]);
+    if constexpr (Lo <= 3 && Hi >= 3) s[3] = _mm512_fmadd_ps(w[15 + KX], t, s[3]);
+    if constexpr (Hi >= 4) s[4] = _mm512_fmadd_ps(w[20 + KX], t, s[4]);
+  }
+
+  template <int Lo, int Hi>
+  inline __attribute__((always_inline)) void step(int64_t k) {
+    const int64_t iy = first_row + k;
+    const bool row_in = row_inside(iy, in_h);
+    for (int c = 0; ahead && c < Chunks; ++c)
+      _mm_prefetch(reinterpret_cast<const char*>(column + (iy + ahead) * in_row_stride + c * kLanes), _MM_HINT_T0);
+    const float* row = column + (row_in ? iy : 0) * in_row_stride;
+    __m512i v[Chunks + 1];
+    for (int c = 0; c <= Chunks; ++c)
+      v[c] = _mm512_castps_si512(_mm512_maskz_loadu_ps(row_in ? inside[c] : 0, row + c * kLanes));
+    __m512 s[Chunks][5];
+    for (int c = 0; c < Chunks; ++c) {
+      s[c][0] = bias;
+      for (int r = 1; r < 5; ++r) s[c][r] = partial[c][r - 1];
+    }
+    for (int c = 0; c < Chunks; ++c) add_column<Lo, Hi, 0>(_mm512_castsi512_ps(v[c]), s[c]);
+    for (int c = 0; c < Chunks; ++c) add_column<Lo, Hi, 1>(_mm512_castsi512_ps(_mm512_alignr_epi32(v[c + 1], v[c], 1)), s[c]);
+    for (int c = 0; c < Chunks; ++c) add_column<Lo, Hi, 2>(_mm512_castsi512_ps(_mm512_alignr_epi32(v[c + 1], v[c], 2)), s[c]);
+    for (int c = 0; c < Chunks; ++c) add_column<Lo, Hi, 3>(_mm512_castsi512_ps(_mm512_alignr_epi32(v[c + 1], v[c], 3)), s[c]);
+    for (int c = 0; c < Chunks; ++c) add_column<Lo, Hi, 4>(_mm512_castsi512_ps(_mm512_alignr_epi32(v[c + 1], v[c], 4)), s[c]);
+    for (int c = 0; c < Chunks; ++c) {
+      if constexpr (Hi == 4) _mm512_mask_storeu_ps(out + (k - 4) * out_row_stride + c * kLanes, valid[c], s[c][4]);
+      for (int r = 1; r < 5; ++r) partial[c][r - 1] = s[c][r - 1];
+    }
+  }
+};
+
+inline bool rolls_rows5(const PlaneGeometry& g) {
+  return g.rolled_rows && g.stride == 1 && g.kernel_h == 5 && g.kernel_w == 5 && g.dilation_h == 1 &&
+         g.dilation_w == 1 && g.out_h >= 4;
+}
+
+template <int Chunks>
+inline __attribute__((always_inline)) void forward_rows5_chunks(const float* in, const __m512* w, __m512 bias,
+                                                                 float* rows, int64_t x0, int64_t oy0, int64_t n,
+                                                                 int64_t ahead, const PlaneGeometry& g) {
+  const int64_t base = x0 - g.pad_left;
+  ForwardRows5<Chunks> walk;
+  walk.column = in + base;
+  walk.first_row = oy0 - g.pad_top;
+  walk.in_h = g.in_h;
+  walk.in_row_stride = g.in_row_stride;
+  for (int c = 0; c <= Chunks; ++c) {
+    const int64_t first = base + c * kLanes;
+    walk.inside[c] = lane_range(-first, g.in_w - first);
+  }
+  walk.inside[Chunks] &= 0xF;
+  walk.out = rows + x0;
+  walk.out_row_stride = g.out_row_stride;
+  for (int c = 0; c < Chunks; ++c) walk.valid[c] = lane_range(0, g.out_w - x0 - c * kLanes);
+  walk.ahead = ahead;
+  walk.w = w;
+  walk.bias = bias;
+  for (int c = 0; c < Chunks; ++c)
+    for (int r = 0; r < 4; ++r) walk.partial[c][r] = _mm512_setzero_ps();
+  roll_rows5(walk, n);
+}
+
+// Bands as the 3x3 walk's (kRows3BandRows rows for rows wider than two vectors or staged
+// outputs), four extra input rows a band; a band is never left shorter than four rows (the walk's
+// steps assume it): a short remainder joins the band before it.
+void forward_plane_rows5(const float* in, const float* taps, float bias, float* out, const PlaneGeometry& g) {
+  __m512 w[25];
+  for (int t = 0; t < 25; ++t) w[t] = _mm512_set1_ps(taps[t]);
+  const __m512 b = _mm512_set1_ps(bias);
+  alignas(64) float stage[kStageFloats];
+  constexpr int64_t kLongestBand = kRows3BandRows + 3;
+  const bool staged = stageable(g, kLongestBand, g.out_row_stride, g.out_w);
+  const bool wide = g.out_w > 2 * kLanes;
+  const int64_t band_rows = staged || wide ? kRows3BandRows : g.out_h;
+  for (int64_t oy0 = 0; oy0 < g.out_h;) {
+    int64_t n = min64(band_rows, g.out_h - oy0);
+    if (g.out_h - oy0 - n < 4) n = g.out_h - oy0;
+    float* rows = staged ? stage : out + oy0 * g.out_row_stride;
+    const int64_t ahead = wide ? n : 0;
+    int64_t x0 = 0;
+    for (; x0 + kLanes < g.out_w; x0 += 2 * kLanes) forward_rows5_chunks<2>(in, w, b, rows, x0, oy0, n, ahead, g);
+    if (x0 < g.out_w) forward_rows5_chunks<1>(in, w, b, rows, x0, oy0, n, ahead, g);
+    if (staged) stream_rows(stage, out + oy0 * g.out_row_stride, n * g.out_w);
+    oy0 += n;
+  }
+}
+
+// The 5x5 weight gradient over a walk: step k meets grad_out rows k - ky for ky in [Lo, Hi], each
+// against the input row's five taps (zero past the chunk's outputs: a real pixel there times a
+// zero grad_out lane would turn an inf into a NaN). The 25 sums and the five taps stay in
+// registers, and each grad_out row is loaded again (from L1) for every input row it meets: held
+// as well, five rows did not fit in the 32 registers and GCC spilled the sums (1.45x slower in
+// L2). The sums are added chunk by chunk, not block by block as in
+// weight_grad_plane_fixed<1, 5, 5, 2> (the same values to rounding).
+// A 5x5 weight gradient's 25 partial sums, per lane, as named members (an array member, indexed
+// by constants, was kept on the stack: 142 spill stores in the walk).
+struct TapSums5 {
+  __m512 s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15, s16, s17, s18, s19, s20, s21, s22, s23, s24;
+  template <int T>
+  inline __attribute__((always_inline)) __m512& at() {
+    if constexpr (T == 0) return s0;
+    if constexpr (T == 1) return s1;
+    if constexpr (T == 2) return s2;
+    if constexpr (T == 3) return s3;
+    if constexpr (T == 4) return s4;
+    if constexpr (T == 5) return s5;
+    if constexpr (T == 6) return s6;
+    if constexpr (T == 7) return s7;
+    if constexpr (T == 8) return s8;
+    if constexpr (T == 9) return s9;
+    if constexpr (T == 10) return s10;
+    if constexpr (T == 11) return s11;
+    if constexpr (T == 12) return s12;
+    if constexpr (T == 13) return s13;
+    if constexpr (T == 14) return s14;
+    if constexpr (T == 15) return s15;
+    if constexpr (T == 16) return s16;
+    if constexpr (T == 17) return s17;
+    if constexpr (T == 18) return s18;
+    if constexpr (T == 19) return s19;
+    if constexpr (T == 20) return s20;
+    if constexpr (T == 21) return s21;
+    if constexpr (T == 22) return s22;
+    if constexpr (T == 23) return s23;
+    if constexpr (T == 24) return s24;
+  }
+  void load(const float* tap_lanes) {
+    s0 = _mm512_loadu_ps(tap_lanes + 0 * kLanes);
+    s1 = _mm512_loadu_ps(tap_lanes + 1 * kLanes);
+    s2 = _mm512_loadu_ps(tap_lanes + 2 * kLanes);
+    s3 = _mm512_loadu_ps(tap_lanes + 3 * kLanes);
+    s4 = _mm512_loadu_ps(tap_lanes + 4 * kLanes);
+    s5 = _mm512_loadu_ps(tap_lanes + 5 * kLanes);
+    s6 = _mm512_loadu_ps(tap_lanes + 6 * kLanes);
+    s7 = _mm512_loadu_ps(tap_lanes + 7 * kLanes);
+    s8 = _mm512_loadu_ps(tap_lanes + 8 * kLanes);
+    s9 = _mm512_loadu_ps(tap_lanes + 9 * kLanes);
+    s10 = _mm512_loadu_ps(tap_lanes + 10 * kLanes);
+    s11 = _mm512_loadu_ps(tap_lanes + 11 * kLanes);
+    s12 = _mm512_loadu_ps(tap_lanes + 12 * kLanes);
+    s13 = _mm512_loadu_ps(tap_lanes + 13 * kLanes);
+    s14 = _mm512_loadu_ps(tap_lanes + 14 * kLanes);
+    s15 = _mm512_loadu_ps(tap_lanes + 15 * kLanes);
+    s16 = _mm512_loadu_ps(tap_lanes + 16 * kLanes);
+    s17 = _mm512_loadu_ps(tap_lanes + 17 * kLanes);
+    s18 = _mm512_loadu_ps(tap_lanes + 18 * kLanes);
+    s19 = _mm512_loadu_ps(tap_lanes + 19 * kLanes);
+    s20 = _mm512_loadu_ps(tap_lanes + 20 * kLanes);
+    s21 = _mm512_loadu_ps(tap_lanes + 21 * kLanes);
+    s22 = _mm512_loadu_ps(tap_lanes + 22 * kLanes);
+    s23 = _mm512_loadu_ps(tap_lanes + 23 * kLanes);
+    s24 = _mm512_loadu_ps(tap_lanes + 24 * kLanes);
+  }
+  void save(float* tap_lanes) const {
+    _mm512_storeu_ps(tap_lanes + 0 * kLanes, s0);
+    _mm512_storeu_ps(tap_lanes + 1 * kLanes, s1);
+    _mm512_storeu_ps(tap_lanes + 2 * kLanes, s2);
+    _mm512_storeu_ps(tap_lanes + 3 * kLanes, s3);
+    _mm512_storeu_ps(tap_lanes + 4 * kLanes, s4);
+    _mm512_storeu_ps(tap_lanes + 5 * kLanes, s5);
+    _mm512_storeu_ps(tap_lanes + 6 * kLanes, s6);
+    _mm512_storeu_ps(tap_lanes + 7 * kLanes, s7);
+    _mm512_storeu_ps(tap_lanes + 8 * kLanes, s8);
+    _mm512_storeu_ps(tap_lanes + 9 * kLanes, s9);
+    _mm512_storeu_ps(tap_lanes + 10 * kLanes, s10);
+    _mm512_storeu_ps(tap_lanes + 11 * kLanes, s11);
+    _mm512_storeu_ps(tap_lanes + 12 * kLanes, s12);
+    _mm512_storeu_ps(tap_lanes + 13 * kLanes, s13);
+    _mm512_storeu_ps(tap_lanes + 14 * kLanes, s14);
+    _mm512_storeu_ps(tap_lanes + 15 * kLanes, s15);
+    _mm512_storeu_ps(tap_lanes + 16 * kLanes, s16);
+    _mm512_storeu_ps(tap_lanes + 17 * kLanes, s17);
+    _mm512_storeu_ps(tap_lanes + 18 * kLanes, s18);
+    _mm512_storeu_ps(tap_lanes + 19 * kLanes, s19);
+    _mm512_storeu_ps(tap_lanes + 20 * kLanes, s20);
+    _mm512_storeu_ps(tap_lanes + 21 * kLanes, s21);
+    _mm512_storeu_ps(tap_lanes + 22 * kLanes, s22);
+    _mm512_storeu_ps(tap_lanes + 23 * kLanes, s23);
+    _mm512_storeu_ps(tap_lanes + 24 * kLanes, s24);
+  }
+};
+
+template <bool WithBias>
+struct WeightGradRows5 {
+  const float* column;  // input column `base` of row 0
+  int64_t first_row, in_h, in_row_stride;
+  __mmask16 low, high;
+  const float* grad;  // grad_out rows of the band, the chunk's first column
+  int64_t out_row_stride;
+  __mmask16 valid;
+  int64_t ahead;
+  TapSums5 sums;
+  __m512 bias;
+
+  template <int T>
+  inline __attribute__((always_inline)) void add_tap(__m512 grad_row, __m512 tap) {
+    sums.at<T>() = _mm512_fmadd_ps(grad_row, tap, sums.at<T>());
+  }
+
+  template <int Lo, int Hi, int KY>
+  inline __attribute__((always_inline)) void add_row(int64_t k, const __m512* t) {
+    if constexpr (Lo <= KY && KY <= Hi) {
+      const __m512 grad_row = _mm512_maskz_loadu_ps(valid, grad + (k - KY) * out_row_stride);
+      if constexpr (KY == 0) {
+        if (ahead) _mm_prefetch(reinterpret_cast<const char*>(grad + (k + ahead) * out_row_stride), _MM_HINT_T0);
+        if (WithBias) bias = _mm512_add_ps(bias, grad_row);
+      }
+      add_tap<5 * KY + 0>(grad_row, t[0]);
+      add_tap<5 * KY + 1>(grad_row, t[1]);
+      add_tap<5 * KY + 2>(grad_row, t[2]);
+      add_tap<5 * KY + 3>(grad_row, t[3]);
+      add_tap<5 * KY + 4>(grad_row, t[4]);
+    }
+  }
+
+  template <int Lo, int Hi>
+  inline __attribute__((always_inline)) void step(int64_t k) {
+    const int64_t iy = first_row + k;
+    const bool inside = row_inside(iy, in_h);
+    if (ahead) _mm_prefetch(reinterpret_cast<const char*>(column + (iy + ahead) * in_row_stride), _MM_HINT_T0);
+    const float* row = column + (inside ? iy : 0) * in_row_stride;
+    const __m512i lo = _mm512_castps_si512(_mm512_maskz_loadu_ps(inside ? low : 0, row));
+    const __m512i hi = _mm512_castps_si512(_mm512_maskz_loadu_ps(inside ? high : 0, row + kLanes));
+    const __m512 t[5] = {_mm512_castsi512_ps(_mm512_maskz_mov_epi32(valid, lo)),
+                         _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(valid, hi, lo, 1)),
+                         _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(valid, hi, lo, 2)),
+                         _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(valid, hi, lo, 3)),
+                         _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(valid, hi, lo, 4))};
+    add_row<Lo, Hi, 0>(k, t);
+    add_row<Lo, Hi, 1>(k, t);
+    add_row<Lo, Hi, 2>(k, t);
+    add_row<Lo, Hi, 3>(k, t);
+    add_row<Lo, Hi, 4>(k, t);
+  }
+};
+
+template <bool WithBias>
+void weight_grad_plane_rows5(const float* go, const float* in, float* tap_lanes, float* bias_lanes,
+                             const PlaneGeometry& g) {
+  WeightGradRows5<WithBias> walk{};
+  walk.sums.load(tap_lanes);
+  walk.bias = WithBias ? _mm512_loadu_ps(bias_lanes) : _mm512_setzero_ps();
+  const bool wide = g.out_w > 2 * kLanes;
+  const int64_t band_rows = wide ? kRows3BandRows : g.out_h;
+  for (int64_t oy0 = 0; oy0 < g.out_h;) {
+    int64_t n = min64(band_rows, g.out_h - oy0);
+    if (g.out_h - oy0 - n < 4) n = g.out_h - oy0;
+    for (int64_t x0 = 0; x0 < g.out_w; x0 += kLanes) {
+      const int64_t base = x0 - g.pad_left;
+      walk.column = in + base;
+      walk.first_row = oy0 - g.pad_top;
+      walk.in_h = g.in_h;
+      walk.in_row_stride = g.in_row_stride;
+      walk.low = lane_range(-base, g.in_w - base);
+      walk.high = static_cast<__mmask16>(lane_range(-(base + kLanes), g.in_w - (base + kLanes)) & 0xF);
+      walk.grad = go + oy0 * g.out_row_stride + x0;
+      walk.out_row_stride = g.out_row_stride;
+      walk.valid = lane_range(0, g.out_w - x0);
+      walk.ahead = wide ? n : 0;
+      roll_rows5(walk, n);
+    }
+    oy0 += n;
+  }
+  walk.sums.save(tap_lanes);
+  if (WithBias) _mm512_storeu_ps(bias_lanes, walk.bias);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1718,6 +2036,7 @@ void forward_plane(const float* in, const float* taps, float bias, float* out, c
     return forward_plane_fixed<2, 5, 5, 2>(in, taps, bias, out, g);
   }
   if (rolls_rows3(g)) return forward_plane_rows3(in, taps, bias, out, g);
+  if (rolls_rows5(g)) return forward_plane_rows5(in, taps, bias, out, g);
   if (g.kernel_h == 3) return forward_plane_fixed<1, 3, 3, 7>(in, taps, bias, out, g);
   forward_plane_fixed<1, 5, 5, 4>(in, taps, bias, out, g);
 }
@@ -1750,6 +2069,9 @@ void weight_grad_plane(const float* grad_out, const float* in, float* tap_lanes,
   if (rolls_rows3(g))
     return bias_lanes ? weight_grad_plane_rows3<true>(grad_out, in, tap_lanes, bias_lanes, g)
                       : weight_grad_plane_rows3<false>(grad_out, in, tap_lanes, bias_lanes, g);
+  if (rolls_rows5(g))
+    return bias_lanes ? weight_grad_plane_rows5<true>(grad_out, in, tap_lanes, bias_lanes, g)
+                      : weight_grad_plane_rows5<false>(grad_out, in, tap_lanes, bias_lanes, g);
   if (g.kernel_h == 3) FASTCNN_WEIGHT_GRAD(1, 3, 7);
   FASTCNN_WEIGHT_GRAD(1, 5, 2);
 #undef FASTCNN_WEIGHT_GRAD
