@@ -271,8 +271,8 @@ ROLLED_CASES = [
     (2, 3, 7, 7, 1, 0),  # no padding: b's taps past its last output read its own row
     (2, 3, 6, 5, 1, (0, 1, 2, 0)),  # a row and its left padding filling 7 of 8 lanes
 ]
-# 5x5 windows at unit stride: the rolled forward (and so the input gradient); bands of at least
-# four rows, walks of four steps before the first output row completes.
+# 5x5 windows: at unit stride the rolled forward (and so the input gradient) and weight gradient,
+# bands of at least four rows; at stride 2 the rolled forward and weight gradient.
 ROLLED_5X5_CASES = [
     (2, 5, 14, 14, 1, 2),  # MobileNet v3's 14x14 layers: one vector a row
     (1, 3, 28, 28, 1, 2),  # two vectors a row, the second partial
@@ -283,6 +283,12 @@ ROLLED_5X5_CASES = [
     (1, 2, 9, 70, 1, (1, 2, 0, 3)),  # five vectors a row, uneven padding
     (1, 2, 6, 5, 1, 5),  # padding past the window's reach: the input gradient's window a crop
     (1, 2, 20, 20, 1, 0),  # no padding
+    (2, 5, 14, 14, 2, 2),  # stride 2: MobileNet v3's 14x14 -> 7x7 layer, one band of 7 rows
+    (1, 2, 40, 70, 2, 2),  # bands of 8, 8 and 4 output rows; three vectors a row
+    (2, 3, 15, 35, 2, 2),  # odd input: the last column feeds only the last output
+    (1, 2, 2, 3, 2, 2),  # one output row: the shortest stride-2 walk
+    (1, 2, 33, 34, 2, (1, 2, 1, 2)),  # TF-style "same" padding, 17 outputs a row
+    (1, 2, 18, 18, 2, 0),  # no padding: a band of 7
 ]
 
 

@@ -10,11 +10,11 @@
 //   as zero without touching memory (AVX-512 masked loads suppress faults), so there is no
 //   zero-padded copy and no transpose to channel blocks: the input is read once from memory and
 //   the output written once.
-// - 3x3 windows (stride 1 or 2) and 5x5 at stride 1 take the rolled rows (see "rolled rows"
+// - 3x3 and 5x5 windows (stride 1 or 2) take the rolled rows (see "rolled rows"
 //   below): a chunk walks down the plane loading each input row once, its taps made in registers,
 //   every accumulator a named register; 7x7 maps two planes to a vector. They are 1.3-3x faster
-//   in L2 than the block kernels that follow, which stay for 5x5 windows at stride 2 and dilated
-//   windows and as their reference under FASTCNN_DEPTHWISE_ROLLED=0.
+//   in L2 than the block kernels that follow, which stay for dilated windows and as their
+//   reference under FASTCNN_DEPTHWISE_ROLLED=0.
 // - The block kernels keep their weights in registers and share each loaded input row among the
 //   R output rows it feeds (R = 7 for 3x3: 112, 56, 28, 14 and 7 are multiples of 7).
 // - Row blocks wholly inside the input run without row checks; border blocks load the rows
@@ -24,8 +24,8 @@
 //   is 49 pixels: reducing nine vectors per plane cost 3x the arithmetic).
 // - The stride-2 input gradient is a gather: each grad_in vector permutes one load of grad_out
 //   per kernel row onto the lanes of matching parity; no scatter, no atomics. For 3x3 windows with
-//   padding 0 or 1 it is rolled: a walk down grad_out makes each row's permutes once and
-//   completes two grad_in rows a step.
+//   padding 0 or 1, and 5x5 windows, it is rolled: a walk down grad_out makes each row's permutes
+//   once and completes two grad_in rows a step.
 // - Stride-2 maps whose output rows fill at most half a vector (14x14 -> 7x7) run two planes at
 //   once, one in each half: one two-source permute makes both planes' taps, where a single plane
 //   used 7 of 16 lanes (32x512x14x14, 2 threads: forward 1.8x, weight gradient 1.6x faster).
@@ -1289,6 +1289,299 @@ void grad_input_plane_stride2_rows3(const float* go, const float* taps, float* g
 }
 
 // ---------------------------------------------------------------------------------------------
+// 5x5 windows at stride 2 (dilation 1; MobileNet v3's and EfficientNet's downsampling layers),
+// rolled as well. A chunk's 16 outputs read input columns base .. base + 35 of a row: three
+// masked loads, two-source permutes take the even and odd columns (taps 0 and 1), valignd against
+// the even and odd columns of the last four (taps 2, 4 and 3). Input row 2m feeds output rows m,
+// m - 1 and m - 2 (kernel rows 0, 2 and 4; row m - 2 then completes), row 2m + 1 rows m and
+// m - 1 (kernel rows 1 and 3), so two output rows are carried. Each output row adds bias, then
+// taps (ky, kx) in row-major order, as forward_plane_fixed<2, 5, 5, 2> does: the same sums bit
+// for bit. That block kernel (7 input rows of 2 output rows, each tap a permute) ran at ~95 cycles
+// per output vector in L2. Planes in L2, one thread, cycles a plane, block -> rolled: forward
+// 14x14 940 -> 360, 28x28 1860 -> 680, 56x56 6670 -> 2310; weight gradient 670 -> 370, 1160 ->
+// 650, 4240 -> 2120; input gradient (below) 440 -> 230, 1440 -> 730, 4960 -> 2580. From memory
+// (N=32, 2 threads, reuse, ms): 32x72x56x56 forward 4.2 -> 2.2, forward+backward 12.2 -> 7.7;
+// 32x672x14x14 4.5 -> 2.3 and 12.6 -> 7.4 (MobileNet v3's stride-2 5x5 layers).
+
+struct Stride2Columns5 {
+  __mmask16 low, high, last;  // columns inside the input: base + 0..15, + 16..31, + 32..35
+  Stride2Columns5(int64_t base, int64_t in_w)
+      : low(lane_range(-base, in_w - base)),
+        high(lane_range(-(base + kLanes), in_w - (base + kLanes))),
+        last(static_cast<__mmask16>(lane_range(-(base + 2 * kLanes), in_w - (base + 2 * kLanes)) & 0xF)) {}
+  // taps[kx][l] = column base + 2l + kx, zero outside the input and outside `keep`.
+  inline __attribute__((always_inline)) void load(const float* row, bool inside, __mmask16 keep,
+                                                  __m512* taps) const {
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const __m512 a = _mm512_maskz_loadu_ps(inside ? low : 0, row);
+    const __m512 b = _mm512_maskz_loadu_ps(inside ? high : 0, row + kLanes);
+    const __m512 c = _mm512_maskz_loadu_ps(inside ? last : 0, row + 2 * kLanes);
+    const __m512i even_bits = _mm512_castps_si512(_mm512_permutex2var_ps(a, even, b));
+    const __m512i odd_bits = _mm512_castps_si512(_mm512_permutex2var_ps(a, odd, b));
+    const __m512i even_tail = _mm512_castps_si512(_mm512_permutexvar_ps(even, c));  // lanes 0, 1: base + 32, 34
+    const __m512i odd_tail = _mm512_castps_si512(_mm512_permutexvar_ps(odd, c));    // lane 0: base + 33
+    taps[0] = _mm512_castsi512_ps(_mm512_maskz_mov_epi32(keep, even_bits));
+    taps[1] = _mm512_castsi512_ps(_mm512_maskz_mov_epi32(keep, odd_bits));
+    taps[2] = _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(keep, even_tail, even_bits, 1));
+    taps[3] = _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(keep, odd_tail, odd_bits, 1));
+    taps[4] = _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(keep, even_tail, even_bits, 2));
+  }
+};
+
+// The 2n + 3 input rows of n >= 1 output rows, k = 0 .. 2n + 2. Step<Even, Start, Middle, Last>
+// reads input row k; for an even row 2m, Start: output row m exists (kernel row 0), Middle: row
+// m - 1 (kernel row 2), Last: row m - 2 (kernel row 4); for an odd row 2m + 1, Start: row m
+// (kernel row 1), Middle: row m - 1 (kernel row 3).
+template <class Walk>
+inline __attribute__((always_inline)) void roll_rows5_stride2(Walk& walk, int64_t n) {
+  walk.template step<true, true, false, false>(0);
+  walk.template step<false, true, false, false>(1);
+  if (n == 1) {
+    walk.template step<true, false, true, false>(2);
+    walk.template step<false, false, true, false>(3);
+    walk.template step<true, false, false, true>(4);
+    return;
+  }
+  walk.template step<true, true, true, false>(2);
+  walk.template step<false, true, true, false>(3);
+  for (int64_t m = 2; m < n; ++m) {
+    walk.template step<true, true, true, true>(2 * m);
+    walk.template step<false, true, true, false>(2 * m + 1);
+  }
+  walk.template step<true, false, true, true>(2 * n);
+  walk.template step<false, false, true, false>(2 * n + 1);
+  walk.template step<true, false, false, true>(2 * n + 2);
+}
+
+// Five taps against kernel row KY, added to sum in kx order.
+template <int KY>
+inline __attribute__((always_inline)) __m512 kernel_row_sum5(const __m512* w, const __m512* t, __m512 sum) {
+  sum = _mm512_fmadd_ps(w[5 * KY + 0], t[0], sum);
+  sum = _mm512_fmadd_ps(w[5 * KY + 1], t[1], sum);
+  sum = _mm512_fmadd_ps(w[5 * KY + 2], t[2], sum);
+  sum = _mm512_fmadd_ps(w[5 * KY + 3], t[3], sum);
+  return _mm512_fmadd_ps(w[5 * KY + 4], t[4], sum);
+}
+
+struct ForwardStride2Rows5 {
+  const float* column;  // input column `base` of row 0
+  int64_t first_row, in_h, in_row_stride, ahead;  // ahead: rows to the next band's row k
+  Stride2Columns5 cols;
+  const __m512* w;
+  __m512 bias;
+  float* out;  // output row 0 of the band, the chunk's first column
+  int64_t out_row_stride;
+  __mmask16 store;
+  __m512 current, previous;  // output rows m and m - 1 (m = k / 2), partial
+
+  template <bool Even, bool Start, bool Middle, bool Last>
+  inline __attribute__((always_inline)) void step(int64_t k) {
+    const int64_t iy = first_row + k;
+    const bool inside = row_inside(iy, in_h);
+    _mm_prefetch(reinterpret_cast<const char*>(column + (iy + ahead) * in_row_stride), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(column + (iy + ahead) * in_row_stride + kLanes), _MM_HINT_T0);
+    __m512 t[5];
+    cols.load(column + (inside ? iy : 0) * in_row_stride, inside, 0xFFFF, t);
+    if constexpr (Even) {
+      if constexpr (Last) _mm512_mask_storeu_ps(out + (k / 2 - 2) * out_row_stride, store, kernel_row_sum5<4>(w, t, previous));
+      if constexpr (Middle) previous = kernel_row_sum5<2>(w, t, current);
+      if constexpr (Start) current = kernel_row_sum5<0>(w, t, bias);
+    } else {
+      if constexpr (Middle) previous = kernel_row_sum5<3>(w, t, previous);
+      if constexpr (Start) current = kernel_row_sum5<1>(w, t, current);
+    }
+  }
+};
+
+inline bool rolls_rows5_stride2(const PlaneGeometry& g) {
+  return g.rolled_rows && g.stride == 2 && g.kernel_h == 5 && g.kernel_w == 5 && g.dilation_h == 1 &&
+         g.dilation_w == 1;
+}
+
+// Bands of kStride2BandRows output rows (2n + 3 input rows, the last three read again by the
+// next band), the next band's rows prefetched a step at a time.
+void forward_plane_stride2_rows5(const float* in, const float* taps, float bias, float* out, const PlaneGeometry& g) {
+  __m512 w[25];
+  for (int t = 0; t < 25; ++t) w[t] = _mm512_set1_ps(taps[t]);
+  alignas(64) float stage[kStageFloats];
+  const bool staged = stageable(g, kStride2BandRows, g.out_row_stride, g.out_w);
+  for (int64_t oy0 = 0; oy0 < g.out_h; oy0 += kStride2BandRows) {
+    const int64_t n = min64(kStride2BandRows, g.out_h - oy0);
+    float* rows = staged ? stage : out + oy0 * g.out_row_stride;
+    for (int64_t x0 = 0; x0 < g.out_w; x0 += kLanes) {
+      const int64_t base = 2 * x0 - g.pad_left;
+      ForwardStride2Rows5 walk{in + base, 2 * oy0 - g.pad_top, g.in_h, g.in_row_stride, 2 * kStride2BandRows,
+                               Stride2Columns5(base, g.in_w), w, _mm512_set1_ps(bias), rows + x0, g.out_row_stride,
+                               lane_range(0, g.out_w - x0), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      roll_rows5_stride2(walk, n);
+    }
+    if (staged) stream_rows(stage, out + oy0 * g.out_row_stride, n * g.out_w);
+  }
+}
+
+// The weight gradient the same way: an even input row 2m meets grad_out rows m, m - 1 and m - 2
+// (kernel rows 0, 2, 4), an odd one rows m and m - 1 (kernel rows 1, 3); the 25 sums and the five
+// taps in registers, each grad_out row loaded again for every input row it meets (see
+// WeightGradRows5).
+template <bool WithBias>
+struct WeightGradStride2Rows5 {
+  const float* column;
+  int64_t first_row, in_h, in_row_stride, ahead;
+  Stride2Columns5 cols;
+  const float* grad;  // grad_out row 0 of the band, the chunk's first column
+  int64_t out_row_stride;
+  __mmask16 valid;
+  TapSums5 sums;
+  __m512 bias;
+
+  template <int KY>
+  inline __attribute__((always_inline)) void add_row(int64_t r, const __m512* t) {
+    const __m512 grad_row = _mm512_maskz_loadu_ps(valid, grad + r * out_row_stride);
+    if constexpr (KY == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(grad + (r + ahead / 2) * out_row_stride), _MM_HINT_T0);
+      if (WithBias) bias = _mm512_add_ps(bias, grad_row);
+    }
+    sums.at<5 * KY + 0>() = _mm512_fmadd_ps(grad_row, t[0], sums.at<5 * KY + 0>());
+    sums.at<5 * KY + 1>() = _mm512_fmadd_ps(grad_row, t[1], sums.at<5 * KY + 1>());
+    sums.at<5 * KY + 2>() = _mm512_fmadd_ps(grad_row, t[2], sums.at<5 * KY + 2>());
+    sums.at<5 * KY + 3>() = _mm512_fmadd_ps(grad_row, t[3], sums.at<5 * KY + 3>());
+    sums.at<5 * KY + 4>() = _mm512_fmadd_ps(grad_row, t[4], sums.at<5 * KY + 4>());
+  }
+
+  template <bool Even, bool Start, bool Middle, bool Last>
+  inline __attribute__((always_inline)) void step(int64_t k) {
+    const int64_t iy = first_row + k;
+    const bool inside = row_inside(iy, in_h);
+    _mm_prefetch(reinterpret_cast<const char*>(column + (iy + ahead) * in_row_stride), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(column + (iy + ahead) * in_row_stride + kLanes), _MM_HINT_T0);
+    __m512 t[5];
+    cols.load(column + (inside ? iy : 0) * in_row_stride, inside, valid, t);
+    const int64_t m = k / 2;
+    if constexpr (Even) {
+      if constexpr (Start) add_row<0>(m, t);
+      if constexpr (Middle) add_row<2>(m - 1, t);
+      if constexpr (Last) add_row<4>(m - 2, t);
+    } else {
+      if constexpr (Start) add_row<1>(m, t);
+      if constexpr (Middle) add_row<3>(m - 1, t);
+    }
+  }
+};
+
+template <bool WithBias>
+void weight_grad_plane_stride2_rows5(const float* go, const float* in, float* tap_lanes, float* bias_lanes,
+                                     const PlaneGeometry& g) {
+  WeightGradStride2Rows5<WithBias> walk{in, 0, g.in_h, g.in_row_stride, 2 * kStride2BandRows,
+                                        Stride2Columns5(0, g.in_w), go, g.out_row_stride, 0};
+  walk.sums.load(tap_lanes);
+  walk.bias = WithBias ? _mm512_loadu_ps(bias_lanes) : _mm512_setzero_ps();
+  for (int64_t oy0 = 0; oy0 < g.out_h; oy0 += kStride2BandRows) {
+    const int64_t n = min64(kStride2BandRows, g.out_h - oy0);
+    for (int64_t x0 = 0; x0 < g.out_w; x0 += kLanes) {
+      const int64_t base = 2 * x0 - g.pad_left;
+      walk.column = in + base;
+      walk.first_row = 2 * oy0 - g.pad_top;
+      walk.cols = Stride2Columns5(base, g.in_w);
+      walk.grad = go + oy0 * g.out_row_stride + x0;
+      walk.valid = lane_range(0, g.out_w - x0);
+      roll_rows5_stride2(walk, n);
+    }
+  }
+  walk.sums.save(tap_lanes);
+  if (WithBias) _mm512_storeu_ps(bias_lanes, walk.bias);
+}
+
+// The same for 5x5 windows (any padding), rolled. With padding T on top, input row 2m - T takes
+// kernel rows 0, 2 and 4 of grad_out rows m, m - 1 and m - 2, row 2m + 1 - T kernel rows 1 and 3
+// of rows m and m - 1; the columns likewise, so lane l of 16 input columns from x0 reads grad_out
+// columns x0/2 + l/2 + h - d, d = 0, 1, 2 (h = ceil(pad_left / 2)): three permutes of one load,
+// each with its lanes' weights (with pad_left even, even lanes take taps 0, 2, 4 and odd lanes
+// taps 1, 3; odd pad_left the other way round). A walk down grad_out makes each row's three once
+// and keeps the last two rows', completing two input rows a step; each lane adds its taps in the
+// block kernel's order, so the sums are bit for bit grad_input_plane_stride2_fixed<5, 5>'s.
+struct GradInputStride2Rows5 {
+  __m512 near, mid, far;  // grad_out columns x0/2 + l/2 + h, h - 1, h - 2
+};
+
+// `even` in the even lanes, `odd` in the odd ones.
+inline __m512 even_odd_lanes(float even, float odd) {
+  return _mm512_mask_blend_ps(0xAAAA, _mm512_set1_ps(even), _mm512_set1_ps(odd));
+}
+
+void grad_input_plane_stride2_rows5(const float* go, const float* taps, float* gi, const PlaneGeometry& g) {
+  constexpr int64_t kBandRows = 8;  // as the block kernel's: a streamed band is staged whole
+  constexpr __mmask16 kEven = 0x5555, kOdd = 0xAAAA;
+  const bool odd_left = g.pad_left % 2 != 0;
+  const int64_t h = (g.pad_left + 1) / 2;
+  // Per kernel row: the weights of the near, middle and far copies, lane by lane, and the lanes
+  // the far (even pad_left) or near (odd) copy feeds.
+  __m512 near_w[5], mid_w[5], far_w[5];
+  for (int ky = 0; ky < 5; ++ky) {
+    const float* w = taps + 5 * ky;
+    near_w[ky] = odd_left ? even_odd_lanes(0.f, w[0]) : even_odd_lanes(w[0], w[1]);
+    mid_w[ky] = odd_left ? even_odd_lanes(w[1], w[2]) : even_odd_lanes(w[2], w[3]);
+    far_w[ky] = odd_left ? even_odd_lanes(w[3], w[4]) : even_odd_lanes(w[4], 0.f);
+  }
+  const __mmask16 near_lanes = odd_left ? kOdd : 0xFFFF, far_lanes = odd_left ? 0xFFFF : kEven;
+  const __m512i far_index = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i mid_index = _mm512_add_epi32(far_index, _mm512_set1_epi32(1));
+  const __m512i near_index = _mm512_add_epi32(far_index, _mm512_set1_epi32(2));
+  const __m512 zero = _mm512_setzero_ps();
+  // Kernel row ky's terms from a grad_out row's three copies, after acc: near, middle, far (the
+  // block kernel's tap order in every lane).
+  const auto add_row = [&](int ky, const GradInputStride2Rows5& r, __m512 acc) {
+    acc = _mm512_mask3_fmadd_ps(near_w[ky], r.near, acc, near_lanes);
+    acc = _mm512_fmadd_ps(mid_w[ky], r.mid, acc);
+    return _mm512_mask3_fmadd_ps(far_w[ky], r.far, acc, far_lanes);
+  };
+  alignas(64) float stage[kStageFloats];
+  const bool staged = stageable(g, kBandRows, g.in_row_stride, g.in_w);
+  const int64_t T = g.pad_top;
+  for (int64_t iy0 = 0; iy0 < g.in_h; iy0 += kBandRows) {
+    const int64_t iy1 = min64(g.in_h, iy0 + kBandRows);
+    float* band = staged ? stage : gi + iy0 * g.in_row_stride;
+    for (int64_t x0 = 0; x0 < g.in_w; x0 += kLanes) {
+      const int64_t c = x0 / 2 + h - 2;  // the lowest grad_out column any lane reads
+      const __mmask16 load = lane_range(-c, g.out_w - c), store = lane_range(0, g.in_w - x0);
+      const float* column = go + c;
+      float* out = band + x0 - iy0 * g.in_row_stride;  // input row iy at out + iy * in_row_stride
+      const auto copies = [&](int64_t r, bool exists) {
+        GradInputStride2Rows5 q{zero, zero, zero};
+        if (!exists) return q;
+        const __m512 row = _mm512_maskz_loadu_ps(load, column + r * g.out_row_stride);
+        q.near = _mm512_permutexvar_ps(near_index, row);
+        q.mid = _mm512_permutexvar_ps(mid_index, row);
+        q.far = _mm512_permutexvar_ps(far_index, row);
+        return q;
+      };
+      const auto exists = [&](int64_t r) { return r >= 0 && r < g.out_h; };
+      int64_t m = floor_half(iy0 + T);
+      bool exists1 = exists(m - 1), exists2 = exists(m - 2);
+      GradInputStride2Rows5 prev1 = copies(m - 1, exists1), prev2 = copies(m - 2, exists2);
+      for (; 2 * m - T < iy1; ++m) {
+        const bool exists0 = exists(m);
+        const GradInputStride2Rows5 cur = copies(m, exists0);
+        if (2 * m - T >= iy0) {  // kernel rows 0, 2, 4 of grad_out rows m, m - 1, m - 2
+          __m512 acc = exists0 ? add_row(0, cur, zero) : zero;
+          acc = exists1 ? add_row(2, prev1, acc) : acc;
+          acc = exists2 ? add_row(4, prev2, acc) : acc;
+          _mm512_mask_storeu_ps(out + (2 * m - T) * g.in_row_stride, store, acc);
+        }
+        if (2 * m + 1 - T < iy1 && 2 * m + 1 - T >= iy0) {  // kernel rows 1, 3 of rows m, m - 1
+          __m512 acc = exists0 ? add_row(1, cur, zero) : zero;
+          acc = exists1 ? add_row(3, prev1, acc) : acc;
+          _mm512_mask_storeu_ps(out + (2 * m + 1 - T) * g.in_row_stride, store, acc);
+        }
+        prev2 = prev1, exists2 = exists1;
+        prev1 = cur, exists1 = exists0;
+      }
+    }
+    if (staged) stream_rows(stage, gi + iy0 * g.in_row_stride, (iy1 - iy0) * g.in_w);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // channels_last: 16 channels are one vector, so the image's layout is the vector layout. Channel
 // tails load and store with a lane mask (no scalar tail).
 
@@ -2032,6 +2325,7 @@ void forward_plane_pair(const float* in_a, const float* in_b, const float* taps_
 void forward_plane(const float* in, const float* taps, float bias, float* out, const PlaneGeometry& g) {
   if (g.stride == 2) {
     if (rolls_rows3_stride2(g)) return forward_plane_stride2_rows3(in, taps, bias, out, g);
+    if (rolls_rows5_stride2(g)) return forward_plane_stride2_rows5(in, taps, bias, out, g);
     if (g.kernel_h == 3) return forward_plane_fixed<2, 3, 3, 7>(in, taps, bias, out, g);
     return forward_plane_fixed<2, 5, 5, 2>(in, taps, bias, out, g);
   }
@@ -2050,6 +2344,7 @@ void grad_input_plane_stride2(const float* grad_out, const float* taps, float* g
     return g.pad_left ? grad_input_plane_stride2_rows3<true, 0>(grad_out, taps, grad_in, g)
                       : grad_input_plane_stride2_rows3<false, 0>(grad_out, taps, grad_in, g);
   }
+  if (rolls_rows5_stride2(g)) return grad_input_plane_stride2_rows5(grad_out, taps, grad_in, g);
   if (g.kernel_h == 3) return grad_input_plane_stride2_fixed<3, 3>(grad_out, taps, grad_in, g);
   grad_input_plane_stride2_fixed<5, 5>(grad_out, taps, grad_in, g);
 }
@@ -2063,6 +2358,9 @@ void weight_grad_plane(const float* grad_out, const float* in, float* tap_lanes,
     if (rolls_rows3_stride2(g))
       return bias_lanes ? weight_grad_plane_stride2_rows3<true>(grad_out, in, tap_lanes, bias_lanes, g)
                         : weight_grad_plane_stride2_rows3<false>(grad_out, in, tap_lanes, bias_lanes, g);
+    if (rolls_rows5_stride2(g))
+      return bias_lanes ? weight_grad_plane_stride2_rows5<true>(grad_out, in, tap_lanes, bias_lanes, g)
+                        : weight_grad_plane_stride2_rows5<false>(grad_out, in, tap_lanes, bias_lanes, g);
     if (g.kernel_h == 3) FASTCNN_WEIGHT_GRAD(2, 3, 7);
     FASTCNN_WEIGHT_GRAD(2, 5, 2);
   }
