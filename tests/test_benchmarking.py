@@ -161,12 +161,18 @@ def test_environment_record(monkeypatch):
 
 def test_depthwise_cases():
     shapes = depthwise.shapes()
-    assert len(shapes) == 2 * 9 + 2  # 13 MobileNet v1 layers with the 5 identical ones once, N=1 and 32
+    # 13 MobileNet v1 layers with the 5 identical ones once, and MobileNet v3's 6 5x5 layers as 4
+    # shapes, at N=1 and 32; then 7x7 and 31x31
+    assert len(shapes) == 2 * 9 + 2 * 4 + 2
     assert len({(s.name, s.n) for s in shapes}) == len(shapes)
     assert {(s.c, s.h, s.stride) for s in shapes if s.name.startswith("mbv1")} == {
         (32, 112, 1), (64, 112, 2), (128, 56, 1), (128, 56, 2), (256, 28, 1), (256, 28, 2), (512, 14, 1),
         (512, 14, 2), (1024, 7, 1)}
-    assert sum(s.repeat for s in shapes if s.n == 1) == 13
+    assert sum(s.repeat for s in shapes if s.n == 1 and s.name.startswith("mbv1")) == 13
+    assert {(s.c, s.h, s.stride, s.k, s.padding, s.repeat) for s in shapes if s.name.startswith("mbv3")} == {
+        (72, 56, 2, 5, 2, 1), (120, 28, 1, 5, 2, 2), (672, 14, 2, 5, 2, 1), (960, 7, 1, 5, 2, 2)}
+    summary = depthwise.SUMMARY
+    assert {summary.group_of(s.name) for s in shapes} == {"mbv1", "mbv3 5x5", None}
     quick = depthwise.shapes(quick=True)
     assert {s.n for s in quick if s.name.startswith("mbv1")} == {1} and "k31" not in {s.name for s in quick}
     k31 = next(s for s in shapes if s.name == "k31")

@@ -1,7 +1,8 @@
 """Depthwise conv2d benchmark cases: the 13 depthwise layers of MobileNet v1 (Howard et al. 2017,
 Table 1, 224x224 input; the five identical 512x14x14 layers measured once) at batch 1 and 32, plus
-large kernels at 8x128x56x56: 7x7 (ConvNeXt's depthwise conv, with bias) and 31x31 (RepLKNet's,
-without), padding k // 2.
+MobileNet v3-Large's four 5x5 depthwise shapes at the same batch sizes, and large kernels at
+8x128x56x56: 7x7 (ConvNeXt's depthwise conv, with bias) and 31x31 (RepLKNet's, without), padding
+k // 2.
 
 Providers: every fastcnn backend that runs on the device (fastcnn[cpu], fastcnn[cuda],
 fastcnn[triton]); on CUDA also fastcnn[cuda,cl-rows], the channels_last cases with
@@ -70,10 +71,19 @@ MOBILENET_V1 = (
     ("mbv1-dw12", 512, 14, 2, 1),
     ("mbv1-dw13", 1024, 7, 1, 1),
 )
-# The report's geometric mean over the MobileNet v1 layers, one per batch size, each layer counted
-# as often as the network has it.
+# MobileNet v3-Large's 5x5 depthwise layers (Howard et al. 2019, Table 1, 224x224 input; the
+# expanded channels): (name, C, H = W, stride, how many). EfficientNet and MnasNet have the same
+# kind.
+MOBILENET_V3_5X5 = (
+    ("mbv3-k5-1", 72, 56, 2, 1),
+    ("mbv3-k5-2", 120, 28, 1, 2),
+    ("mbv3-k5-3", 672, 14, 2, 1),
+    ("mbv3-k5-4", 960, 7, 1, 2),
+)
+# The report's geometric means over the MobileNet v1 layers and MobileNet v3's 5x5 ones, one per
+# batch size, each layer counted as often as the network has it.
 SUMMARY = Summary(
-    groups={"mbv1": ("mbv1-*",)},
+    groups={"mbv1": ("mbv1-*",), "mbv3 5x5": ("mbv3-k5-*",)},
     note="Geometric means over a model's layers (each layer counted as often as the model has it):",
     column="model",
     by_batch=True,
@@ -92,9 +102,10 @@ def shapes(quick: bool = False, batches: Optional[Sequence[int]] = None):
     if batches is None:
         batches = (1,) if quick else BATCHES
     cases = [
-        Shape(f"{name}", n, c, hw, hw, 3, stride, False, repeat)
+        Shape(f"{name}", n, c, hw, hw, k, stride, False, repeat)
+        for k, layers in ((3, MOBILENET_V1), (5, MOBILENET_V3_5X5))
         for n in batches
-        for name, c, hw, stride, repeat in MOBILENET_V1
+        for name, c, hw, stride, repeat in layers
     ]
     cases += [
         Shape(name, LARGE_N, LARGE_C, LARGE_HW, LARGE_HW, k, 1, bias)
