@@ -11,7 +11,7 @@ from fastcnn.models.mobilenet import count_mult_adds
 
 def test_cases_and_registration():
     assert bench_cases.get("models") is models and models.OP == "models"
-    mobilenets = ["mobilenet_v1"] + (["tv_mobilenet_v2"] if models._has_torchvision() else [])
+    mobilenets = ["mobilenet_v1"] + (["tv_mobilenet_v2", "tv_mobilenet_v3_large"] if models._has_torchvision() else [])
     assert [(s.name, s.n, s.label) for s in models.shapes()] == [
         (name, n, f"{n}x3x224x224") for name in mobilenets for n in (1, 8)] + [("stn_mnist", 64, "64x1x28x28")]
     assert [(s.name, s.n) for s in models.shapes(quick=True)] == [(name, 1) for name in mobilenets] + [("stn_mnist", 64)]
@@ -63,31 +63,33 @@ def test_cost_counts_the_models_multiply_adds():
         models.cost(shape, "backward", 4)
 
 
-def test_torchvision_mobilenet_v2_runs_converted():
+@pytest.mark.parametrize("name, depthwise, five_by_five", [("tv_mobilenet_v2", 17, 0), ("tv_mobilenet_v3_large", 15, 6)])
+def test_torchvision_mobilenets_run_converted(name, depthwise, five_by_five):
     pytest.importorskip("torchvision")
-    model = models._model("tv_mobilenet_v2", torch.float32, torch.device("cpu"), False)
-    assert sum(isinstance(m, fastcnn.nn.DepthwiseConv2d) for m in model.modules()) == 17
-    logits = models.run(torch.randn(2, 3, 64, 64), "tv_mobilenet_v2")
+    model = models._model(name, torch.float32, torch.device("cpu"), False)
+    layers = [m for m in model.modules() if isinstance(m, fastcnn.nn.DepthwiseConv2d)]
+    assert len(layers) == depthwise and sum(m.kernel_size == (5, 5) for m in layers) == five_by_five
+    logits = models.run(torch.randn(2, 3, 64, 64), name)
     assert logits.shape == (2, 1000) and 1e-3 < float(logits.std()) < 1e3
 
 
 def test_run_op_races_the_backends_on_the_same_model():
     shapes = [models.Shape("mobilenet_v1", 1, 3, 64, 64), models.Shape("stn_mnist", 4, 1, 28, 28)]
     if models._has_torchvision():
-        shapes.insert(1, models.Shape("tv_mobilenet_v2", 1, 3, 64, 64))
+        shapes[1:1] = [models.Shape(name, 1, 3, 64, 64) for name in models._TORCHVISION]
     rows = benchmarking.run_op(models, shapes=shapes, rounds=2, min_time=0.0, providers=["fastcnn[cpu]", "torch"])
     assert {(r["case"], r["layout"], r["mode"], r["provider"]) for r in rows} == {
         (s.name, layout, mode, p) for s in shapes for layout in models.LAYOUTS for mode in models.MODES
         for p in ("fastcnn[cpu]", "torch")}
     assert all(r["error"] is None for r in rows)
     # The same function of the same weights: fastcnn's layers agree with the stock ones they replace.
-    # MobileNet v2's channels_last input gradient differs from the NCHW reference by up to 1e-2
-    # relative under PyTorch's own layers too (rounding of another summation order, amplified by
+    # torchvision's MobileNets' channels_last input gradients differ from the NCHW reference by up
+    # to 1e-2 relative under PyTorch's own layers too (rounding of another summation order, amplified by
     # the network at random weights): there fastcnn must do as well as the stock layers.
     stock = {(r["case"], r["layout"], r["mode"]): r["max_rel_error"] for r in rows if r["provider"] == "torch"}
 
     def allowed(r):
-        if r["case"] != "tv_mobilenet_v2":
+        if r["case"] not in models._TORCHVISION:
             return 1e-4
         return max(1e-4, 2 * stock[(r["case"], r["layout"], r["mode"])])
 

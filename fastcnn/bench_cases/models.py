@@ -6,6 +6,8 @@ benchmarks time one layer.
     tv_mobilenet_v2  torchvision's MobileNet v2 (Sandler et al. 2018), 1000 classes, passed through
                   fastcnn.nn.convert (its 17 depthwise convolutions), at the same batches; left out
                   where torchvision is not installed
+    tv_mobilenet_v3_large  torchvision's MobileNet v3-Large (Howard et al. 2019) the same way (15
+                  depthwise convolutions, six of them 5x5)
     stn_mnist     the STN classifier of examples/stn_digits.py (Jaderberg et al. 2015), 64 x 1 x 28 x 28
 
 forward is inference (no autograd graph); forward+backward is a training step's compute (gradients
@@ -87,6 +89,14 @@ def _torchvision_mobilenet_v2():
     return convert(torchvision.models.mobilenet_v2())
 
 
+def _torchvision_mobilenet_v3_large():
+    import torchvision
+
+    from ..nn import convert
+
+    return convert(torchvision.models.mobilenet_v3_large())
+
+
 def _has_torchvision() -> bool:
     try:
         import torchvision  # noqa: F401
@@ -95,9 +105,12 @@ def _has_torchvision() -> bool:
     return True
 
 
-_BUILDERS = {"mobilenet_v1": _mobilenet_v1, "tv_mobilenet_v2": _torchvision_mobilenet_v2, "stn_mnist": _stn_mnist}
-_CLASSES = {"mobilenet_v1": 1000, "tv_mobilenet_v2": 1000, "stn_mnist": 10}
-_IMAGES = {"mobilenet_v1": (3, 224, 224), "tv_mobilenet_v2": (3, 224, 224), "stn_mnist": (1, 28, 28)}
+_BUILDERS = {"mobilenet_v1": _mobilenet_v1, "tv_mobilenet_v2": _torchvision_mobilenet_v2,
+             "tv_mobilenet_v3_large": _torchvision_mobilenet_v3_large, "stn_mnist": _stn_mnist}
+_TORCHVISION = ("tv_mobilenet_v2", "tv_mobilenet_v3_large")
+_CLASSES = {"mobilenet_v1": 1000, "tv_mobilenet_v2": 1000, "tv_mobilenet_v3_large": 1000, "stn_mnist": 10}
+_IMAGES = {"mobilenet_v1": (3, 224, 224), "tv_mobilenet_v2": (3, 224, 224), "tv_mobilenet_v3_large": (3, 224, 224),
+           "stn_mnist": (1, 28, 28)}
 CALIBRATION_BATCH = 4
 _MODELS = {}
 
@@ -143,7 +156,7 @@ def shapes(quick: bool = False, batches: Optional[Sequence[int]] = None):
     """`batches` replaces the MobileNets' batch sizes; the STN classifier stays at its 64."""
     if batches is None:
         batches = (1,) if quick else MOBILENET_BATCHES
-    mobilenets = ["mobilenet_v1"] + (["tv_mobilenet_v2"] if _has_torchvision() else [])
+    mobilenets = ["mobilenet_v1"] + (list(_TORCHVISION) if _has_torchvision() else [])
     return [Shape(name, n, 3, 224, 224) for name in mobilenets for n in batches] + [Shape("stn_mnist", 64, 1, 28, 28)]
 
 
