@@ -289,6 +289,7 @@ ROLLED_5X5_CASES = [
     (1, 2, 2, 3, 2, 2),  # one output row: the shortest stride-2 walk
     (1, 2, 33, 34, 2, (1, 2, 1, 2)),  # TF-style "same" padding, 17 outputs a row
     (1, 2, 18, 18, 2, 0),  # no padding: a band of 7
+    (1, 2, 20, 23, 2, 3),  # padding past the window's centre: the input gradient's far copy reads left of the map
 ]
 
 
