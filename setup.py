@@ -42,6 +42,7 @@ def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "ops", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "ops", "cpu", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "ops", "cpu", "*", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "ops", "autograd", "*.cpp")))
     cxx_flags = ["-O3", "-fopenmp"]  # torch picks the C++ standard its headers need
     define_macros = [("FASTCNN_BUILD_CUDA", "1" if with_cuda else "0")]

@@ -1,6 +1,7 @@
-// Depthwise convolution on NCHW fp32 planes at unit stride, read in place with AVX-512 masked
-// loads (csrc/ops/cpu/depthwise_conv2d_avx512.cpp). Plain types only: this header is shared by a
-// translation unit compiled for AVX-512 and one that is not.
+// Depthwise convolution on NCHW fp32 planes and channels_last rows, read in place with AVX-512
+// masked loads (the kernels in csrc/ops/cpu/depthwise_avx512/, dispatched by
+// depthwise_conv2d_avx512.cpp). Plain types only: this header is shared by translation units
+// compiled for AVX-512 and one that is not.
 #pragma once
 
 #include <cstdint>

@@ -18,8 +18,8 @@
 //   in a fixed order. At unit stride the input gradient is a forward pass with the flipped kernel.
 // - Hot loops are compiled for x86-64-v4, v3 and a baseline, picked at load time by GCC's
 //   target_clones, with 32-byte GCC vectors (native on AVX2 and AVX-512).
-// - On CPUs with AVX-512, fp32 takes depthwise_conv2d_avx512.cpp instead where it applies: NCHW
-//   3x3/5x5 at stride 1 and 2 (planes read in place, no tiles); channels_last forward and input
+// - On CPUs with AVX-512, fp32 takes the kernels of depthwise_avx512/ instead where they apply:
+//   NCHW 3x3/5x5 at stride 1 and 2 (planes read in place, no tiles); channels_last forward and input
 //   gradient of any window, weight gradient of 3x3/5x5. bf16 and fp16 take the same kernels:
 //   NCHW planes widened to fp32 copies a plane at a time, channels_last rows read as they are
 //   (widened in registers); each result is rounded once.

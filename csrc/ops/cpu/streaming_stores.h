@@ -12,7 +12,7 @@
 // The streaming stores must interleave with the kernel's loads, and fill whole lines close
 // together: the AVX-512 depthwise kernels stream each channels_last vector (a whole line) as they
 // make it, and copy each NCHW block of rows out of a stage buffer right after making it (see
-// stream_rows in depthwise_conv2d_avx512.cpp for what did not work).
+// stream_rows in depthwise_avx512/common.h for what did not work).
 #pragma once
 
 #include <cstdint>

@@ -1,0 +1,132 @@
+// What the AVX-512 depthwise kernels (the .cpp files of this folder) share: the target options,
+// lane masks, the stage buffer for streamed rows, the 16-bit element types of the channels_last
+// rows, and the band sizes of the rolled walks. Included only by this folder's translation units,
+// first. Everything is in an anonymous namespace: each unit gets its own copy, compiled for
+// AVX-512, so the linker can never hand one of these inline functions to code that runs on a CPU
+// without it (see depthwise_conv2d_avx512.cpp).
+#pragma once
+
+#include "ops/cpu/depthwise_conv2d_avx512.h"
+
+#if FASTCNN_AVX512_PLANES
+// AVX-512BW/VL for the masked 16-bit loads and stores of bf16/fp16 rows (every AVX-512 CPU but
+// the Xeon Phi has them; enabled() checks).
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+#include <immintrin.h>
+// GCC 12 warns that _mm512_permutexvar_ps's placeholder operand (_mm512_undefined_ps) may be
+// uninitialised, and _mm512_cvtepi32_epi16's and _mm512_cvtps_ph's that it is: they are unused
+// (every lane is written).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+namespace fastcnn {
+namespace depthwise {
+namespace avx512 {
+namespace {
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+template <bool V>
+struct BoolConstant {
+  static constexpr bool value = V;
+};
+
+// Lanes l with lo <= l < hi (clamped to the vector).
+inline __mmask16 lane_range(int64_t lo, int64_t hi) {
+  lo = lo < 0 ? 0 : lo;
+  hi = hi > kLanes ? kLanes : hi;
+  if (hi <= lo) return 0;
+  return static_cast<__mmask16>(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+}
+
+// The lanes of output columns x0..x0+15 whose tap at input column offset `column` (the input
+// column of lane 0) is inside the input row and whose output column exists.
+inline __mmask16 tap_lanes_mask(int64_t x0, int64_t column, const PlaneGeometry& g) {
+  return lane_range(-column, min64(g.in_w - column, g.out_w - x0));
+}
+
+inline bool row_inside(int64_t iy, int64_t h) { return iy >= 0 && iy < h; }
+
+// Streaming stores (see ops/cpu/streaming_stores.h) for output planes with dense rows: a kernel
+// writes a block of rows into a stage buffer in cache and stream_rows copies it out right away.
+// Streaming each vector as the kernel made it was 1.5x faster on 112-wide rows, whose vectors are
+// whole lines, but 1.3-3x slower on 56- and 28-wide rows: a vector across two lines left both
+// half-written until the next column chunk, and the write-combining buffers flushed them partly
+// filled. Streaming a whole plane after it was made gained nothing: a burst of 50 KB of streaming
+// stores stalls the loads behind it.
+constexpr int64_t kStageFloats = 8192;
+
+// Whether a plane's output can be staged: dense rows of at most kStageFloats / rows_per_block.
+inline bool stageable(const PlaneGeometry& g, int64_t rows_per_block, int64_t out_row_stride, int64_t out_w) {
+  return g.stream_output && out_row_stride == out_w && out_w * rows_per_block <= kStageFloats;
+}
+
+// A channels_last output vector: streamed when the image is (every vector a whole line, see
+// ImageGeometry::stream_output), else a masked store.
+inline void store_channels(float* dst, __mmask16 lanes, __m512 v, bool stream) {
+  if (stream)
+    _mm512_stream_ps(dst, v);
+  else
+    _mm512_mask_storeu_ps(dst, lanes, v);
+}
+
+// The 16-bit floats the channels_last row kernels read and write natively (their bits; plain
+// structs so that the two are different types): each vector is widened to fp32 in registers as it
+// is loaded and rounded to nearest even as it is stored, so a row is the fp32 kernel's row on the
+// widened input, rounded once.
+struct Bf16 {
+  uint16_t bits;
+};
+struct Fp16 {
+  uint16_t bits;
+};
+
+inline __m512 load_channels(__mmask16 lanes, const float* src) { return _mm512_maskz_loadu_ps(lanes, src); }
+inline __m512 load_channels(__mmask16 lanes, const Bf16* src) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, src));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline __m512 load_channels(__mmask16 lanes, const Fp16* src) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, src));
+}
+
+// bf16's rounding of float_to_bf16 (NaN to 0x7FC0), in registers.
+inline __m256i round_to_bf16(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(rounded);
+}
+
+// 16-bit rows are never streamed (ImageGeometry::stream_output is for fp32 lines).
+inline void store_channels(Bf16* dst, __mmask16 lanes, __m512 v, bool) {
+  _mm256_mask_storeu_epi16(dst, lanes, round_to_bf16(v));
+}
+inline void store_channels(Fp16* dst, __mmask16 lanes, __m512 v, bool) {
+  _mm256_mask_storeu_epi16(dst, lanes, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// dst[0, count) = src[0, count): streaming stores for dst's whole lines, plain masked stores for
+// the partial lines at either end.
+inline void stream_rows(const float* src, float* dst, int64_t count) {
+  const int64_t head = min64(count, static_cast<int64_t>((64 - reinterpret_cast<uintptr_t>(dst) % 64) % 64 / 4));
+  if (head > 0) _mm512_mask_storeu_ps(dst, lane_range(0, head), _mm512_maskz_loadu_ps(lane_range(0, head), src));
+  int64_t i = head;
+  for (; i + kLanes <= count; i += kLanes) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+  if (i < count) _mm512_mask_storeu_ps(dst + i, lane_range(0, count - i), _mm512_maskz_loadu_ps(lane_range(0, count - i), src + i));
+}
+
+// Output rows a band of the rolled walks holds: unit stride (see forward_plane_rows3 in
+// planes_rolled3.cpp) and stride 2 (see the stride-2 walks there).
+constexpr int64_t kRows3BandRows = 8;
+constexpr int64_t kStride2BandRows = 8;
+
+inline int64_t floor_half(int64_t v) { return v >= 0 ? v / 2 : -((-v + 1) / 2); }
+
+}  // namespace
+}  // namespace avx512
+}  // namespace depthwise
+}  // namespace fastcnn
+
+#endif  // FASTCNN_AVX512_PLANES
