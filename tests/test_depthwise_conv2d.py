@@ -290,6 +290,9 @@ ROLLED_5X5_CASES = [
     (1, 2, 33, 34, 2, (1, 2, 1, 2)),  # TF-style "same" padding, 17 outputs a row
     (1, 2, 18, 18, 2, 0),  # no padding: a band of 7
     (1, 2, 20, 23, 2, 3),  # padding past the window's centre: the input gradient's far copy reads left of the map
+    (3, 4, 13, 13, 2, 2),  # 13x13 -> 7x7: forward two planes to a vector, the taps past 16 columns zero
+    (2, 4, 14, 14, 2, (2, 1, 2, 1)),  # the same with the row filling all 16 columns from -pad_left
+    (2, 4, 15, 15, 2, (0, 3, 0, 3)),  # no left padding: a tap past 16 columns would read the other plane
 ]
 
 
@@ -470,8 +473,10 @@ def test_half_channels_last_backward_is_the_fp32_kernels_rounded_once(n, c, h, w
 @pytest.mark.parametrize(
     "n, c, h, w, k, stride, padding",
     [(2, 5, 9, 11, 3, 1, 1), (3, 4, 13, 10, 3, 2, 1), (2, 3, 12, 9, 5, 1, 2), (2, 3, 11, 12, 5, 2, 2),
-     (2, 6, 14, 14, 3, 2, 1), (2, 4, 7, 7, 3, 1, 1), (1, 1, 5, 6, 3, 1, 0), (3, 5, 4, 4, 3, 2, 4)],
-    ids=["3x3", "3x3-s2", "5x5", "5x5-s2", "14x14-s2-pairs", "7x7-flat", "c1-valid", "only-padding"],
+     (2, 6, 14, 14, 3, 2, 1), (2, 4, 14, 14, 5, 2, 2), (2, 4, 7, 7, 3, 1, 1), (1, 1, 5, 6, 3, 1, 0),
+     (3, 5, 4, 4, 3, 2, 4)],
+    ids=["3x3", "3x3-s2", "5x5", "5x5-s2", "14x14-s2-pairs", "14x14-5x5-s2-pairs", "7x7-flat", "c1-valid",
+         "only-padding"],
 )
 @pytest.mark.parametrize("rows", ["dense", "strided"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "fp16"])

@@ -74,8 +74,12 @@ namespace avx512 {
 
 bool pairs_planes(const PlaneGeometry& g) {
   if (g.stride == 1) return rolled3::pairs(g);
-  return g.stride == 2 && g.dilation_w == 1 && (g.kernel_h == 3 || g.kernel_h == 5) && g.kernel_w == g.kernel_h &&
-         g.out_w <= 8 && 2 * (g.out_w - 1) + g.kernel_w <= kLanes;
+  if (!(g.stride == 2 && g.dilation_w == 1 && (g.kernel_h == 3 || g.kernel_h == 5) && g.kernel_w == g.kernel_h &&
+        g.out_w <= 8))
+    return false;
+  // Every tap within 16 columns from -pad_left; or, for 5x5 windows (14x14 -> 7x7), the taps past
+  // them right of the row (zero: PairedColumns masks them).
+  return 2 * (g.out_w - 1) + g.kernel_w <= kLanes || (g.kernel_h == 5 && g.in_w + g.pad_left <= kLanes);
 }
 
 bool pairs_weight_grad_planes(const PlaneGeometry& g) { return pairs_planes(g) && g.kernel_h == 3; }
