@@ -217,6 +217,15 @@ struct TapSums5 {
     s23 = _mm512_loadu_ps(tap_lanes + 23 * kLanes);
     s24 = _mm512_loadu_ps(tap_lanes + 24 * kLanes);
   }
+  // Kernel row KY's five taps t[kx] against one grad_out row.
+  template <int KY>
+  inline __attribute__((always_inline)) void add(__m512 grad_row, const __m512* t) {
+    at<5 * KY + 0>() = _mm512_fmadd_ps(grad_row, t[0], at<5 * KY + 0>());
+    at<5 * KY + 1>() = _mm512_fmadd_ps(grad_row, t[1], at<5 * KY + 1>());
+    at<5 * KY + 2>() = _mm512_fmadd_ps(grad_row, t[2], at<5 * KY + 2>());
+    at<5 * KY + 3>() = _mm512_fmadd_ps(grad_row, t[3], at<5 * KY + 3>());
+    at<5 * KY + 4>() = _mm512_fmadd_ps(grad_row, t[4], at<5 * KY + 4>());
+  }
   void save(float* tap_lanes) const {
     _mm512_storeu_ps(tap_lanes + 0 * kLanes, s0);
     _mm512_storeu_ps(tap_lanes + 1 * kLanes, s1);
@@ -258,11 +267,6 @@ struct WeightGradRows5 {
   TapSums5 sums;
   __m512 bias;
 
-  template <int T>
-  inline __attribute__((always_inline)) void add_tap(__m512 grad_row, __m512 tap) {
-    sums.at<T>() = _mm512_fmadd_ps(grad_row, tap, sums.at<T>());
-  }
-
   template <int Lo, int Hi, int KY>
   inline __attribute__((always_inline)) void add_row(int64_t k, const __m512* t) {
     if constexpr (Lo <= KY && KY <= Hi) {
@@ -271,11 +275,7 @@ struct WeightGradRows5 {
         if (ahead) _mm_prefetch(reinterpret_cast<const char*>(grad + (k + ahead) * out_row_stride), _MM_HINT_T0);
         if (WithBias) bias = _mm512_add_ps(bias, grad_row);
       }
-      add_tap<5 * KY + 0>(grad_row, t[0]);
-      add_tap<5 * KY + 1>(grad_row, t[1]);
-      add_tap<5 * KY + 2>(grad_row, t[2]);
-      add_tap<5 * KY + 3>(grad_row, t[3]);
-      add_tap<5 * KY + 4>(grad_row, t[4]);
+      sums.add<KY>(grad_row, t);
     }
   }
 
@@ -370,6 +370,17 @@ struct Stride2Columns5 {
     taps[3] = _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(keep, odd_tail, odd_bits, 1));
     taps[4] = _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(keep, even_tail, even_bits, 2));
   }
+  // The taps of input row iy (zero outside the input) from `column` (column `base` of row 0),
+  // prefetching the row `ahead` rows further (both lines a chunk reads whole).
+  inline __attribute__((always_inline)) void row_taps(const float* column, int64_t iy, int64_t in_h,
+                                                      int64_t in_row_stride, int64_t ahead, __mmask16 keep,
+                                                      __m512* taps) const {
+    const bool inside = row_inside(iy, in_h);
+    const float* next = column + (iy + ahead) * in_row_stride;
+    _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(next + kLanes), _MM_HINT_T0);
+    load(column + (inside ? iy : 0) * in_row_stride, inside, keep, taps);
+  }
 };
 
 // The 2n + 3 input rows of n >= 1 output rows, k = 0 .. 2n + 2. Step<Even, Start, Middle, Last>
@@ -420,12 +431,8 @@ struct ForwardStride2Rows5 {
 
   template <bool Even, bool Start, bool Middle, bool Last>
   inline __attribute__((always_inline)) void step(int64_t k) {
-    const int64_t iy = first_row + k;
-    const bool inside = row_inside(iy, in_h);
-    _mm_prefetch(reinterpret_cast<const char*>(column + (iy + ahead) * in_row_stride), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(column + (iy + ahead) * in_row_stride + kLanes), _MM_HINT_T0);
     __m512 t[5];
-    cols.load(column + (inside ? iy : 0) * in_row_stride, inside, 0xFFFF, t);
+    cols.row_taps(column, first_row + k, in_h, in_row_stride, ahead, 0xFFFF, t);
     if constexpr (Even) {
       if constexpr (Last) _mm512_mask_storeu_ps(out + (k / 2 - 2) * out_row_stride, store, kernel_row_sum5<4>(w, t, previous));
       if constexpr (Middle) previous = kernel_row_sum5<2>(w, t, current);
@@ -485,21 +492,13 @@ struct WeightGradStride2Rows5 {
       _mm_prefetch(reinterpret_cast<const char*>(grad + (r + ahead / 2) * out_row_stride), _MM_HINT_T0);
       if (WithBias) bias = _mm512_add_ps(bias, grad_row);
     }
-    sums.at<5 * KY + 0>() = _mm512_fmadd_ps(grad_row, t[0], sums.at<5 * KY + 0>());
-    sums.at<5 * KY + 1>() = _mm512_fmadd_ps(grad_row, t[1], sums.at<5 * KY + 1>());
-    sums.at<5 * KY + 2>() = _mm512_fmadd_ps(grad_row, t[2], sums.at<5 * KY + 2>());
-    sums.at<5 * KY + 3>() = _mm512_fmadd_ps(grad_row, t[3], sums.at<5 * KY + 3>());
-    sums.at<5 * KY + 4>() = _mm512_fmadd_ps(grad_row, t[4], sums.at<5 * KY + 4>());
+    sums.add<KY>(grad_row, t);
   }
 
   template <bool Even, bool Start, bool Middle, bool Last>
   inline __attribute__((always_inline)) void step(int64_t k) {
-    const int64_t iy = first_row + k;
-    const bool inside = row_inside(iy, in_h);
-    _mm_prefetch(reinterpret_cast<const char*>(column + (iy + ahead) * in_row_stride), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(column + (iy + ahead) * in_row_stride + kLanes), _MM_HINT_T0);
     __m512 t[5];
-    cols.load(column + (inside ? iy : 0) * in_row_stride, inside, valid, t);
+    cols.row_taps(column, first_row + k, in_h, in_row_stride, ahead, valid, t);
     const int64_t m = k / 2;
     if constexpr (Even) {
       if constexpr (Start) add_row<0>(m, t);
