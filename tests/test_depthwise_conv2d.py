@@ -272,7 +272,9 @@ ROLLED_CASES = [
     (2, 3, 6, 5, 1, (0, 1, 2, 0)),  # a row and its left padding filling 7 of 8 lanes
 ]
 # 5x5 windows: at unit stride the rolled forward (and so the input gradient) and weight gradient,
-# bands of at least four rows; at stride 2 the rolled forward and weight gradient.
+# bands of at least four rows, and maps of at most 8 columns two planes to a vector (forward; the
+# block kernels' side of these runs the flat planes); at stride 2 the rolled forward and weight
+# gradient.
 ROLLED_5X5_CASES = [
     (2, 5, 14, 14, 1, 2),  # MobileNet v3's 14x14 layers: one vector a row
     (1, 3, 28, 28, 1, 2),  # two vectors a row, the second partial
@@ -293,6 +295,11 @@ ROLLED_5X5_CASES = [
     (3, 4, 13, 13, 2, 2),  # 13x13 -> 7x7: forward two planes to a vector, the taps past 16 columns zero
     (2, 4, 14, 14, 2, (2, 1, 2, 1)),  # the same with the row filling all 16 columns from -pad_left
     (2, 4, 15, 15, 2, (0, 3, 0, 3)),  # no left padding: a tap past 16 columns would read the other plane
+    (3, 5, 7, 7, 1, 2),  # 7x7 maps: the forward two planes to a vector, a channel left over
+    (2, 3, 8, 8, 1, 2),  # rows filling both halves' 8 lanes
+    (2, 4, 7, 7, 1, (2, 2, 0, 4)),  # no left padding: plane a's right taps would read plane b's row
+    (1, 3, 5, 8, 1, (0, 3, 4, 0)),  # left padding 4: plane b's left taps would read plane a's row
+    (2, 3, 6, 5, 1, (1, 2, 3, 0)),  # four output rows of four: the shortest paired walk
 ]
 
 
@@ -349,17 +356,20 @@ def test_weight_gradient_keeps_an_infinite_pixel_to_its_taps(case, layout, avx51
     torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-4, equal_nan=True)
 
 
-@pytest.mark.parametrize("stride, size", [(1, 14), (2, 14), (1, 7)])  # 7x7: planes paired or not
-def test_fp32_planes_do_not_depend_on_threads(stride, size):
-    """The weight gradient is summed in the same order whatever the split across threads."""
-    x, weight, b = _random_case(3, 9, size, size, 3, 3, torch.float32, "contiguous")
+# 7x7: planes paired or not (3x3 both ways; 5x5 the forward and so the input gradient)
+@pytest.mark.parametrize("stride, size, k", [(1, 14, 3), (2, 14, 3), (1, 7, 3), (1, 7, 5)])
+def test_fp32_planes_do_not_depend_on_threads(stride, size, k):
+    """The outputs and gradients are the same bits whatever the split of the planes across threads
+    (a thread's last plane may go unpaired; the weight gradient is summed in one order)."""
+    x, weight, b = _random_case(3, 9, size, size, k, k, torch.float32, "contiguous")
     grad = torch.randn(3, 9, size // stride, size // stride)
     threads = torch.get_num_threads()
     results = []
     try:
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            results.append(_grads(depthwise_conv2d(x, weight, b, stride, 1), (x, weight, b), grad))
+            out = depthwise_conv2d(x, weight, b, stride, k // 2)
+            results.append([out.detach()] + list(_grads(out, (x, weight, b), grad)))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:

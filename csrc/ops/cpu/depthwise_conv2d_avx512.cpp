@@ -32,7 +32,9 @@
 // - Planes of at most 64 outputs as wide as their input (7x7 maps at stride 1) are one flat array
 //   of 4 vectors: each tap a masked load at a fixed flat offset, the masks computed once per call.
 //   The row kernels spend 7 vectors on a 7x7 plane, 9 of 16 lanes idle (32x1024x7x7, one thread:
-//   forward 2.4 -> 1.3 ms, weight gradient 2.6 -> 1.5 ms).
+//   forward 2.4 -> 1.3 ms, weight gradient 2.6 -> 1.5 ms). Where two such planes share a vector
+//   in the rolled rows (3x3 windows; the 5x5 forward) the pairs run instead; the flat planes keep
+//   the 5x5 weight gradient.
 // - Windows of 25 taps and more at stride 1 (forward only) copy the plane into a zero-bordered
 //   buffer and run blocks of 4 output rows x 4 vectors, each input load feeding every output row
 //   of the block it reaches (8x128x56x56, 2 threads, against the 8-lane channel tiles: 7x7 1.5x,
@@ -73,7 +75,7 @@ namespace avx512 {
 #if FASTCNN_AVX512_PLANES
 
 bool pairs_planes(const PlaneGeometry& g) {
-  if (g.stride == 1) return rolled3::pairs(g);
+  if (g.stride == 1) return rolled3::pairs(g) || rolled5::pairs(g);
   if (!(g.stride == 2 && g.dilation_w == 1 && (g.kernel_h == 3 || g.kernel_h == 5) && g.kernel_w == g.kernel_h &&
         g.out_w <= 8))
     return false;
@@ -82,11 +84,15 @@ bool pairs_planes(const PlaneGeometry& g) {
   return 2 * (g.out_w - 1) + g.kernel_w <= kLanes || (g.kernel_h == 5 && g.in_w + g.pad_left <= kLanes);
 }
 
+// (5x5 windows: the forward only.)
 bool pairs_weight_grad_planes(const PlaneGeometry& g) { return pairs_planes(g) && g.kernel_h == 3; }
 
 void forward_plane_pair(const float* in_a, const float* in_b, const float* taps_a, const float* taps_b, float bias_a,
                         float bias_b, float* out_a, float* out_b, const PlaneGeometry& g) {
-  if (g.stride == 1) return rolled3::forward_pair(in_a, in_b, taps_a, taps_b, bias_a, bias_b, out_a, out_b, g);
+  if (g.stride == 1) {
+    if (g.kernel_h == 3) return rolled3::forward_pair(in_a, in_b, taps_a, taps_b, bias_a, bias_b, out_a, out_b, g);
+    return rolled5::forward_pair(in_a, in_b, taps_a, taps_b, bias_a, bias_b, out_a, out_b, g);
+  }
   block::forward_pair(in_a, in_b, taps_a, taps_b, bias_a, bias_b, out_a, out_b, g);
 }
 

@@ -58,7 +58,8 @@ void forward_plane(const float* in, const float* taps, float bias, float* out, c
 // Planes whose rows fit in half a vector: two planes at once, plane a in lanes 0-7 and plane b in
 // lanes 8-15. Stride 2 (14x14 -> 7x7 maps, where one plane's rows use 7 of 16 lanes): one
 // two-source permute serves both. Unit stride (3x3 windows, a row and its left padding in 8
-// lanes: 7x7 maps), with the rolled rows. Same results as forward_plane on each.
+// lanes: 7x7 maps; 5x5 windows on rows of at most 8 columns), with the rolled rows. Same results
+// as forward_plane on each.
 bool pairs_planes(const PlaneGeometry& g);
 void forward_plane_pair(const float* in_a, const float* in_b, const float* taps_a, const float* taps_b, float bias_a,
                         float bias_b, float* out_a, float* out_b, const PlaneGeometry& g);

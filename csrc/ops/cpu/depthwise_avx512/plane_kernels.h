@@ -33,8 +33,11 @@ void grad_input_stride2(const float* grad_out, const float* taps, float* grad_in
 namespace rolled5 {
 bool rolls(const PlaneGeometry& g);          // stride 1, at least four output rows
 bool rolls_stride2(const PlaneGeometry& g);  // stride 2 (forward, both gradients; any padding)
+bool pairs(const PlaneGeometry& g);          // stride 1, forward two planes to a vector (7x7 maps)
 void forward(const float* in, const float* taps, float bias, float* out, const PlaneGeometry& g);
 void weight_grad(const float* grad_out, const float* in, float* tap_lanes, float* bias_lanes, const PlaneGeometry& g);
+void forward_pair(const float* in_a, const float* in_b, const float* taps_a, const float* taps_b, float bias_a,
+                  float bias_b, float* out_a, float* out_b, const PlaneGeometry& g);
 void forward_stride2(const float* in, const float* taps, float bias, float* out, const PlaneGeometry& g);
 void weight_grad_stride2(const float* grad_out, const float* in, float* tap_lanes, float* bias_lanes,
                          const PlaneGeometry& g);
