@@ -292,7 +292,7 @@ ROLLED_5X5_CASES = [
     (1, 2, 33, 34, 2, (1, 2, 1, 2)),  # TF-style "same" padding, 17 outputs a row
     (1, 2, 18, 18, 2, 0),  # no padding: a band of 7
     (1, 2, 20, 23, 2, 3),  # padding past the window's centre: the input gradient's far copy reads left of the map
-    (3, 4, 13, 13, 2, 2),  # 13x13 -> 7x7: forward two planes to a vector, the taps past 16 columns zero
+    (3, 4, 13, 13, 2, 2),  # 13x13 -> 7x7: two planes to a vector (forward, weight gradient), taps past 16 columns zero
     (2, 4, 14, 14, 2, (2, 1, 2, 1)),  # the same with the row filling all 16 columns from -pad_left
     (2, 4, 15, 15, 2, (0, 3, 0, 3)),  # no left padding: a tap past 16 columns would read the other plane
     (3, 5, 7, 7, 1, 2),  # 7x7 maps: the forward two planes to a vector, a channel left over
@@ -356,8 +356,9 @@ def test_weight_gradient_keeps_an_infinite_pixel_to_its_taps(case, layout, avx51
     torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-4, equal_nan=True)
 
 
-# 7x7: planes paired or not (3x3 both ways; 5x5 the forward and so the input gradient)
-@pytest.mark.parametrize("stride, size, k", [(1, 14, 3), (2, 14, 3), (1, 7, 3), (1, 7, 5)])
+# Maps of rows of at most 8 outputs: planes paired or not (3x3 both ways; 5x5 at stride 1 the
+# forward and so the input gradient, at stride 2 the forward and the weight gradient)
+@pytest.mark.parametrize("stride, size, k", [(1, 14, 3), (2, 14, 3), (1, 7, 3), (1, 7, 5), (2, 14, 5)])
 def test_fp32_planes_do_not_depend_on_threads(stride, size, k):
     """The outputs and gradients are the same bits whatever the split of the planes across threads
     (a thread's last plane may go unpaired; the weight gradient is summed in one order)."""

@@ -84,8 +84,11 @@ bool pairs_planes(const PlaneGeometry& g) {
   return 2 * (g.out_w - 1) + g.kernel_w <= kLanes || (g.kernel_h == 5 && g.in_w + g.pad_left <= kLanes);
 }
 
-// (5x5 windows: the forward only.)
-bool pairs_weight_grad_planes(const PlaneGeometry& g) { return pairs_planes(g) && g.kernel_h == 3; }
+// 5x5 windows: at stride 2 the rolled walk (so not under FASTCNN_DEPTHWISE_ROLLED=0); at unit
+// stride the forward only, the flat planes keep their weight gradient.
+bool pairs_weight_grad_planes(const PlaneGeometry& g) {
+  return pairs_planes(g) && (g.kernel_h == 3 || (g.stride == 2 && g.rolled_rows));
+}
 
 void forward_plane_pair(const float* in_a, const float* in_b, const float* taps_a, const float* taps_b, float bias_a,
                         float bias_b, float* out_a, float* out_b, const PlaneGeometry& g) {
@@ -102,6 +105,9 @@ void weight_grad_plane_pair(const float* grad_out_a, const float* grad_out_b, co
   if (g.stride == 1)
     return rolled3::weight_grad_pair(grad_out_a, grad_out_b, in_a, in_b, tap_lanes_a, tap_lanes_b, bias_lanes_a,
                                      bias_lanes_b, g);
+  if (g.kernel_h == 5)
+    return rolled5::weight_grad_pair_stride2(grad_out_a, grad_out_b, in_a, in_b, tap_lanes_a, tap_lanes_b,
+                                             bias_lanes_a, bias_lanes_b, g);
   block::weight_grad_pair(grad_out_a, grad_out_b, in_a, in_b, tap_lanes_a, tap_lanes_b, bias_lanes_a,
                                   bias_lanes_b, g);
 }

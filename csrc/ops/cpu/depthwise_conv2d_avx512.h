@@ -63,10 +63,10 @@ void forward_plane(const float* in, const float* taps, float bias, float* out, c
 bool pairs_planes(const PlaneGeometry& g);
 void forward_plane_pair(const float* in_a, const float* in_b, const float* taps_a, const float* taps_b, float bias_a,
                         float bias_b, float* out_a, float* out_b, const PlaneGeometry& g);
-// The weight gradient the same way (3x3 windows): plane a's partial sums go to lanes 0-7 of its
-// tap_lanes, plane b's to lanes 8-15 of its own, each lane's sum in the order weight_grad_plane
-// adds it (the same bits whichever way a channel is paired; at unit stride the unpaired planes
-// must take weight_grad_plane, not the flat planes).
+// The weight gradient the same way (3x3 windows, and 5x5 at stride 2): plane a's partial sums go
+// to lanes 0-7 of its tap_lanes, plane b's to lanes 8-15 of its own, each lane's sum in the order
+// weight_grad_plane adds it (the same bits whichever way a channel is paired; at unit stride the
+// unpaired planes must take weight_grad_plane, not the flat planes).
 bool pairs_weight_grad_planes(const PlaneGeometry& g);
 void weight_grad_plane_pair(const float* grad_out_a, const float* grad_out_b, const float* in_a, const float* in_b,
                             float* tap_lanes_a, float* tap_lanes_b, float* bias_lanes_a, float* bias_lanes_b,

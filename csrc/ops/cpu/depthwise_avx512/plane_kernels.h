@@ -41,6 +41,10 @@ void forward_pair(const float* in_a, const float* in_b, const float* taps_a, con
 void forward_stride2(const float* in, const float* taps, float bias, float* out, const PlaneGeometry& g);
 void weight_grad_stride2(const float* grad_out, const float* in, float* tap_lanes, float* bias_lanes,
                          const PlaneGeometry& g);
+// Two stride-2 planes at once where pairs_planes (14x14 -> 7x7).
+void weight_grad_pair_stride2(const float* grad_out_a, const float* grad_out_b, const float* in_a, const float* in_b,
+                              float* tap_lanes_a, float* tap_lanes_b, float* bias_lanes_a, float* bias_lanes_b,
+                              const PlaneGeometry& g);
 void grad_input_stride2(const float* grad_out, const float* taps, float* grad_in, const PlaneGeometry& g);
 }  // namespace rolled5
 

@@ -250,42 +250,6 @@ void grad_input_plane_stride2_fixed(const float* go, const float* taps, float* g
 
 namespace {
 
-// The columns of two planes' stride-2 rows (see pairs_planes): 16 input columns from -pad_left
-// of each plane hold every tap of its output row that lies in the row, and tap(kx) puts plane a's
-// column 2l + kx - pad_left in lane l < 8 and plane b's 2(l - 8) + kx - pad_left in lane l >= 8
-// (elements 2l + kx of the first source and 16 + 2(l - 8) + kx of the second); zero outside the
-// input and past the output row. 5x5 windows on 14x14 maps (-> 7x7) reach one element past a
-// plane's 16 (right of its row: masked to zero); paired, their forward ran 1.57x faster in L2
-// (232 against 365 cycles a plane) and 1.13-1.41x in process (32, 8 and 1 x672x14x14).
-// (Member functions, as Columns: GCC unrolls them.)
-template <int KW>
-struct PairedColumns {
-  __mmask16 in_row, half, valid[KW];
-  int64_t base;
-  __m512i index[KW];
-
-  explicit PairedColumns(const PlaneGeometry& g)
-      : in_row(lane_range(g.pad_left, g.in_w + g.pad_left)), half(lane_range(0, g.out_w)), base(-g.pad_left) {
-    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    for (int kx = 0; kx < KW; ++kx) {
-      index[kx] = _mm512_add_epi32(even, _mm512_set1_epi32(kx));
-      // A tap past a plane's 16 loaded columns lies right of its row (see pairs_planes): zero.
-      const __mmask16 inside = static_cast<__mmask16>(half & lane_range(0, (16 - kx + 1) / 2));
-      valid[kx] = static_cast<__mmask16>(inside | (inside << 8));
-    }
-  }
-
-  // Input row iy of both planes, zeros where it lies outside the input.
-  void load_row(const float* in_a, const float* in_b, int64_t iy, const PlaneGeometry& g, __m512* a, __m512* b) const {
-    const bool inside = row_inside(iy, g.in_h);
-    const int64_t offset = (inside ? iy : 0) * g.in_row_stride + base;
-    *a = _mm512_maskz_loadu_ps(inside ? in_row : 0, in_a + offset);
-    *b = _mm512_maskz_loadu_ps(inside ? in_row : 0, in_b + offset);
-  }
-
-  __m512 tap(int kx, __m512 a, __m512 b) const { return _mm512_maskz_permutex2var_ps(valid[kx], a, index[kx], b); }
-};
-
 // Input row j of the block feeds output row r through kernel row j - 2r.
 template <int KH, int KW>
 void forward_pair_stride2(const float* in_a, const float* in_b, const float* taps_a, const float* taps_b,
