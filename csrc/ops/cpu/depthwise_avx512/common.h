@@ -124,6 +124,13 @@ constexpr int64_t kStride2BandRows = 8;
 
 inline int64_t floor_half(int64_t v) { return v >= 0 ? v / 2 : -((-v + 1) / 2); }
 
+// Lane l holds l (permute indices of one vector).
+inline __m512i lane_indices() { return _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
+// Lane l holds 2l: a two-source permute by it takes the even elements of its 32.
+inline __m512i even_lanes() {
+  return _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+}
+
 // The columns of two planes' stride-2 rows (see pairs_planes): 16 input columns from -pad_left
 // of each plane hold every tap of its output row that lies in the row, and tap(kx) puts plane a's
 // column 2l + kx - pad_left in lane l < 8 and plane b's 2(l - 8) + kx - pad_left in lane l >= 8
@@ -141,7 +148,7 @@ struct PairedColumns {
 
   explicit PairedColumns(const PlaneGeometry& g)
       : in_row(lane_range(g.pad_left, g.in_w + g.pad_left)), half(lane_range(0, g.out_w)), base(-g.pad_left) {
-    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i even = even_lanes();
     for (int kx = 0; kx < KW; ++kx) {
       index[kx] = _mm512_add_epi32(even, _mm512_set1_epi32(kx));
       // A tap past a plane's 16 loaded columns lies right of its row (see pairs_planes): zero.

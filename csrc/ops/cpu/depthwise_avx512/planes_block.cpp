@@ -54,7 +54,7 @@ struct Columns<2, KW> {
     const int p = kx / 2;
     const __m512 lo = _mm512_maskz_loadu_ps(inside ? low[p] : 0, row + 2 * p);
     const __m512 hi = _mm512_maskz_loadu_ps(inside ? high[p] : 0, row + 2 * p + kLanes);
-    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i even = even_lanes();
     // Columns past the output row are real pixels: zeroed (an inf there would make a NaN of the
     // weight gradient's zero).
     return _mm512_maskz_permutex2var_ps(valid, lo, kx % 2 ? _mm512_add_epi32(even, _mm512_set1_epi32(1)) : even, hi);
@@ -208,7 +208,7 @@ void grad_input_plane_stride2_fixed(const float* go, const float* taps, float* g
   constexpr int64_t kBandRows = 8;
   __m512 w[KH * KW];
   for (int t = 0; t < KH * KW; ++t) w[t] = _mm512_set1_ps(taps[t]);
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i lane = lane_indices();
   alignas(64) float stage[kStageFloats];
   const bool staged = stageable(g, kBandRows, g.in_row_stride, g.in_w);
   for (int64_t iy0 = 0; iy0 < g.in_h; iy0 += kBandRows) {

@@ -362,7 +362,7 @@ struct Stride2Columns {
   // Keep (see Rows3Columns::load).
   template <bool Keep>
   void load(const float* row, bool inside, __mmask16 keep, __m512* taps) const {
-    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i even = even_lanes();
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     const __m512 a = _mm512_maskz_loadu_ps(inside ? low : 0, row);
     const __m512 b = _mm512_maskz_loadu_ps(inside ? high : 0, row + kLanes);

@@ -374,7 +374,7 @@ struct PairedColumns5 {
         inside_a(lane_range(0, g.in_w)),
         inside_b(static_cast<__mmask16>(lane_range(0, g.in_w) << 8)) {
     // In registers: a scalar loop over the lanes here cost more than the walk of a 7x7 pair.
-    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i lane = lane_indices();
     const __m512i half = _mm512_and_si512(lane, _mm512_set1_epi32(8));
     const __m512i local = _mm512_and_si512(lane, _mm512_set1_epi32(7));
     for (int kx = 0; kx < 5; ++kx) {
@@ -475,7 +475,7 @@ struct Stride2Columns5 {
   // taps[kx][l] = column base + 2l + kx, zero outside the input and outside `keep`.
   inline __attribute__((always_inline)) void load(const float* row, bool inside, __mmask16 keep,
                                                   __m512* taps) const {
-    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i even = even_lanes();
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     const __m512 a = _mm512_maskz_loadu_ps(inside ? low : 0, row);
     const __m512 b = _mm512_maskz_loadu_ps(inside ? high : 0, row + kLanes);
