@@ -331,6 +331,48 @@ def test_rolled_rows_are_the_block_kernels(case, k, layout, monkeypatch):
     torch.testing.assert_close(rolled[3], block[3], rtol=1e-5, atol=1e-5 * (block[3].abs().max().item() + 1))
 
 
+# Unit-stride NCHW windows of 25 taps and more (the zero-bordered planes): undilated columns of
+# blocks take blocks of rows without tests in their loops (7x7 windows unrolled whole), against
+# the blocks with tests they replace (FASTCNN_DEPTHWISE_ROLLED=0): forward and input gradient
+# (a forward of grad_output) bit for bit. (N, C, H, W, k, padding, dilation)
+BORDERED_CASES = [
+    (2, 3, 14, 14, 7, 3, 1),  # ConvNeXt's 14x14 maps: a plane in one block of 14 rows of a vector
+    (1, 2, 17, 15, 7, 3, 1),  # 17 rows: the second block of 14 moved up to end at the last row
+    (1, 2, 9, 20, 7, 3, 1),  # two vectors a row: blocks of 7 rows, the second overlapping
+    (1, 2, 5, 14, 7, 3, 1),  # five rows: blocks of 4
+    (1, 2, 3, 30, 7, 3, 1),  # three rows: the blocks with tests
+    (1, 2, 13, 40, 7, 3, 1),  # three vectors: blocks of 4
+    (1, 2, 10, 70, 7, 3, 1),  # a chunk of four vectors, then one of 6 columns
+    (1, 2, 20, 20, 7, 0, 1),  # no padding: the copy starts inside the input
+    (1, 2, 13, 60, 9, 4, 1),  # a window known only at run time: blocks of 6 rows
+    (1, 2, 11, 30, 9, 4, 1),  # blocks of 7 rows of two vectors
+    (1, 2, 9, 40, (5, 7), (2, 3), 1),  # a window of 5 rows: blocks of 4
+    (1, 2, 12, 30, 7, (3, 6), (1, 2)),  # dilated along the rows only: run-time columns
+    (1, 2, 12, 30, 7, 6, 2),  # dilated: the blocks with tests on both sides
+    (1, 2, 20, 24, 31, 15, 1),  # RepLKNet's 31x31
+]
+
+
+@pytest.mark.parametrize("case", BORDERED_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-p{c[5]}-d{c[6]}")
+def test_bordered_blocks_are_the_tested_blocks(case, monkeypatch):
+    if not fastcnn.benchmarking.cpu_isa().get("avx512f"):
+        pytest.skip("the plane kernels need AVX-512")
+    n, c, h, w, k, padding, dilation = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(n, c, h, w, requires_grad=True)
+    weight = torch.randn(c, 1, kh, kw, requires_grad=True)
+    b = torch.randn(c, requires_grad=True)
+    results = {}
+    for rolled in ("1", "0"):
+        monkeypatch.setenv("FASTCNN_DEPTHWISE_ROLLED", rolled)
+        _check_fp32_case((n, c, h, w, k, 1, padding, dilation), "contiguous")
+        torch.manual_seed(0)
+        out = depthwise_conv2d(x, weight, b, 1, padding, dilation)
+        results[rolled] = (out.detach(),) + _grads(out, (x, weight, b), torch.randn(out.shape))
+    new, tested = results["1"], results["0"]
+    assert torch.equal(new[0], tested[0]) and torch.equal(new[1], tested[1])
+
+
 # A pixel right of the last output's window is still read by the vector kernels (a tap of a lane
 # past the output row): its grad_output lane is zero, and zero times an inf there would turn a
 # finite weight gradient into a NaN. (H, W, stride, padding): the inf sits in the last column,

@@ -36,11 +36,13 @@
 //   in the rolled rows (3x3 windows; the 5x5 forward) the pairs run instead; the flat planes keep
 //   the 5x5 weight gradient.
 // - Windows of 25 taps and more at stride 1 (forward only) copy the plane into a zero-bordered
-//   buffer and run blocks of 4 output rows x 4 vectors, each input load feeding every output row
-//   of the block it reaches (8x128x56x56, 2 threads, against the 8-lane channel tiles: 7x7 1.5x,
-//   31x31 2.1x faster; 7x7 on 14x14 maps stays on the tiles). channels_last windows of 13x13 and
-//   more scatter 16 channels into such planes and gather the outputs back (31x31 1.3x faster
-//   than the sliding rows below).
+//   buffer and run blocks of output rows x up to 4 vectors, each input load feeding every output
+//   row of the block it reaches (8x128x56x56, 2 threads, against the 8-lane channel tiles: 7x7
+//   1.5x, 31x31 2.1x faster). Undilated windows unroll the block's rows so that no test is left
+//   in its loops, 7x7 windows its taps too (7x7 on 56x56 and 28x28 maps 1.3-1.8x faster again;
+//   14x14 maps, one block of 14 rows, left the tiles). channels_last windows of 13x13 and more
+//   scatter 16 channels into such planes and gather the outputs back (31x31 1.3x faster than the
+//   sliding rows below).
 //
 // channels_last: 16 channels are one vector, the image's own layout. A channel group of 4, 2 or 1
 // vectors and 2, 4 or 8 adjacent pixels keep 8 chains of multiply-adds in flight (one pixel at a

@@ -73,9 +73,10 @@ void weight_grad_plane_pair(const float* grad_out_a, const float* grad_out_b, co
                             const PlaneGeometry& g);
 
 // Unit-stride windows of 25 taps and more that the plane kernels leave out (7x7 to 31x31,
-// rectangular, dilated), on rows of 24 outputs and more: the plane is copied once into a
-// zero-bordered buffer, then blocks of 4 output rows x 4 vectors take every tap from it with plain
-// loads (the window's weights do not fit in registers), each load feeding every row it reaches.
+// rectangular, dilated), on rows of 24 outputs and more (7x7 windows: 14): the plane is copied
+// once into a zero-bordered buffer, then blocks of up to 4 vectors x 4 to 14 output rows take
+// every tap from it with plain loads (the window's weights do not fit in registers), each load
+// feeding every row it reaches.
 // `bordered` holds bordered_plane_floats(g) floats, zeroed by the caller once for a run of planes
 // of the same geometry (only the input's rectangle is written).
 bool supports_bordered(int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t out_w);

@@ -80,11 +80,13 @@ bool depthwise::avx512::supports(int64_t kernel_h, int64_t kernel_w, int64_t str
 }
 
 // Measured against the 8-lane channel tiles (2 threads, forward): 7x7 on 56x56 maps 1.5x faster,
-// 13x13 1.8x, 31x31 1.6x; but 7x7 on 14x14 maps 0.93x and on 7x7 0.66x (a row fills one vector
-// partly), 3x3 dilated or 1x7 on 56-112 wide maps 0.92-0.96x (few taps: the copy costs more).
+// 13x13 1.8x, 31x31 1.6x; 3x3 dilated or 1x7 on 56-112 wide maps 0.92-0.96x (few taps: the copy
+// costs more). 7x7 windows on 14x14 maps since they run as one block of 14 rows: 1.55x (8x384),
+// 1.74x (32x512); on 7x7 maps (7 of 16 lanes) 0.99-1.25x and still below PyTorch: tiles.
 bool depthwise::avx512::supports_bordered(int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
                                           int64_t out_w) {
-  return stride_h == 1 && stride_w == 1 && kernel_h * kernel_w >= 25 && out_w >= 24;
+  return stride_h == 1 && stride_w == 1 && kernel_h * kernel_w >= 25 &&
+         (out_w >= 24 || (kernel_h == 7 && kernel_w == 7 && out_w >= 14));
 }
 
 namespace {

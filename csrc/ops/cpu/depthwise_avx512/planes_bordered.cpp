@@ -70,6 +70,120 @@ inline void bordered_rows(const float* top, int64_t row_stride, const float* tap
   }
 }
 
+// The same block without a test in its loops, for undilated rows and windows of at least R rows.
+// Input row r of the block's span feeds output rows LO..HI (kernel row r - i for output row i),
+// fixed at compile time: the first R - 1 rows of the span reach fewer output rows, as do the
+// last R - 1; the rows between reach all R. `first_tap` is the index of kernel row r in taps.
+template <int K, int R, int B, int LO, int HI>
+inline __attribute__((always_inline)) void feed_rows(__m512 (&acc)[R][B], const float* row, const float* taps,
+                                                     int64_t first_tap, int64_t kernel_w, int64_t dilation_w) {
+  if constexpr (K > 0) kernel_w = K, dilation_w = 1;
+#pragma GCC unroll 8
+  for (int64_t kx = 0; kx < kernel_w; ++kx) {
+    __m512 v[B];
+#pragma GCC unroll 4
+    for (int b = 0; b < B; ++b) {
+      v[b] = _mm512_loadu_ps(row + kx * dilation_w + b * kLanes);
+      asm("" : "+v"(v[b]));
+    }
+#pragma GCC unroll 8
+    for (int i = LO; i <= HI; ++i) {
+      const __m512 w = _mm512_set1_ps(taps[first_tap - i * kernel_w + kx]);
+#pragma GCC unroll 4
+      for (int b = 0; b < B; ++b) acc[i][b] = _mm512_fmadd_ps(w, v[b], acc[i][b]);
+    }
+  }
+}
+
+// Span rows 0..r: the rows above the block's first full one.
+template <int K, int R, int B, int r>
+inline __attribute__((always_inline)) void feed_head(__m512 (&acc)[R][B], const float* top, int64_t row_stride,
+                                                     const float* taps, int64_t kernel_w, int64_t dilation_w) {
+  if constexpr (r > 0) feed_head<K, R, B, r - 1>(acc, top, row_stride, taps, kernel_w, dilation_w);
+  feed_rows<K, R, B, 0, r>(acc, top + r * row_stride, taps, r * kernel_w, kernel_w, dilation_w);
+}
+
+// Span rows kernel_h - 1 + j onwards: output rows j..R-1 still reach them.
+template <int K, int R, int B, int j>
+inline __attribute__((always_inline)) void feed_tail(__m512 (&acc)[R][B], const float* top, int64_t row_stride,
+                                                     const float* taps, int64_t kernel_h, int64_t kernel_w,
+                                                     int64_t dilation_w) {
+  const int64_t r = kernel_h - 1 + j;
+  feed_rows<K, R, B, j, R - 1>(acc, top + r * row_stride, taps, r * kernel_w, kernel_w, dilation_w);
+  if constexpr (j + 1 < R) feed_tail<K, R, B, j + 1>(acc, top, row_stride, taps, kernel_h, kernel_w, dilation_w);
+}
+
+// A window of K rows known at compile time: every span row r, output rows max(0, r - K + 1) to
+// min(R - 1, r), R may exceed K.
+template <int K, int R, int B, int r>
+inline __attribute__((always_inline)) void feed_span(__m512 (&acc)[R][B], const float* top, int64_t row_stride,
+                                                     const float* taps) {
+  constexpr int lo = r - K + 1 > 0 ? r - K + 1 : 0, hi = r < R - 1 ? r : R - 1;
+  feed_rows<K, R, B, lo, hi>(acc, top + r * row_stride, taps, r * K, K, 1);
+  if constexpr (r + 1 < R + K - 1) feed_span<K, R, B, r + 1>(acc, top, row_stride, taps);
+}
+
+template <int K, int R, int B>
+inline void bordered_block_undilated(const float* top, int64_t row_stride, const float* taps, float bias, float* out,
+                                     int64_t valid, const PlaneGeometry& g) {
+  __m512 acc[R][B];
+  for (int i = 0; i < R; ++i)
+    for (int b = 0; b < B; ++b) acc[i][b] = _mm512_set1_ps(bias);
+  if constexpr (K > 0) {
+    feed_span<K, R, B, 0>(acc, top, row_stride, taps);
+  } else {
+    const int64_t kernel_w = g.kernel_w, dilation_w = g.dilation_w;
+    if constexpr (R > 1) feed_head<K, R, B, R - 2>(acc, top, row_stride, taps, kernel_w, dilation_w);
+    for (int64_t r = R - 1; r < g.kernel_h; ++r)
+      feed_rows<K, R, B, 0, R - 1>(acc, top + r * row_stride, taps, r * kernel_w, kernel_w, dilation_w);
+    if constexpr (R > 1) feed_tail<K, R, B, 1>(acc, top, row_stride, taps, g.kernel_h, kernel_w, dilation_w);
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int b = 0; b < B; ++b) {
+      const int64_t lanes = min64(kLanes, valid - b * kLanes);
+      _mm512_mask_storeu_ps(out + i * g.out_row_stride + b * kLanes, static_cast<__mmask16>((1u << lanes) - 1),
+                            acc[i][b]);
+    }
+  }
+}
+
+// Rows of R outputs (the last block moved up to end at the plane's bottom row, recomputing rows
+// of the one before it: the same values) in column chunks of B vectors.
+template <int K, int R, int B>
+inline void undilated_rows(const float* bordered, int64_t row_stride, const float* taps, float bias, float* out,
+                           int64_t x, int64_t valid, const PlaneGeometry& g) {
+  for (int64_t oy = 0; oy < g.out_h; oy += R) {
+    const int64_t y = min64(oy, g.out_h - R);
+    bordered_block_undilated<K, R, B>(bordered + y * row_stride + x, row_stride, taps, bias,
+                                   out + y * g.out_row_stride + x, valid, g);
+  }
+}
+
+// The blocks without tests take undilated windows of at least 4 rows on planes of at least 4.
+// FASTCNN_DEPTHWISE_ROLLED=0 keeps the blocks with tests (the same sums in the same order).
+bool undilated_rows_fit(const PlaneGeometry& g, int64_t rows) {
+  return g.rolled_rows && g.dilation_h == 1 && g.kernel_h >= rows && g.out_h >= rows;
+}
+
+// Block heights: enough accumulators in flight (the FMA latency times two ports is 8) and input
+// rows each feeding many: 7x7 windows, unrolled whole, 14 rows of one vector (a 14x14 plane in
+// one block), 7 of two, 4 of three or four (6 measured no faster); other windows 7 rows of up
+// to two vectors and 6 of three or four (31x31 on 56x56 planes 1.14x faster than 4).
+template <int B>
+void undilated_chunk(const float* bordered, int64_t row_stride, const float* taps, float bias, float* out, int64_t x,
+                     int64_t valid, const PlaneGeometry& g) {
+  if (g.kernel_h == 7 && g.kernel_w == 7 && g.dilation_w == 1) {
+    if (B == 1 && g.out_h >= 14) return undilated_rows<7, 14, 1>(bordered, row_stride, taps, bias, out, x, valid, g);
+    if (B <= 2 && g.out_h >= 7) return undilated_rows<7, 7, B>(bordered, row_stride, taps, bias, out, x, valid, g);
+    return undilated_rows<7, 4, B>(bordered, row_stride, taps, bias, out, x, valid, g);
+  }
+  if (B <= 2 && undilated_rows_fit(g, 7))
+    return undilated_rows<0, 7, B>(bordered, row_stride, taps, bias, out, x, valid, g);
+  if (B >= 3 && undilated_rows_fit(g, 6))
+    return undilated_rows<0, 6, B>(bordered, row_stride, taps, bias, out, x, valid, g);
+  undilated_rows<0, 4, B>(bordered, row_stride, taps, bias, out, x, valid, g);
+}
+
 }  // namespace
 
 int64_t bordered_plane_floats(const PlaneGeometry& g) {
@@ -80,6 +194,19 @@ namespace {
 
 void bordered_compute(const float* bordered, const float* taps, float bias, float* out, const PlaneGeometry& g) {
   const int64_t row_stride = bordered_row_stride(g);
+  if (undilated_rows_fit(g, 4)) {
+    constexpr int64_t kChunk = 4 * kLanes;
+    for (int64_t x = 0; x < g.out_w; x += kChunk) {
+      const int64_t valid = min64(kChunk, g.out_w - x);
+      switch ((valid + kLanes - 1) / kLanes) {
+        case 1: undilated_chunk<1>(bordered, row_stride, taps, bias, out, x, valid, g); break;
+        case 2: undilated_chunk<2>(bordered, row_stride, taps, bias, out, x, valid, g); break;
+        case 3: undilated_chunk<3>(bordered, row_stride, taps, bias, out, x, valid, g); break;
+        default: undilated_chunk<4>(bordered, row_stride, taps, bias, out, x, valid, g); break;
+      }
+    }
+    return;
+  }
   constexpr int64_t kRows = 4;
   int64_t oy = 0;
   for (; oy + kRows <= g.out_h; oy += kRows)
