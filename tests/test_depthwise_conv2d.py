@@ -373,6 +373,43 @@ def test_bordered_blocks_are_the_tested_blocks(case, monkeypatch):
     assert torch.equal(new[0], tested[0]) and torch.equal(new[1], tested[1])
 
 
+# channels_last fp32 5- and 7-wide windows at unit stride (rows of at least 7 outputs): 64
+# channels of an image at a time through a ring of 16-channel input rows, against the row kernels
+# it replaces (FASTCNN_DEPTHWISE_ROLLED=0): the forward bit for bit (the same sums in the same
+# order; a narrow row's zero columns are skipped, which can only change the sign of a zero).
+# (N, C, H, W, k, padding)
+RING_CASES = [
+    (2, 64, 14, 14, 7, 3),  # ConvNeXt's 14x14 maps: one run of 14 pixels a row, four vectors
+    (1, 96, 28, 28, 7, 3),  # two runs a row; a block of 64 channels and one of 32
+    (2, 40, 7, 7, 7, 3),  # 7x7 maps: runs of 7 pixels two vectors at a time, a third alone (masked)
+    (1, 16, 9, 11, 7, 3),  # rows of 11: runs of 7, the second moved back to end at the row's end
+    (1, 120, 17, 20, 5, 2),  # MobileNet v3's 5x5: a block of 64 and one of 56 (the last vector 8 lanes)
+    (3, 5, 9, 8, 5, 2),  # fewer than 16 channels, three images
+    (1, 33, 20, 16, 7, 0),  # no padding: 10x10 outputs from the ring's interior
+    (1, 20, 6, 15, 7, (5, 1, 2, 4)),  # uneven padding, rows above and below the input
+    (1, 18, 4, 19, (3, 7), (2, 3)),  # a window of 3 rows x 7 columns on a map of 4 rows
+    (2, 17, 12, 30, 5, 6),  # padding past the window's reach
+]
+
+
+@pytest.mark.parametrize("case", RING_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-p{c[5]}")
+def test_channels_last_ring_is_the_row_kernels(case, monkeypatch):
+    if not fastcnn.benchmarking.cpu_isa().get("avx512f"):
+        pytest.skip("the AVX-512 kernels")
+    n, c, h, w, k, padding = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(n, c, h, w).to(memory_format=torch.channels_last)
+    weight = torch.randn(c, 1, kh, kw)
+    b = torch.randn(c)
+    outputs = {}
+    for rolled in ("1", "0"):
+        monkeypatch.setenv("FASTCNN_DEPTHWISE_ROLLED", rolled)
+        _check_fp32_case((n, c, h, w, k, 1, padding, 1), "channels_last")
+        outputs[rolled] = depthwise_conv2d(x, weight, b, 1, padding)
+    assert outputs["1"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(outputs["1"], outputs["0"])
+
+
 # A pixel right of the last output's window is still read by the vector kernels (a tap of a lane
 # past the output row): its grad_output lane is zero, and zero times an inf there would turn a
 # finite weight gradient into a NaN. (H, W, stride, padding): the inf sits in the last column,

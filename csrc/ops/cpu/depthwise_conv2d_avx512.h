@@ -36,8 +36,9 @@ struct PlaneGeometry {
   bool rolled_rows = true;
 };
 
-// FASTCNN_DEPTHWISE_ROLLED=0 sends the planes the rolled-row kernels take to the block kernels
-// (read on every call: A/B timing, and tests that hold one to the other).
+// FASTCNN_DEPTHWISE_ROLLED=0 sends the planes the rolled-row kernels take to the block kernels,
+// the bordered planes to the blocks with tests, and the channels_last images the ring takes to
+// the row kernels (read on every call: A/B timing, and tests that hold one to the other).
 bool rolled_rows_enabled();
 
 // enabled() and supports() are defined in depthwise_conv2d_kernel.cpp: code in the AVX-512
@@ -157,6 +158,20 @@ void forward_row_nhwc_fp16(const uint16_t* in, const float* taps, const float* b
 int64_t nhwc_bordered_floats(const ImageGeometry& g);
 void forward_channels_nhwc_bordered(const float* in, const float* taps, const float* bias, float* out, int64_t c0,
                                     const ImageGeometry& g, float* scratch);
+
+// channels_last at unit stride and dilation with 5- and 7-wide windows (of at most 64 rows), on
+// rows of at least 7 outputs: kNhwcRingChannels channels of one image from channel c0, the
+// window's input rows copied one at a time into a ring of zero-bordered rows of 16-channel pixels,
+// runs of 14 (or 7) output pixels made from it. `scratch` holds nhwc_ring_floats(g) floats, zeroed
+// by the caller once for images of the same geometry; nhwc_ring_weights puts the weights of the
+// channels from c0 in it (`weight` as the tensor holds it, [C][kernel_h * kernel_w]), once for
+// every image of those channels.
+constexpr int64_t kNhwcRingChannels = 64;  // channels a call makes (fewer at the end)
+bool supports_nhwc_ring(const ImageGeometry& g);
+int64_t nhwc_ring_floats(const ImageGeometry& g);
+void nhwc_ring_weights(const float* weight, int64_t c0, const ImageGeometry& g, float* scratch);
+void forward_channels_nhwc_ring(const float* in, const float* bias, float* out, int64_t c0, const ImageGeometry& g,
+                                float* scratch);
 
 // Input-gradient row iy of a channels_last image at any stride, in gather form:
 // grad_in_row[ix][c] = sum over the taps t that land on (iy, ix) of taps[t][c] * grad_out[oy][ox][c].

@@ -1,0 +1,186 @@
+// Depthwise convolution on AVX-512, channels_last images at unit stride with 5- and 7-wide windows
+// (ConvNeXt's 7x7, MobileNet v3's 5x5): 16 channels at a time, the window's input rows copied into
+// a ring of zero-bordered rows of 16-channel pixels. See supports_nhwc_ring in
+// depthwise_conv2d_avx512.h.
+//
+// Why a ring: read in place, a run of output pixels walks the image C floats a pixel and the
+// window's rows W * C floats apart, so with C a multiple of 64 every pixel of the window falls in
+// the same few L1 sets (C = 128: 8 sets of 12 lines for the 98 lines a 7x7 run of 8 reads) and
+// every load came from L2 (2.0-2.4 cycles a multiply-add on one core; the FMA rate is about 0.6).
+// In the ring a row's pixels are adjacent lines, the border columns are zeros that are never
+// written, and each input line is copied once for the K output rows that read it.
+#include "ops/cpu/depthwise_avx512/common.h"
+
+#if FASTCNN_AVX512_PLANES
+
+namespace fastcnn {
+namespace depthwise {
+namespace avx512 {
+
+namespace {
+
+// Columns of a ring row: every tap of every output pixel.
+int64_t ring_row_pixels(const ImageGeometry& g) { return g.out_w + g.kernel_w - 1; }
+
+// One ring: the window's rows of one channel vector (ring_rows_of rows of ring_row_pixels
+// 16-channel pixels) and its weights ([kernel_h * kernel_w][16]).
+struct Slice {
+  const float* ring;
+  const float* weights;
+  __m512 bias;
+  __mmask16 lanes;
+};
+
+// P output pixels of S channel vectors from column x: P * S accumulators, the KW weights of a
+// kernel row per vector, and each input pixel loaded once for every tap that reads it. Runs of
+// 14 pixels (ConvNeXt's maps are 56, 28, 14 and 7 wide) of one vector, 22 registers for 7x7;
+// rows of 7 to 13 pixels runs of 7 of two vectors (one vector's 7 chains ran near the FMA latency).
+// Narrow rows skip the run's columns [0, j0) and [j1, P + KW - 1), zeros outside the input (a
+// quarter of a 7x7 map's multiply-adds).
+template <int KW, int P, int S>
+inline void ring_run(const Slice* slices, const int64_t* row_offsets, int64_t ky0, int64_t ky1, int64_t x, int64_t j0,
+                     int64_t j1, float* out, int64_t C, bool stream) {
+  __m512 acc[S][P];
+#pragma GCC unroll 16
+  for (int s = 0; s < S; ++s)
+    for (int p = 0; p < P; ++p) acc[s][p] = slices[s].bias;
+  for (int64_t ky = ky0; ky < ky1; ++ky) {
+    const float* row[S];
+    __m512 w[S][KW];
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s) {
+      row[s] = slices[s].ring + row_offsets[ky] + x * kLanes;
+      for (int kx = 0; kx < KW; ++kx) w[s][kx] = _mm512_load_ps(slices[s].weights + (ky * KW + kx) * kLanes);
+    }
+#pragma GCC unroll 32
+    for (int j = 0; j < P + KW - 1; ++j) {
+      if (P < 14 && (j < j0 || j >= j1)) continue;
+#pragma GCC unroll 2
+      for (int s = 0; s < S; ++s) {
+        const __m512 column = _mm512_load_ps(row[s] + j * kLanes);
+#pragma GCC unroll 8
+        for (int kx = 0; kx < KW; ++kx) {
+          const int p = j - kx;
+          if (p >= 0 && p < P) acc[s][p] = _mm512_fmadd_ps(w[s][kx], column, acc[s][p]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p)
+    for (int s = 0; s < S; ++s) store_channels(out + p * C + s * kLanes, slices[s].lanes, acc[s][p], stream);
+}
+
+// G channel vectors from c0 (four: a pixel's 64 channels are lines the L2 fetches in pairs, and
+// the stores fill 256 contiguous bytes a pixel), each with its own ring and weights; each run
+// position makes its pixels for every vector in turn.
+template <int KW, int P, int G>
+void ring_rows(const float* in, const float* bias, float* out, int64_t c0, const ImageGeometry& g, float* ring,
+               const float* weights) {
+  const int64_t C = g.channels, KH = g.kernel_h, row_floats = ring_row_pixels(g) * kLanes;
+  const int64_t ring_floats = KH * row_floats, weight_floats = KH * KW * kLanes;
+  Slice slices[G];
+  for (int s = 0; s < G; ++s) {
+    const __mmask16 lanes = lane_range(0, C - c0 - s * kLanes);
+    slices[s] = {ring + s * ring_floats, weights + s * weight_floats,
+                 bias ? _mm512_maskz_loadu_ps(lanes, bias + c0 + s * kLanes) : _mm512_setzero_ps(), lanes};
+  }
+  // Ring column c holds input column c - pad_left; those outside the input stay zero.
+  const int64_t first_column = g.pad_left > 0 ? g.pad_left : 0;
+  const int64_t end_column = min64(ring_row_pixels(g), g.in_w + g.pad_left);
+  int64_t next_row = 0;  // the next input row to copy into slot next_row % KH
+  int64_t row_offsets[64];
+  for (int64_t oy = 0; oy < g.out_h; ++oy) {
+    const int64_t iy0 = oy - g.pad_top;
+    for (; next_row < min64(g.in_h, iy0 + KH); ++next_row) {
+      float* dst = ring + next_row % KH * row_floats;
+      const float* src = in + (next_row * g.in_w + first_column - g.pad_left) * C + c0;
+      for (int64_t c = first_column; c < end_column; ++c, src += C)
+        for (int s = 0; s < G; ++s)
+          _mm512_store_ps(dst + s * ring_floats + c * kLanes,
+                          _mm512_maskz_loadu_ps(slices[s].lanes, src + s * kLanes));
+    }
+    // The row the next output row copies, on its way while this one is made: the copy's strided
+    // loads otherwise wait on L2 or memory one after another.
+    if (next_row < g.in_h) {
+      const float* src = in + (next_row * g.in_w + first_column - g.pad_left) * C + c0;
+      for (int64_t c = first_column; c < end_column; ++c, src += C)
+        _mm_prefetch(reinterpret_cast<const char*>(src), _MM_HINT_T0);
+    }
+    // Kernel rows inside the input: [ky0, ky1).
+    const int64_t ky0 = iy0 < 0 ? -iy0 : 0, ky1 = min64(KH, g.in_h - iy0);
+    for (int64_t ky = ky0; ky < ky1; ++ky) row_offsets[ky] = (iy0 + ky) % KH * row_floats;
+    float* out_row = out + oy * g.out_w * C + c0;
+    for (int64_t ox = 0; ox < g.out_w; ox += P) {
+      // The row's last run ends at its last pixel (some pixels made twice, the same values).
+      const int64_t x = min64(ox, g.out_w - P);
+      const int64_t j0 = first_column - x, j1 = end_column - x;
+      constexpr int S = P < 14 ? 2 : 1;
+      int s = 0;
+      for (; s + S <= G; s += S)
+        ring_run<KW, P, S>(slices + s, row_offsets, ky0, ky1, x, j0, j1, out_row + x * C + s * kLanes, C,
+                           g.stream_output);
+      if (s < G)
+        ring_run<KW, P, 1>(slices + s, row_offsets, ky0, ky1, x, j0, j1, out_row + x * C + s * kLanes, C,
+                           g.stream_output);
+    }
+  }
+}
+
+template <int KW, int P>
+void ring_channels(const float* in, const float* bias, float* out, int64_t c0, const ImageGeometry& g, float* ring,
+                   const float* weights) {
+  switch (min64(kNhwcRingChannels, g.channels - c0 + kLanes - 1) / kLanes) {
+    case 1: return ring_rows<KW, P, 1>(in, bias, out, c0, g, ring, weights);
+    case 2: return ring_rows<KW, P, 2>(in, bias, out, c0, g, ring, weights);
+    case 3: return ring_rows<KW, P, 3>(in, bias, out, c0, g, ring, weights);
+    default: return ring_rows<KW, P, 4>(in, bias, out, c0, g, ring, weights);
+  }
+}
+
+inline float* aligned_to_line(float* p) {
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~static_cast<uintptr_t>(63));
+}
+
+}  // namespace
+
+bool supports_nhwc_ring(const ImageGeometry& g) {
+  return g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 && g.dilation_w == 1 &&
+         (g.kernel_w == 5 || g.kernel_w == 7) && g.kernel_h <= 64 && g.out_w >= 7;
+}
+
+int64_t nhwc_ring_floats(const ImageGeometry& g) {
+  return kNhwcRingChannels / kLanes * (g.kernel_h * ring_row_pixels(g) + g.kernel_h * g.kernel_w) * kLanes + kLanes;
+}
+
+void nhwc_ring_weights(const float* weight, int64_t c0, const ImageGeometry& g, float* scratch) {
+  // Per vector of 16 channels, [tap][channel]: each channel's taps are read in order, the block's
+  // 16 x taps floats staying in L1 (a whole-tensor transpose to [tap][C] cost more than the
+  // convolution of 1x1024x7x7: its writes C floats apart fell in one L1 set).
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  float* weights = aligned_to_line(scratch) + kNhwcRingChannels / kLanes * g.kernel_h * ring_row_pixels(g) * kLanes;
+  for (int64_t s = 0; s < kNhwcRingChannels / kLanes; ++s, weights += taps * kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const int64_t c = c0 + s * kLanes + l;
+      for (int64_t t = 0; t < taps; ++t) weights[t * kLanes + l] = c < g.channels ? weight[c * taps + t] : 0.f;
+    }
+}
+
+void forward_channels_nhwc_ring(const float* in, const float* bias, float* out, int64_t c0, const ImageGeometry& g,
+                                float* scratch) {
+  float* ring = aligned_to_line(scratch);
+  const float* weights = ring + kNhwcRingChannels / kLanes * g.kernel_h * ring_row_pixels(g) * kLanes;
+  const bool wide = g.out_w >= 14;
+  if (g.kernel_w == 7) {
+    if (wide) return ring_channels<7, 14>(in, bias, out, c0, g, ring, weights);
+    return ring_channels<7, 7>(in, bias, out, c0, g, ring, weights);
+  }
+  if (wide) return ring_channels<5, 14>(in, bias, out, c0, g, ring, weights);
+  ring_channels<5, 7>(in, bias, out, c0, g, ring, weights);
+}
+
+}  // namespace avx512
+}  // namespace depthwise
+}  // namespace fastcnn
+
+#endif  // FASTCNN_AVX512_PLANES
