@@ -162,8 +162,8 @@ def test_environment_record(monkeypatch):
 def test_depthwise_cases():
     shapes = depthwise.shapes()
     # 13 MobileNet v1 layers with the 5 identical ones once, and MobileNet v3's 6 5x5 layers as 4
-    # shapes, at N=1 and 32; then 7x7 and 31x31
-    assert len(shapes) == 2 * 9 + 2 * 4 + 2
+    # shapes, at N=1 and 32; ConvNeXt-T's 18 7x7 layers as 4 shapes at N=8; then 7x7 and 31x31
+    assert len(shapes) == 2 * 9 + 2 * 4 + 4 + 2
     assert len({(s.name, s.n) for s in shapes}) == len(shapes)
     assert {(s.c, s.h, s.stride) for s in shapes if s.name.startswith("mbv1")} == {
         (32, 112, 1), (64, 112, 2), (128, 56, 1), (128, 56, 2), (256, 28, 1), (256, 28, 2), (512, 14, 1),
@@ -171,10 +171,14 @@ def test_depthwise_cases():
     assert sum(s.repeat for s in shapes if s.n == 1 and s.name.startswith("mbv1")) == 13
     assert {(s.c, s.h, s.stride, s.k, s.padding, s.repeat) for s in shapes if s.name.startswith("mbv3")} == {
         (72, 56, 2, 5, 2, 1), (120, 28, 1, 5, 2, 2), (672, 14, 2, 5, 2, 1), (960, 7, 1, 5, 2, 2)}
+    assert {(s.n, s.c, s.h, s.k, s.padding, s.bias, s.repeat) for s in shapes if s.name.startswith("convnext")} == {
+        (8, 96, 56, 7, 3, True, 3), (8, 192, 28, 7, 3, True, 3), (8, 384, 14, 7, 3, True, 9),
+        (8, 768, 7, 7, 3, True, 3)}
     summary = depthwise.SUMMARY
-    assert {summary.group_of(s.name) for s in shapes} == {"mbv1", "mbv3 5x5", None}
+    assert {summary.group_of(s.name) for s in shapes} == {"mbv1", "mbv3 5x5", "convnext-t 7x7", None}
     quick = depthwise.shapes(quick=True)
     assert {s.n for s in quick if s.name.startswith("mbv1")} == {1} and "k31" not in {s.name for s in quick}
+    assert not any(s.name.startswith("convnext") for s in quick)
     k31 = next(s for s in shapes if s.name == "k31")
     assert (k31.n, k31.c, k31.h, k31.padding, k31.out_hw) == (8, 128, 56, 15, (56, 56))
     # forward moves x, w and y once; 2 flops per multiply-add

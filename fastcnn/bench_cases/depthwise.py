@@ -1,8 +1,8 @@
 """Depthwise conv2d benchmark cases: the 13 depthwise layers of MobileNet v1 (Howard et al. 2017,
 Table 1, 224x224 input; the five identical 512x14x14 layers measured once) at batch 1 and 32, plus
-MobileNet v3-Large's four 5x5 depthwise shapes at the same batch sizes, and large kernels at
-8x128x56x56: 7x7 (ConvNeXt's depthwise conv, with bias) and 31x31 (RepLKNet's, without), padding
-k // 2.
+MobileNet v3-Large's four 5x5 depthwise shapes at the same batch sizes, ConvNeXt-T's four 7x7
+shapes at batch 8, and large kernels at 8x128x56x56: 7x7 (ConvNeXt's depthwise conv, with bias)
+and 31x31 (RepLKNet's, without), padding k // 2.
 
 Providers: every fastcnn backend that runs on the device (fastcnn[cpu], fastcnn[cuda],
 fastcnn[triton]); on CUDA also fastcnn[cuda,cl-rows], the channels_last cases with
@@ -80,10 +80,19 @@ MOBILENET_V3_5X5 = (
     ("mbv3-k5-3", 672, 14, 2, 1),
     ("mbv3-k5-4", 960, 7, 1, 2),
 )
-# The report's geometric means over the MobileNet v1 layers and MobileNet v3's 5x5 ones, one per
-# batch size, each layer counted as often as the network has it.
+# ConvNeXt-T's 7x7 depthwise layers (Liu et al. 2022; 224x224 input, stages of 3, 3, 9 and 3
+# blocks, with bias), at batch 8: (name, C, H = W, how many).
+CONVNEXT_T = (
+    ("convnext-s1", 96, 56, 3),
+    ("convnext-s2", 192, 28, 3),
+    ("convnext-s3", 384, 14, 9),
+    ("convnext-s4", 768, 7, 3),
+)
+CONVNEXT_N = 8
+# The report's geometric means over the MobileNet v1 layers, MobileNet v3's 5x5 ones and
+# ConvNeXt-T's 7x7 ones, one per batch size, each layer counted as often as the network has it.
 SUMMARY = Summary(
-    groups={"mbv1": ("mbv1-*",), "mbv3 5x5": ("mbv3-k5-*",)},
+    groups={"mbv1": ("mbv1-*",), "mbv3 5x5": ("mbv3-k5-*",), "convnext-t 7x7": ("convnext-*",)},
     note="Geometric means over a model's layers (each layer counted as often as the model has it):",
     column="model",
     by_batch=True,
@@ -92,13 +101,13 @@ SUMMARY = Summary(
 LARGE_KERNELS = (("k7", 7, True), ("k31", 31, False))
 LARGE_N, LARGE_C, LARGE_HW = 8, 128, 56
 
-# --quick: batch 1 only, and no 31x31 (on a 2-core CPU one 31x31 channels_last backward in
-# PyTorch takes seconds).
+# --quick: batch 1 only, no ConvNeXt layers and no 31x31 (on a 2-core CPU one 31x31
+# channels_last backward in PyTorch takes seconds).
 QUICK_LARGE = ("k7",)
 
 
 def shapes(quick: bool = False, batches: Optional[Sequence[int]] = None):
-    """The cases. `batches` applies to the MobileNet layers; the large kernels stay at N=8."""
+    """The cases. `batches` applies to the MobileNet layers; ConvNeXt's and the large kernels stay at N=8."""
     if batches is None:
         batches = (1,) if quick else BATCHES
     cases = [
@@ -107,6 +116,8 @@ def shapes(quick: bool = False, batches: Optional[Sequence[int]] = None):
         for n in batches
         for name, c, hw, stride, repeat in layers
     ]
+    if not quick:
+        cases += [Shape(name, CONVNEXT_N, c, hw, hw, 7, 1, True, repeat) for name, c, hw, repeat in CONVNEXT_T]
     cases += [
         Shape(name, LARGE_N, LARGE_C, LARGE_HW, LARGE_HW, k, 1, bias)
         for name, k, bias in LARGE_KERNELS
