@@ -392,22 +392,44 @@ RING_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", RING_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-p{c[5]}")
-def test_channels_last_ring_is_the_row_kernels(case, monkeypatch):
+# NCHW 7-wide windows on maps too narrow for the bordered planes go through the same ring, 64
+# planes transposed into pixels and back (against the channel tiles, to rounding).
+NCHW_RING_CASES = [
+    (2, 40, 7, 7, 7, 3),  # ConvNeXt's 7x7 maps: a block of 40 planes
+    (1, 70, 9, 12, 7, 3),  # a block of 64 and one of 6; rows of 12
+    (3, 5, 10, 13, (4, 7), (1, 3)),  # fewer planes than a vector, three images
+]
+
+
+@pytest.mark.parametrize(
+    "case, layout",
+    [(case, "channels_last") for case in RING_CASES] + [(case, layout) for case in NCHW_RING_CASES
+                                                        for layout in ("contiguous", "row_strided")],
+    ids=lambda c: "x".join(map(str, c[:5])) + f"-p{c[5]}" if isinstance(c, tuple) else c,
+)
+def test_ring_is_the_kernels_it_replaces(case, layout, monkeypatch):
     if not fastcnn.benchmarking.cpu_isa().get("avx512f"):
         pytest.skip("the AVX-512 kernels")
     n, c, h, w, k, padding = case
     kh, kw = (k, k) if isinstance(k, int) else k
-    x = torch.randn(n, c, h, w).to(memory_format=torch.channels_last)
+    x = torch.randn(n, c, h, w)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "row_strided":
+        x = torch.randn(n, c, h, w + 5)[..., 2 : 2 + w]
     weight = torch.randn(c, 1, kh, kw)
     b = torch.randn(c)
     outputs = {}
     for rolled in ("1", "0"):
         monkeypatch.setenv("FASTCNN_DEPTHWISE_ROLLED", rolled)
-        _check_fp32_case((n, c, h, w, k, 1, padding, 1), "channels_last")
+        _check_fp32_case((n, c, h, w, k, 1, padding, 1), layout)
         outputs[rolled] = depthwise_conv2d(x, weight, b, 1, padding)
-    assert outputs["1"].is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(outputs["1"], outputs["0"])
+    if layout == "channels_last":
+        assert outputs["1"].is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(outputs["1"], outputs["0"])
+    else:
+        assert outputs["1"].is_contiguous()
+        torch.testing.assert_close(outputs["1"], outputs["0"], rtol=1e-5, atol=1e-5 * kh)
 
 
 # A pixel right of the last output's window is still read by the vector kernels (a tap of a lane

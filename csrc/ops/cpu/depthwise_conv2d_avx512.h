@@ -172,6 +172,10 @@ int64_t nhwc_ring_floats(const ImageGeometry& g);
 void nhwc_ring_weights(const float* weight, int64_t c0, const ImageGeometry& g, float* scratch);
 void forward_channels_nhwc_ring(const float* in, const float* bias, float* out, int64_t c0, const ImageGeometry& g,
                                 float* scratch);
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols: NCHW planes to the
+// ring's pixels and back, 16 x 16 tiles transposed in registers.
+void transpose_floats(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst,
+                      int64_t dst_stride);
 
 // Input-gradient row iy of a channels_last image at any stride, in gather form:
 // grad_in_row[ix][c] = sum over the taps t that land on (iy, ix) of taps[t][c] * grad_out[oy][ox][c].
