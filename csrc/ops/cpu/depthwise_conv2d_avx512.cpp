@@ -56,8 +56,12 @@
 // weight gradient 9.7 -> 5.8; 8x128x56x56 7x7 forward 7.9 -> 3.9; stride-2 input gradient of
 // 32x128x56x56 3.8 -> 2.5.
 //
+// channels_last 5- and 7-wide windows at unit stride (and NCHW 7-wide windows on maps narrower
+// than 14, transposed) go through a ring of the window's input rows as 16-channel pixels instead:
+// read in place, a run's pixels, C floats apart, fell in a few L1 sets (see rows_nhwc_ring.cpp).
+//
 // The kernels live in depthwise_avx512/, one translation unit per family (planes_rolled3,
-// planes_rolled5, planes_block, planes_flat, planes_bordered, rows_nhwc), each compiled for
+// planes_rolled5, planes_block, planes_flat, planes_bordered, rows_nhwc, rows_nhwc_ring), each compiled for
 // AVX-512 (common.h sets the target); this file dispatches the NCHW planes among them
 // (plane_kernels.h) and holds the stubs of builds without AVX-512. Only plain types cross the
 // units' boundaries, and they include no template library headers: an inline function
