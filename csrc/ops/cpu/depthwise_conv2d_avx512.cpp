@@ -178,8 +178,10 @@ void forward_channels_nhwc_bordered(const float*, const float*, const float*, fl
 void forward_plane_bordered(const float*, const float*, float, float*, const PlaneGeometry&, float*) {}
 bool supports_nhwc_ring(const ImageGeometry&) { return false; }
 int64_t nhwc_ring_floats(const ImageGeometry&) { return 0; }
+int64_t nhwc_ring_weight_floats(const ImageGeometry&) { return 0; }
 void nhwc_ring_weights(const float*, int64_t, const ImageGeometry&, float*) {}
-void forward_channels_nhwc_ring(const float*, const float*, float*, int64_t, const ImageGeometry&, float*) {}
+void forward_channels_nhwc_ring(const float*, const float*, const float*, float*, int64_t, const ImageGeometry&,
+                                float*) {}
 void transpose_floats(const float*, int64_t, int64_t, int64_t, float*, int64_t) {}
 bool flat_plane(const PlaneGeometry&, FlatPlane*) { return false; }
 void forward_plane_flat(const float*, const float*, float, float*, const FlatPlane&) {}

@@ -162,16 +162,17 @@ void forward_channels_nhwc_bordered(const float* in, const float* taps, const fl
 // channels_last at unit stride and dilation with 5- and 7-wide windows (of at most 64 rows), on
 // rows of at least 7 outputs: kNhwcRingChannels channels of one image from channel c0, the
 // window's input rows copied one at a time into a ring of zero-bordered rows of 16-channel pixels,
-// runs of 14 (or 7) output pixels made from it. `scratch` holds nhwc_ring_floats(g) floats, zeroed
-// by the caller once for images of the same geometry; nhwc_ring_weights puts the weights of the
-// channels from c0 in it (`weight` as the tensor holds it, [C][kernel_h * kernel_w]), once for
-// every image of those channels.
+// runs of 14 (or 7) output pixels made from it. `scratch` holds nhwc_ring_floats(g) floats (the
+// ring), zeroed by the caller once for images of the same geometry; `weights` the
+// nhwc_ring_weight_floats(g) floats nhwc_ring_weights made of the channels from c0 (`weight` as
+// the tensor holds it, [C][kernel_h * kernel_w]), once for every image of those channels.
 constexpr int64_t kNhwcRingChannels = 64;  // channels a call makes (fewer at the end)
 bool supports_nhwc_ring(const ImageGeometry& g);
 int64_t nhwc_ring_floats(const ImageGeometry& g);
-void nhwc_ring_weights(const float* weight, int64_t c0, const ImageGeometry& g, float* scratch);
-void forward_channels_nhwc_ring(const float* in, const float* bias, float* out, int64_t c0, const ImageGeometry& g,
-                                float* scratch);
+int64_t nhwc_ring_weight_floats(const ImageGeometry& g);
+void nhwc_ring_weights(const float* weight, int64_t c0, const ImageGeometry& g, float* weights);
+void forward_channels_nhwc_ring(const float* in, const float* weights, const float* bias, float* out, int64_t c0,
+                                const ImageGeometry& g, float* scratch);
 // dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols: NCHW planes to the
 // ring's pixels and back, 16 x 16 tiles transposed in registers.
 void transpose_floats(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst,

@@ -50,7 +50,7 @@ inline void ring_run(const Slice* slices, const int64_t* row_offsets, int64_t ky
 #pragma GCC unroll 8
     for (int s = 0; s < S; ++s) {
       row[s] = slices[s].ring + row_offsets[ky] + x * kLanes;
-      for (int kx = 0; kx < KW; ++kx) w[s][kx] = _mm512_load_ps(slices[s].weights + (ky * KW + kx) * kLanes);
+      for (int kx = 0; kx < KW; ++kx) w[s][kx] = _mm512_loadu_ps(slices[s].weights + (ky * KW + kx) * kLanes);
     }
 #pragma GCC unroll 32
     for (int j = 0; j < P + KW - 1; ++j) {
@@ -196,15 +196,16 @@ bool supports_nhwc_ring(const ImageGeometry& g) {
 }
 
 int64_t nhwc_ring_floats(const ImageGeometry& g) {
-  return kNhwcRingChannels / kLanes * (g.kernel_h * ring_row_pixels(g) + g.kernel_h * g.kernel_w) * kLanes + kLanes;
+  return kNhwcRingChannels / kLanes * g.kernel_h * ring_row_pixels(g) * kLanes + kLanes;
 }
 
-void nhwc_ring_weights(const float* weight, int64_t c0, const ImageGeometry& g, float* scratch) {
+int64_t nhwc_ring_weight_floats(const ImageGeometry& g) { return kNhwcRingChannels * g.kernel_h * g.kernel_w; }
+
+void nhwc_ring_weights(const float* weight, int64_t c0, const ImageGeometry& g, float* weights) {
   // Per vector of 16 channels, [tap][channel]: each channel's taps are read in order, the block's
   // 16 x taps floats staying in L1 (a whole-tensor transpose to [tap][C] cost more than the
   // convolution of 1x1024x7x7: its writes C floats apart fell in one L1 set).
   const int64_t taps = g.kernel_h * g.kernel_w;
-  float* weights = aligned_to_line(scratch) + kNhwcRingChannels / kLanes * g.kernel_h * ring_row_pixels(g) * kLanes;
   for (int64_t s = 0; s < kNhwcRingChannels / kLanes; ++s, weights += taps * kLanes)
     for (int64_t l = 0; l < kLanes; ++l) {
       const int64_t c = c0 + s * kLanes + l;
@@ -212,10 +213,9 @@ void nhwc_ring_weights(const float* weight, int64_t c0, const ImageGeometry& g, 
     }
 }
 
-void forward_channels_nhwc_ring(const float* in, const float* bias, float* out, int64_t c0, const ImageGeometry& g,
-                                float* scratch) {
+void forward_channels_nhwc_ring(const float* in, const float* weights, const float* bias, float* out, int64_t c0,
+                                const ImageGeometry& g, float* scratch) {
   float* ring = aligned_to_line(scratch);
-  const float* weights = ring + kNhwcRingChannels / kLanes * g.kernel_h * ring_row_pixels(g) * kLanes;
   const bool wide = g.out_w >= 14;
   if (g.kernel_w == 7) {
     if (wide) return ring_channels<7, 14>(in, bias, out, c0, g, ring, weights);
