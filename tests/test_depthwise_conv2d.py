@@ -536,13 +536,16 @@ HALF_ROW_CASES = [
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize(
     "n, c, h, w, k, stride, padding, dilation",
-    # and wide windows: the sliding runs (9 columns), and 13 columns, 8 taps at a time
-    HALF_ROW_CASES + [(1, 20, 12, 30, 9, 1, 4, 1), (1, 16, 15, 17, 13, 1, 6, 1)],
+    # and wide windows: the sliding runs (9 columns), and 13 columns, 8 taps at a time; the ring's
+    # 7x7 windows on 7x7 maps and on two blocks of channels
+    HALF_ROW_CASES + [(1, 20, 12, 30, 9, 1, 4, 1), (1, 16, 15, 17, 13, 1, 6, 1), (1, 40, 7, 7, 7, 1, 3, 1),
+                      (2, 70, 9, 16, 7, 1, 3, 1)],
 )
 @needs_avx512_kernels
 def test_half_channels_last_forward_is_the_fp32_kernel_rounded_once(n, c, h, w, k, stride, padding, dilation, dtype):
-    """bf16/fp16 channels_last forward on AVX-512 (forward_nhwc_native): the fp32 row kernel reading
-    the 16-bit rows widened in registers, each output rounded once, so equal to the fp32 op's
+    """bf16/fp16 channels_last forward on AVX-512 (forward_nhwc_native, or the ring for 5- and 7-wide
+    windows at unit stride): the fp32 kernel reading the 16-bit rows widened, each output rounded
+    once, so equal to the fp32 op's
     output converted by PyTorch, bit for bit but for NaN's payload (PyTorch's own conversions
     disagree there: 0x7FC0 scalar, 0xFFFF vectorised)."""
     torch.manual_seed(0)

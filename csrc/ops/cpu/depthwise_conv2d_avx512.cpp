@@ -182,6 +182,10 @@ int64_t nhwc_ring_weight_floats(const ImageGeometry&) { return 0; }
 void nhwc_ring_weights(const float*, int64_t, const ImageGeometry&, float*) {}
 void forward_channels_nhwc_ring(const float*, const float*, const float*, float*, int64_t, const ImageGeometry&,
                                 float*) {}
+void forward_channels_nhwc_ring_bf16(const uint16_t*, const float*, const float*, uint16_t*, int64_t,
+                                     const ImageGeometry&, float*) {}
+void forward_channels_nhwc_ring_fp16(const uint16_t*, const float*, const float*, uint16_t*, int64_t,
+                                     const ImageGeometry&, float*) {}
 void transpose_floats(const float*, int64_t, int64_t, int64_t, float*, int64_t) {}
 bool flat_plane(const PlaneGeometry&, FlatPlane*) { return false; }
 void forward_plane_flat(const float*, const float*, float, float*, const FlatPlane&) {}

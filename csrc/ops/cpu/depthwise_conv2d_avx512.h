@@ -173,6 +173,12 @@ int64_t nhwc_ring_weight_floats(const ImageGeometry& g);
 void nhwc_ring_weights(const float* weight, int64_t c0, const ImageGeometry& g, float* weights);
 void forward_channels_nhwc_ring(const float* in, const float* weights, const float* bias, float* out, int64_t c0,
                                 const ImageGeometry& g, float* scratch);
+// The same for bf16 or fp16 images (the bits as uint16_t): each input pixel widened to fp32 as it
+// is copied into the ring, each output rounded once as it is stored.
+void forward_channels_nhwc_ring_bf16(const uint16_t* in, const float* weights, const float* bias, uint16_t* out,
+                                     int64_t c0, const ImageGeometry& g, float* scratch);
+void forward_channels_nhwc_ring_fp16(const uint16_t* in, const float* weights, const float* bias, uint16_t* out,
+                                     int64_t c0, const ImageGeometry& g, float* scratch);
 // dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols: NCHW planes to the
 // ring's pixels and back, 16 x 16 tiles transposed in registers.
 void transpose_floats(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst,

@@ -551,31 +551,42 @@ void weight_grad_nhwc_native(const scalar_t* grad_out, const scalar_t* in, float
   });
 }
 
-// fp32 channels_last 5- and 7-wide windows at unit stride (see supports_nhwc_ring): 64 channels of
-// one image at a time, images outermost (with more images than threads, each thread's whole): two
-// threads on one image's neighbouring blocks write the same lines where a pixel's C floats are no
-// whole number of lines
-// (against the images of a block one after another, 2 threads: 32x72x28x28 5x5 2.29 -> 1.40 ms,
-// 32x120x28x28 3.24 -> 2.84, 8x128x56x56 7x7 3.58 -> 3.41).
+// channels_last 5- and 7-wide windows at unit stride (see supports_nhwc_ring; bf16 and fp16
+// widened as the ring is filled): 64 channels of one image at a time, images outermost (with more
+// images than threads, each thread's whole): two threads on one image's neighbouring blocks write
+// the same lines where a pixel's C values are no whole number of lines (against the images of a
+// block one after another, fp32, 2 threads: 32x72x28x28 5x5 2.29 -> 1.40 ms, 32x120x28x28 3.24
+// -> 2.84, 8x128x56x56 7x7 3.58 -> 3.41).
+template <typename scalar_t>
 bool forward_nhwc_ring(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& output,
                        const Geometry& g) {
   auto shape = avx512_image_geometry(g);
-  shape.stream_output = stream_channels_last(output);
+  shape.stream_output = std::is_same_v<scalar_t, float> && stream_channels_last(output);
   if (!(depthwise::avx512::supports_nhwc_ring(shape) && depthwise::avx512::rolled_rows_enabled())) return false;
   const int64_t C = g.channels, images = g.batch;
   constexpr int64_t kBlock = depthwise::avx512::kNhwcRingChannels;
   const int64_t blocks = (C + kBlock - 1) / kBlock;
-  const float* in = input.const_data_ptr<float>();
-  const float* w = weight.const_data_ptr<float>();
-  const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-  float* out = output.mutable_data_ptr<float>();
+  const at::Tensor weight_fp32 = weight.to(at::kFloat), bias_fp32 = bias.defined() ? bias.to(at::kFloat) : bias;
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  const float* w = weight_fp32.const_data_ptr<float>();
+  const float* b = bias_fp32.defined() ? bias_fp32.const_data_ptr<float>() : nullptr;
+  scalar_t* out = output.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, images * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(depthwise::avx512::nhwc_ring_floats(shape), 0.f);
     RingWeights weights(shape, blocks);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks, block = item % blocks, c0 = block * kBlock;
-      depthwise::avx512::forward_channels_nhwc_ring(in + n * g.in_h * g.in_w * C, weights.of(block, w), b,
-                                                    out + n * g.out_h * g.out_w * C, c0, shape, scratch.data());
+      const scalar_t* image_in = in + n * g.in_h * g.in_w * C;
+      scalar_t* image_out = out + n * g.out_h * g.out_w * C;
+      if constexpr (std::is_same_v<scalar_t, float>)
+        depthwise::avx512::forward_channels_nhwc_ring(image_in, weights.of(block, w), b, image_out, c0, shape,
+                                                      scratch.data());
+      else if constexpr (std::is_same_v<scalar_t, at::BFloat16>)
+        depthwise::avx512::forward_channels_nhwc_ring_bf16(bits_of(image_in), weights.of(block, w), b,
+                                                           bits_of(image_out), c0, shape, scratch.data());
+      else
+        depthwise::avx512::forward_channels_nhwc_ring_fp16(bits_of(image_in), weights.of(block, w), b,
+                                                           bits_of(image_out), c0, shape, scratch.data());
     }
     if (shape.stream_output) cpu::stream_fence();
   });
@@ -587,8 +598,8 @@ void forward_nhwc(const at::Tensor& input, const at::Tensor& weight, const at::T
                   const Geometry& g) {
   using T = at::opmath_type<scalar_t>;
   const int64_t C = g.channels;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (depthwise::avx512::enabled() && forward_nhwc_ring(input, weight, bias, output, g)) return;
+  if constexpr (std::is_same_v<scalar_t, float> || kWidened<scalar_t>) {
+    if (depthwise::avx512::enabled() && forward_nhwc_ring<scalar_t>(input, weight, bias, output, g)) return;
   }
   const std::vector<T> taps = taps_by_channel<scalar_t>(weight, g);
   std::vector<T> bias_values(C, T(0));

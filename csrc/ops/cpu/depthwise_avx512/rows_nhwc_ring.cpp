@@ -37,9 +37,9 @@ struct Slice {
 // rows of 7 to 13 pixels runs of 7 of two vectors (one vector's 7 chains ran near the FMA latency).
 // Narrow rows skip the run's columns [0, j0) and [j1, P + KW - 1), zeros outside the input (a
 // quarter of a 7x7 map's multiply-adds).
-template <int KW, int P, int S>
+template <int KW, int P, int S, typename E>
 inline void ring_run(const Slice* slices, const int64_t* row_offsets, int64_t ky0, int64_t ky1, int64_t x, int64_t j0,
-                     int64_t j1, float* out, int64_t C, bool stream) {
+                     int64_t j1, E* out, int64_t C, bool stream) {
   __m512 acc[S][P];
 #pragma GCC unroll 16
   for (int s = 0; s < S; ++s)
@@ -74,8 +74,8 @@ inline void ring_run(const Slice* slices, const int64_t* row_offsets, int64_t ky
 // G channel vectors from c0 (four: a pixel's 64 channels are lines the L2 fetches in pairs, and
 // the stores fill 256 contiguous bytes a pixel), each with its own ring and weights; each run
 // position makes its pixels for every vector in turn.
-template <int KW, int P, int G>
-void ring_rows(const float* in, const float* bias, float* out, int64_t c0, const ImageGeometry& g, float* ring,
+template <int KW, int P, int G, typename E>
+void ring_rows(const E* in, const float* bias, E* out, int64_t c0, const ImageGeometry& g, float* ring,
                const float* weights) {
   const int64_t C = g.channels, KH = g.kernel_h, row_floats = ring_row_pixels(g) * kLanes;
   const int64_t ring_floats = KH * row_floats, weight_floats = KH * KW * kLanes;
@@ -94,23 +94,22 @@ void ring_rows(const float* in, const float* bias, float* out, int64_t c0, const
     const int64_t iy0 = oy - g.pad_top;
     for (; next_row < min64(g.in_h, iy0 + KH); ++next_row) {
       float* dst = ring + next_row % KH * row_floats;
-      const float* src = in + (next_row * g.in_w + first_column - g.pad_left) * C + c0;
+      const E* src = in + (next_row * g.in_w + first_column - g.pad_left) * C + c0;
       for (int64_t c = first_column; c < end_column; ++c, src += C)
         for (int s = 0; s < G; ++s)
-          _mm512_store_ps(dst + s * ring_floats + c * kLanes,
-                          _mm512_maskz_loadu_ps(slices[s].lanes, src + s * kLanes));
+          _mm512_store_ps(dst + s * ring_floats + c * kLanes, load_channels(slices[s].lanes, src + s * kLanes));
     }
     // The row the next output row copies, on its way while this one is made: the copy's strided
     // loads otherwise wait on L2 or memory one after another.
     if (next_row < g.in_h) {
-      const float* src = in + (next_row * g.in_w + first_column - g.pad_left) * C + c0;
+      const E* src = in + (next_row * g.in_w + first_column - g.pad_left) * C + c0;
       for (int64_t c = first_column; c < end_column; ++c, src += C)
         _mm_prefetch(reinterpret_cast<const char*>(src), _MM_HINT_T0);
     }
     // Kernel rows inside the input: [ky0, ky1).
     const int64_t ky0 = iy0 < 0 ? -iy0 : 0, ky1 = min64(KH, g.in_h - iy0);
     for (int64_t ky = ky0; ky < ky1; ++ky) row_offsets[ky] = (iy0 + ky) % KH * row_floats;
-    float* out_row = out + oy * g.out_w * C + c0;
+    E* out_row = out + oy * g.out_w * C + c0;
     for (int64_t ox = 0; ox < g.out_w; ox += P) {
       // The row's last run ends at its last pixel (some pixels made twice, the same values).
       const int64_t x = min64(ox, g.out_w - P);
@@ -127,8 +126,8 @@ void ring_rows(const float* in, const float* bias, float* out, int64_t c0, const
   }
 }
 
-template <int KW, int P>
-void ring_channels(const float* in, const float* bias, float* out, int64_t c0, const ImageGeometry& g, float* ring,
+template <int KW, int P, typename E>
+void ring_channels(const E* in, const float* bias, E* out, int64_t c0, const ImageGeometry& g, float* ring,
                    const float* weights) {
   switch (min64(kNhwcRingChannels, g.channels - c0 + kLanes - 1) / kLanes) {
     case 1: return ring_rows<KW, P, 1>(in, bias, out, c0, g, ring, weights);
@@ -213,8 +212,11 @@ void nhwc_ring_weights(const float* weight, int64_t c0, const ImageGeometry& g, 
     }
 }
 
-void forward_channels_nhwc_ring(const float* in, const float* weights, const float* bias, float* out, int64_t c0,
-                                const ImageGeometry& g, float* scratch) {
+namespace {
+
+template <typename E>
+void ring_image(const E* in, const float* weights, const float* bias, E* out, int64_t c0, const ImageGeometry& g,
+                float* scratch) {
   float* ring = aligned_to_line(scratch);
   const bool wide = g.out_w >= 14;
   if (g.kernel_w == 7) {
@@ -223,6 +225,23 @@ void forward_channels_nhwc_ring(const float* in, const float* weights, const flo
   }
   if (wide) return ring_channels<5, 14>(in, bias, out, c0, g, ring, weights);
   ring_channels<5, 7>(in, bias, out, c0, g, ring, weights);
+}
+
+}  // namespace
+
+void forward_channels_nhwc_ring(const float* in, const float* weights, const float* bias, float* out, int64_t c0,
+                                const ImageGeometry& g, float* scratch) {
+  ring_image(in, weights, bias, out, c0, g, scratch);
+}
+
+void forward_channels_nhwc_ring_bf16(const uint16_t* in, const float* weights, const float* bias, uint16_t* out,
+                                     int64_t c0, const ImageGeometry& g, float* scratch) {
+  ring_image(reinterpret_cast<const Bf16*>(in), weights, bias, reinterpret_cast<Bf16*>(out), c0, g, scratch);
+}
+
+void forward_channels_nhwc_ring_fp16(const uint16_t* in, const float* weights, const float* bias, uint16_t* out,
+                                     int64_t c0, const ImageGeometry& g, float* scratch) {
+  ring_image(reinterpret_cast<const Fp16*>(in), weights, bias, reinterpret_cast<Fp16*>(out), c0, g, scratch);
 }
 
 }  // namespace avx512
