@@ -8,7 +8,8 @@
 // the same few L1 sets (C = 128: 8 sets of 12 lines for the 98 lines a 7x7 run of 8 reads) and
 // every load came from L2 (2.0-2.4 cycles a multiply-add on one core; the FMA rate is about 0.6).
 // In the ring a row's pixels are adjacent lines, the border columns are zeros that are never
-// written, and each input line is copied once for the K output rows that read it.
+// written, and each input line is copied once for the K output rows that read it. bf16 and fp16
+// images are widened as they are copied (the ring is fp32) and each output rounded once.
 #include "ops/cpu/depthwise_avx512/common.h"
 
 #if FASTCNN_AVX512_PLANES
