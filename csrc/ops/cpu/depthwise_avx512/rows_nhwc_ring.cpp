@@ -1,6 +1,7 @@
-// Depthwise convolution on AVX-512, channels_last images at unit stride with 5- and 7-wide windows
-// (ConvNeXt's 7x7, MobileNet v3's 5x5): 16 channels at a time, the window's input rows copied into
-// a ring of zero-bordered rows of 16-channel pixels. See supports_nhwc_ring in
+// Depthwise convolution on AVX-512 (reference op F.conv2d(groups=C)), channels_last images at
+// unit stride with 5- and 7-wide windows: ConvNeXt's 7x7 (Liu et al., 2022), MobileNet v3's 5x5
+// (Howard et al., 2019). 64 channels of an image at a time, the window's input rows copied into a
+// ring of zero-bordered rows of 16-channel pixels. See supports_nhwc_ring in
 // depthwise_conv2d_avx512.h.
 //
 // Why a ring: read in place, a run of output pixels walks the image C floats a pixel and the
