@@ -84,6 +84,8 @@ inline __attribute__((always_inline)) void feed_rows(__m512 (&acc)[R][B], const 
 #pragma GCC unroll 4
     for (int b = 0; b < B; ++b) {
       v[b] = _mm512_loadu_ps(row + kx * dilation_w + b * kLanes);
+      // Kept in a register: GCC otherwise folds the load into each multiply-add that uses it, a
+      // line-splitting load per multiply-add in the rows that reach few outputs.
       asm("" : "+v"(v[b]));
     }
 #pragma GCC unroll 8

@@ -14,6 +14,7 @@
 #include "ops/cpu/depthwise_avx512/common.h"
 
 #if FASTCNN_AVX512_PLANES
+#include "ops/cpu/avx512_transpose.h"
 
 namespace fastcnn {
 namespace depthwise {
@@ -24,8 +25,8 @@ namespace {
 // Columns of a ring row: every tap of every output pixel.
 int64_t ring_row_pixels(const ImageGeometry& g) { return g.out_w + g.kernel_w - 1; }
 
-// One ring: the window's rows of one channel vector (ring_rows_of rows of ring_row_pixels
-// 16-channel pixels) and its weights ([kernel_h * kernel_w][16]).
+// One ring: the window's rows of one channel vector (kernel_h rows of ring_row_pixels 16-channel
+// pixels) and its weights ([kernel_h * kernel_w][16]).
 struct Slice {
   const float* ring;
   const float* weights;
@@ -145,35 +146,6 @@ inline float* aligned_to_line(float* p) {
 
 }  // namespace
 
-namespace {
-
-// r[i] becomes column i of the 16 x 16 matrix whose rows were r: 4x4 blocks within each 128-bit
-// lane by unpacks and shuffles, then the lanes across the 4 groups of rows.
-inline void transpose16(__m512* r) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  // u[4g + j], lane L: rows 4g..4g+3 at column 4L + j.
-  for (int g = 0; g < 16; g += 4) {
-    u[g] = _mm512_shuffle_ps(t[g], t[g + 2], 0x44);
-    u[g + 1] = _mm512_shuffle_ps(t[g], t[g + 2], 0xEE);
-    u[g + 2] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0x44);
-    u[g + 3] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0xEE);
-  }
-  for (int j = 0; j < 4; ++j) {
-    const __m512 a = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88), b = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);
-    const __m512 c = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88), d = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xDD);
-    r[j] = _mm512_shuffle_f32x4(a, c, 0x88);
-    r[8 + j] = _mm512_shuffle_f32x4(a, c, 0xDD);
-    r[4 + j] = _mm512_shuffle_f32x4(b, d, 0x88);
-    r[12 + j] = _mm512_shuffle_f32x4(b, d, 0xDD);
-  }
-}
-
-}  // namespace
-
 void transpose_floats(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst,
                       int64_t dst_stride) {
   __m512 r[16];
@@ -185,7 +157,7 @@ void transpose_floats(const float* src, int64_t src_stride, int64_t rows, int64_
       const __mmask16 col_lanes = lane_range(0, tile_cols);
       for (int64_t i = 0; i < kLanes; ++i)
         r[i] = i < tile_rows ? _mm512_maskz_loadu_ps(col_lanes, src + (i0 + i) * src_stride + j0) : _mm512_setzero_ps();
-      transpose16(r);
+      cpu::transpose16(r);
       for (int64_t j = 0; j < tile_cols; ++j) _mm512_mask_storeu_ps(dst + (j0 + j) * dst_stride + i0, row_lanes, r[j]);
     }
   }
