@@ -373,11 +373,11 @@ def test_bordered_blocks_are_the_tested_blocks(case, monkeypatch):
     assert torch.equal(new[0], tested[0]) and torch.equal(new[1], tested[1])
 
 
-# channels_last fp32 5- and 7-wide windows at unit stride (rows of at least 7 outputs): 64
-# channels of an image at a time through a ring of 16-channel input rows, against the row kernels
-# it replaces (FASTCNN_DEPTHWISE_ROLLED=0): the forward bit for bit (the same sums in the same
-# order; a narrow row's zero columns are skipped, which can only change the sign of a zero).
-# (N, C, H, W, k, padding)
+# channels_last fp32 5- and 7-wide windows at unit stride (rows of at least 7 outputs), and on
+# rows of 7 outputs 3-wide windows and stride 2: 64 channels of an image at a time through a ring
+# of 16-channel input rows, against the row kernels it replaces (FASTCNN_DEPTHWISE_ROLLED=0): the
+# forward bit for bit (the same sums in the same order; a narrow row's zero columns are skipped,
+# which can only change the sign of a zero). (N, C, H, W, k, padding[, stride])
 RING_CASES = [
     (2, 64, 14, 14, 7, 3),  # ConvNeXt's 14x14 maps: one run of 14 pixels a row, four vectors
     (1, 96, 28, 28, 7, 3),  # two runs a row; a block of 64 channels and one of 32
@@ -389,6 +389,14 @@ RING_CASES = [
     (1, 20, 6, 15, 7, (5, 1, 2, 4)),  # uneven padding, rows above and below the input
     (1, 18, 4, 19, (3, 7), (2, 3)),  # a window of 3 rows x 7 columns on a map of 4 rows
     (2, 17, 12, 30, 5, 6),  # padding past the window's reach
+    (2, 512, 7, 7, 3, 1),  # MobileNet v1's last 3x3 layer: eight blocks of 64 channels
+    (1, 40, 14, 14, 3, 1, 2),  # 3x3 at stride 2 onto 7x7: ring columns two apart
+    (2, 72, 14, 13, 5, 2, 2),  # MobileNet v3's 5x5 at stride 2: a block of 64 and one of 8
+    (1, 24, 13, 14, 7, 3, 2),  # 7x7 at stride 2; 13 input rows, the last window's bottom rows padding
+    (1, 20, 9, 7, (5, 3), (2, 1)),  # 5 rows x 3 columns on rows of 7
+    (1, 17, 11, 14, 3, 1, (1, 2)),  # stride 2 along the rows only
+    (1, 33, 16, 17, 5, 0, 2),  # stride 2 without padding: the ring's first column is the input's
+    (2, 16, 8, 9, 3, 3, 2),  # stride 2, padding past the window's reach
 ]
 
 
@@ -405,12 +413,14 @@ NCHW_RING_CASES = [
     "case, layout",
     [(case, "channels_last") for case in RING_CASES] + [(case, layout) for case in NCHW_RING_CASES
                                                         for layout in ("contiguous", "row_strided")],
-    ids=lambda c: "x".join(map(str, c[:5])) + f"-p{c[5]}" if isinstance(c, tuple) else c,
+    ids=lambda c: "x".join(map(str, c[:5])) + f"-p{c[5]}" + (f"-s{c[6]}" if len(c) > 6 else "")
+    if isinstance(c, tuple) else c,
 )
 def test_ring_is_the_kernels_it_replaces(case, layout, monkeypatch):
     if not fastcnn.benchmarking.cpu_isa().get("avx512f"):
         pytest.skip("the AVX-512 kernels")
-    n, c, h, w, k, padding = case
+    n, c, h, w, k, padding = case[:6]
+    stride = case[6] if len(case) > 6 else 1
     kh, kw = (k, k) if isinstance(k, int) else k
     x = torch.randn(n, c, h, w)
     if layout == "channels_last":
@@ -422,8 +432,8 @@ def test_ring_is_the_kernels_it_replaces(case, layout, monkeypatch):
     outputs = {}
     for rolled in ("1", "0"):
         monkeypatch.setenv("FASTCNN_DEPTHWISE_ROLLED", rolled)
-        _check_fp32_case((n, c, h, w, k, 1, padding, 1), layout)
-        outputs[rolled] = depthwise_conv2d(x, weight, b, 1, padding)
+        _check_fp32_case((n, c, h, w, k, stride, padding, 1), layout)
+        outputs[rolled] = depthwise_conv2d(x, weight, b, stride, padding)
     if layout == "channels_last":
         assert outputs["1"].is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(outputs["1"], outputs["0"])
@@ -539,12 +549,12 @@ HALF_ROW_CASES = [
     # and wide windows: the sliding runs (9 columns), and 13 columns, 8 taps at a time; the ring's
     # 7x7 windows on 7x7 maps and on two blocks of channels
     HALF_ROW_CASES + [(1, 20, 12, 30, 9, 1, 4, 1), (1, 16, 15, 17, 13, 1, 6, 1), (1, 40, 7, 7, 7, 1, 3, 1),
-                      (2, 70, 9, 16, 7, 1, 3, 1)],
+                      (2, 70, 9, 16, 7, 1, 3, 1), (2, 80, 7, 7, 3, 1, 1, 1), (1, 72, 14, 14, 5, 2, 2, 1)],
 )
 @needs_avx512_kernels
 def test_half_channels_last_forward_is_the_fp32_kernel_rounded_once(n, c, h, w, k, stride, padding, dilation, dtype):
     """bf16/fp16 channels_last forward on AVX-512 (forward_nhwc_native, or the ring for 5- and 7-wide
-    windows at unit stride): the fp32 kernel reading the 16-bit rows widened, each output rounded
+    windows at unit stride and for rows of 7 outputs): the fp32 kernel reading the 16-bit rows widened, each output rounded
     once, so equal to the fp32 op's
     output converted by PyTorch, bit for bit but for NaN's payload (PyTorch's own conversions
     disagree there: 0x7FC0 scalar, 0xFFFF vectorised)."""

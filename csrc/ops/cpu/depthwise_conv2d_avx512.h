@@ -159,8 +159,9 @@ int64_t nhwc_bordered_floats(const ImageGeometry& g);
 void forward_channels_nhwc_bordered(const float* in, const float* taps, const float* bias, float* out, int64_t c0,
                                     const ImageGeometry& g, float* scratch);
 
-// channels_last at unit stride and dilation with 5- and 7-wide windows (of at most 64 rows), on
-// rows of at least 7 outputs: kNhwcRingChannels channels of one image from channel c0, the
+// channels_last, undilated, windows of at most 64 rows, rows of at least 7 outputs: 5- and 7-wide
+// windows at unit stride, and on rows of exactly 7 outputs 3-, 5- and 7-wide windows at stride 1
+// or 2 (2 along the rows). kNhwcRingChannels channels of one image from channel c0, the
 // window's input rows copied one at a time into a ring of zero-bordered rows of 16-channel pixels,
 // runs of 14 (or 7) output pixels made from it. `scratch` holds nhwc_ring_floats(g) floats (the
 // ring), zeroed by the caller once for images of the same geometry; `weights` the

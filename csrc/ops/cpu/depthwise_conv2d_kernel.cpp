@@ -271,7 +271,8 @@ class RingWeights {
 bool forward_nchw_ring(const float* in, at::IntArrayRef in_strides, const float* w, const float* b, float* out,
                        const Geometry& g) {
   const auto image = avx512_image_geometry(g);
-  if (!(depthwise::avx512::enabled() && g.kernel_w == 7 && depthwise::avx512::supports_nhwc_ring(image) &&
+  if (!(depthwise::avx512::enabled() && g.kernel_w == 7 && g.stride_h == 1 && g.stride_w == 1 &&
+        depthwise::avx512::supports_nhwc_ring(image) &&
         !depthwise::avx512::supports_bordered(g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.out_w) &&
         depthwise::avx512::rolled_rows_enabled()))
     return false;
@@ -551,18 +552,29 @@ void weight_grad_nhwc_native(const scalar_t* grad_out, const scalar_t* in, float
   });
 }
 
-// channels_last 5- and 7-wide windows at unit stride (see supports_nhwc_ring; bf16 and fp16
+// channels_last windows the ring takes (see supports_nhwc_ring; bf16 and fp16
 // widened as the ring is filled): 64 channels of one image at a time, images outermost (with more
 // images than threads, each thread's whole): two threads on one image's neighbouring blocks write
 // the same lines where a pixel's C values are no whole number of lines (against the images of a
 // block one after another, fp32, 2 threads: 32x72x28x28 5x5 2.29 -> 1.40 ms, 32x120x28x28 3.24
 // -> 2.84, 8x128x56x56 7x7 3.58 -> 3.41).
+//
+// 3-wide windows and stride 2 (rows of 7 outputs) take the ring only while the input is at most
+// kRingCachedInputBytes: a call reads a 64-channel slice of every pixel, a line in four or more,
+// and when the image must come from memory rather than cache those strided reads wait where the
+// rows' whole-row reads stream (2 threads, in process, ms ring / rows: 1x672x14x14 5x5 stride 2
+// 0.045 / 0.072, 16x 0.38 / 0.45, 32x 1.09 / 0.96; 1x1024x7x7 3x3 0.034 / 0.050, 32x 0.55 / 0.58;
+// 32x512x14x14 3x3 stride 2 0.50 / 0.43).
+constexpr int64_t kRingCachedInputBytes = int64_t{8} << 20;
+
 template <typename scalar_t>
 bool forward_nhwc_ring(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& output,
                        const Geometry& g) {
   auto shape = avx512_image_geometry(g);
   shape.stream_output = std::is_same_v<scalar_t, float> && stream_channels_last(output);
   if (!(depthwise::avx512::supports_nhwc_ring(shape) && depthwise::avx512::rolled_rows_enabled())) return false;
+  const bool wide_unit_stride = g.stride_h == 1 && g.stride_w == 1 && (g.kernel_w == 5 || g.kernel_w == 7);
+  if (!wide_unit_stride && input.nbytes() > kRingCachedInputBytes) return false;
   const int64_t C = g.channels, images = g.batch;
   constexpr int64_t kBlock = depthwise::avx512::kNhwcRingChannels;
   const int64_t blocks = (C + kBlock - 1) / kBlock;

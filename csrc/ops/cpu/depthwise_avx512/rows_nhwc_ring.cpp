@@ -1,7 +1,8 @@
-// Depthwise convolution on AVX-512 (reference op F.conv2d(groups=C)), channels_last images at
-// unit stride with 5- and 7-wide windows: ConvNeXt's 7x7 (Liu et al., 2022), MobileNet v3's 5x5
-// (Howard et al., 2019). 64 channels of an image at a time, the window's input rows copied into a
-// ring of zero-bordered rows of 16-channel pixels. See supports_nhwc_ring in
+// Depthwise convolution on AVX-512 (reference op F.conv2d(groups=C)), channels_last images with
+// 5- and 7-wide windows at unit stride: ConvNeXt's 7x7 (Liu et al., 2022), MobileNet v3's 5x5
+// (Howard et al., 2019); and on rows of 7 outputs 3-wide windows and stride 2 (MobileNets' last
+// layers, Howard et al., 2017). 64 channels of an image at a time, the window's input rows copied
+// into a ring of zero-bordered rows of 16-channel pixels. See supports_nhwc_ring in
 // depthwise_conv2d_avx512.h.
 //
 // Why a ring: read in place, a run of output pixels walks the image C floats a pixel and the
@@ -23,7 +24,7 @@ namespace avx512 {
 namespace {
 
 // Columns of a ring row: every tap of every output pixel.
-int64_t ring_row_pixels(const ImageGeometry& g) { return g.out_w + g.kernel_w - 1; }
+int64_t ring_row_pixels(const ImageGeometry& g) { return (g.out_w - 1) * g.stride_w + g.kernel_w; }
 
 // One ring: the window's rows of one channel vector (kernel_h rows of ring_row_pixels 16-channel
 // pixels) and its weights ([kernel_h * kernel_w][16]).
@@ -34,15 +35,16 @@ struct Slice {
   __mmask16 lanes;
 };
 
-// P output pixels of S channel vectors from column x: P * S accumulators, the KW weights of a
-// kernel row per vector, and each input pixel loaded once for every tap that reads it. Runs of
-// 14 pixels (ConvNeXt's maps are 56, 28, 14 and 7 wide) of one vector, 22 registers for 7x7;
-// rows of 7 to 13 pixels runs of 7 of two vectors (one vector's 7 chains ran near the FMA latency).
-// Narrow rows skip the run's columns [0, j0) and [j1, P + KW - 1), zeros outside the input (a
-// quarter of a 7x7 map's multiply-adds).
-template <int KW, int P, int S, typename E>
-inline void ring_run(const Slice* slices, const int64_t* row_offsets, int64_t ky0, int64_t ky1, int64_t x, int64_t j0,
+// P output pixels of S channel vectors from ring column x0 (the run's first pixel times SW): P * S
+// accumulators, the KW weights of a kernel row per vector, and each input pixel loaded once for
+// every tap that reads it (column j feeds pixel (j - kx) / SW). Runs of 14 pixels (ConvNeXt's maps
+// are 56, 28, 14 and 7 wide) of one vector, 22 registers for 7x7; rows of 7 to 13 pixels runs of 7
+// of two vectors (one vector's 7 chains ran near the FMA latency). Narrow rows skip the run's
+// columns [0, j0) and [j1, ...), zeros outside the input (a quarter of a 7x7 map's multiply-adds).
+template <int KW, int P, int S, int SW, typename E>
+inline void ring_run(const Slice* slices, const int64_t* row_offsets, int64_t ky0, int64_t ky1, int64_t x0, int64_t j0,
                      int64_t j1, E* out, int64_t C, bool stream) {
+  constexpr int kColumns = (P - 1) * SW + KW;
   __m512 acc[S][P];
 #pragma GCC unroll 16
   for (int s = 0; s < S; ++s)
@@ -52,19 +54,23 @@ inline void ring_run(const Slice* slices, const int64_t* row_offsets, int64_t ky
     __m512 w[S][KW];
 #pragma GCC unroll 8
     for (int s = 0; s < S; ++s) {
-      row[s] = slices[s].ring + row_offsets[ky] + x * kLanes;
+      row[s] = slices[s].ring + row_offsets[ky] + x0 * kLanes;
       for (int kx = 0; kx < KW; ++kx) w[s][kx] = _mm512_loadu_ps(slices[s].weights + (ky * KW + kx) * kLanes);
     }
 #pragma GCC unroll 32
-    for (int j = 0; j < P + KW - 1; ++j) {
+    for (int j = 0; j < kColumns; ++j) {
       if (P < 14 && (j < j0 || j >= j1)) continue;
 #pragma GCC unroll 2
       for (int s = 0; s < S; ++s) {
-        const __m512 column = _mm512_load_ps(row[s] + j * kLanes);
+        __m512 column = _mm512_load_ps(row[s] + j * kLanes);
+        // Kept in a register: for 3-wide windows GCC folded the load into each multiply-add that
+        // reads it, and this Xeon issues about one 64-byte load a cycle against two multiply-adds
+        // (128x28x28 3x3 in L2, one thread: 25 -> 15 cycles an output vector).
+        __asm__("" : "+v"(column));
 #pragma GCC unroll 8
         for (int kx = 0; kx < KW; ++kx) {
-          const int p = j - kx;
-          if (p >= 0 && p < P) acc[s][p] = _mm512_fmadd_ps(w[s][kx], column, acc[s][p]);
+          const int p = (j - kx) / SW;
+          if (j >= kx && (j - kx) % SW == 0 && p < P) acc[s][p] = _mm512_fmadd_ps(w[s][kx], column, acc[s][p]);
         }
       }
     }
@@ -77,7 +83,7 @@ inline void ring_run(const Slice* slices, const int64_t* row_offsets, int64_t ky
 // G channel vectors from c0 (four: a pixel's 64 channels are lines the L2 fetches in pairs, and
 // the stores fill 256 contiguous bytes a pixel), each with its own ring and weights; each run
 // position makes its pixels for every vector in turn.
-template <int KW, int P, int G, typename E>
+template <int KW, int P, int SW, int G, typename E>
 void ring_rows(const E* in, const float* bias, E* out, int64_t c0, const ImageGeometry& g, float* ring,
                const float* weights) {
   const int64_t C = g.channels, KH = g.kernel_h, row_floats = ring_row_pixels(g) * kLanes;
@@ -94,7 +100,7 @@ void ring_rows(const E* in, const float* bias, E* out, int64_t c0, const ImageGe
   int64_t next_row = 0;  // the next input row to copy into slot next_row % KH
   int64_t row_offsets[64];
   for (int64_t oy = 0; oy < g.out_h; ++oy) {
-    const int64_t iy0 = oy - g.pad_top;
+    const int64_t iy0 = oy * g.stride_h - g.pad_top;
     for (; next_row < min64(g.in_h, iy0 + KH); ++next_row) {
       float* dst = ring + next_row % KH * row_floats;
       const E* src = in + (next_row * g.in_w + first_column - g.pad_left) * C + c0;
@@ -102,12 +108,12 @@ void ring_rows(const E* in, const float* bias, E* out, int64_t c0, const ImageGe
         for (int s = 0; s < G; ++s)
           _mm512_store_ps(dst + s * ring_floats + c * kLanes, load_channels(slices[s].lanes, src + s * kLanes));
     }
-    // The row the next output row copies, on its way while this one is made: the copy's strided
-    // loads otherwise wait on L2 or memory one after another.
-    if (next_row < g.in_h) {
-      const E* src = in + (next_row * g.in_w + first_column - g.pad_left) * C + c0;
+    // The rows the next output row copies, on their way while this one is made: the copy's
+    // strided loads otherwise wait on L2 or memory one after another.
+    for (int64_t row = next_row; row < min64(g.in_h, next_row + g.stride_h); ++row) {
+      const E* src = in + (row * g.in_w + first_column - g.pad_left) * C + c0;
       for (int64_t c = first_column; c < end_column; ++c, src += C)
-        _mm_prefetch(reinterpret_cast<const char*>(src), _MM_HINT_T0);
+        for (int s = 0; s < G; ++s) _mm_prefetch(reinterpret_cast<const char*>(src + s * kLanes), _MM_HINT_T0);
     }
     // Kernel rows inside the input: [ky0, ky1).
     const int64_t ky0 = iy0 < 0 ? -iy0 : 0, ky1 = min64(KH, g.in_h - iy0);
@@ -115,29 +121,36 @@ void ring_rows(const E* in, const float* bias, E* out, int64_t c0, const ImageGe
     E* out_row = out + oy * g.out_w * C + c0;
     for (int64_t ox = 0; ox < g.out_w; ox += P) {
       // The row's last run ends at its last pixel (some pixels made twice, the same values).
-      const int64_t x = min64(ox, g.out_w - P);
-      const int64_t j0 = first_column - x, j1 = end_column - x;
+      const int64_t x = min64(ox, g.out_w - P), x0 = x * SW;
+      const int64_t j0 = first_column - x0, j1 = end_column - x0;
       constexpr int S = P < 14 ? 2 : 1;
       int s = 0;
       for (; s + S <= G; s += S)
-        ring_run<KW, P, S>(slices + s, row_offsets, ky0, ky1, x, j0, j1, out_row + x * C + s * kLanes, C,
-                           g.stream_output);
+        ring_run<KW, P, S, SW>(slices + s, row_offsets, ky0, ky1, x0, j0, j1, out_row + x * C + s * kLanes, C,
+                               g.stream_output);
       if (s < G)
-        ring_run<KW, P, 1>(slices + s, row_offsets, ky0, ky1, x, j0, j1, out_row + x * C + s * kLanes, C,
-                           g.stream_output);
+        ring_run<KW, P, 1, SW>(slices + s, row_offsets, ky0, ky1, x0, j0, j1, out_row + x * C + s * kLanes, C,
+                               g.stream_output);
     }
   }
 }
 
-template <int KW, int P, typename E>
+template <int KW, int P, int SW, typename E>
 void ring_channels(const E* in, const float* bias, E* out, int64_t c0, const ImageGeometry& g, float* ring,
                    const float* weights) {
   switch (min64(kNhwcRingChannels, g.channels - c0 + kLanes - 1) / kLanes) {
-    case 1: return ring_rows<KW, P, 1>(in, bias, out, c0, g, ring, weights);
-    case 2: return ring_rows<KW, P, 2>(in, bias, out, c0, g, ring, weights);
-    case 3: return ring_rows<KW, P, 3>(in, bias, out, c0, g, ring, weights);
-    default: return ring_rows<KW, P, 4>(in, bias, out, c0, g, ring, weights);
+    case 1: return ring_rows<KW, P, SW, 1>(in, bias, out, c0, g, ring, weights);
+    case 2: return ring_rows<KW, P, SW, 2>(in, bias, out, c0, g, ring, weights);
+    case 3: return ring_rows<KW, P, SW, 3>(in, bias, out, c0, g, ring, weights);
+    default: return ring_rows<KW, P, SW, 4>(in, bias, out, c0, g, ring, weights);
   }
+}
+
+template <int KW, int SW, typename E>
+void ring_widths(const E* in, const float* bias, E* out, int64_t c0, const ImageGeometry& g, float* ring,
+                 const float* weights) {
+  if (g.out_w >= 14) return ring_channels<KW, 14, SW>(in, bias, out, c0, g, ring, weights);
+  ring_channels<KW, 7, SW>(in, bias, out, c0, g, ring, weights);
 }
 
 inline float* aligned_to_line(float* p) {
@@ -164,8 +177,17 @@ void transpose_floats(const float* src, int64_t src_stride, int64_t rows, int64_
 }
 
 bool supports_nhwc_ring(const ImageGeometry& g) {
-  return g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 && g.dilation_w == 1 &&
-         (g.kernel_w == 5 || g.kernel_w == 7) && g.kernel_h <= 64 && g.out_w >= 7;
+  if (!(g.dilation_h == 1 && g.dilation_w == 1 && g.kernel_h <= 64 && g.out_w >= 7)) return false;
+  const bool unit_stride = g.stride_h == 1 && g.stride_w == 1;
+  const bool stride_two = g.stride_h <= 2 && g.stride_w == 2;
+  // 5- and 7-wide windows at unit stride on every map; 3-wide windows, and stride 2, only on
+  // rows of 7 outputs (MobileNets' last maps), where the rows' short runs of one or two pixels
+  // left the multiply-adds waiting on loads. On wider maps of many images the rows read each
+  // input row in one pass where the ring reads a 64-channel slice of it at a time, a line in every
+  // four (or eight) of each pixel that the prefetchers do not follow (2 threads, in process:
+  // 32x512x14x14 3x3 rows 1.16 ms, ring 1.93; 32x256x28x28 stride 2 1.51 and 1.74).
+  if (unit_stride && (g.kernel_w == 5 || g.kernel_w == 7)) return true;
+  return g.out_w <= 7 && (unit_stride || stride_two) && (g.kernel_w == 3 || g.kernel_w == 5 || g.kernel_w == 7);
 }
 
 int64_t nhwc_ring_floats(const ImageGeometry& g) {
@@ -192,13 +214,14 @@ template <typename E>
 void ring_image(const E* in, const float* weights, const float* bias, E* out, int64_t c0, const ImageGeometry& g,
                 float* scratch) {
   float* ring = aligned_to_line(scratch);
-  const bool wide = g.out_w >= 14;
-  if (g.kernel_w == 7) {
-    if (wide) return ring_channels<7, 14>(in, bias, out, c0, g, ring, weights);
-    return ring_channels<7, 7>(in, bias, out, c0, g, ring, weights);
+  if (g.stride_w == 2) {
+    if (g.kernel_w == 7) return ring_widths<7, 2>(in, bias, out, c0, g, ring, weights);
+    if (g.kernel_w == 5) return ring_widths<5, 2>(in, bias, out, c0, g, ring, weights);
+    return ring_widths<3, 2>(in, bias, out, c0, g, ring, weights);
   }
-  if (wide) return ring_channels<5, 14>(in, bias, out, c0, g, ring, weights);
-  ring_channels<5, 7>(in, bias, out, c0, g, ring, weights);
+  if (g.kernel_w == 7) return ring_widths<7, 1>(in, bias, out, c0, g, ring, weights);
+  if (g.kernel_w == 5) return ring_widths<5, 1>(in, bias, out, c0, g, ring, weights);
+  ring_widths<3, 1>(in, bias, out, c0, g, ring, weights);
 }
 
 }  // namespace
