@@ -560,11 +560,12 @@ void weight_grad_nhwc_native(const scalar_t* grad_out, const scalar_t* in, float
 // -> 2.84, 8x128x56x56 7x7 3.58 -> 3.41).
 //
 // 3-wide windows and stride 2 (rows of 7 outputs) take the ring only while the input is at most
-// kRingCachedInputBytes: a call reads a 64-channel slice of every pixel, a line in four or more,
-// and when the image must come from memory rather than cache those strided reads wait where the
-// rows' whole-row reads stream (2 threads, in process, ms ring / rows: 1x672x14x14 5x5 stride 2
-// 0.045 / 0.072, 16x 0.38 / 0.45, 32x 1.09 / 0.96; 1x1024x7x7 3x3 0.034 / 0.050, 32x 0.55 / 0.58;
-// 32x512x14x14 3x3 stride 2 0.50 / 0.43).
+// kRingCachedInputBytes, 3x3 windows at stride 2 (the fewest multiply-adds an input byte) an
+// eighth of that: a call reads a 64-channel slice of every pixel, a line in four or more, and when
+// the image must come from memory rather than cache those strided reads wait where the rows'
+// whole-row reads stream (2 threads, in process, ms ring / rows: 1x672x14x14 5x5 stride 2 0.045 /
+// 0.068, 8x 0.22 / 0.25, 16x 0.38 / 0.45, 32x 1.09 / 0.96; 1x1024x7x7 3x3 0.034 / 0.051, 8x 0.14
+// / 0.17, 32x 0.60 / 0.63; 512x14x14 3x3 stride 2 1x 0.030 / 0.037, 8x 0.141 / 0.126).
 constexpr int64_t kRingCachedInputBytes = int64_t{8} << 20;
 
 template <typename scalar_t>
@@ -574,7 +575,8 @@ bool forward_nhwc_ring(const at::Tensor& input, const at::Tensor& weight, const 
   shape.stream_output = std::is_same_v<scalar_t, float> && stream_channels_last(output);
   if (!(depthwise::avx512::supports_nhwc_ring(shape) && depthwise::avx512::rolled_rows_enabled())) return false;
   const bool wide_unit_stride = g.stride_h == 1 && g.stride_w == 1 && (g.kernel_w == 5 || g.kernel_w == 7);
-  if (!wide_unit_stride && input.nbytes() > kRingCachedInputBytes) return false;
+  const int64_t cached = g.kernel_w == 3 && g.stride_w == 2 ? kRingCachedInputBytes / 8 : kRingCachedInputBytes;
+  if (!wide_unit_stride && input.nbytes() > cached) return false;
   const int64_t C = g.channels, images = g.batch;
   constexpr int64_t kBlock = depthwise::avx512::kNhwcRingChannels;
   const int64_t blocks = (C + kBlock - 1) / kBlock;
