@@ -397,6 +397,8 @@ RING_CASES = [
     (1, 17, 11, 14, 3, 1, (1, 2)),  # stride 2 along the rows only
     (1, 33, 16, 17, 5, 0, 2),  # stride 2 without padding: the ring's first column is the input's
     (2, 16, 8, 9, 3, 3, 2),  # stride 2, padding past the window's reach
+    (1, 24, 28, 28, 5, 2),  # 28x28 maps: two runs of 14 a row, forward and input gradient
+    (1, 16, 10, 29, 7, 3),  # rows of 29: the last run moved back to end at the row's end
 ]
 
 
@@ -429,14 +431,22 @@ def test_ring_is_the_kernels_it_replaces(case, layout, monkeypatch):
         x = torch.randn(n, c, h, w + 5)[..., 2 : 2 + w]
     weight = torch.randn(c, 1, kh, kw)
     b = torch.randn(c)
-    outputs = {}
+    outputs, grads = {}, {}
     for rolled in ("1", "0"):
         monkeypatch.setenv("FASTCNN_DEPTHWISE_ROLLED", rolled)
         _check_fp32_case((n, c, h, w, k, stride, padding, 1), layout)
-        outputs[rolled] = depthwise_conv2d(x, weight, b, stride, padding)
+        leaves = [t.clone().requires_grad_() for t in (x, weight, b)]
+        outputs[rolled] = depthwise_conv2d(*leaves, stride, padding)
+        grad = torch.randn(outputs[rolled].shape, generator=torch.Generator().manual_seed(0))
+        grads[rolled] = _grads(outputs[rolled], leaves, grad.to(memory_format=torch.channels_last))
     if layout == "channels_last":
         assert outputs["1"].is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(outputs["1"], outputs["0"])
+        # The unit-stride input gradient of 5- and 7-wide windows (grad_output up to 5 MiB) is the
+        # ring's flipped forward (grad_input_nhwc_ring), the weight gradient then its own pass:
+        # bit for bit the fused rows' backward.
+        for name, new, tested in zip(("input", "weight", "bias"), grads["1"], grads["0"]):
+            assert torch.equal(new, tested), name
     else:
         assert outputs["1"].is_contiguous()
         torch.testing.assert_close(outputs["1"], outputs["0"], rtol=1e-5, atol=1e-5 * kh)
