@@ -186,6 +186,9 @@ void forward_channels_nhwc_ring_bf16(const uint16_t*, const float*, const float*
                                      const ImageGeometry&, float*) {}
 void forward_channels_nhwc_ring_fp16(const uint16_t*, const float*, const float*, uint16_t*, int64_t,
                                      const ImageGeometry&, float*) {}
+bool supports_nhwc_ring_weight_grad(const ImageGeometry&) { return false; }
+int64_t nhwc_ring_weight_grad_sum_floats(const ImageGeometry&) { return 0; }
+void weight_grad_channels_nhwc_ring(const float*, const float*, float*, bool, int64_t, const ImageGeometry&, float*) {}
 void transpose_floats(const float*, int64_t, int64_t, int64_t, float*, int64_t) {}
 bool flat_plane(const PlaneGeometry&, FlatPlane*) { return false; }
 void forward_plane_flat(const float*, const float*, float, float*, const FlatPlane&) {}

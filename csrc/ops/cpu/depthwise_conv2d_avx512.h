@@ -180,6 +180,16 @@ void forward_channels_nhwc_ring_bf16(const uint16_t* in, const float* weights, c
                                      int64_t c0, const ImageGeometry& g, float* scratch);
 void forward_channels_nhwc_ring_fp16(const uint16_t* in, const float* weights, const float* bias, uint16_t* out,
                                      int64_t c0, const ImageGeometry& g, float* scratch);
+
+// The weight (and bias) gradient of the same windows at unit stride on rows of 7 outputs or a
+// multiple of 14: for kNhwcRingChannels channels of one image from c0, grad_out's products with
+// the ring's input added into `sums` ([vector][kernel_h * kernel_w taps, then the bias][16
+// lanes], nhwc_ring_weight_grad_sum_floats(g) floats, 64-byte aligned; the bias sums only when
+// with_bias). `scratch` as for forward_channels_nhwc_ring.
+bool supports_nhwc_ring_weight_grad(const ImageGeometry& g);
+int64_t nhwc_ring_weight_grad_sum_floats(const ImageGeometry& g);
+void weight_grad_channels_nhwc_ring(const float* in, const float* grad_out, float* sums, bool with_bias, int64_t c0,
+                                    const ImageGeometry& g, float* scratch);
 // dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols: NCHW planes to the
 // ring's pixels and back, 16 x 16 tiles transposed in registers.
 void transpose_floats(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst,

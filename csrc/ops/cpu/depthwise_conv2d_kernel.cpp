@@ -1191,22 +1191,24 @@ bool backward_nhwc_fused_avx512(const float* go, const float* in, const at::Tens
   return true;
 }
 
-// The unit-stride input gradient of channels_last fp32 5- and 7-wide windows while grad_output is
-// at most kRingGradInputBytes: the flipped forward through the ring (forward_nhwc_ring) over
-// grad_output, bit for bit the row kernels' flipped forward that backward_nhwc_fused_avx512 runs.
-// The weight gradient then reads grad_output a second time, on its own: while grad_output stays
-// in cache the ring saves more than that costs, once it comes from memory it does not (in
-// process, 2 threads, ms backward, ring / fused rows: 8x384x14x14 7x7 1.59 / 2.00, 8x768x7x7 1.13
-// / 1.40, 8x192x28x28 3.14 / 3.66, 16x960x7x7 5x5 1.02 / 1.21, 4x120x28x28 0.51 / 0.62,
-// 2x128x56x56 7x7 1.33 / 1.41; 32x960x7x7 (6 MiB) 2.75 / 2.57, 32x120x28x28 6.36 / 6.21).
-// False, and nothing written, where it does not apply (padding beyond the window's reach, which
-// the flipped window would need negative, included).
+// The unit-stride input gradient of channels_last fp32 5- and 7-wide windows: the flipped forward
+// through the ring (forward_nhwc_ring) over grad_output, bit for bit the row kernels' flipped
+// forward that backward_nhwc_fused_avx512 runs, while grad_output is at most kRingGradInputBytes
+// or (any_size) the weight gradient takes the ring too on rows of 14 outputs or more. The weight
+// gradient then reads grad_output a second time, on its own; in process, 2 threads, ms backward,
+// ring input gradient + ring weight gradient / the fused rows: 8x384x14x14 7x7 0.96 / 1.80,
+// 8x768x7x7 0.79 / 1.40, 8x192x28x28 2.21 / 3.82, 1x960x7x7 5x5 0.12 / 0.16; larger tensors:
+// 8x128x56x56 7x7 5.72 / 7.24, 8x96x56x56 3.80 / 4.56, 32x120x28x28 5x5 4.92 / 5.73, 32x72x28x28
+// 2.56 / 3.32, but on rows of 7 32x960x7x7 2.72 / 2.49 (with the rows' weight gradient the ring
+// lost past 5 MiB too: 32x960x7x7 2.75 / 2.57, 8x128x56x56 6.48 / 5.85). False, and nothing
+// written, where it does not apply (padding beyond the window's reach, which the flipped window
+// would need negative, included).
 constexpr int64_t kRingGradInputBytes = int64_t{5} << 20;
 
 bool grad_input_nhwc_ring(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& grad_input,
-                          const Geometry& g) {
+                          const Geometry& g, bool any_size) {
   if (!(grad_input.defined() && depthwise::avx512::enabled() && g.stride_h == 1 && g.stride_w == 1 &&
-        (g.kernel_w == 5 || g.kernel_w == 7) && grad_output.nbytes() <= kRingGradInputBytes))
+        (g.kernel_w == 5 || g.kernel_w == 7) && (any_size || grad_output.nbytes() <= kRingGradInputBytes)))
     return false;
   Geometry flipped = g;
   flipped.in_h = g.out_h;
@@ -1221,15 +1223,60 @@ bool grad_input_nhwc_ring(const at::Tensor& grad_output, const at::Tensor& weigh
   return forward_nhwc_ring<float>(grad_output, weight.flip({2, 3}).contiguous(), at::Tensor(), grad_input, flipped);
 }
 
+// The weight (and bias) gradient of channels_last fp32 5- and 7-wide windows at unit stride on
+// rows of 7 outputs or a multiple of 14, from the ring (weight_grad_channels_nhwc_ring): the items
+// (image, 64-channel block), images outermost, in weight_grad_chunks fixed chunks, each chunk's
+// sums in its own partial, added in chunk order. Not the rows' order of addition: the same bits
+// for the same thread count, not the rows' bits. False, and nothing written, elsewhere.
+bool weight_grad_nhwc_ring(const at::Tensor& grad_output, const at::Tensor& input, at::Tensor& grad_weight,
+                           at::Tensor& grad_bias, const Geometry& g) {
+  const auto image = avx512_image_geometry(g);
+  if (!(grad_weight.defined() && depthwise::avx512::enabled() && depthwise::avx512::rolled_rows_enabled() &&
+        depthwise::avx512::supports_nhwc_ring_weight_grad(image)))
+    return false;
+  constexpr int64_t kBlock = depthwise::avx512::kNhwcRingChannels, L = depthwise::avx512::kLanes;
+  const int64_t C = g.channels, kernel_area = g.kernel_h * g.kernel_w, blocks = (C + kBlock - 1) / kBlock;
+  const int64_t items = g.batch * blocks, chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  const int64_t partial_size = (kernel_area + 1) * C;
+  const bool with_bias = grad_bias.defined();
+  std::vector<float> partials(chunks * partial_size, 0.f);
+  const float* go = grad_output.const_data_ptr<float>();
+  const float* in = input.const_data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(depthwise::avx512::nhwc_ring_floats(image), 0.f);
+    const int64_t sum_floats = depthwise::avx512::nhwc_ring_weight_grad_sum_floats(image);
+    std::vector<float> sum_storage(sum_floats + L);
+    float* sums = sum_storage.data() + (L - reinterpret_cast<uintptr_t>(sum_storage.data()) / sizeof(float) % L) % L;
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      float* part = partials.data() + chunk * partial_size;
+      for (int64_t item = chunk * items / chunks; item < (chunk + 1) * items / chunks; ++item) {
+        const int64_t n = item / blocks, c0 = item % blocks * kBlock;
+        std::fill(sums, sums + sum_floats, 0.f);
+        depthwise::avx512::weight_grad_channels_nhwc_ring(in + n * g.in_h * g.in_w * C, go + n * g.out_h * g.out_w * C,
+                                                          sums, with_bias, c0, image, scratch.data());
+        for (int64_t c = c0; c < std::min(C, c0 + kBlock); ++c) {
+          const float* lane = sums + (c - c0) / L * (kernel_area + 1) * L + (c - c0) % L;
+          for (int64_t t = 0; t <= kernel_area; ++t) part[t * C + c] += lane[t * L];
+        }
+      }
+    }
+  });
+  write_weight_partials<float>(partials, chunks, g, grad_weight, grad_bias);
+  return true;
+}
+
 template <typename scalar_t>
 void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
                    at::Tensor& grad_input, at::Tensor& grad_weight, at::Tensor& grad_bias, const Geometry& g) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (grad_input_nhwc_ring(grad_output, weight, grad_input, g)) {
+    const bool weight_by_ring = grad_weight.defined() && depthwise::avx512::rolled_rows_enabled() &&
+                                depthwise::avx512::supports_nhwc_ring_weight_grad(avx512_image_geometry(g));
+    if (grad_input_nhwc_ring(grad_output, weight, grad_input, g, weight_by_ring && g.out_w >= 14)) {
       at::Tensor input_done;  // undefined: the weight and bias gradients alone
       backward_nhwc<float>(grad_output, input, weight, input_done, grad_weight, grad_bias, g);
       return;
     }
+    if (!grad_input.defined() && weight_grad_nhwc_ring(grad_output, input, grad_weight, grad_bias, g)) return;
     if (backward_nhwc_fused_avx512(grad_output.const_data_ptr<float>(), input.const_data_ptr<float>(), weight,
                                    grad_input, grad_weight, grad_bias, g))
       return;

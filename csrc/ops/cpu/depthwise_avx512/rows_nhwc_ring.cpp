@@ -241,6 +241,118 @@ void forward_channels_nhwc_ring_fp16(const uint16_t* in, const float* weights, c
   ring_image(reinterpret_cast<const Fp16*>(in), weights, bias, reinterpret_cast<Fp16*>(out), c0, g, scratch);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Weight gradient: the same ring of input rows; for each run of P output pixels of one channel
+// vector, grad_output's P vectors stay in registers while each kernel row's KW sums take every
+// column of the ring row once (column j feeds tap kx through pixel j - kx): P + KW - 1 loads for
+// P * KW multiply-adds, where the rows' weight gradient loads a window pixel for each.
+
+namespace {
+
+template <int KW, int P, typename E>
+inline void ring_weight_run(const float* const* rows, int64_t ky0, int64_t ky1, const E* go, int64_t C,
+                            __mmask16 lanes, float* sums, float* bias_sums) {
+  __m512 grad[P];
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) grad[p] = load_channels(lanes, go + p * C);
+  if (bias_sums) {
+    __m512 total = _mm512_load_ps(bias_sums);
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) total = _mm512_add_ps(total, grad[p]);
+    _mm512_store_ps(bias_sums, total);
+  }
+  for (int64_t ky = ky0; ky < ky1; ++ky) {
+    __m512 acc[KW];
+    float* tap_sums = sums + ky * KW * kLanes;
+#pragma GCC unroll 8
+    for (int kx = 0; kx < KW; ++kx) acc[kx] = _mm512_load_ps(tap_sums + kx * kLanes);
+#pragma GCC unroll 32
+    for (int j = 0; j < P + KW - 1; ++j) {
+      __m512 column = _mm512_load_ps(rows[ky] + j * kLanes);
+      __asm__("" : "+v"(column));  // one load for the KW taps (see ring_run)
+#pragma GCC unroll 8
+      for (int kx = 0; kx < KW; ++kx) {
+        const int p = j - kx;
+        if (p >= 0 && p < P) acc[kx] = _mm512_fmadd_ps(grad[p], column, acc[kx]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int kx = 0; kx < KW; ++kx) _mm512_store_ps(tap_sums + kx * kLanes, acc[kx]);
+  }
+}
+
+template <int KW, int P, int G, typename E>
+void ring_weight_rows(const E* in, const E* go, int64_t c0, const ImageGeometry& g, float* ring, float* sums,
+                      bool with_bias) {
+  const int64_t C = g.channels, KH = g.kernel_h, row_floats = ring_row_pixels(g) * kLanes;
+  const int64_t ring_floats = KH * row_floats, slice_sums = (KH * KW + 1) * kLanes;
+  __mmask16 lanes[G];
+  for (int s = 0; s < G; ++s) lanes[s] = lane_range(0, C - c0 - s * kLanes);
+  const int64_t first_column = g.pad_left > 0 ? g.pad_left : 0;
+  const int64_t end_column = min64(ring_row_pixels(g), g.in_w + g.pad_left);
+  int64_t next_row = 0;
+  for (int64_t oy = 0; oy < g.out_h; ++oy) {
+    const int64_t iy0 = oy - g.pad_top;
+    for (; next_row < min64(g.in_h, iy0 + KH); ++next_row) {
+      float* dst = ring + next_row % KH * row_floats;
+      const E* src = in + (next_row * g.in_w + first_column - g.pad_left) * C + c0;
+      for (int64_t c = first_column; c < end_column; ++c, src += C)
+        for (int s = 0; s < G; ++s)
+          _mm512_store_ps(dst + s * ring_floats + c * kLanes, load_channels(lanes[s], src + s * kLanes));
+    }
+    if (next_row < g.in_h) {
+      const E* src = in + (next_row * g.in_w + first_column - g.pad_left) * C + c0;
+      for (int64_t c = first_column; c < end_column; ++c, src += C)
+        for (int s = 0; s < G; ++s) _mm_prefetch(reinterpret_cast<const char*>(src + s * kLanes), _MM_HINT_T0);
+    }
+    const int64_t ky0 = iy0 < 0 ? -iy0 : 0, ky1 = min64(KH, g.in_h - iy0);
+    const E* go_row = go + oy * g.out_w * C + c0;
+    for (int64_t x = 0; x < g.out_w; x += P)
+      for (int s = 0; s < G; ++s) {
+        const float* rows[64];
+        for (int64_t ky = ky0; ky < ky1; ++ky)
+          rows[ky] = ring + s * ring_floats + (iy0 + ky) % KH * row_floats + x * kLanes;
+        float* slice = sums + s * slice_sums;
+        ring_weight_run<KW, P>(rows, ky0, ky1, go_row + x * C + s * kLanes, C, lanes[s], slice,
+                               with_bias ? slice + KH * KW * kLanes : nullptr);
+      }
+  }
+}
+
+template <int KW, int P, typename E>
+void ring_weight_channels(const E* in, const E* go, int64_t c0, const ImageGeometry& g, float* ring, float* sums,
+                          bool with_bias) {
+  switch (min64(kNhwcRingChannels, g.channels - c0 + kLanes - 1) / kLanes) {
+    case 1: return ring_weight_rows<KW, P, 1>(in, go, c0, g, ring, sums, with_bias);
+    case 2: return ring_weight_rows<KW, P, 2>(in, go, c0, g, ring, sums, with_bias);
+    case 3: return ring_weight_rows<KW, P, 3>(in, go, c0, g, ring, sums, with_bias);
+    default: return ring_weight_rows<KW, P, 4>(in, go, c0, g, ring, sums, with_bias);
+  }
+}
+
+}  // namespace
+
+bool supports_nhwc_ring_weight_grad(const ImageGeometry& g) {
+  return g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 && g.dilation_w == 1 &&
+         (g.kernel_w == 5 || g.kernel_w == 7) && g.kernel_h <= 64 && (g.out_w == 7 || g.out_w % 14 == 0);
+}
+
+int64_t nhwc_ring_weight_grad_sum_floats(const ImageGeometry& g) {
+  return kNhwcRingChannels / kLanes * (g.kernel_h * g.kernel_w + 1) * kLanes;
+}
+
+void weight_grad_channels_nhwc_ring(const float* in, const float* grad_out, float* sums, bool with_bias, int64_t c0,
+                                    const ImageGeometry& g, float* scratch) {
+  float* ring = aligned_to_line(scratch);
+  const bool wide = g.out_w >= 14;
+  if (g.kernel_w == 7) {
+    if (wide) return ring_weight_channels<7, 14>(in, grad_out, c0, g, ring, sums, with_bias);
+    return ring_weight_channels<7, 7>(in, grad_out, c0, g, ring, sums, with_bias);
+  }
+  if (wide) return ring_weight_channels<5, 14>(in, grad_out, c0, g, ring, sums, with_bias);
+  ring_weight_channels<5, 7>(in, grad_out, c0, g, ring, sums, with_bias);
+}
+
 }  // namespace avx512
 }  // namespace depthwise
 }  // namespace fastcnn
