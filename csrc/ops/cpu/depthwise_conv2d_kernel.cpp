@@ -1115,10 +1115,23 @@ std::vector<T> flipped_taps(const std::vector<T>& taps, int64_t kernel_area, int
   return flipped;
 }
 
+// (Its padding is negative where the forward's reaches past the window.)
+Geometry flipped_geometry(const Geometry& g) {
+  Geometry flipped = g;
+  flipped.in_h = g.out_h;
+  flipped.in_w = g.out_w;
+  flipped.out_h = g.in_h;
+  flipped.out_w = g.in_w;
+  flipped.stride_h = flipped.stride_w = 1;
+  flipped.pad_top = (g.kernel_h - 1) * g.dilation_h - g.pad_top;
+  flipped.pad_bottom = (g.kernel_h - 1) * g.dilation_h - g.pad_bottom;
+  flipped.pad_left = (g.kernel_w - 1) * g.dilation_w - g.pad_left;
+  flipped.pad_right = (g.kernel_w - 1) * g.dilation_w - g.pad_right;
+  return flipped;
+}
+
 depthwise::avx512::ImageGeometry flipped_image_geometry(const Geometry& g) {
-  return {g.channels, g.out_h, g.out_w, g.in_h, g.in_w, g.kernel_h, g.kernel_w, 1, 1,
-          (g.kernel_h - 1) * g.dilation_h - g.pad_top, (g.kernel_w - 1) * g.dilation_w - g.pad_left,
-          g.dilation_h, g.dilation_w};
+  return avx512_image_geometry(flipped_geometry(g));
 }
 
 // The channels_last weight gradient sums output rows in this many fixed chunks, each into its own
@@ -1210,15 +1223,7 @@ bool grad_input_nhwc_ring(const at::Tensor& grad_output, const at::Tensor& weigh
   if (!(grad_input.defined() && depthwise::avx512::enabled() && g.stride_h == 1 && g.stride_w == 1 &&
         (g.kernel_w == 5 || g.kernel_w == 7) && (any_size || grad_output.nbytes() <= kRingGradInputBytes)))
     return false;
-  Geometry flipped = g;
-  flipped.in_h = g.out_h;
-  flipped.in_w = g.out_w;
-  flipped.out_h = g.in_h;
-  flipped.out_w = g.in_w;
-  flipped.pad_top = (g.kernel_h - 1) * g.dilation_h - g.pad_top;
-  flipped.pad_bottom = (g.kernel_h - 1) * g.dilation_h - g.pad_bottom;
-  flipped.pad_left = (g.kernel_w - 1) * g.dilation_w - g.pad_left;
-  flipped.pad_right = (g.kernel_w - 1) * g.dilation_w - g.pad_right;
+  const Geometry flipped = flipped_geometry(g);
   if (flipped.pad_top < 0 || flipped.pad_bottom < 0 || flipped.pad_left < 0 || flipped.pad_right < 0) return false;
   return forward_nhwc_ring<float>(grad_output, weight.flip({2, 3}).contiguous(), at::Tensor(), grad_input, flipped);
 }
