@@ -184,8 +184,7 @@ void forward_channels_nhwc_ring_fp16(const uint16_t* in, const float* weights, c
 // The weight (and bias) gradient of the same windows at unit stride on rows of 7 outputs or a
 // multiple of 14: for kNhwcRingChannels channels of one image from c0, grad_out's products with
 // the ring's input added into `sums` ([vector][kernel_h * kernel_w taps, then the bias][16
-// lanes], nhwc_ring_weight_grad_sum_floats(g) floats, 64-byte aligned; the bias sums only when
-// with_bias). `scratch` as for forward_channels_nhwc_ring.
+// lanes], nhwc_ring_weight_grad_sum_floats(g) floats; the bias sums only when with_bias). `scratch` as for forward_channels_nhwc_ring.
 bool supports_nhwc_ring_weight_grad(const ImageGeometry& g);
 int64_t nhwc_ring_weight_grad_sum_floats(const ImageGeometry& g);
 void weight_grad_channels_nhwc_ring(const float* in, const float* grad_out, float* sums, bool with_bias, int64_t c0,

@@ -1225,14 +1225,15 @@ bool grad_input_nhwc_ring(const at::Tensor& grad_output, const at::Tensor& weigh
     return false;
   const Geometry flipped = flipped_geometry(g);
   if (flipped.pad_top < 0 || flipped.pad_bottom < 0 || flipped.pad_left < 0 || flipped.pad_right < 0) return false;
-  return forward_nhwc_ring<float>(grad_output, weight.flip({2, 3}).contiguous(), at::Tensor(), grad_input, flipped);
+  return forward_nhwc_ring<float>(grad_output, weight.flip({2, 3}), at::Tensor(), grad_input, flipped);
 }
 
 // The weight (and bias) gradient of channels_last fp32 5- and 7-wide windows at unit stride on
 // rows of 7 outputs or a multiple of 14, from the ring (weight_grad_channels_nhwc_ring): the items
-// (image, 64-channel block), images outermost, in weight_grad_chunks fixed chunks, each chunk's
-// sums in its own partial, added in chunk order. Not the rows' order of addition: the same bits
-// for the same thread count, not the rows' bits. False, and nothing written, elsewhere.
+// (image, 64-channel block), images outermost, in as many fixed chunks as threads (at most one an
+// item), each chunk's sums in its own partial, added in chunk order. Not the rows' order of
+// addition: the same bits for the same thread count, not the rows' bits. False, and nothing
+// written, elsewhere.
 bool weight_grad_nhwc_ring(const at::Tensor& grad_output, const at::Tensor& input, at::Tensor& grad_weight,
                            at::Tensor& grad_bias, const Geometry& g) {
   const auto image = avx512_image_geometry(g);
@@ -1249,20 +1250,18 @@ bool weight_grad_nhwc_ring(const at::Tensor& grad_output, const at::Tensor& inpu
   const float* in = input.const_data_ptr<float>();
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(depthwise::avx512::nhwc_ring_floats(image), 0.f);
-    const int64_t sum_floats = depthwise::avx512::nhwc_ring_weight_grad_sum_floats(image);
-    std::vector<float> sum_storage(sum_floats + L);
-    float* sums = sum_storage.data() + (L - reinterpret_cast<uintptr_t>(sum_storage.data()) / sizeof(float) % L) % L;
+    std::vector<float> sums(depthwise::avx512::nhwc_ring_weight_grad_sum_floats(image));
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       float* part = partials.data() + chunk * partial_size;
       for (int64_t item = chunk * items / chunks; item < (chunk + 1) * items / chunks; ++item) {
         const int64_t n = item / blocks, c0 = item % blocks * kBlock;
-        std::fill(sums, sums + sum_floats, 0.f);
+        std::fill(sums.begin(), sums.end(), 0.f);
         depthwise::avx512::weight_grad_channels_nhwc_ring(in + n * g.in_h * g.in_w * C, go + n * g.out_h * g.out_w * C,
-                                                          sums, with_bias, c0, image, scratch.data());
-        for (int64_t c = c0; c < std::min(C, c0 + kBlock); ++c) {
-          const float* lane = sums + (c - c0) / L * (kernel_area + 1) * L + (c - c0) % L;
-          for (int64_t t = 0; t <= kernel_area; ++t) part[t * C + c] += lane[t * L];
-        }
+                                                          sums.data(), with_bias, c0, image, scratch.data());
+        // sums are [vector][tap][lane]; the partial [tap][C], written a tap row at a time
+        for (int64_t t = 0; t <= kernel_area; ++t)
+          for (int64_t c = c0; c < std::min(C, c0 + kBlock); ++c)
+            part[t * C + c] += sums[((c - c0) / L * (kernel_area + 1) + t) * L + (c - c0) % L];
       }
     }
   });

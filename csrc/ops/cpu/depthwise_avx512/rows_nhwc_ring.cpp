@@ -80,6 +80,32 @@ inline void ring_run(const Slice* slices, const int64_t* row_offsets, int64_t ky
     for (int s = 0; s < S; ++s) store_channels(out + p * C + s * kLanes, slices[s].lanes, acc[s][p], stream);
 }
 
+// Brings the ring up to output row oy: copies the input rows it lacks into their slots (row r in
+// slot r % kernel_h; G channel vectors from c0, vector s masked by lanes[s], each vector's ring
+// ring_floats apart), and prefetches the stride_h rows the next output row copies (the copy's
+// strided loads otherwise wait on L2 or memory one after another). Ring column c holds input
+// column c - pad_left; those outside the input are never written and stay zero.
+template <int G, typename E>
+void advance_ring(const E* in, int64_t c0, const __mmask16* lanes, const ImageGeometry& g, float* ring, int64_t oy,
+                  int64_t* next_row) {
+  const int64_t C = g.channels, KH = g.kernel_h, row_floats = ring_row_pixels(g) * kLanes;
+  const int64_t ring_floats = KH * row_floats;
+  const int64_t first_column = g.pad_left > 0 ? g.pad_left : 0;
+  const int64_t end_column = min64(ring_row_pixels(g), g.in_w + g.pad_left);
+  for (; *next_row < min64(g.in_h, oy * g.stride_h - g.pad_top + KH); ++*next_row) {
+    float* dst = ring + *next_row % KH * row_floats;
+    const E* src = in + (*next_row * g.in_w + first_column - g.pad_left) * C + c0;
+    for (int64_t c = first_column; c < end_column; ++c, src += C)
+      for (int s = 0; s < G; ++s)
+        _mm512_store_ps(dst + s * ring_floats + c * kLanes, load_channels(lanes[s], src + s * kLanes));
+  }
+  for (int64_t row = *next_row; row < min64(g.in_h, *next_row + g.stride_h); ++row) {
+    const E* src = in + (row * g.in_w + first_column - g.pad_left) * C + c0;
+    for (int64_t c = first_column; c < end_column; ++c, src += C)
+      for (int s = 0; s < G; ++s) _mm_prefetch(reinterpret_cast<const char*>(src + s * kLanes), _MM_HINT_T0);
+  }
+}
+
 // G channel vectors from c0 (four: a pixel's 64 channels are lines the L2 fetches in pairs, and
 // the stores fill 256 contiguous bytes a pixel), each with its own ring and weights; each run
 // position makes its pixels for every vector in turn.
@@ -89,32 +115,20 @@ void ring_rows(const E* in, const float* bias, E* out, int64_t c0, const ImageGe
   const int64_t C = g.channels, KH = g.kernel_h, row_floats = ring_row_pixels(g) * kLanes;
   const int64_t ring_floats = KH * row_floats, weight_floats = KH * KW * kLanes;
   Slice slices[G];
+  __mmask16 lanes[G];
   for (int s = 0; s < G; ++s) {
-    const __mmask16 lanes = lane_range(0, C - c0 - s * kLanes);
+    lanes[s] = lane_range(0, C - c0 - s * kLanes);
     slices[s] = {ring + s * ring_floats, weights + s * weight_floats,
-                 bias ? _mm512_maskz_loadu_ps(lanes, bias + c0 + s * kLanes) : _mm512_setzero_ps(), lanes};
+                 bias ? _mm512_maskz_loadu_ps(lanes[s], bias + c0 + s * kLanes) : _mm512_setzero_ps(), lanes[s]};
   }
-  // Ring column c holds input column c - pad_left; those outside the input stay zero.
+  // Ring column c holds input column c - pad_left (see advance_ring).
   const int64_t first_column = g.pad_left > 0 ? g.pad_left : 0;
   const int64_t end_column = min64(ring_row_pixels(g), g.in_w + g.pad_left);
   int64_t next_row = 0;  // the next input row to copy into slot next_row % KH
   int64_t row_offsets[64];
   for (int64_t oy = 0; oy < g.out_h; ++oy) {
     const int64_t iy0 = oy * g.stride_h - g.pad_top;
-    for (; next_row < min64(g.in_h, iy0 + KH); ++next_row) {
-      float* dst = ring + next_row % KH * row_floats;
-      const E* src = in + (next_row * g.in_w + first_column - g.pad_left) * C + c0;
-      for (int64_t c = first_column; c < end_column; ++c, src += C)
-        for (int s = 0; s < G; ++s)
-          _mm512_store_ps(dst + s * ring_floats + c * kLanes, load_channels(slices[s].lanes, src + s * kLanes));
-    }
-    // The rows the next output row copies, on their way while this one is made: the copy's
-    // strided loads otherwise wait on L2 or memory one after another.
-    for (int64_t row = next_row; row < min64(g.in_h, next_row + g.stride_h); ++row) {
-      const E* src = in + (row * g.in_w + first_column - g.pad_left) * C + c0;
-      for (int64_t c = first_column; c < end_column; ++c, src += C)
-        for (int s = 0; s < G; ++s) _mm_prefetch(reinterpret_cast<const char*>(src + s * kLanes), _MM_HINT_T0);
-    }
+    advance_ring<G>(in, c0, lanes, g, ring, oy, &next_row);
     // Kernel rows inside the input: [ky0, ky1).
     const int64_t ky0 = iy0 < 0 ? -iy0 : 0, ky1 = min64(KH, g.in_h - iy0);
     for (int64_t ky = ky0; ky < ky1; ++ky) row_offsets[ky] = (iy0 + ky) % KH * row_floats;
@@ -256,16 +270,16 @@ inline void ring_weight_run(const float* const* rows, int64_t ky0, int64_t ky1, 
 #pragma GCC unroll 16
   for (int p = 0; p < P; ++p) grad[p] = load_channels(lanes, go + p * C);
   if (bias_sums) {
-    __m512 total = _mm512_load_ps(bias_sums);
+    __m512 total = _mm512_loadu_ps(bias_sums);
 #pragma GCC unroll 16
     for (int p = 0; p < P; ++p) total = _mm512_add_ps(total, grad[p]);
-    _mm512_store_ps(bias_sums, total);
+    _mm512_storeu_ps(bias_sums, total);
   }
   for (int64_t ky = ky0; ky < ky1; ++ky) {
     __m512 acc[KW];
     float* tap_sums = sums + ky * KW * kLanes;
 #pragma GCC unroll 8
-    for (int kx = 0; kx < KW; ++kx) acc[kx] = _mm512_load_ps(tap_sums + kx * kLanes);
+    for (int kx = 0; kx < KW; ++kx) acc[kx] = _mm512_loadu_ps(tap_sums + kx * kLanes);
 #pragma GCC unroll 32
     for (int j = 0; j < P + KW - 1; ++j) {
       __m512 column = _mm512_load_ps(rows[ky] + j * kLanes);
@@ -277,7 +291,7 @@ inline void ring_weight_run(const float* const* rows, int64_t ky0, int64_t ky1, 
       }
     }
 #pragma GCC unroll 8
-    for (int kx = 0; kx < KW; ++kx) _mm512_store_ps(tap_sums + kx * kLanes, acc[kx]);
+    for (int kx = 0; kx < KW; ++kx) _mm512_storeu_ps(tap_sums + kx * kLanes, acc[kx]);
   }
 }
 
@@ -288,23 +302,10 @@ void ring_weight_rows(const E* in, const E* go, int64_t c0, const ImageGeometry&
   const int64_t ring_floats = KH * row_floats, slice_sums = (KH * KW + 1) * kLanes;
   __mmask16 lanes[G];
   for (int s = 0; s < G; ++s) lanes[s] = lane_range(0, C - c0 - s * kLanes);
-  const int64_t first_column = g.pad_left > 0 ? g.pad_left : 0;
-  const int64_t end_column = min64(ring_row_pixels(g), g.in_w + g.pad_left);
   int64_t next_row = 0;
   for (int64_t oy = 0; oy < g.out_h; ++oy) {
     const int64_t iy0 = oy - g.pad_top;
-    for (; next_row < min64(g.in_h, iy0 + KH); ++next_row) {
-      float* dst = ring + next_row % KH * row_floats;
-      const E* src = in + (next_row * g.in_w + first_column - g.pad_left) * C + c0;
-      for (int64_t c = first_column; c < end_column; ++c, src += C)
-        for (int s = 0; s < G; ++s)
-          _mm512_store_ps(dst + s * ring_floats + c * kLanes, load_channels(lanes[s], src + s * kLanes));
-    }
-    if (next_row < g.in_h) {
-      const E* src = in + (next_row * g.in_w + first_column - g.pad_left) * C + c0;
-      for (int64_t c = first_column; c < end_column; ++c, src += C)
-        for (int s = 0; s < G; ++s) _mm_prefetch(reinterpret_cast<const char*>(src + s * kLanes), _MM_HINT_T0);
-    }
+    advance_ring<G>(in, c0, lanes, g, ring, oy, &next_row);
     const int64_t ky0 = iy0 < 0 ? -iy0 : 0, ky1 = min64(KH, g.in_h - iy0);
     const E* go_row = go + oy * g.out_w * C + c0;
     for (int64_t x = 0; x < g.out_w; x += P)
