@@ -218,7 +218,7 @@ void forward_nchw_widened(const scalar_t* in, at::IntArrayRef in_strides, const 
   depthwise::avx512::FlatPlane flat;
   const bool pairs = depthwise::avx512::pairs_planes(shape);
   const bool use_flat = !pairs && depthwise::avx512::flat_plane(shape, &flat);
-  const int64_t ahead = cpu::prefetch_distance(in_area * static_cast<int64_t>(sizeof(scalar_t)));
+  const int64_t ahead = cpu::prefetch_distance(in_area * static_cast<int64_t>(sizeof(scalar_t)), g.stride_h > 1);
   at::parallel_for(0, g.batch * g.channels, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> wide_in(2 * in_area), wide_out(2 * out_area);
     cpu::PlanePrefetcher prefetcher(begin, end, ahead, [&](int64_t plane) {
@@ -337,7 +337,7 @@ void forward_nchw(const at::Tensor& input, const at::Tensor& weight, const at::T
       depthwise::avx512::FlatPlane flat;
       const bool pairs = depthwise::avx512::pairs_planes(shape);
       const bool use_flat = !pairs && depthwise::avx512::flat_plane(shape, &flat);
-      const int64_t ahead = cpu::prefetch_distance(in_area * static_cast<int64_t>(sizeof(float)));
+      const int64_t ahead = cpu::prefetch_distance(in_area * static_cast<int64_t>(sizeof(float)), g.stride_h > 1);
       at::parallel_for(0, g.batch * g.channels, 1, [&](int64_t begin, int64_t end) {
         cpu::PlanePrefetcher prefetcher(begin, end, ahead, [&](int64_t plane) {
           cpu::prefetch_plane(in + plane / g.channels * in_strides[0] + plane % g.channels * in_strides[1], g.in_h,
@@ -824,7 +824,8 @@ bool backward_nchw_avx512_planes(const at::Tensor& grad_output, const at::Tensor
   // input-gradient plane is written just before the weight gradient reads the same
   // grad_output plane again, from cache.
   // Planes ahead to fetch: by the larger of a grad_output and an input plane.
-  const int64_t ahead = cpu::prefetch_distance(std::max(in_area, out_area) * static_cast<int64_t>(sizeof(scalar_t)));
+  const int64_t ahead =
+      cpu::prefetch_distance(std::max(in_area, out_area) * static_cast<int64_t>(sizeof(scalar_t)), g.stride_h > 1);
   at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
     constexpr int64_t L = depthwise::avx512::kLanes;
     const int64_t count = end - begin, lanes_per_channel = (kernel_area + 1) * L;
