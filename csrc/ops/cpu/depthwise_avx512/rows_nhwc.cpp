@@ -71,11 +71,13 @@ inline void nhwc_pixels(const E* in, const float* taps, const float* bias, E* ou
   for (int64_t ky = ky0; ky < ky1; ++ky, first += row_step, tap_row += kernel_w * C) {
     if (R > 1) {  // the interior: the window's newest columns kPrefetchPixels ahead (see there)
       const E* edge = first + (kx1 - 1) * tap_step + kPrefetchPixels * pixel_step;
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r)
+      // every column the R pixels' windows advance over: R * stride of them (at stride 2, one a
+      // pixel left every other column to the hardware: in-process from flushed caches, 2 threads,
+      // 32x64x112x112 forward 1.31x, 32x128x56x56 1.09x slower)
+      for (int64_t column = 0; column < R * g.stride_w; ++column)
 #pragma GCC unroll 8
         for (int b = 0; b < B; ++b)
-          _mm_prefetch(reinterpret_cast<const char*>(edge + r * pixel_step + b * kLanes), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(edge + column * C + b * kLanes), _MM_HINT_T0);
     }
     for (int64_t kx = kx0; kx < kx1; ++kx) {
       const E* x = first + kx * tap_step;
@@ -313,12 +315,15 @@ void nhwc_weight_grad_channels(const E* in, const E* go_row, float* part, float*
   const int64_t ahead_in = (kPrefetchPixels * g.stride_w + (KW - 1) * g.dilation_w - g.pad_left) * C;
   const auto pixel = [&](int64_t ox, auto checked) {
     __m512 grad[B];
+    // every column the windows advance over (see nhwc_pixels; stride-2 forward+backward, 3x3
+    // and 5x5, N=32: 1.05-1.13x faster than one a pixel)
+    for (int64_t s = 0; s < g.stride_w; ++s)
 #pragma GCC unroll 8
-    for (int ky = 0; ky < KH; ++ky)
+      for (int ky = 0; ky < KH; ++ky)
 #pragma GCC unroll 4
-      for (int b = 0; b < B; ++b)
-        _mm_prefetch(reinterpret_cast<const char*>(rows[ky] + ox * g.stride_w * C + ahead_in + b * kLanes),
-                     _MM_HINT_T0);
+        for (int b = 0; b < B; ++b)
+          _mm_prefetch(reinterpret_cast<const char*>(rows[ky] + (ox * g.stride_w + s) * C + ahead_in + b * kLanes),
+                       _MM_HINT_T0);
 #pragma GCC unroll 4
     for (int b = 0; b < B; ++b)
       _mm_prefetch(reinterpret_cast<const char*>(go_row + (ox + kPrefetchPixels) * C + c0 + b * kLanes), _MM_HINT_T0);
