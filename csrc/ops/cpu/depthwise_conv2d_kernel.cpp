@@ -374,10 +374,17 @@ void forward_nchw(const at::Tensor& input, const at::Tensor& weight, const at::T
     if (in_strides[3] == 1 && depthwise::avx512::supports_bordered(g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.out_w) &&
         depthwise::avx512::enabled()) {
       const auto shape = avx512_forward_geometry(g, in_strides[2], g.out_w);
+      const int64_t ahead = cpu::prefetch_distance(in_area * static_cast<int64_t>(sizeof(float)), false);
       at::parallel_for(0, g.batch * g.channels, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> bordered(depthwise::avx512::bordered_plane_floats(shape), 0.f);
+        cpu::PlanePrefetcher prefetcher(begin, end, ahead, [&](int64_t plane) {
+          cpu::prefetch_plane(in + plane / g.channels * in_strides[0] + plane % g.channels * in_strides[1], g.in_h,
+                              g.in_w, in_strides[2]);
+          cpu::prefetch_plane(out + plane * out_area, g.out_h, g.out_w, g.out_w);
+        });
         for (int64_t plane = begin; plane < end; ++plane) {
           const int64_t n = plane / g.channels, c = plane % g.channels;
+          prefetcher.before(plane);
           depthwise::avx512::forward_plane_bordered(in + n * in_strides[0] + c * in_strides[1], w + c * kernel_area,
                                                     b ? b[c] : 0.f, out + plane * out_area, shape, bordered.data());
         }
@@ -768,10 +775,17 @@ bool grad_input_bordered(const at::Tensor& grad_output, const at::Tensor& weight
   std::vector<float> flipped(g.channels * kernel_area);
   for (int64_t c = 0; c < g.channels; ++c)
     for (int64_t t = 0; t < kernel_area; ++t) flipped[c * kernel_area + kernel_area - 1 - t] = w[c * kernel_area + t];
+  const int64_t ahead = cpu::prefetch_distance(g.out_h * g.out_w * static_cast<int64_t>(sizeof(float)), false);
   at::parallel_for(0, g.batch * g.channels, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> bordered(depthwise::avx512::bordered_plane_floats(shape), 0.f);
+    cpu::PlanePrefetcher prefetcher(begin, end, ahead, [&](int64_t plane) {
+      const int64_t n = plane / g.channels, c = plane % g.channels;
+      cpu::prefetch_plane(go + n * go_strides[0] + c * go_strides[1], g.out_h, g.out_w, go_strides[2]);
+      cpu::prefetch_plane(gi + n * gi_strides[0] + c * gi_strides[1], g.in_h, g.in_w, gi_strides[2]);
+    });
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / g.channels, c = plane % g.channels;
+      prefetcher.before(plane);
       depthwise::avx512::forward_plane_bordered(go + n * go_strides[0] + c * go_strides[1], &flipped[c * kernel_area],
                                                 0.f, gi + n * gi_strides[0] + c * gi_strides[1], shape,
                                                 bordered.data());
