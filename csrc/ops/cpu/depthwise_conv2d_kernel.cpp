@@ -24,10 +24,11 @@
 //   NCHW planes widened to fp32 copies a plane at a time, channels_last rows read as they are
 //   (widened in registers); each result is rounded once.
 //   Everything else remains the path for other CPUs, dtypes and windows.
-// - Those NCHW plane loops fetch the planes a thread makes next when planes are small (7x7 to
-//   28x28; see plane_prefetch.h): out of cache, as between a network's layers, a 14x14 plane took
-//   a few hundred cycles of waiting on memory, and the loads of one plane reach too few lines at
-//   once (32x512x14x14, 2 threads, forward + backward from cold caches: 5.7 -> 2.9 ms).
+// - The NCHW plane loops (AVX-512 planes, bordered planes, and the channel tiles on maps up to
+//   14x14) fetch the planes a thread makes next when planes are small (7x7 to 28x28) or strided
+//   (see plane_prefetch.h): out of cache, as between a network's layers, a 14x14 plane took a few
+//   hundred cycles of waiting on memory, and the loads of one plane reach too few lines at once
+//   (32x512x14x14, 2 threads, forward + backward from cold caches: 5.7 -> 2.9 ms).
 //
 // This file chooses the path of each call and holds the forward, backward and ATen entry points.
 // It includes, in this one translation unit, depthwise_conv2d_vector_kernels.h (the portable

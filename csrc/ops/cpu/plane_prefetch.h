@@ -65,7 +65,7 @@ inline void prefetch_plane(const T* first, int64_t rows, int64_t row_elements, i
   const bool dense = row_stride == row_elements;
   const int64_t spans = dense ? 1 : rows;
   const uintptr_t span_bytes = dense ? static_cast<uintptr_t>(rows) * row_bytes : row_bytes;
-  if (rows <= 0 || span_bytes == 0) return;
+  if (rows <= 0 || row_elements <= 0) return;
   for (int64_t r = 0; r < spans; ++r) {
     const uintptr_t first_line = (base + r * stride_bytes) & ~(kLine - 1);
     const uintptr_t last_line = (base + r * stride_bytes + span_bytes - 1) & ~(kLine - 1);
