@@ -1299,6 +1299,7 @@ bool backward_nhwc_fused_avx512(const float* go, const float* in, const at::Tens
 // would need negative, included).
 constexpr int64_t kRingGradInputBytes = int64_t{5} << 20;
 
+template <typename scalar_t>
 bool grad_input_nhwc_ring(const at::Tensor& grad_output, const at::Tensor& weight, at::Tensor& grad_input,
                           const Geometry& g, bool any_size) {
   if (!(grad_input.defined() && depthwise::avx512::enabled() && g.stride_h == 1 && g.stride_w == 1 &&
@@ -1306,7 +1307,7 @@ bool grad_input_nhwc_ring(const at::Tensor& grad_output, const at::Tensor& weigh
     return false;
   const Geometry flipped = flipped_geometry(g);
   if (flipped.pad_top < 0 || flipped.pad_bottom < 0 || flipped.pad_left < 0 || flipped.pad_right < 0) return false;
-  return forward_nhwc_ring<float>(grad_output, weight.flip({2, 3}), at::Tensor(), grad_input, flipped);
+  return forward_nhwc_ring<scalar_t>(grad_output, weight.flip({2, 3}), at::Tensor(), grad_input, flipped);
 }
 
 // The weight (and bias) gradient of channels_last fp32 5- and 7-wide windows at unit stride on
@@ -1356,7 +1357,7 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
   if constexpr (std::is_same_v<scalar_t, float>) {
     const bool weight_by_ring = grad_weight.defined() && depthwise::avx512::rolled_rows_enabled() &&
                                 depthwise::avx512::supports_nhwc_ring_weight_grad(avx512_image_geometry(g));
-    if (grad_input_nhwc_ring(grad_output, weight, grad_input, g, weight_by_ring && g.out_w >= 14)) {
+    if (grad_input_nhwc_ring<float>(grad_output, weight, grad_input, g, weight_by_ring && g.out_w >= 14)) {
       at::Tensor input_done;  // undefined: the weight and bias gradients alone
       backward_nhwc<float>(grad_output, input, weight, input_done, grad_weight, grad_bias, g);
       return;
@@ -1365,6 +1366,15 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
     if (backward_nhwc_fused_avx512(grad_output.const_data_ptr<float>(), input.const_data_ptr<float>(), weight,
                                    grad_input, grad_weight, grad_bias, g))
       return;
+  }
+  if constexpr (kWidened<scalar_t>) {
+    // bf16/fp16: the input gradient through the ring at any size, bit for bit the rows' (below):
+    // their input gradient is a pass of its own here, not fp32's one pass with the weight gradient.
+    if (grad_input_nhwc_ring<scalar_t>(grad_output, weight, grad_input, g, /*any_size=*/true)) {
+      at::Tensor input_done;  // undefined: the weight and bias gradients alone
+      backward_nhwc<scalar_t>(grad_output, input, weight, input_done, grad_weight, grad_bias, g);
+      return;
+    }
   }
   using T = at::opmath_type<scalar_t>;
   const int64_t C = g.channels, kernel_area = g.kernel_h * g.kernel_w;
