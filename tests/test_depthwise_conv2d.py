@@ -564,12 +564,16 @@ HALF_ROW_CASES = [
                       (2, 70, 9, 16, 7, 1, 3, 1), (2, 80, 7, 7, 3, 1, 1, 1), (1, 72, 14, 14, 5, 2, 2, 1)],
 )
 @needs_avx512_kernels
-def test_half_channels_last_forward_is_the_fp32_kernel_rounded_once(n, c, h, w, k, stride, padding, dilation, dtype):
+def test_half_channels_last_forward_is_the_fp32_kernel_rounded_once(
+    n, c, h, w, k, stride, padding, dilation, dtype, monkeypatch
+):
     """bf16/fp16 channels_last forward on AVX-512 (forward_nhwc_native, or the ring for 5- and 7-wide
     windows at unit stride and for rows of 7 outputs): the fp32 kernel reading the 16-bit rows widened, each output rounded
     once, so equal to the fp32 op's
     output converted by PyTorch, bit for bit but for NaN's payload (PyTorch's own conversions
-    disagree there: 0x7FC0 scalar, 0xFFFF vectorised)."""
+    disagree there: 0x7FC0 scalar, 0xFFFF vectorised). bf16 with the pair dot products off
+    (FASTCNN_AVX512_BF16=0; they are tested below)."""
+    monkeypatch.setenv("FASTCNN_AVX512_BF16", "0")
     torch.manual_seed(0)
     x = torch.randn(n, c, h, w)
     x[0, 0, 0, 0], x[-1, -1, -1, -1] = float("nan"), float("inf")
@@ -581,6 +585,93 @@ def test_half_channels_last_forward_is_the_fp32_kernel_rounded_once(n, c, h, w, 
         assert ours.dtype == dtype and ours.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(ours, fp32.to(dtype), rtol=0, atol=0, equal_nan=True)
         assert ours.isnan().any() and ours.isinf().any()
+
+
+needs_bf16_dot_products = pytest.mark.skipif(
+    not (all(_ISA.get(flag) for flag in ("avx512f", "avx512bw", "avx512vl")) and _ISA.get("avx512_bf16")),
+    reason="the bf16 pair dot products need AVX512_BF16 besides AVX-512F, BW and VL",
+)
+
+
+def _bf16_units_in_the_last_place(values):
+    """One unit in the last place of each bf16 value (8 significant bits), as fp32."""
+    _, exponent = torch.frexp(values.float())
+    return torch.ldexp(torch.ones_like(values, dtype=torch.float32), exponent - 8)
+
+
+@pytest.mark.parametrize(
+    "n, c, h, w, k, stride, padding",
+    [
+        (2, 64, 14, 14, 3, 1, 1),  # two groups of 32 channels, runs of 7
+        (2, 48, 13, 11, 3, 2, 1),  # a group and a half; rows of 6: runs of 4, the last moved back
+        (3, 40, 9, 17, 5, 1, 2),  # rows of 17: runs of 8, the last moved back
+        (2, 80, 15, 15, 5, 2, 2),
+        (1, 33, 3, 3, 3, 1, 1),  # rows of 3: one pixel at a time; a group of one channel
+        (1, 32, 6, 6, 3, 1, 0),
+        (2, 24, 10, 30, 3, 2, (1, 0)),
+        (1, 16, 9, 9, (5, 3), (2, 1), (3, 1)),  # 3 wide, 5 high; padding past the window's reach
+        (1, 16, 9, 12, (3, 5), (1, 2), (0, 2)),
+        (1, 8, 4, 4, 3, 2, 4),  # windows that reach only padding
+        (0, 32, 7, 7, 3, 1, 1),
+    ],
+    ids=["14x14", "s2-48ch", "5x5-17wide", "5x5-s2", "3wide-33ch", "valid", "s2-30wide", "5x3", "3x5-s2",
+         "only-padding", "batch0"],
+)
+@needs_bf16_dot_products
+def test_bf16_channels_last_forward_through_pair_dot_products(n, c, h, w, k, stride, padding, monkeypatch):
+    """bf16 channels_last forward through vdpbf16ps (rows_nhwc_bf16_dot.cpp): each output within one
+    unit in the last place of the fp32 op's output rounded to bf16 (the sums are fp32's in another
+    order), or of fp32's rounding of the sum, under 2^-20 of the largest output; NaN and
+    infinities where the fp32 op has them, infinities in the input right of a window's last
+    tap included (its lone tap is paired with zero, not with them); and almost every output
+    equal to the widened rows' (FASTCNN_AVX512_BF16=0)."""
+    torch.manual_seed(0)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(n, c, h, w)
+    if n:
+        x[0, 0, 0, 0] = float("nan")
+        x[-1, c - 1, h // 2, w // 2] = float("inf")
+        x[0, c // 2, h - 1, :: max(1, w // 3)] = float("-inf")
+    x = x.bfloat16().to(memory_format=torch.channels_last)
+    weight, bias = torch.randn(c, 1, kh, kw).bfloat16(), torch.randn(c).bfloat16()
+    for b in (None, bias):
+        args = (stride, padding, 1)
+        monkeypatch.setenv("FASTCNN_AVX512_BF16", "1")
+        ours = depthwise_conv2d(x, weight, b, *args)
+        monkeypatch.setenv("FASTCNN_AVX512_BF16", "0")
+        widened = depthwise_conv2d(x, weight, b, *args)
+        fp32 = depthwise_conv2d(x.float(), weight.float(), None if b is None else b.float(), *args)
+        # (an empty batch's output is contiguous both ways; its strides are NCHW's, see the README)
+        assert ours.dtype == torch.bfloat16 and (n == 0 or ours.is_contiguous(memory_format=torch.channels_last))
+        assert ours.shape == fp32.shape
+        rounded = fp32.bfloat16()
+        assert torch.equal(ours.isnan(), rounded.isnan())
+        assert torch.equal(ours.isinf(), rounded.isinf())
+        assert torch.equal(ours[ours.isinf()], rounded[rounded.isinf()])
+        finite = rounded.isfinite()
+        if not finite.any():
+            continue
+        error = (ours.float() - rounded.float()).abs()[finite]
+        bound = torch.maximum(_bf16_units_in_the_last_place(rounded[finite]),
+                              torch.tensor(2.0**-20) * rounded[finite].float().abs().max())
+        assert (error <= bound).all(), (error - bound).max()
+        assert (ours != widened)[finite].float().mean() < 0.01
+
+
+@needs_bf16_dot_products
+def test_bf16_dot_products_flush_denormals_as_pytorch_does(monkeypatch):
+    """vdpbf16ps reads denormal inputs as zero and flushes denormal sums, whatever MXCSR says; PyTorch's
+    own bf16 channels_last kernel (oneDNN, the same instruction here) gives the same zeros. The
+    widened rows keep them."""
+    x = torch.zeros(1, 32, 5, 5, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    weight = torch.zeros(32, 1, 3, 3, dtype=torch.bfloat16)
+    for value, tap in ((2.0**-130, 1.0), (2.0**-100, 2.0**-30)):  # a denormal input; a denormal product
+        x[0, :, 2, 2], weight[:, 0, 1, 1] = value, tap
+        monkeypatch.setenv("FASTCNN_AVX512_BF16", "1")
+        assert (depthwise_conv2d(x, weight, None, 1, 1) == 0).all()
+        monkeypatch.setenv("FASTCNN_AVX512_BF16", "0")
+        assert depthwise_conv2d(x, weight, None, 1, 1)[0, :, 2, 2].float().eq(value * tap).all()
+        assert (torch.nn.functional.conv2d(x, weight, None, 1, 1, 1, 32) == 0).all()
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "fp16"])

@@ -68,6 +68,19 @@ bool depthwise::avx512::enabled() {
   return !(flag && flag[0] == '0');
 }
 
+// AVX512_BF16 (vdpbf16ps) besides enabled()'s; FASTCNN_AVX512_BF16=0 turns it off (read on
+// every call: A/B timing, and tests that hold the widened rows to it).
+bool depthwise::avx512::bf16_dot_enabled() {
+#if FASTCNN_AVX512_PLANES
+  static const bool cpu_has_bf16_dot = __builtin_cpu_supports("avx512bf16");
+#else
+  constexpr bool cpu_has_bf16_dot = false;
+#endif
+  if (!(cpu_has_bf16_dot && enabled())) return false;
+  const char* flag = std::getenv("FASTCNN_AVX512_BF16");
+  return !(flag && flag[0] == '0');
+}
+
 bool depthwise::avx512::rolled_rows_enabled() {
   const char* flag = std::getenv("FASTCNN_DEPTHWISE_ROLLED");
   return !(flag && flag[0] == '0');
@@ -648,11 +661,40 @@ bool forward_nhwc_ring(const at::Tensor& input, const at::Tensor& weight, const 
   return true;
 }
 
+// bf16 channels_last through AVX512_BF16's pair dot products where the CPU has them and the
+// window is one they take (see rows_nhwc_bf16_dot.cpp).
+bool forward_nhwc_bf16_dot(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                           at::Tensor& output, const Geometry& g) {
+  const auto shape = avx512_image_geometry(g);
+  if (!(depthwise::avx512::bf16_dot_enabled() && depthwise::avx512::supports_nhwc_bf16_dot(shape))) return false;
+  const std::vector<float> taps = taps_by_channel<at::BFloat16>(weight, g);
+  std::vector<float> bias_values;
+  if (bias.defined())
+    for (int64_t c = 0; c < g.channels; ++c)
+      bias_values.push_back(static_cast<float>(bias.const_data_ptr<at::BFloat16>()[c]));
+  std::vector<uint32_t> words(depthwise::avx512::nhwc_bf16_dot_weight_words(shape));
+  std::vector<float> bias_lanes(depthwise::avx512::nhwc_bf16_dot_bias_floats(shape));
+  depthwise::avx512::nhwc_bf16_dot_weights(taps.data(), bias.defined() ? bias_values.data() : nullptr, shape,
+                                           words.data(), bias_lanes.data());
+  const uint16_t* in = bits_of(input.const_data_ptr<at::BFloat16>());
+  uint16_t* out = bits_of(output.mutable_data_ptr<at::BFloat16>());
+  const int64_t image_in = g.in_h * g.in_w * g.channels;
+  at::parallel_for(0, g.batch * g.out_h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row)
+      depthwise::avx512::forward_row_nhwc_bf16_dot(in + row / g.out_h * image_in, words.data(), bias_lanes.data(),
+                                                   out + row * g.out_w * g.channels, row % g.out_h, shape);
+  });
+  return true;
+}
+
 template <typename scalar_t>
 void forward_nhwc(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& output,
                   const Geometry& g) {
   using T = at::opmath_type<scalar_t>;
   const int64_t C = g.channels;
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (forward_nhwc_bf16_dot(input, weight, bias, output, g)) return;
+  }
   if constexpr (std::is_same_v<scalar_t, float> || kWidened<scalar_t>) {
     if (depthwise::avx512::enabled() && forward_nhwc_ring<scalar_t>(input, weight, bias, output, g)) return;
   }

@@ -16,30 +16,6 @@ namespace {
 // channels_last: 16 channels are one vector, so the image's layout is the vector layout. Channel
 // tails load and store with a lane mask (no scalar tail).
 
-// [first, last) of taps k with 0 <= o*stride - pad + k*dilation < size. (valid_taps of the
-// portable kernels, written again here: an inline function shared with this AVX-512 translation
-// unit could be linked into code that runs on CPUs without it.)
-inline void taps_inside(int64_t o, int64_t stride, int64_t pad, int64_t dilation, int64_t size, int64_t kernel,
-                        int64_t* first, int64_t* last) {
-  const int64_t start = o * stride - pad;
-  int64_t lo = start >= 0 ? 0 : (-start + dilation - 1) / dilation;
-  int64_t hi = start > size - 1 ? 0 : (size - 1 - start) / dilation + 1;
-  lo = lo < kernel ? lo : kernel;
-  hi = hi < kernel ? hi : kernel;
-  *first = lo;
-  *last = hi > lo ? hi : lo;
-}
-
-// [first, last) of the output columns whose every tap lies inside the input row.
-inline void columns_inside(const ImageGeometry& g, int64_t* first, int64_t* last) {
-  // ox*stride - pad_left >= 0 and ox*stride - pad_left + (kernel_w - 1)*dilation_w < in_w
-  const int64_t lo = (g.pad_left + g.stride_w - 1) / g.stride_w;
-  const int64_t reach = g.in_w - 1 - (g.kernel_w - 1) * g.dilation_w + g.pad_left;
-  const int64_t hi = reach < 0 ? 0 : reach / g.stride_w + 1;
-  *first = min64(lo, g.out_w);
-  *last = hi < *first ? *first : min64(hi, g.out_w);
-}
-
 // Pixels ahead that the channels_last row loops prefetch. Their walk along a row jumps C floats a
 // pixel; the hardware prefetchers follow it late, and the window's leading-edge loads waited on
 // L2 (32x128x56x56, 2 threads: weight gradient 7.1 -> 4.9 ms; forward and backward of the
