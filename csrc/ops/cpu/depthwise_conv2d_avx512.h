@@ -153,15 +153,15 @@ void forward_row_nhwc_fp16(const uint16_t* in, const float* taps, const float* b
 
 // bf16 rows through AVX512_BF16's pair dot products (rows_nhwc_bf16_dot.cpp): 3- and 5-wide
 // windows at stride 1 or 2 along the row, any height and stride down, undilated. The weights and
-// bias in the kernel's order: nhwc_bf16_dot_weights of taps [kernel_h * kernel_w][channels] (fp32
-// holding bf16 values) and of bias (null for none) into nhwc_bf16_dot_weight_words(g) words and
+// bias in the kernel's order: nhwc_bf16_dot_weights of the op's bf16 weight ([channels][kernel_h]
+// [kernel_w]) and bias (null for none), as bits, into nhwc_bf16_dot_weight_words(g) words and
 // nhwc_bf16_dot_bias_floats(g) floats. The sums are forward_row_nhwc_bf16's to fp32 rounding in
 // another order, with denormals flushed. Call only where bf16_dot_enabled().
 bool bf16_dot_enabled();
 bool supports_nhwc_bf16_dot(const ImageGeometry& g);
 int64_t nhwc_bf16_dot_weight_words(const ImageGeometry& g);
 int64_t nhwc_bf16_dot_bias_floats(const ImageGeometry& g);
-void nhwc_bf16_dot_weights(const float* taps, const float* bias, const ImageGeometry& g, uint32_t* words,
+void nhwc_bf16_dot_weights(const uint16_t* weight, const uint16_t* bias, const ImageGeometry& g, uint32_t* words,
                            float* bias_lanes);
 void forward_row_nhwc_bf16_dot(const uint16_t* in, const uint32_t* words, const float* bias_lanes, uint16_t* out_row,
                                int64_t oy, const ImageGeometry& g);

@@ -667,15 +667,11 @@ bool forward_nhwc_bf16_dot(const at::Tensor& input, const at::Tensor& weight, co
                            at::Tensor& output, const Geometry& g) {
   const auto shape = avx512_image_geometry(g);
   if (!(depthwise::avx512::bf16_dot_enabled() && depthwise::avx512::supports_nhwc_bf16_dot(shape))) return false;
-  const std::vector<float> taps = taps_by_channel<at::BFloat16>(weight, g);
-  std::vector<float> bias_values;
-  if (bias.defined())
-    for (int64_t c = 0; c < g.channels; ++c)
-      bias_values.push_back(static_cast<float>(bias.const_data_ptr<at::BFloat16>()[c]));
   std::vector<uint32_t> words(depthwise::avx512::nhwc_bf16_dot_weight_words(shape));
   std::vector<float> bias_lanes(depthwise::avx512::nhwc_bf16_dot_bias_floats(shape));
-  depthwise::avx512::nhwc_bf16_dot_weights(taps.data(), bias.defined() ? bias_values.data() : nullptr, shape,
-                                           words.data(), bias_lanes.data());
+  depthwise::avx512::nhwc_bf16_dot_weights(bits_of(weight.const_data_ptr<at::BFloat16>()),
+                                           bias.defined() ? bits_of(bias.const_data_ptr<at::BFloat16>()) : nullptr,
+                                           shape, words.data(), bias_lanes.data());
   const uint16_t* in = bits_of(input.const_data_ptr<at::BFloat16>());
   uint16_t* out = bits_of(output.mutable_data_ptr<at::BFloat16>());
   const int64_t image_in = g.in_h * g.in_w * g.channels;

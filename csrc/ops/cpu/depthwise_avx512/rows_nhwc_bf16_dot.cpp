@@ -38,7 +38,6 @@ namespace {
 // rounded outputs back in channel order.
 constexpr int64_t kGroup = 32;
 
-inline int64_t group_channel(int64_t half, int64_t lane) { return lane / 4 * 8 + half * 4 + lane % 4; }
 
 // Weight words of one group: [kernel row][pair][half][16 lanes]; the bias: [group][half][16].
 inline int64_t pairs_per_row(int64_t kernel_w) { return (kernel_w + 1) / 2; }
@@ -182,26 +181,26 @@ bool supports_nhwc_bf16_dot(const ImageGeometry& g) {
 int64_t nhwc_bf16_dot_weight_words(const ImageGeometry& g) { return groups(g) * group_words(g); }
 int64_t nhwc_bf16_dot_bias_floats(const ImageGeometry& g) { return groups(g) * kGroup; }
 
-void nhwc_bf16_dot_weights(const float* taps, const float* bias, const ImageGeometry& g, uint32_t* words,
+void nhwc_bf16_dot_weights(const uint16_t* weight, const uint16_t* bias, const ImageGeometry& g, uint32_t* words,
                            float* bias_lanes) {
-  const int64_t C = g.channels, pairs = pairs_per_row(g.kernel_w);
-  // The taps are bf16 values (the op's weight), so their fp32 bits' upper half is exact.
-  const auto bits = [&](int64_t ky, int64_t kx, int64_t c) -> uint32_t {
-    if (kx >= g.kernel_w || c >= C) return 0;
-    uint32_t value;
-    std::memcpy(&value, taps + (ky * g.kernel_w + kx) * C + c, sizeof value);
-    return value >> 16;
-  };
-  for (int64_t group = 0; group < groups(g); ++group)
-    for (int64_t half = 0; half < 2; ++half)
-      for (int64_t lane = 0; lane < kLanes; ++lane) {
-        const int64_t c = group * kGroup + group_channel(half, lane);
-        bias_lanes[(group * 2 + half) * kLanes + lane] = bias && c < C ? bias[c] : 0.f;
-        for (int64_t ky = 0; ky < g.kernel_h; ++ky)
-          for (int64_t m = 0; m < pairs; ++m)
-            words[group * group_words(g) + ((ky * pairs + m) * 2 + half) * kLanes + lane] =
-                bits(ky, 2 * m, c) | bits(ky, 2 * m + 1, c) << 16;
+  const int64_t C = g.channels, kernel_w = g.kernel_w, taps = g.kernel_h * kernel_w, pairs = pairs_per_row(kernel_w);
+  for (int64_t i = 0; i < groups(g) * group_words(g); ++i) words[i] = 0;
+  for (int64_t i = 0; i < groups(g) * kGroup; ++i) bias_lanes[i] = 0.f;
+  for (int64_t c = 0; c < C; ++c) {
+    // Channel c's lane (see kGroup): 8L + 4*half + k -> lane 4L + k of that half.
+    const int64_t group = c / kGroup, within = c % kGroup, half = within % 8 / 4, lane = within / 8 * 4 + within % 4;
+    const uint16_t* channel = weight + c * taps;
+    for (int64_t ky = 0; ky < g.kernel_h; ++ky)
+      for (int64_t m = 0; m < pairs; ++m) {
+        const uint32_t even = channel[ky * kernel_w + 2 * m];
+        const uint32_t odd = 2 * m + 1 < kernel_w ? channel[ky * kernel_w + 2 * m + 1] : 0;
+        words[group * group_words(g) + ((ky * pairs + m) * 2 + half) * kLanes + lane] = even | odd << 16;
       }
+    if (bias) {
+      const uint32_t bits = static_cast<uint32_t>(bias[c]) << 16;
+      std::memcpy(&bias_lanes[(group * 2 + half) * kLanes + lane], &bits, sizeof bits);
+    }
+  }
 }
 
 void forward_row_nhwc_bf16_dot(const uint16_t* in_bits, const uint32_t* words, const float* bias_lanes,
