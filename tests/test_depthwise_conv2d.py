@@ -602,7 +602,8 @@ def _bf16_units_in_the_last_place(values):
 @pytest.mark.parametrize(
     "n, c, h, w, k, stride, padding",
     [
-        (2, 64, 14, 14, 3, 1, 1),  # two groups of 32 channels, runs of 7
+        (2, 64, 14, 14, 3, 1, 1),  # two groups of 32 channels, runs of 7; bands of rows
+        (3, 96, 9, 10, 3, 1, 1),  # 9 tasks of a group's whole image
         (2, 48, 13, 11, 3, 2, 1),  # a group and a half; rows of 6: runs of 4, the last moved back
         (3, 40, 9, 17, 5, 1, 2),  # rows of 17: runs of 8, the last moved back
         (2, 80, 15, 15, 5, 2, 2),
@@ -614,7 +615,7 @@ def _bf16_units_in_the_last_place(values):
         (1, 8, 4, 4, 3, 2, 4),  # windows that reach only padding
         (0, 32, 7, 7, 3, 1, 1),
     ],
-    ids=["14x14", "s2-48ch", "5x5-17wide", "5x5-s2", "3wide-33ch", "valid", "s2-30wide", "5x3", "3x5-s2",
+    ids=["14x14", "whole-images", "s2-48ch", "5x5-17wide", "5x5-s2", "3wide-33ch", "valid", "s2-30wide", "5x3", "3x5-s2",
          "only-padding", "batch0"],
 )
 @needs_bf16_dot_products

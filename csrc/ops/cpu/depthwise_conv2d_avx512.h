@@ -163,8 +163,11 @@ int64_t nhwc_bf16_dot_weight_words(const ImageGeometry& g);
 int64_t nhwc_bf16_dot_bias_floats(const ImageGeometry& g);
 void nhwc_bf16_dot_weights(const uint16_t* weight, const uint16_t* bias, const ImageGeometry& g, uint32_t* words,
                            float* bias_lanes);
-void forward_row_nhwc_bf16_dot(const uint16_t* in, const uint32_t* words, const float* bias_lanes, uint16_t* out_row,
-                               int64_t oy, const ImageGeometry& g);
+// Output rows [oy0, oy1) of one image, groups of 32 channels [group0, group1) (of
+// nhwc_bf16_dot_groups(g)), a group's rows in turn.
+int64_t nhwc_bf16_dot_groups(const ImageGeometry& g);
+void forward_block_nhwc_bf16_dot(const uint16_t* in, const uint32_t* words, const float* bias_lanes, uint16_t* out,
+                                 int64_t oy0, int64_t oy1, int64_t group0, int64_t group1, const ImageGeometry& g);
 
 // channels_last through the bordered planes (supports_bordered's windows, 169 taps and more for
 // this layout): 16 channels of one image from channel c0 scattered into 16 bordered planes, each

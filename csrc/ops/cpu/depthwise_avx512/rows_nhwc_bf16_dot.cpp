@@ -148,26 +148,32 @@ inline void dot_runs(const Bf16* in, const uint32_t* words, const float* bias, B
   }
 }
 
-// Runs of 7 where the row is a multiple of 7 (MobileNets' 112, 56, 28, 14 and 7), else of 8, of
-// 4 on rows of 4 to 7 and one pixel at a time on rows of fewer.
+// Groups [group0, group1), each over output rows [oy0, oy1) in turn: runs of 7 where the row is a
+// multiple of 7 (MobileNets' 112, 56, 28, 14 and 7), else of 8, of 4 on rows of 4 to 7 and one
+// pixel at a time on rows of fewer.
 template <int KW, int S>
-void dot_row(const Bf16* in, const uint32_t* words, const float* bias, Bf16* out_row, int64_t oy,
-             const ImageGeometry& g) {
-  int64_t ky0, ky1, inside_first, inside_last;
-  taps_inside(oy, g.stride_h, g.pad_top, 1, g.in_h, g.kernel_h, &ky0, &ky1);
+void dot_block(const Bf16* in, const uint32_t* words, const float* bias, Bf16* out, int64_t oy0, int64_t oy1,
+               int64_t group0, int64_t group1, const ImageGeometry& g) {
+  int64_t inside_first, inside_last;
   columns_inside(g, &inside_first, &inside_last);
-  const int64_t iy0 = oy * g.stride_h - g.pad_top;
   const __m512i order = channel_order();
-  for (int64_t c0 = 0; c0 < g.channels; c0 += kGroup) {
+  for (int64_t group = group0; group < group1; ++group) {
+    const int64_t c0 = group * kGroup;
     const __mmask32 lanes = word_lanes(g.channels - c0);
-    if (g.out_w % 7 == 0)
-      dot_runs<KW, S, 7>(in, words, bias, out_row, c0, lanes, order, ky0, ky1, iy0, inside_first, inside_last, g);
-    else if (g.out_w >= 8)
-      dot_runs<KW, S, 8>(in, words, bias, out_row, c0, lanes, order, ky0, ky1, iy0, inside_first, inside_last, g);
-    else if (g.out_w >= 4)
-      dot_runs<KW, S, 4>(in, words, bias, out_row, c0, lanes, order, ky0, ky1, iy0, inside_first, inside_last, g);
-    else
-      dot_runs<KW, S, 1>(in, words, bias, out_row, c0, lanes, order, ky0, ky1, iy0, inside_first, inside_last, g);
+    for (int64_t oy = oy0; oy < oy1; ++oy) {
+      int64_t ky0, ky1;
+      taps_inside(oy, g.stride_h, g.pad_top, 1, g.in_h, g.kernel_h, &ky0, &ky1);
+      const int64_t iy0 = oy * g.stride_h - g.pad_top;
+      Bf16* out_row = out + oy * g.out_w * g.channels;
+      if (g.out_w % 7 == 0)
+        dot_runs<KW, S, 7>(in, words, bias, out_row, c0, lanes, order, ky0, ky1, iy0, inside_first, inside_last, g);
+      else if (g.out_w >= 8)
+        dot_runs<KW, S, 8>(in, words, bias, out_row, c0, lanes, order, ky0, ky1, iy0, inside_first, inside_last, g);
+      else if (g.out_w >= 4)
+        dot_runs<KW, S, 4>(in, words, bias, out_row, c0, lanes, order, ky0, ky1, iy0, inside_first, inside_last, g);
+      else
+        dot_runs<KW, S, 1>(in, words, bias, out_row, c0, lanes, order, ky0, ky1, iy0, inside_first, inside_last, g);
+    }
   }
 }
 
@@ -203,14 +209,17 @@ void nhwc_bf16_dot_weights(const uint16_t* weight, const uint16_t* bias, const I
   }
 }
 
-void forward_row_nhwc_bf16_dot(const uint16_t* in_bits, const uint32_t* words, const float* bias_lanes,
-                               uint16_t* out_bits, int64_t oy, const ImageGeometry& g) {
+int64_t nhwc_bf16_dot_groups(const ImageGeometry& g) { return groups(g); }
+
+void forward_block_nhwc_bf16_dot(const uint16_t* in_bits, const uint32_t* words, const float* bias_lanes,
+                                 uint16_t* out_bits, int64_t oy0, int64_t oy1, int64_t group0, int64_t group1,
+                                 const ImageGeometry& g) {
   const Bf16* in = reinterpret_cast<const Bf16*>(in_bits);
   Bf16* out = reinterpret_cast<Bf16*>(out_bits);
-  if (g.kernel_w == 3 && g.stride_w == 1) return dot_row<3, 1>(in, words, bias_lanes, out, oy, g);
-  if (g.kernel_w == 3) return dot_row<3, 2>(in, words, bias_lanes, out, oy, g);
-  if (g.stride_w == 1) return dot_row<5, 1>(in, words, bias_lanes, out, oy, g);
-  dot_row<5, 2>(in, words, bias_lanes, out, oy, g);
+  if (g.kernel_w == 3 && g.stride_w == 1) return dot_block<3, 1>(in, words, bias_lanes, out, oy0, oy1, group0, group1, g);
+  if (g.kernel_w == 3) return dot_block<3, 2>(in, words, bias_lanes, out, oy0, oy1, group0, group1, g);
+  if (g.stride_w == 1) return dot_block<5, 1>(in, words, bias_lanes, out, oy0, oy1, group0, group1, g);
+  dot_block<5, 2>(in, words, bias_lanes, out, oy0, oy1, group0, group1, g);
 }
 
 }  // namespace avx512
