@@ -642,7 +642,8 @@ def test_bf16_channels_last_forward_through_pair_dot_products(n, c, h, w, k, str
         monkeypatch.setenv("FASTCNN_AVX512_BF16", "0")
         widened = depthwise_conv2d(x, weight, b, *args)
         fp32 = depthwise_conv2d(x.float(), weight.float(), None if b is None else b.float(), *args)
-        # (an empty batch's output is contiguous both ways; its strides are NCHW's, see the README)
+        # (an empty batch's output is contiguous in both formats; its strides are NCHW's, as PyTorch's
+        # fake conv2d gives them and the fake impl here does; eager F.conv2d keeps channels_last's)
         assert ours.dtype == torch.bfloat16 and (n == 0 or ours.is_contiguous(memory_format=torch.channels_last))
         assert ours.shape == fp32.shape
         rounded = fp32.bfloat16()
