@@ -660,11 +660,103 @@ def test_bf16_channels_last_forward_through_pair_dot_products(n, c, h, w, k, str
         assert (ours != widened)[finite].float().mean() < 0.01
 
 
+@pytest.mark.parametrize(
+    "n, c, h, w, stride, padding",
+    [(2, 64, 7, 7, 1, 1), (3, 48, 9, 11, 2, 1), (1, 33, 8, 13, 2, 1), (2, 32, 14, 14, 1, 1), (1, 16, 5, 6, 1, 1),
+     (2, 40, 3, 3, 1, 1), (1, 96, 10, 9, 1, 1), (1, 32, 6, 16, 2, 0)],
+    ids=["7x7-lone-pixels", "s2-48ch", "s2-33ch-lone", "14x14", "one-image-two-chunks", "3x3-map", "9-wide",
+         "s2-unread-column"],
+)
+@needs_bf16_dot_products
+def test_bf16_channels_last_weight_gradient_through_pair_dot_products(n, c, h, w, stride, padding, monkeypatch):
+    """bf16 channels_last weight and bias gradient of 3x3 windows through vdpbf16ps (pairs of adjacent
+    output pixels; a row of odd width ends with a lone pixel paired with zero): each within one
+    bf16 unit of the fp32 op's gradient rounded, or of fp32's rounding of its sum (2^-16 of the sum
+    of the products' magnitudes); NaN where the fp32 op has it (a NaN in grad_output reaches every
+    tap of its channel, and no other channel; an infinite input column that no window reads, right
+    of a lone pixel's window, none). The input gradient within one unit of the fp32 op's rounded
+    (at unit stride the flipped forward through the dot products), at stride 2 the widened rows'."""
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, w)
+    out_shape = depthwise_conv2d(x, torch.ones(c, 1, 3, 3), None, stride, padding).shape
+    if (out_shape[-1] - 1) * stride - padding + 2 < w - 1:  # the last column is read by no window
+        x[..., -1] = float("inf")
+    x = x.bfloat16().to(memory_format=torch.channels_last)
+    weight = torch.randn(c, 1, 3, 3).bfloat16()
+    grad = torch.randn(out_shape).bfloat16().to(memory_format=torch.channels_last)
+    grad[-1, c - 1, -1, -1] = float("nan")
+    args = ([stride] * 2, [padding] * 4, [1] * 2, [True, True, True])
+    monkeypatch.setenv("FASTCNN_AVX512_BF16", "1")
+    ours = torch.ops.fastcnn._depthwise_conv2d_backward(grad, x, weight, *args)
+    monkeypatch.setenv("FASTCNN_AVX512_BF16", "0")
+    widened = torch.ops.fastcnn._depthwise_conv2d_backward(grad, x, weight, *args)
+    fp32 = torch.ops.fastcnn._depthwise_conv2d_backward(grad.float(), x.float(), weight.float(), *args)
+    magnitude = torch.ops.aten.convolution_backward(
+        grad.double().abs().nan_to_num(), x.double().abs().nan_to_num(posinf=0.0), weight.double(), [c],
+        [stride] * 2, [padding] * 2, [1] * 2, False, [0, 0], c, [False, True, True])
+    # the input gradient: at unit stride the flipped forward through the dot products, else the rows
+    rounded = fp32[0].bfloat16()
+    assert torch.equal(ours[0].isnan(), rounded.isnan()) and torch.equal(ours[0].isinf(), rounded.isinf())
+    finite = rounded.isfinite()
+    bound = torch.maximum(_bf16_units_in_the_last_place(rounded[finite]),
+                          torch.tensor(2.0**-20) * rounded[finite].float().abs().max())
+    assert ((ours[0].float() - rounded.float()).abs()[finite] <= bound).all()
+    if stride == 2:
+        torch.testing.assert_close(ours[0], widened[0], rtol=0, atol=0, equal_nan=True)
+    for name, o, f, m in (("grad_weight", ours[1], fp32[1], magnitude[1]), ("grad_bias", ours[2], fp32[2], magnitude[2])):
+        assert o.dtype == torch.bfloat16, name
+        rounded = f.bfloat16()
+        assert torch.equal(o.isnan(), rounded.isnan()), name
+        assert o.isnan().sum() == (9 if name == "grad_weight" else 1), name
+        finite = rounded.isfinite()
+        error = (o.float() - rounded.float()).abs()[finite]
+        bound = torch.maximum(_bf16_units_in_the_last_place(rounded[finite]), (2.0**-16 * m.reshape(o.shape))[finite].float())
+        assert (error <= bound).all(), (name, (error - bound).max())
+
+
+@pytest.mark.parametrize(
+    "n, c, h, w, k, padding",
+    [(2, 64, 7, 7, 3, 1), (1, 48, 9, 12, 5, 2), (2, 40, 10, 9, 5, 0), (1, 33, 6, 17, 3, 0), (1, 32, 5, 5, 5, 5)],
+    ids=["3x3", "5x5", "5x5-valid", "3x3-valid-33ch", "padding-past-reach"],
+)
+@needs_bf16_dot_products
+def test_bf16_channels_last_input_gradient_through_pair_dot_products(n, c, h, w, k, padding, monkeypatch):
+    """bf16 channels_last input gradient at unit stride: the forward of grad_output under the flipped
+    window (padding k - 1 - p) through the dot products, within one bf16 unit of the fp32 op's
+    rounded, NaN and infinities where it has them; padding past the window's reach (a negative
+    flipped padding) takes the widened rows, bit for bit."""
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, w).bfloat16().to(memory_format=torch.channels_last)
+    weight = torch.randn(c, 1, k, k).bfloat16()
+    out_shape = depthwise_conv2d(x, weight, None, 1, padding).shape
+    grad = torch.randn(out_shape)
+    grad[0, 0, 0, 0], grad[-1, c - 1, out_shape[2] // 2, -1] = float("nan"), float("inf")
+    grad = grad.bfloat16().to(memory_format=torch.channels_last)
+    args = ([1, 1], [padding] * 4, [1, 1], [True, False, False])
+    monkeypatch.setenv("FASTCNN_AVX512_BF16", "1")
+    ours = torch.ops.fastcnn._depthwise_conv2d_backward(grad, x, weight, *args)[0]
+    monkeypatch.setenv("FASTCNN_AVX512_BF16", "0")
+    widened = torch.ops.fastcnn._depthwise_conv2d_backward(grad, x, weight, *args)[0]
+    fp32 = torch.ops.fastcnn._depthwise_conv2d_backward(grad.float(), x.float(), weight.float(), *args)[0]
+    assert ours.dtype == torch.bfloat16 and ours.is_contiguous(memory_format=torch.channels_last)
+    if padding > k - 1:
+        torch.testing.assert_close(ours, widened, rtol=0, atol=0, equal_nan=True)
+        return
+    rounded = fp32.bfloat16()
+    assert torch.equal(ours.isnan(), rounded.isnan()) and torch.equal(ours.isinf(), rounded.isinf())
+    assert ours.isnan().any() and ours.isinf().any()
+    finite = rounded.isfinite()
+    bound = torch.maximum(_bf16_units_in_the_last_place(rounded[finite]),
+                          torch.tensor(2.0**-20) * rounded[finite].float().abs().max())
+    assert ((ours.float() - rounded.float()).abs()[finite] <= bound).all()
+    assert (ours != widened)[finite].float().mean() < 0.01
+
+
 @needs_bf16_dot_products
 def test_bf16_dot_products_flush_denormals_as_pytorch_does(monkeypatch):
     """vdpbf16ps reads denormal inputs as zero and flushes denormal sums, whatever MXCSR says; PyTorch's
-    own bf16 channels_last kernel (oneDNN, the same instruction here) gives the same zeros. The
-    widened rows keep them."""
+    own bf16 channels_last kernels (oneDNN, the same instruction here) give the same zeros, forward
+    and weight gradient. The widened rows keep them."""
     x = torch.zeros(1, 32, 5, 5, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     weight = torch.zeros(32, 1, 3, 3, dtype=torch.bfloat16)
     for value, tap in ((2.0**-130, 1.0), (2.0**-100, 2.0**-30)):  # a denormal input; a denormal product
@@ -674,6 +766,17 @@ def test_bf16_dot_products_flush_denormals_as_pytorch_does(monkeypatch):
         monkeypatch.setenv("FASTCNN_AVX512_BF16", "0")
         assert depthwise_conv2d(x, weight, None, 1, 1)[0, :, 2, 2].float().eq(value * tap).all()
         assert (torch.nn.functional.conv2d(x, weight, None, 1, 1, 1, 32) == 0).all()
+    # the weight gradient of a denormal input under a grad_output of one
+    grad = torch.zeros(1, 32, 5, 5, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    grad[0, :, 2, 2], x[0, :, 2, 2] = 1.0, 2.0**-130
+    args = ([1, 1], [1] * 4, [1, 1], [False, True, False])
+    monkeypatch.setenv("FASTCNN_AVX512_BF16", "1")
+    assert (torch.ops.fastcnn._depthwise_conv2d_backward(grad, x, weight, *args)[1] == 0).all()
+    monkeypatch.setenv("FASTCNN_AVX512_BF16", "0")
+    assert torch.ops.fastcnn._depthwise_conv2d_backward(grad, x, weight, *args)[1][:, 0, 1, 1].float().eq(2.0**-130).all()
+    torch_weight_grad = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                                                            32, [False, True, False])[1]
+    assert (torch_weight_grad == 0).all()
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "fp16"])
@@ -692,7 +795,9 @@ def test_half_channels_last_backward_is_the_fp32_kernels_rounded_once(
     forward through the ring): the fp32 kernels reading the 16-bit rows widened in registers, the
     weight gradient summed in fp32 in the fp32 rows' order, so every gradient is the fp32 op's
     gradient on the rows (FASTCNN_DEPTHWISE_ROLLED=0: fp32 would sum some weight gradients in the
-    ring's order, which the 16-bit path does not take) rounded once, bit for bit."""
+    ring's order, which the 16-bit path does not take) rounded once, bit for bit. bf16 with the
+    pair dot products off (FASTCNN_AVX512_BF16=0; tested below)."""
+    monkeypatch.setenv("FASTCNN_AVX512_BF16", "0")
     torch.manual_seed(0)
     x = torch.randn(n, c, h, w).to(dtype).to(memory_format=torch.channels_last)
     weight = torch.randn(c, 1, k, k).to(dtype)

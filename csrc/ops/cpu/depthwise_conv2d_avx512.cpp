@@ -162,6 +162,11 @@ int64_t nhwc_bf16_dot_weight_words(const ImageGeometry&) { return 0; }
 int64_t nhwc_bf16_dot_bias_floats(const ImageGeometry&) { return 0; }
 void nhwc_bf16_dot_weights(const uint16_t*, const uint16_t*, const ImageGeometry&, uint32_t*, float*) {}
 int64_t nhwc_bf16_dot_groups(const ImageGeometry&) { return 0; }
+bool supports_nhwc_bf16_dot_weight_grad(const ImageGeometry&) { return false; }
+int64_t nhwc_bf16_dot_weight_grad_floats(const ImageGeometry&) { return 0; }
+void weight_grad_block_nhwc_bf16_dot(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, const ImageGeometry&,
+                                     float*) {}
+void nhwc_bf16_dot_weight_grad_add(const float*, float*, float*, const ImageGeometry&) {}
 void forward_block_nhwc_bf16_dot(const uint16_t*, const uint32_t*, const float*, uint16_t*, int64_t, int64_t, int64_t,
                                  int64_t, const ImageGeometry&) {}
 void weight_grad_row_nhwc(const float*, const float*, float*, float*, int64_t, const ImageGeometry&) {}

@@ -166,6 +166,18 @@ void nhwc_bf16_dot_weights(const uint16_t* weight, const uint16_t* bias, const I
 // Output rows [oy0, oy1) of one image, groups of 32 channels [group0, group1) (of
 // nhwc_bf16_dot_groups(g)), a group's rows in turn.
 int64_t nhwc_bf16_dot_groups(const ImageGeometry& g);
+
+// The bf16 weight (and bias) gradient of 3x3 windows (stride 1 or 2 along the row, undilated)
+// through the pair dot products: weight_grad_block_nhwc_bf16_dot adds output rows [oy0, oy1) of
+// one image (in and grad_out at its first pixel) for one group of 32 channels to `sums`
+// (nhwc_bf16_dot_weight_grad_floats(g) floats, zeroed by the caller, in the kernel's lane order);
+// nhwc_bf16_dot_weight_grad_add then adds them to part ([9][channels]) and part_bias (null for
+// none) in channel order. Sums in fp32, denormals flushed (see rows_nhwc_bf16_dot.cpp).
+bool supports_nhwc_bf16_dot_weight_grad(const ImageGeometry& g);
+int64_t nhwc_bf16_dot_weight_grad_floats(const ImageGeometry& g);
+void weight_grad_block_nhwc_bf16_dot(const uint16_t* in, const uint16_t* grad_out, int64_t oy0, int64_t oy1,
+                                     int64_t group, const ImageGeometry& g, float* sums);
+void nhwc_bf16_dot_weight_grad_add(const float* sums, float* part, float* part_bias, const ImageGeometry& g);
 void forward_block_nhwc_bf16_dot(const uint16_t* in, const uint32_t* words, const float* bias_lanes, uint16_t* out,
                                  int64_t oy0, int64_t oy1, int64_t group0, int64_t group1, const ImageGeometry& g);
 

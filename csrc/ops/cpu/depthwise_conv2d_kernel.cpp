@@ -606,6 +606,37 @@ void weight_grad_nhwc_native(const scalar_t* grad_out, const scalar_t* in, float
   });
 }
 
+// The bf16 weight gradient through the pair dot products where the CPU has them (see
+// rows_nhwc_bf16_dot.cpp): the same fixed chunks of output rows as weight_grad_nhwc_native, each
+// chunk's rows one image and one group of 32 channels at a time into the chunk's sums.
+bool weight_grad_nhwc_bf16_dot(const at::BFloat16* grad_out, const at::BFloat16* in, float* partials, int64_t chunks,
+                               bool want_bias, const Geometry& g) {
+  const auto image = avx512_image_geometry(g);
+  if (!(depthwise::avx512::bf16_dot_enabled() && depthwise::avx512::supports_nhwc_bf16_dot_weight_grad(image)))
+    return false;
+  const int64_t C = g.channels, kernel_area = g.kernel_h * g.kernel_w, partial_size = (kernel_area + 1) * C;
+  const int64_t rows = g.batch * g.out_h, groups = depthwise::avx512::nhwc_bf16_dot_groups(image);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sums(depthwise::avx512::nhwc_bf16_dot_weight_grad_floats(image));
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      std::fill(sums.begin(), sums.end(), 0.f);
+      const int64_t first = chunk * rows / chunks, last = (chunk + 1) * rows / chunks;
+      for (int64_t row = first; row < last;) {
+        const int64_t n = row / g.out_h, oy0 = row % g.out_h, oy1 = std::min(g.out_h, oy0 + (last - row));
+        for (int64_t group = 0; group < groups; ++group)
+          depthwise::avx512::weight_grad_block_nhwc_bf16_dot(bits_of(in) + n * g.in_h * g.in_w * C,
+                                                             bits_of(grad_out) + n * g.out_h * g.out_w * C, oy0, oy1,
+                                                             group, image, sums.data());
+        row += oy1 - oy0;
+      }
+      float* part = partials + chunk * partial_size;
+      depthwise::avx512::nhwc_bf16_dot_weight_grad_add(sums.data(), part, want_bias ? part + kernel_area * C : nullptr,
+                                                       image);
+    }
+  });
+  return true;
+}
+
 // channels_last windows the ring takes (see supports_nhwc_ring; bf16 and fp16
 // widened as the ring is filled): 64 channels of one image at a time, images outermost (with more
 // images than threads, each thread's whole): two threads on one image's neighbouring blocks write
@@ -1416,6 +1447,19 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
                                    grad_input, grad_weight, grad_bias, g))
       return;
   }
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    // bf16 at unit stride: the input gradient is the forward of grad_output under the flipped
+    // window, through the pair dot products where they take it (see forward_nhwc_bf16_dot).
+    if (grad_input.defined() && g.stride_h == 1 && g.stride_w == 1) {
+      const Geometry flipped = flipped_geometry(g);
+      if (flipped.pad_top >= 0 && flipped.pad_bottom >= 0 && flipped.pad_left >= 0 && flipped.pad_right >= 0 &&
+          forward_nhwc_bf16_dot(grad_output, weight.flip({2, 3}), at::Tensor(), grad_input, flipped)) {
+        at::Tensor input_done;  // undefined: the weight and bias gradients alone
+        backward_nhwc<scalar_t>(grad_output, input, weight, input_done, grad_weight, grad_bias, g);
+        return;
+      }
+    }
+  }
   if constexpr (kWidened<scalar_t>) {
     // bf16/fp16: the input gradient through the ring at any size, bit for bit the rows' (below):
     // their input gradient is a pass of its own here, not fp32's one pass with the weight gradient.
@@ -1518,6 +1562,10 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
   const int64_t rows = g.batch * g.out_h, chunks = weight_grad_chunks(g);
   const int64_t partial_size = (kernel_area + 1) * C;  // taps, then the bias sum
   std::vector<T> partials(chunks * partial_size, T(0));
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (want_weight && weight_grad_nhwc_bf16_dot(go, in, partials.data(), chunks, want_bias, g))
+      return write_weight_partials<scalar_t>(partials, chunks, g, grad_weight, grad_bias);
+  }
   if constexpr (kWidened<scalar_t>) {
     if (want_weight && depthwise::avx512::enabled() &&
         depthwise::avx512::supports_weight_grad_nhwc(g.kernel_h, g.kernel_w, g.stride_w, g.dilation_w)) {

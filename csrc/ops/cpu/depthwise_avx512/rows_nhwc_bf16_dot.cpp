@@ -177,6 +177,101 @@ void dot_block(const Bf16* in, const uint32_t* words, const float* bias, Bf16* o
   }
 }
 
+// The weight gradient of 3x3 windows: the sum over output pixels of grad_out times the input
+// under each tap, its pairs two adjacent output pixels (ox, ox + 1): grad_out's two lines
+// unpacked, and for each tap the two input columns they read (S apart) unpacked the same way, one
+// pair product per tap for 2 pixels x 32 channels where the widened rows did four multiply-adds
+// and four widenings. The bias gradient is the pair product with (1, 1). A row of odd width ends
+// with a lone pixel, both its vectors unpacked with zero. Accumulators in the group's lane order
+// (see kGroup) in `sums`: [tap][half][16], then the bias's [half][16].
+constexpr int kWeightGradTaps = 9;
+constexpr int64_t kWeightGradSumFloats = (kWeightGradTaps + 1) * 2 * kLanes;
+
+template <int S, bool Checked, bool Lone>
+inline void dot_weight_grad_pair(const Bf16* rows[3], const __mmask32 row_lanes[3], const Bf16* go_row, int64_t ox,
+                                 __mmask32 lanes, __m512bh ones, __m512 low[kWeightGradTaps + 1],
+                                 __m512 high[kWeightGradTaps + 1], const ImageGeometry& g) {
+  constexpr int kColumns = Lone ? 3 : S + 3;  // the pixels' windows along the row
+  const int64_t C = g.channels, col0 = ox * S - g.pad_left;
+  const __m512i zero = _mm512_setzero_si512();
+  // The columns and grad_out pixels the pair kPrefetchColumns ahead adds (as the forward's runs).
+#pragma GCC unroll 3
+  for (int ky = 0; ky < 3; ++ky)
+#pragma GCC unroll 4
+    for (int i = 0; i < 2 * S; ++i)
+      _mm_prefetch(reinterpret_cast<const char*>(rows[ky] + (col0 + 3 + kPrefetchColumns + i) * C), _MM_HINT_T0);
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+    _mm_prefetch(reinterpret_cast<const char*>(go_row + (ox + kPrefetchColumns / S + i) * C), _MM_HINT_T0);
+  const __m512i grad_a = _mm512_maskz_loadu_epi16(lanes, go_row + ox * C);
+  const __m512i grad_b = Lone ? zero : _mm512_maskz_loadu_epi16(lanes, go_row + (ox + 1) * C);
+  const __m512bh grad_low = as_pairs(_mm512_unpacklo_epi16(grad_a, grad_b));
+  const __m512bh grad_high = as_pairs(_mm512_unpackhi_epi16(grad_a, grad_b));
+  low[kWeightGradTaps] = _mm512_dpbf16_ps(low[kWeightGradTaps], grad_low, ones);
+  high[kWeightGradTaps] = _mm512_dpbf16_ps(high[kWeightGradTaps], grad_high, ones);
+  __mmask32 column_lanes[kColumns];
+#pragma GCC unroll 8
+  for (int j = 0; j < kColumns; ++j) {
+    const bool inside = !Checked || static_cast<uint64_t>(col0 + j) < static_cast<uint64_t>(g.in_w);
+    column_lanes[j] = inside ? lanes : 0;
+  }
+#pragma GCC unroll 3
+  for (int ky = 0; ky < 3; ++ky) {
+    __m512i column[kColumns];
+#pragma GCC unroll 8
+    for (int j = 0; j < kColumns; ++j)
+      column[j] = _mm512_maskz_loadu_epi16(column_lanes[j] & row_lanes[ky], rows[ky] + (col0 + j) * C);
+#pragma GCC unroll 3
+    for (int kx = 0; kx < 3; ++kx) {
+      const int t = ky * 3 + kx;
+      const __m512i partner = Lone ? zero : column[Lone ? 0 : kx + S];
+      low[t] = _mm512_dpbf16_ps(low[t], grad_low, as_pairs(_mm512_unpacklo_epi16(column[kx], partner)));
+      high[t] = _mm512_dpbf16_ps(high[t], grad_high, as_pairs(_mm512_unpackhi_epi16(column[kx], partner)));
+    }
+  }
+}
+
+// Output rows [oy0, oy1) of one image, the group from c0, added to `sums`.
+template <int S>
+void dot_weight_grad_rows(const Bf16* in, const Bf16* go, int64_t oy0, int64_t oy1, int64_t c0, float* sums,
+                          const ImageGeometry& g) {
+  const int64_t C = g.channels;
+  const __mmask32 lanes = word_lanes(C - c0);
+  const __m512bh ones = as_pairs(_mm512_set1_epi32(0x3F803F80));  // bf16 1.0 in both halves
+  __m512 low[kWeightGradTaps + 1], high[kWeightGradTaps + 1];
+#pragma GCC unroll 10
+  for (int t = 0; t <= kWeightGradTaps; ++t) {
+    low[t] = _mm512_loadu_ps(sums + t * 2 * kLanes);
+    high[t] = _mm512_loadu_ps(sums + t * 2 * kLanes + kLanes);
+  }
+  int64_t inside_first, inside_last;
+  columns_inside(g, &inside_first, &inside_last);
+  for (int64_t oy = oy0; oy < oy1; ++oy) {
+    const Bf16* rows[3];
+    __mmask32 row_lanes[3];
+    for (int ky = 0; ky < 3; ++ky) {
+      const int64_t iy = oy * g.stride_h - g.pad_top + ky;
+      const bool inside = row_inside(iy, g.in_h);
+      rows[ky] = in + (inside ? iy : 0) * g.in_w * C + c0;
+      row_lanes[ky] = inside ? 0xFFFFFFFFu : 0u;
+    }
+    const Bf16* go_row = go + oy * g.out_w * C + c0;
+    int64_t ox = 0;
+    for (; ox + 2 <= g.out_w; ox += 2) {
+      if (ox >= inside_first && ox + 2 <= inside_last)
+        dot_weight_grad_pair<S, false, false>(rows, row_lanes, go_row, ox, lanes, ones, low, high, g);
+      else
+        dot_weight_grad_pair<S, true, false>(rows, row_lanes, go_row, ox, lanes, ones, low, high, g);
+    }
+    if (ox < g.out_w) dot_weight_grad_pair<S, true, true>(rows, row_lanes, go_row, ox, lanes, ones, low, high, g);
+  }
+#pragma GCC unroll 10
+  for (int t = 0; t <= kWeightGradTaps; ++t) {
+    _mm512_storeu_ps(sums + t * 2 * kLanes, low[t]);
+    _mm512_storeu_ps(sums + t * 2 * kLanes + kLanes, high[t]);
+  }
+}
+
 }  // namespace
 
 bool supports_nhwc_bf16_dot(const ImageGeometry& g) {
@@ -210,6 +305,44 @@ void nhwc_bf16_dot_weights(const uint16_t* weight, const uint16_t* bias, const I
 }
 
 int64_t nhwc_bf16_dot_groups(const ImageGeometry& g) { return groups(g); }
+
+bool supports_nhwc_bf16_dot_weight_grad(const ImageGeometry& g) {
+  return g.kernel_h == 3 && g.kernel_w == 3 && g.dilation_h == 1 && g.dilation_w == 1 &&
+         (g.stride_w == 1 || g.stride_w == 2);
+}
+
+int64_t nhwc_bf16_dot_weight_grad_floats(const ImageGeometry& g) { return groups(g) * kWeightGradSumFloats; }
+
+void weight_grad_block_nhwc_bf16_dot(const uint16_t* in, const uint16_t* grad_out, int64_t oy0, int64_t oy1,
+                                     int64_t group, const ImageGeometry& g, float* sums) {
+  const Bf16* in_image = reinterpret_cast<const Bf16*>(in);
+  const Bf16* go_image = reinterpret_cast<const Bf16*>(grad_out);
+  float* group_sums = sums + group * kWeightGradSumFloats;
+  if (g.stride_w == 1) return dot_weight_grad_rows<1>(in_image, go_image, oy0, oy1, group * kGroup, group_sums, g);
+  dot_weight_grad_rows<2>(in_image, go_image, oy0, oy1, group * kGroup, group_sums, g);
+}
+
+void nhwc_bf16_dot_weight_grad_add(const float* sums, float* part, float* part_bias, const ImageGeometry& g) {
+  const int64_t C = g.channels;
+  // Channels 0-15 of a group: lanes 0-3 of the low half, 0-3 of the high, 4-7 low, 4-7 high;
+  // channels 16-31 the same from lane 8 (see kGroup).
+  const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+  for (int64_t group = 0; group < groups(g); ++group) {
+    const float* group_sums = sums + group * kWeightGradSumFloats;
+    const int64_t c0 = group * kGroup;
+    const __mmask16 lanes_a = lane_range(0, C - c0), lanes_b = lane_range(0, C - c0 - kLanes);
+    for (int t = 0; t <= kWeightGradTaps; ++t) {
+      float* dst = t < kWeightGradTaps ? part + t * C + c0 : part_bias ? part_bias + c0 : nullptr;
+      if (!dst) continue;
+      const __m512 low = _mm512_loadu_ps(group_sums + t * 2 * kLanes);
+      const __m512 high = _mm512_loadu_ps(group_sums + t * 2 * kLanes + kLanes);
+      const __m512 a = _mm512_permutex2var_ps(low, first, high), b = _mm512_permutex2var_ps(low, second, high);
+      _mm512_mask_storeu_ps(dst, lanes_a, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes_a, dst), a));
+      _mm512_mask_storeu_ps(dst + kLanes, lanes_b, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes_b, dst + kLanes), b));
+    }
+  }
+}
 
 void forward_block_nhwc_bf16_dot(const uint16_t* in_bits, const uint32_t* words, const float* bias_lanes,
                                  uint16_t* out_bits, int64_t oy0, int64_t oy1, int64_t group0, int64_t group1,
