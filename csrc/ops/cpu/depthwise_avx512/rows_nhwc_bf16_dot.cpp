@@ -1,6 +1,8 @@
-// Depthwise convolution forward of bf16 channels_last images through AVX512_BF16's pair dot
-// products: reference op F.conv2d(groups=C) in bf16, as in MobileNets (Howard et al., 2017),
-// whose CPU inference runs channels_last bf16.
+// Depthwise convolution of bf16 channels_last images through AVX512_BF16's pair dot products:
+// reference op F.conv2d(groups=C) in bf16, as in MobileNets (Howard et al., 2017), whose CPU
+// inference runs channels_last bf16. The forward (and so the unit-stride input gradient, the
+// forward of grad_output under the flipped window) and the 3x3 weight gradient (see
+// dot_weight_grad_pair).
 //
 // Why: widened to fp32 (forward_row_nhwc_bf16) a bf16 row does one fp32 multiply-add per tap and
 // two more instructions widening each input vector. vdpbf16ps does two multiply-adds at the same
