@@ -604,23 +604,26 @@ def _bf16_units_in_the_last_place(values):
     [
         (2, 64, 14, 14, 3, 1, 1),  # two groups of 32 channels, runs of 7; bands of rows
         (3, 96, 9, 10, 3, 1, 1),  # 9 tasks of a group's whole image
-        (2, 48, 13, 11, 3, 2, 1),  # a group and a half; rows of 6: runs of 4, the last moved back
-        (3, 40, 9, 17, 5, 1, 2),  # rows of 17: runs of 8, the last moved back
-        (2, 80, 15, 15, 5, 2, 2),
-        (1, 33, 3, 3, 3, 1, 1),  # rows of 3: one pixel at a time; a group of one channel
+        (2, 64, 13, 11, 3, 2, 1),  # rows of 6: runs of 4, the last moved back
+        (3, 32, 9, 17, 5, 1, 2),  # rows of 17: runs of 8, the last moved back
+        (2, 96, 15, 15, 5, 2, 2),
+        (1, 32, 3, 3, 3, 1, 1),  # rows of 3: one pixel at a time
         (1, 32, 6, 6, 3, 1, 0),
-        (2, 24, 10, 30, 3, 2, (1, 0)),
-        (1, 16, 9, 9, (5, 3), (2, 1), (3, 1)),  # 3 wide, 5 high; padding past the window's reach
-        (1, 16, 9, 12, (3, 5), (1, 2), (0, 2)),
-        (1, 8, 4, 4, 3, 2, 4),  # windows that reach only padding
+        (2, 32, 10, 30, 3, 2, (1, 0)),
+        (1, 32, 9, 9, (5, 3), (2, 1), (3, 1)),  # 3 wide, 5 high; padding past the window's reach
+        (1, 32, 9, 12, (3, 5), (1, 2), (0, 2)),
+        (1, 32, 4, 4, 3, 2, 4),  # windows that reach only padding
         (0, 32, 7, 7, 3, 1, 1),
+        (2, 48, 13, 11, 3, 1, 1),  # not a multiple of 32 channels: the widened rows
+        (1, 33, 9, 9, 5, 2, 2),
     ],
-    ids=["14x14", "whole-images", "s2-48ch", "5x5-17wide", "5x5-s2", "3wide-33ch", "valid", "s2-30wide", "5x3", "3x5-s2",
-         "only-padding", "batch0"],
+    ids=["14x14", "whole-images", "s2-rows-of-6", "5x5-17wide", "5x5-s2", "3wide", "valid", "s2-30wide", "5x3",
+         "3x5-s2", "only-padding", "batch0", "48ch-widened", "33ch-widened"],
 )
 @needs_bf16_dot_products
 def test_bf16_channels_last_forward_through_pair_dot_products(n, c, h, w, k, stride, padding, monkeypatch):
-    """bf16 channels_last forward through vdpbf16ps (rows_nhwc_bf16_dot.cpp): each output within one
+    """bf16 channels_last forward through vdpbf16ps (rows_nhwc_bf16_dot.cpp; channel counts that are a
+    multiple of 32, the others take the widened rows, bit for bit): each output within one
     unit in the last place of the fp32 op's output rounded to bf16 (the sums are fp32's in another
     order), or of fp32's rounding of the sum, under 2^-20 of the largest output; NaN and
     infinities where the fp32 op has them, infinities in the input right of a window's last
@@ -641,6 +644,9 @@ def test_bf16_channels_last_forward_through_pair_dot_products(n, c, h, w, k, str
         ours = depthwise_conv2d(x, weight, b, *args)
         monkeypatch.setenv("FASTCNN_AVX512_BF16", "0")
         widened = depthwise_conv2d(x, weight, b, *args)
+        if c % 32:  # a pixel of no whole number of lines: the widened rows (see whole_lines)
+            torch.testing.assert_close(ours, widened, rtol=0, atol=0, equal_nan=True)
+            continue
         fp32 = depthwise_conv2d(x.float(), weight.float(), None if b is None else b.float(), *args)
         # (an empty batch's output is contiguous in both formats; its strides are NCHW's, as PyTorch's
         # fake conv2d gives them and the fake impl here does; eager F.conv2d keeps channels_last's)
@@ -662,10 +668,10 @@ def test_bf16_channels_last_forward_through_pair_dot_products(n, c, h, w, k, str
 
 @pytest.mark.parametrize(
     "n, c, h, w, stride, padding",
-    [(2, 64, 7, 7, 1, 1), (3, 48, 9, 11, 2, 1), (1, 33, 8, 13, 2, 1), (2, 32, 14, 14, 1, 1), (1, 16, 5, 6, 1, 1),
-     (2, 40, 3, 3, 1, 1), (1, 96, 10, 9, 1, 1), (1, 32, 6, 16, 2, 0)],
-    ids=["7x7-lone-pixels", "s2-48ch", "s2-33ch-lone", "14x14", "one-image-two-chunks", "3x3-map", "9-wide",
-         "s2-unread-column"],
+    [(2, 64, 7, 7, 1, 1), (3, 64, 9, 11, 2, 1), (1, 32, 8, 13, 2, 1), (2, 32, 14, 14, 1, 1), (1, 32, 5, 6, 1, 1),
+     (2, 32, 3, 3, 1, 1), (1, 96, 10, 9, 1, 1), (1, 32, 6, 16, 2, 0), (2, 48, 7, 7, 1, 1)],
+    ids=["7x7-lone-pixels", "s2", "s2-lone", "14x14", "one-image-two-chunks", "3x3-map", "9-wide",
+         "s2-unread-column", "48ch-widened"],
 )
 @needs_bf16_dot_products
 def test_bf16_channels_last_weight_gradient_through_pair_dot_products(n, c, h, w, stride, padding, monkeypatch):
@@ -690,6 +696,10 @@ def test_bf16_channels_last_weight_gradient_through_pair_dot_products(n, c, h, w
     ours = torch.ops.fastcnn._depthwise_conv2d_backward(grad, x, weight, *args)
     monkeypatch.setenv("FASTCNN_AVX512_BF16", "0")
     widened = torch.ops.fastcnn._depthwise_conv2d_backward(grad, x, weight, *args)
+    if c % 32:  # the widened rows (see whole_lines)
+        for o, wd in zip(ours, widened):
+            torch.testing.assert_close(o, wd, rtol=0, atol=0, equal_nan=True)
+        return
     fp32 = torch.ops.fastcnn._depthwise_conv2d_backward(grad.float(), x.float(), weight.float(), *args)
     magnitude = torch.ops.aten.convolution_backward(
         grad.double().abs().nan_to_num(), x.double().abs().nan_to_num(posinf=0.0), weight.double(), [c],
@@ -716,8 +726,8 @@ def test_bf16_channels_last_weight_gradient_through_pair_dot_products(n, c, h, w
 
 @pytest.mark.parametrize(
     "n, c, h, w, k, padding",
-    [(2, 64, 7, 7, 3, 1), (1, 48, 9, 12, 5, 2), (2, 40, 10, 9, 5, 0), (1, 33, 6, 17, 3, 0), (1, 32, 5, 5, 5, 5)],
-    ids=["3x3", "5x5", "5x5-valid", "3x3-valid-33ch", "padding-past-reach"],
+    [(2, 64, 7, 7, 3, 1), (1, 64, 9, 12, 5, 2), (2, 32, 10, 9, 5, 0), (1, 32, 6, 17, 3, 0), (1, 32, 5, 5, 5, 5)],
+    ids=["3x3", "5x5", "5x5-valid", "3x3-valid", "padding-past-reach"],
 )
 @needs_bf16_dot_products
 def test_bf16_channels_last_input_gradient_through_pair_dot_products(n, c, h, w, k, padding, monkeypatch):

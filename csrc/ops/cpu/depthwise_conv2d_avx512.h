@@ -151,8 +151,9 @@ void forward_row_nhwc_bf16(const uint16_t* in, const float* taps, const float* b
 void forward_row_nhwc_fp16(const uint16_t* in, const float* taps, const float* bias, uint16_t* out_row, int64_t oy,
                            const ImageGeometry& g);
 
-// bf16 rows through AVX512_BF16's pair dot products (rows_nhwc_bf16_dot.cpp): 3- and 5-wide
-// windows at stride 1 or 2 along the row, any height and stride down, undilated. The weights and
+// bf16 rows through AVX512_BF16's pair dot products (rows_nhwc_bf16_dot.cpp): channel counts that
+// are a multiple of 32, 3- and 5-wide windows at stride 1 or 2 along the row, any height and
+// stride down, undilated. The weights and
 // bias in the kernel's order: nhwc_bf16_dot_weights of the op's bf16 weight ([channels][kernel_h]
 // [kernel_w]) and bias (null for none), as bits, into nhwc_bf16_dot_weight_words(g) words and
 // nhwc_bf16_dot_bias_floats(g) floats. The sums are forward_row_nhwc_bf16's to fp32 rounding in
@@ -167,8 +168,8 @@ void nhwc_bf16_dot_weights(const uint16_t* weight, const uint16_t* bias, const I
 // nhwc_bf16_dot_groups(g)), a group's rows in turn.
 int64_t nhwc_bf16_dot_groups(const ImageGeometry& g);
 
-// The bf16 weight (and bias) gradient of 3x3 windows (stride 1 or 2 along the row, undilated)
-// through the pair dot products: weight_grad_block_nhwc_bf16_dot adds output rows [oy0, oy1) of
+// The bf16 weight (and bias) gradient of 3x3 windows (channel counts that are a multiple of 32,
+// stride 1 or 2 along the row, undilated) through the pair dot products: weight_grad_block_nhwc_bf16_dot adds output rows [oy0, oy1) of
 // one image (in and grad_out at its first pixel) for one group of 32 channels to `sums`
 // (nhwc_bf16_dot_weight_grad_floats(g) floats, zeroed by the caller, in the kernel's lane order);
 // nhwc_bf16_dot_weight_grad_add then adds them to part ([9][channels]) and part_bias (null for
