@@ -694,10 +694,14 @@ bool forward_nhwc_ring(const at::Tensor& input, const at::Tensor& weight, const 
 
 // bf16 channels_last through AVX512_BF16's pair dot products where the CPU has them and the
 // window is one they take (see rows_nhwc_bf16_dot.cpp).
+bool takes_nhwc_bf16_dot(const Geometry& g) {
+  return depthwise::avx512::bf16_dot_enabled() && depthwise::avx512::supports_nhwc_bf16_dot(avx512_image_geometry(g));
+}
+
 bool forward_nhwc_bf16_dot(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                            at::Tensor& output, const Geometry& g) {
+  if (!takes_nhwc_bf16_dot(g)) return false;
   const auto shape = avx512_image_geometry(g);
-  if (!(depthwise::avx512::bf16_dot_enabled() && depthwise::avx512::supports_nhwc_bf16_dot(shape))) return false;
   std::vector<uint32_t> words(depthwise::avx512::nhwc_bf16_dot_weight_words(shape));
   std::vector<float> bias_lanes(depthwise::avx512::nhwc_bf16_dot_bias_floats(shape));
   depthwise::avx512::nhwc_bf16_dot_weights(bits_of(weight.const_data_ptr<at::BFloat16>()),
@@ -1291,6 +1295,12 @@ Geometry flipped_geometry(const Geometry& g) {
   return flipped;
 }
 
+// A flipped window whose padding is negative (the forward's padding past its reach) crops the
+// image, which the forward kernels taking it here do not do.
+bool pads_nonnegative(const Geometry& g) {
+  return g.pad_top >= 0 && g.pad_bottom >= 0 && g.pad_left >= 0 && g.pad_right >= 0;
+}
+
 depthwise::avx512::ImageGeometry flipped_image_geometry(const Geometry& g) {
   return avx512_image_geometry(flipped_geometry(g));
 }
@@ -1386,7 +1396,7 @@ bool grad_input_nhwc_ring(const at::Tensor& grad_output, const at::Tensor& weigh
         (g.kernel_w == 5 || g.kernel_w == 7) && (any_size || grad_output.nbytes() <= kRingGradInputBytes)))
     return false;
   const Geometry flipped = flipped_geometry(g);
-  if (flipped.pad_top < 0 || flipped.pad_bottom < 0 || flipped.pad_left < 0 || flipped.pad_right < 0) return false;
+  if (!pads_nonnegative(flipped)) return false;
   return forward_nhwc_ring<scalar_t>(grad_output, weight.flip({2, 3}), at::Tensor(), grad_input, flipped);
 }
 
@@ -1452,8 +1462,8 @@ void backward_nhwc(const at::Tensor& grad_output, const at::Tensor& input, const
     // window, through the pair dot products where they take it (see forward_nhwc_bf16_dot).
     if (grad_input.defined() && g.stride_h == 1 && g.stride_w == 1) {
       const Geometry flipped = flipped_geometry(g);
-      if (flipped.pad_top >= 0 && flipped.pad_bottom >= 0 && flipped.pad_left >= 0 && flipped.pad_right >= 0 &&
-          forward_nhwc_bf16_dot(grad_output, weight.flip({2, 3}), at::Tensor(), grad_input, flipped)) {
+      if (pads_nonnegative(flipped) && takes_nhwc_bf16_dot(flipped)) {
+        forward_nhwc_bf16_dot(grad_output, weight.flip({2, 3}), at::Tensor(), grad_input, flipped);
         at::Tensor input_done;  // undefined: the weight and bias gradients alone
         backward_nhwc<scalar_t>(grad_output, input, weight, input_done, grad_weight, grad_bias, g);
         return;

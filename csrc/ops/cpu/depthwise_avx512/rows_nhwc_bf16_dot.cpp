@@ -37,20 +37,17 @@ namespace {
 // and vpunpckhwd of two pixels' lines interleave their words within each 128-bit lane, so the
 // "low" vector's lane 4L + k holds channel 8L + k and the "high" vector's channel 8L + 4 + k.
 // The weights and bias are stored in that order; one vcvtne2ps2bf16 and one vpermw put the 32
-// rounded outputs back in channel order.
+// rounded outputs back in channel order. The channel count is a multiple of 32 (see whole_lines).
 constexpr int64_t kGroup = 32;
+constexpr __mmask32 kAllWords = 0xFFFFFFFFu;
 
 
 // Weight words of one group: [kernel row][pair][half][16 lanes]; the bias: [group][half][16].
 inline int64_t pairs_per_row(int64_t kernel_w) { return (kernel_w + 1) / 2; }
 inline int64_t group_words(const ImageGeometry& g) { return g.kernel_h * pairs_per_row(g.kernel_w) * 2 * kLanes; }
-inline int64_t groups(const ImageGeometry& g) { return (g.channels + kGroup - 1) / kGroup; }
+inline int64_t groups(const ImageGeometry& g) { return g.channels / kGroup; }
 
 inline __m512bh as_pairs(__m512i v) { return reinterpret_cast<__m512bh>(v); }
-
-inline __mmask32 word_lanes(int64_t count) {
-  return count >= kGroup ? 0xFFFFFFFFu : static_cast<__mmask32>((1u << count) - 1u);
-}
 
 // Word c of a group's outputs is word channel_order[c] of vcvtne2ps2bf16(high, low).
 inline __m512i channel_order() {
@@ -64,12 +61,12 @@ inline __m512i channel_order() {
 // 12 columns, 2.8 at 24 to 96; stride 2 within noise of 0 to 48 in process).
 constexpr int kPrefetchColumns = 24;
 
-// R output pixels from ox0 of one group from c0 (`lanes`: its channels in the image) of a KW-wide
+// R output pixels from ox0 of the group from channel c0, of a KW-wide
 // window at stride S along the row, over the kernel rows [ky0, ky1) inside the input. Columns
 // outside the row load as zero where Checked.
 template <int KW, int S, int R, bool Checked>
 inline void dot_run(const Bf16* in, const uint32_t* words, const float* bias, Bf16* out_row, int64_t c0,
-                    __mmask32 lanes, __m512i order, int64_t ox0, int64_t ky0, int64_t ky1, int64_t iy0,
+                    __m512i order, int64_t ox0, int64_t ky0, int64_t ky1, int64_t iy0,
                     const ImageGeometry& g) {
   constexpr int kPairs = KW / 2, kColumns = S * (R - 1) + KW;
   const int64_t C = g.channels, col0 = ox0 * S - g.pad_left;
@@ -85,7 +82,7 @@ inline void dot_run(const Bf16* in, const uint32_t* words, const float* bias, Bf
   __mmask32 column_lanes[kColumns];
 #pragma GCC unroll 32
   for (int j = 0; j < kColumns; ++j)
-    column_lanes[j] = !Checked || static_cast<uint64_t>(col0 + j) < static_cast<uint64_t>(g.in_w) ? lanes : 0;
+    column_lanes[j] = !Checked || static_cast<uint64_t>(col0 + j) < static_cast<uint64_t>(g.in_w) ? kAllWords : 0;
   const Bf16* row = in + (iy0 + ky0) * g.in_w * C + col0 * C + c0;
   const uint32_t* row_words = words + c0 / kGroup * group_words(g) + ky0 * pairs_per_row(KW) * 2 * kLanes;
   // Rows of at most 14 outputs prefetch only the kernel rows the group's previous output row did
@@ -136,7 +133,7 @@ inline void dot_run(const Bf16* in, const uint32_t* words, const float* bias, Bf
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     const __m512i rounded = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high[r], low[r]));
-    _mm512_mask_storeu_epi16(out_row + (ox0 + r) * C + c0, lanes, _mm512_permutexvar_epi16(order, rounded));
+    _mm512_storeu_si512(out_row + (ox0 + r) * C + c0, _mm512_permutexvar_epi16(order, rounded));
   }
 }
 
@@ -144,14 +141,14 @@ inline void dot_run(const Bf16* in, const uint32_t* words, const float* bias, Bf
 // with the same result), so out_w >= R.
 template <int KW, int S, int R>
 inline void dot_runs(const Bf16* in, const uint32_t* words, const float* bias, Bf16* out_row, int64_t c0,
-                     __mmask32 lanes, __m512i order, int64_t ky0, int64_t ky1, int64_t iy0, int64_t inside_first,
+                     __m512i order, int64_t ky0, int64_t ky1, int64_t iy0, int64_t inside_first,
                      int64_t inside_last, const ImageGeometry& g) {
   for (int64_t ox = 0; ox < g.out_w; ox += R) {
     if (ox + R > g.out_w) ox = g.out_w - R;
     if (ox >= inside_first && ox + R <= inside_last)
-      dot_run<KW, S, R, false>(in, words, bias, out_row, c0, lanes, order, ox, ky0, ky1, iy0, g);
+      dot_run<KW, S, R, false>(in, words, bias, out_row, c0, order, ox, ky0, ky1, iy0, g);
     else
-      dot_run<KW, S, R, true>(in, words, bias, out_row, c0, lanes, order, ox, ky0, ky1, iy0, g);
+      dot_run<KW, S, R, true>(in, words, bias, out_row, c0, order, ox, ky0, ky1, iy0, g);
   }
 }
 
@@ -166,20 +163,19 @@ void dot_block(const Bf16* in, const uint32_t* words, const float* bias, Bf16* o
   const __m512i order = channel_order();
   for (int64_t group = group0; group < group1; ++group) {
     const int64_t c0 = group * kGroup;
-    const __mmask32 lanes = word_lanes(g.channels - c0);
     for (int64_t oy = oy0; oy < oy1; ++oy) {
       int64_t ky0, ky1;
       taps_inside(oy, g.stride_h, g.pad_top, 1, g.in_h, g.kernel_h, &ky0, &ky1);
       const int64_t iy0 = oy * g.stride_h - g.pad_top;
       Bf16* out_row = out + oy * g.out_w * g.channels;
       if (g.out_w % 7 == 0)
-        dot_runs<KW, S, 7>(in, words, bias, out_row, c0, lanes, order, ky0, ky1, iy0, inside_first, inside_last, g);
+        dot_runs<KW, S, 7>(in, words, bias, out_row, c0, order, ky0, ky1, iy0, inside_first, inside_last, g);
       else if (g.out_w >= 8)
-        dot_runs<KW, S, 8>(in, words, bias, out_row, c0, lanes, order, ky0, ky1, iy0, inside_first, inside_last, g);
+        dot_runs<KW, S, 8>(in, words, bias, out_row, c0, order, ky0, ky1, iy0, inside_first, inside_last, g);
       else if (g.out_w >= 4)
-        dot_runs<KW, S, 4>(in, words, bias, out_row, c0, lanes, order, ky0, ky1, iy0, inside_first, inside_last, g);
+        dot_runs<KW, S, 4>(in, words, bias, out_row, c0, order, ky0, ky1, iy0, inside_first, inside_last, g);
       else
-        dot_runs<KW, S, 1>(in, words, bias, out_row, c0, lanes, order, ky0, ky1, iy0, inside_first, inside_last, g);
+        dot_runs<KW, S, 1>(in, words, bias, out_row, c0, order, ky0, ky1, iy0, inside_first, inside_last, g);
     }
   }
 }
@@ -196,7 +192,7 @@ constexpr int64_t kWeightGradSumFloats = (kWeightGradTaps + 1) * 2 * kLanes;
 
 template <int S, bool Checked, bool Lone>
 inline void dot_weight_grad_pair(const Bf16* rows[3], const __mmask32 row_lanes[3], const Bf16* go_row, int64_t ox,
-                                 __mmask32 lanes, __m512bh ones, __m512 low[kWeightGradTaps + 1],
+                                 __m512bh ones, __m512 low[kWeightGradTaps + 1],
                                  __m512 high[kWeightGradTaps + 1], const ImageGeometry& g) {
   constexpr int kColumns = Lone ? 3 : S + 3;  // the pixels' windows along the row
   const int64_t C = g.channels, col0 = ox * S - g.pad_left;
@@ -210,8 +206,8 @@ inline void dot_weight_grad_pair(const Bf16* rows[3], const __mmask32 row_lanes[
 #pragma GCC unroll 2
   for (int i = 0; i < 2; ++i)
     _mm_prefetch(reinterpret_cast<const char*>(go_row + (ox + kPrefetchColumns / S + i) * C), _MM_HINT_T0);
-  const __m512i grad_a = _mm512_maskz_loadu_epi16(lanes, go_row + ox * C);
-  const __m512i grad_b = Lone ? zero : _mm512_maskz_loadu_epi16(lanes, go_row + (ox + 1) * C);
+  const __m512i grad_a = _mm512_loadu_si512(go_row + ox * C);
+  const __m512i grad_b = Lone ? zero : _mm512_loadu_si512(go_row + (ox + 1) * C);
   const __m512bh grad_low = as_pairs(_mm512_unpacklo_epi16(grad_a, grad_b));
   const __m512bh grad_high = as_pairs(_mm512_unpackhi_epi16(grad_a, grad_b));
   low[kWeightGradTaps] = _mm512_dpbf16_ps(low[kWeightGradTaps], grad_low, ones);
@@ -220,7 +216,7 @@ inline void dot_weight_grad_pair(const Bf16* rows[3], const __mmask32 row_lanes[
 #pragma GCC unroll 8
   for (int j = 0; j < kColumns; ++j) {
     const bool inside = !Checked || static_cast<uint64_t>(col0 + j) < static_cast<uint64_t>(g.in_w);
-    column_lanes[j] = inside ? lanes : 0;
+    column_lanes[j] = inside ? kAllWords : 0;
   }
 #pragma GCC unroll 3
   for (int ky = 0; ky < 3; ++ky) {
@@ -243,7 +239,6 @@ template <int S>
 void dot_weight_grad_rows(const Bf16* in, const Bf16* go, int64_t oy0, int64_t oy1, int64_t c0, float* sums,
                           const ImageGeometry& g) {
   const int64_t C = g.channels;
-  const __mmask32 lanes = word_lanes(C - c0);
   const __m512bh ones = as_pairs(_mm512_set1_epi32(0x3F803F80));  // bf16 1.0 in both halves
   __m512 low[kWeightGradTaps + 1], high[kWeightGradTaps + 1];
 #pragma GCC unroll 10
@@ -260,17 +255,17 @@ void dot_weight_grad_rows(const Bf16* in, const Bf16* go, int64_t oy0, int64_t o
       const int64_t iy = oy * g.stride_h - g.pad_top + ky;
       const bool inside = row_inside(iy, g.in_h);
       rows[ky] = in + (inside ? iy : 0) * g.in_w * C + c0;
-      row_lanes[ky] = inside ? 0xFFFFFFFFu : 0u;
+      row_lanes[ky] = inside ? kAllWords : 0u;
     }
     const Bf16* go_row = go + oy * g.out_w * C + c0;
     int64_t ox = 0;
     for (; ox + 2 <= g.out_w; ox += 2) {
       if (ox >= inside_first && ox + 2 <= inside_last)
-        dot_weight_grad_pair<S, false, false>(rows, row_lanes, go_row, ox, lanes, ones, low, high, g);
+        dot_weight_grad_pair<S, false, false>(rows, row_lanes, go_row, ox, ones, low, high, g);
       else
-        dot_weight_grad_pair<S, true, false>(rows, row_lanes, go_row, ox, lanes, ones, low, high, g);
+        dot_weight_grad_pair<S, true, false>(rows, row_lanes, go_row, ox, ones, low, high, g);
     }
-    if (ox < g.out_w) dot_weight_grad_pair<S, true, true>(rows, row_lanes, go_row, ox, lanes, ones, low, high, g);
+    if (ox < g.out_w) dot_weight_grad_pair<S, true, true>(rows, row_lanes, go_row, ox, ones, low, high, g);
   }
 #pragma GCC unroll 10
   for (int t = 0; t <= kWeightGradTaps; ++t) {
@@ -298,8 +293,8 @@ int64_t nhwc_bf16_dot_bias_floats(const ImageGeometry& g) { return groups(g) * k
 void nhwc_bf16_dot_weights(const uint16_t* weight, const uint16_t* bias, const ImageGeometry& g, uint32_t* words,
                            float* bias_lanes) {
   const int64_t C = g.channels, kernel_w = g.kernel_w, taps = g.kernel_h * kernel_w, pairs = pairs_per_row(kernel_w);
-  for (int64_t i = 0; i < groups(g) * group_words(g); ++i) words[i] = 0;
-  for (int64_t i = 0; i < groups(g) * kGroup; ++i) bias_lanes[i] = 0.f;
+  if (!bias)
+    for (int64_t i = 0; i < groups(g) * kGroup; ++i) bias_lanes[i] = 0.f;
   for (int64_t c = 0; c < C; ++c) {
     // Channel c's lane (see kGroup): 8L + 4*half + k -> lane 4L + k of that half.
     const int64_t group = c / kGroup, within = c % kGroup, half = within % 8 / 4, lane = within / 8 * 4 + within % 4;
@@ -344,15 +339,14 @@ void nhwc_bf16_dot_weight_grad_add(const float* sums, float* part, float* part_b
   for (int64_t group = 0; group < groups(g); ++group) {
     const float* group_sums = sums + group * kWeightGradSumFloats;
     const int64_t c0 = group * kGroup;
-    const __mmask16 lanes_a = lane_range(0, C - c0), lanes_b = lane_range(0, C - c0 - kLanes);
     for (int t = 0; t <= kWeightGradTaps; ++t) {
       float* dst = t < kWeightGradTaps ? part + t * C + c0 : part_bias ? part_bias + c0 : nullptr;
       if (!dst) continue;
       const __m512 low = _mm512_loadu_ps(group_sums + t * 2 * kLanes);
       const __m512 high = _mm512_loadu_ps(group_sums + t * 2 * kLanes + kLanes);
       const __m512 a = _mm512_permutex2var_ps(low, first, high), b = _mm512_permutex2var_ps(low, second, high);
-      _mm512_mask_storeu_ps(dst, lanes_a, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes_a, dst), a));
-      _mm512_mask_storeu_ps(dst + kLanes, lanes_b, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes_b, dst + kLanes), b));
+      _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), a));
+      _mm512_storeu_ps(dst + kLanes, _mm512_add_ps(_mm512_loadu_ps(dst + kLanes), b));
     }
   }
 }
