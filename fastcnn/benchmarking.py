@@ -10,10 +10,14 @@ The rules it implements (see the project's design notes):
   ``torch.cuda.synchronize()``; on CPU by ``time.perf_counter``.
 * Calibration. A measurement repeats a call until it lasts at least ``min_time`` seconds; the
   number of rounds shrinks (never below ``min_rounds``) when the whole would exceed ``max_time``.
-* Floors. The time a call cannot beat: bytes it must move over the copy bandwidth measured in this
-  process (a large ``copy_`` into an existing buffer), or flops over the measured matmul rate,
-  whichever is larger. ``floor_fraction = floor / measured`` (1.0 = at the roofline; above 1 means
-  the data stayed in cache, since the bandwidth is measured from DRAM).
+* Floors. The time a call cannot beat: bytes it must move over the copy bandwidth, or flops over
+  the measured matmul rate, whichever is larger. The bandwidth is measured in the same interleaved
+  rounds as the case (a 64 MiB ``copy_`` into an existing buffer, 1 GiB on a GPU, timed each round
+  beside the providers), and ``floor_fraction`` is the median over rounds of floor / time (1.0 = at
+  the roofline; above 1 means the data stayed in cache, since the bandwidth is measured from DRAM).
+  A bandwidth measured once per process moved 2x between runs on a shared machine (31-85 GB/s on
+  one Zen 5 VM within an hour) and took every floor fraction with it; measured beside the kernel it
+  sees the same neighbours. The process-wide figure (``floors``) stays in the record.
 * Environment. torch/Triton/CUDA versions, CPU model, thread count, GPU, and the glibc allocator
   setting (``mmap_max=0`` in GLIBC_TUNABLES: freed memory is reused instead of returned to the
   kernel, so large temporaries stop paying first-touch page faults) go with every result.
@@ -354,6 +358,29 @@ def matmul_rate(device: str = "cpu", dtype: torch.dtype = torch.float32, reps: i
     torch.matmul(a, b, out=c)
     best = min(clock.measure(lambda: torch.matmul(a, b, out=c), 1) for _ in range(reps))
     return 2 * n**3 / best
+
+
+COPY_PROBE = "copy (floor)"  # the timed copy of each case's rounds; not a result row
+
+
+def copy_probe(device):
+    """(the copy timed beside a case's providers, the bytes it reads and writes a call, counted as
+    copy_bandwidth counts them)."""
+    dev = torch.device(device)
+    nbytes = (1 << 30) if dev.type == "cuda" else (64 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).fill_(1.0)
+    dst = torch.empty_like(src).fill_(0.0)
+    return Provider(COPY_PROBE, lambda: dst.copy_(src)), 2 * nbytes
+
+
+def round_floor_fractions(nbytes: float, flops: float, copy_bytes: float, copy_times: Sequence[float],
+                          times: Sequence[float], device, dtype=torch.float32) -> Optional[float]:
+    """Median over rounds of max(nbytes / that round's copy bandwidth, flops / matmul rate) / that
+    round's time."""
+    if not times or len(times) != len(copy_times):
+        return None
+    compute = flops / matmul_rate(str(torch.device(device)), dtype) if flops else 0.0
+    return statistics.median(max(nbytes * c / copy_bytes, compute) / t for c, t in zip(copy_times, times) if t > 0)
 
 
 def floors(device, dtype=torch.float32) -> Dict[str, float]:
@@ -737,6 +764,7 @@ def run_op(
     ref_dtype = reference_dtype(device, dtype, op)
     element_size = torch.empty((), dtype=dtype).element_size()
     rows: List[Dict[str, Any]] = []
+    probe, probe_bytes = None, 0  # the copy probe, made for the first timed case
     for shape in shapes:
         args, grad_output = case_inputs(op, shape, seed)
         # One reference per shape, on NCHW inputs, for every layout and mode.
@@ -762,12 +790,20 @@ def run_op(
                     checks[spec.name] = _check_call(op, fn, prep, ref, mode, device, spec.context)
                     if "error" not in checks[spec.name]:
                         timed.append(Provider(spec.name, fn, spec.context))
+                if timed:
+                    if probe is None:
+                        probe, probe_bytes = copy_probe(device)
+                    timed.append(probe)
                 timings = time_interleaved(
                     timed, rounds=rounds, min_rounds=min_rounds, warmup=0, min_time=min_time, max_time=max_time,
                     clock=clock_for(device),
                 )
+                copy_timing = timings.pop(COPY_PROBE, None)
+                copy_times = copy_timing.times if copy_timing is not None and copy_timing.error is None else []
                 nbytes, flops = op.cost(shape, mode, element_size)
-                floor = floor_seconds(nbytes, flops, device, dtype)
+                copy_bandwidth_now = probe_bytes / statistics.median(copy_times) if copy_times else None
+                floor = (max(nbytes / copy_bandwidth_now, flops / matmul_rate(str(device), dtype) if flops else 0.0)
+                         if copy_bandwidth_now else floor_seconds(nbytes, flops, device, dtype))
                 for spec in offered:
                     t, info = timings.get(spec.name), checks[spec.name]
                     median = t.median if t is not None else None
@@ -794,7 +830,10 @@ def run_op(
                         "bytes": nbytes,
                         "flops": flops,
                         "floor_ms": floor * 1e3,
-                        "floor_fraction": floor / median if median else None,
+                        "floor_fraction": (
+                            round_floor_fractions(nbytes, flops, probe_bytes, copy_times, t.times, device, dtype)
+                            if copy_times and t is not None and not t.error else (floor / median if median else None)),
+                        "copy_bandwidth_GBps": copy_bandwidth_now / 1e9 if copy_bandwidth_now else None,
                         "saved_bytes": info.get("saved_bytes"),
                         "peak_mem_bytes": info.get("peak_mem_bytes"),
                         "error": info.get("error") or (t.error if t is not None else None),

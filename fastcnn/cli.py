@@ -21,6 +21,7 @@ import fnmatch
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -152,6 +153,15 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], right_from: 
     return lines
 
 
+def _copy_range(record: Dict[str, Any], allocator: str) -> str:
+    """The copy bandwidths measured beside this allocator's cases: median (min-max)."""
+    seen = sorted(r["copy_bandwidth_GBps"] for r in record.get("results", [])
+                  if r.get("allocator") == allocator and r.get("copy_bandwidth_GBps"))
+    if not seen:
+        return ""
+    return f" (beside the cases: {statistics.median(seen):.1f} GB/s, {seen[0]:.1f}-{seen[-1]:.1f})"
+
+
 def _env_summary(record: Dict[str, Any]) -> List[str]:
     lines = []
     for run in record.get("runs", []):
@@ -162,7 +172,8 @@ def _env_summary(record: Dict[str, Any]) -> List[str]:
             f"- allocator **{run['allocator']}**: {where}; torch {env['torch']} (CUDA {env['torch_cuda'] or 'none'}), "
             f"Triton {env['triton'] or 'none'}; fastcnn {env['fastcnn']}"
             + (f" ({env['git']})" if env.get("git") else "")
-            + f"; {env['date']}; floor from copy {fl.get('copy_bandwidth_GBps', 0):.1f} GB/s, "
+            + f"; {env['date']}; copy {fl.get('copy_bandwidth_GBps', 0):.1f} GB/s at the start"
+            + _copy_range(record, run["allocator"]) + ", "
             f"matmul {fl.get('matmul_GFLOPs', 0):.0f} GFLOP/s"
         )
     return lines
@@ -188,7 +199,8 @@ def render_markdown(record: Dict[str, Any], long: bool = False) -> str:
         alloc_note = " / ".join(allocs)
         header = ["case", "shape", "layout", "mode", f"torch ms ({allocs[0]})" if allocs else "torch ms"]
         for p in provs:
-            header += [f"{p} × ({alloc_note})" if len(allocs) > 1 else f"{p} ×", f"{p} % floor"]
+            header += [f"{p} × ({alloc_note})" if len(allocs) > 1 else f"{p} ×",
+                       f"{p} % floor ({alloc_note})" if len(allocs) > 1 else f"{p} % floor"]
         rows = []
         for key in keys:
             base = index.get(key + ("torch", allocs[0]))
@@ -197,12 +209,13 @@ def render_markdown(record: Dict[str, Any], long: bool = False) -> str:
                 cells = [index.get(key + (p, a)) for a in allocs]
                 row.append(" / ".join(_fmt_ratio(c["ratio"]) if c and not c.get("error") else "err" if c else "-"
                                       for c in cells))
-                first = cells[0]
-                row.append(_fmt_floor(first["floor_fraction"]) if first and not first.get("error") else "-")
+                row.append(" / ".join(_fmt_floor(c["floor_fraction"]) if c and not c.get("error") else "-"
+                                      for c in cells))
             rows.append(row)
         out += _md_table(header, rows, right_from=4)
         out += ["", "× = median over interleaved rounds of t(torch eager) / t(provider): above 1 is faster. "
-                "% floor = max(bytes / copy bandwidth, flops / matmul rate) / time."]
+                "% floor = max(bytes / copy bandwidth, flops / matmul rate) / time, the bandwidth that of a "
+                "64 MiB copy timed in the same rounds."]
         for summary, header, rows in summary_tables(results, allocs):
             out += ["", summary.note, ""]
             out += _md_table(header, rows, right_from=4)

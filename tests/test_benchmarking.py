@@ -200,6 +200,21 @@ def test_run_op_rows_and_errors():
     assert fwd["ratio"] == pytest.approx(1.0) and fwd["rounds"] == 2 and fwd["error"] is None
     assert fwd["max_abs_error"] < 1e-5 and set(fb["errors"]) == {"output", "grad_input", "grad_weight", "grad_bias"}
     assert fb["saved_bytes"] > 0 and fb["floor_fraction"] > 0
+    # the floor's bandwidth is the copy timed in the case's own rounds, not a result row
+    assert all(r["copy_bandwidth_GBps"] > 0.1 for r in rows)
+    assert fwd["floor_ms"] == pytest.approx(fwd["bytes"] / (fwd["copy_bandwidth_GBps"] * 1e9) * 1e3)
+
+
+def test_round_floor_fractions_pair_each_round_with_its_copy():
+    # 1 GB copied a call; rounds at 1 s and 2 s a copy (1 and 0.5 GB/s) and a case of 0.5 GB
+    # taking 1 s both times: floors 0.5 s and 1 s, fractions 0.5 and 1.0, median 0.75.
+    got = benchmarking.round_floor_fractions(0.5e9, 0, 1e9, [1.0, 2.0], [1.0, 1.0], "cpu")
+    assert got == pytest.approx(0.75)
+    # a round where neighbours slowed the copy and the case alike keeps its fraction (0.5, 0.5,
+    # 1/6: median 0.5); the ratio of the medians would say 0.5 / 2 = 0.25
+    got = benchmarking.round_floor_fractions(0.5e9, 0, 1e9, [1.0, 2.0, 1.0], [1.0, 2.0, 3.0], "cpu")
+    assert got == pytest.approx(0.5)
+    assert benchmarking.round_floor_fractions(1e9, 0, 1e9, [1.0], [], "cpu") is None
 
 
 def test_make_call_forward_backward_does_not_accumulate():
@@ -263,7 +278,7 @@ def test_report_merges_allocators_side_by_side():
         results += [dict(row, provider="torch", ratio=1.0, allocator=alloc),
                     dict(row, provider="fastcnn[cpu]", ratio=ratio, allocator=alloc)]
     md = cli.render_markdown({"settings": {"device": "cpu", "dtype": "float32"}, "runs": [], "results": results})
-    assert "fastcnn[cpu] × (default / reuse)" in md and "| 1.50 / 2.50 | 50% |" in md
+    assert "fastcnn[cpu] × (default / reuse)" in md and "| 1.50 / 2.50 | 50% / 50% |" in md
 
 
 def test_report_updates_a_table_between_markers(tmp_path):
