@@ -483,6 +483,11 @@ struct WeightGradStride2 {
     if (Complete) sums.template add<2>(grad_row, t);
     if (Continue) sums.template add<1>(grad_row, t);
     if (Start) {
+      // On wide rows the grad_out row ahead too, a line a chunk: in process, N=32, 2 threads,
+      // reuse, 32x64x112x112 weight gradient 3.9-4.5 -> 3.1-3.4 ms (56x56 the same, 28x28 3-5%
+      // slower with it).
+      if (cols.whole_lines)
+        _mm_prefetch(reinterpret_cast<const char*>(grad + (k / 2 + ahead / 2) * out_row_stride), _MM_HINT_T0);
       grad_row = _mm512_maskz_loadu_ps(valid, grad + (k / 2) * out_row_stride);
       sums.add_bias(grad_row);
       sums.template add<0>(grad_row, t);
