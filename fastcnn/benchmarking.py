@@ -426,6 +426,13 @@ def cpu_isa() -> Dict[str, Any]:
         isa["aten_capability"] = torch.backends.cpu.get_cpu_capability()
     except Exception:  # noqa: BLE001 - older torch
         isa["aten_capability"] = None
+    # Intel's microcode mitigation of Gather Data Sampling makes AVX-512 gathers several times
+    # slower; the grid_sample kernels choose their grad_input path by it (pull_policy).
+    try:
+        with open("/sys/devices/system/cpu/vulnerabilities/gather_data_sampling") as f:
+            isa["gather_data_sampling"] = f.read().strip()
+    except OSError:
+        isa["gather_data_sampling"] = None
     return isa
 
 

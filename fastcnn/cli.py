@@ -55,10 +55,12 @@ def _info_lines(env: Dict[str, Any]) -> List[str]:
     for name, st in env["backends"].items():
         lines.append(f"  {name:<10} {'yes' if st['available'] else 'no ':<4} {st['reason']}")
     isa = env["isa"]
-    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in isa.items() if k != "aten_capability")
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in isa.items()
+                      if k not in ("aten_capability", "gather_data_sampling"))
     lines += [
         f"CPU: {env['cpu']}, {env['cpu_count']} logical cores, torch threads {env['threads']}",
-        f"  ISA: {flags}; ATen dispatches to {isa.get('aten_capability')}",
+        f"  ISA: {flags}; ATen dispatches to {isa.get('aten_capability')}; gather data sampling: "
+        f"{isa.get('gather_data_sampling') or 'unknown'}",
     ]
     if env.get("loadavg"):
         lines.append("  load average: " + " ".join(f"{x:.2f}" for x in env["loadavg"]))

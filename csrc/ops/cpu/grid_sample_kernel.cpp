@@ -21,8 +21,8 @@
 // grad_input of an affine map over 1-2 channels (zeros padding) adds grad_input by pair gathers and
 // scatters, 16 pixels that share no tap at a time (backward_affine_image_lattice); over 3-8 NCHW
 // channels each input pixel gathers it from the output pixels whose taps reach it
-// (grad_input_image_pull), the coordinate gradient then in its own pass; otherwise, up to 8
-// channels, it stays on the AVX2 loops. Images of more channels run channel vectors, pixel by
+// (grad_input_image_pull, where pull_policy() takes it), the coordinate gradient then in its own
+// pass; otherwise, up to 8 channels, it stays on the AVX2 loops. Images of more channels run channel vectors, pixel by
 // pixel; NCHW ones through a channels_last copy of each image (and of grad_output) that stays in
 // L2, the results transposed back 16 x 16 in registers.
 //
@@ -47,6 +47,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -73,10 +74,35 @@ constexpr int64_t kGatherChannels = 8;
 // shared by the channels, is a large part: 3 channels measured 0.8-1.07x the AVX2 loop).
 constexpr int64_t kLatticeChannels = 2;
 
-// FASTCNN_GRID_SAMPLE_PULL=0 keeps grad_input of affine maps on the scatters (read per call).
-bool pull_enabled() {
+// Whether this CPU's AVX-512 gathers are slow: Intel's microcode mitigation of Gather Data
+// Sampling (Downfall, CVE-2022-40982) makes each gather cost 29-38 cycles (the Intel Xeon of
+// 2026-12-01), where the AMD Zen 5 of 2026-12-02, "Not affected", gathers several times faster.
+// The kernel's own report, read once; deterministic for a machine (a timing would not be).
+bool gathers_mitigated() {
+  static const bool mitigated = [] {
+    std::FILE* file = std::fopen("/sys/devices/system/cpu/vulnerabilities/gather_data_sampling", "r");
+    if (file == nullptr) return false;
+    char text[32] = {};
+    const size_t read = std::fread(text, 1, sizeof(text) - 1, file);
+    std::fclose(file);
+    return read > 0 && std::strncmp(text, "Mitigation", 10) == 0;
+  }();
+  return mitigated;
+}
+
+// Where grad_input of an affine map is pulled by input pixels (avx512::grad_input_image_pull)
+// rather than scattered. FASTCNN_GRID_SAMPLE_PULL=0: nowhere; =1: wherever the pull takes the map
+// (read per call). By default grad_input alone of 3-8 NCHW channels everywhere (1.17-1.47x the
+// pair loop, Zen 5 and Xeon), and where the pair loop would gather, with the coordinate gradient
+// too or through transposed wide images, only on CPUs whose gathers are mitigated: the pull and a
+// coordinate pass against the pair loop doing both, forward+backward 1.11-1.24x on the Xeon,
+// 0.85-0.96x on the Zen 5; 32x64x56x56 grad_input 1.4-1.5x and 0.77x.
+enum class PullPolicy { Never, Always, Auto };
+PullPolicy pull_policy() {
   const char* flag = std::getenv("FASTCNN_GRID_SAMPLE_PULL");
-  return !(flag && flag[0] == '0');
+  if (flag && flag[0] == '0') return PullPolicy::Never;
+  if (flag && flag[0] == '1') return PullPolicy::Always;
+  return PullPolicy::Auto;
 }
 
 #ifdef FASTCNN_GRID_SAMPLE_AVX2
@@ -527,14 +553,18 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
   // grad_input of an affine map gathered by each input pixel (avx512::grad_input_image_pull), where
   // the image's map allows; the coordinate gradient then by coordinate_grad_image_nchw. Past the
   // lattice's channels: against the AVX2 pair loop, 2 threads, in process
-  // (bench/ab_grid_sample_env.py), 32x3x64x64 grad_input 1.36x, with grad_theta 1.24x;
-  // 8x3x224x224 1.47x and 1.36x. (Against the lattice, 64x1x28x28: 0.9-1.0x.)
-  // Feature maps (NCHW, more than kGatherChannels) too when grad_input is all that is wanted, four
-  // planes at a time: 32x64x56x56 1.5x the wide-channel pass (2 threads, in process). With the
-  // coordinate gradient, that pass alone costs about what it costs doing both (pull and it: 0.97x).
-  [[maybe_unused]] const bool pull = affine_fp32 && vector_taps == Taps::Avx512 && !channels_last &&
-                                     C > kLatticeChannels && (C <= kGatherChannels || (transposed && !coords)) &&
-                                     bilinear && g.padding == Padding::Zeros && want_input && pull_enabled();
+  // (bench/ab_grid_sample_env.py), on the Xeon: 32x3x64x64 grad_input 1.36x, with grad_theta
+  // 1.24x; 8x3x224x224 1.47x and 1.36x. (Against the lattice, 64x1x28x28: 0.9-1.0x.) Feature maps
+  // (NCHW, more than kGatherChannels) too when grad_input is all that is wanted, four planes at a
+  // time: 32x64x56x56 1.5x the wide-channel pass (2 threads, in process). With the coordinate
+  // gradient, that pass alone costs about what it costs doing both (pull and it: 0.97x). Which of
+  // these a CPU with unmitigated gathers takes: pull_policy().
+  const PullPolicy policy = pull_policy();
+  const bool gathers_cheap = policy == PullPolicy::Auto && !gathers_mitigated();
+  [[maybe_unused]] const bool pull =
+      affine_fp32 && vector_taps == Taps::Avx512 && !channels_last && C > kLatticeChannels &&
+      (C <= kGatherChannels || (transposed && !coords)) && bilinear && g.padding == Padding::Zeros && want_input &&
+      policy != PullPolicy::Never && !(gathers_cheap && (coords || C > kGatherChannels));
   [[maybe_unused]] const bool lattice = affine_fp32 && vector_taps == Taps::Avx512 && !channels_last &&
                                         C <= kLatticeChannels && bilinear && g.padding == Padding::Zeros &&
                                         want_input && g.out_h < (1 << 15) && g.out_w < (1 << 15);
