@@ -390,6 +390,36 @@ def test_affine_grad_input_gathered_by_input_pixels_fp32(scale, angle, align, ch
     torch.testing.assert_close(runs["1"].double(), truth, rtol=0, atol=2e-5 * scale_of)
 
 
+@pytest.mark.parametrize("pull", ["1", "auto"])
+@pytest.mark.parametrize("channels", [3, 6, 8])
+@pytest.mark.parametrize("align", [False, True])
+def test_affine_backward_pull_with_theta_gradient_fp32(align, channels, pull, monkeypatch):
+    """Both gradients of an affine map over 3-8 NCHW channels, zeros padding, on AVX-512: where
+    the pull takes grad_input (FASTCNN_GRID_SAMPLE_PULL=1, and by default on CPUs whose gathers
+    are mitigated) θ's gradient follows in its own pass; elsewhere the pair loop does both. Each
+    against the fp64 truth, θ's gradient where it is continuous (as in
+    test_matches_fp64_truth_fp32), within 2x PyTorch's own fp32 error."""
+    monkeypatch.setenv("FASTCNN_GRID_SAMPLE_PULL", pull)
+    g = torch.Generator().manual_seed(channels)
+    n, h, w = 2, 29, 45
+    x = torch.randn(n, channels, h, w, generator=g)
+    theta = _theta(n, torch.float32, 0.3, g)
+    size = (n, channels, 23, 51)
+    grid = F.affine_grid(theta.double(), size, align_corners=align)
+    grad = torch.randn(size, generator=g).masked_fill(_near_integer(grid, w, h, align)[:, None], 0.0)
+
+    def run(fn, dtype):
+        a, t = x.to(dtype).requires_grad_(), theta.to(dtype).requires_grad_()
+        return [r.double() for r in _grads(fn(a, t, size, "bilinear", "zeros", align), (a, t), grad.to(dtype))]
+
+    ours = run(affine_grid_sample, torch.float32)
+    theirs = run(fastcnn.reference.affine_grid_sample, torch.float32)
+    truth = run(fastcnn.reference.affine_grid_sample, torch.float64)
+    for name, o, t, e in zip(("grad_input", "grad_theta"), ours, theirs, truth):
+        our_error, their_error = (o - e).abs().max().item(), (t - e).abs().max().item()
+        assert our_error <= 2 * their_error + 1e-5 * e.abs().max().item(), (name, our_error, their_error)
+
+
 def _near_integer(pixel_grid, w, h, align):
     """Output pixels whose fp64 source lies within 1e-3 pixel of an integer (see above)."""
     extent = torch.tensor([w, h], dtype=torch.float64)
