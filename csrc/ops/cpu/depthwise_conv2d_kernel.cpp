@@ -128,10 +128,11 @@ PlaneShape plane_shape(const Geometry& g) {
 }
 
 // Whether a dense channels_last fp32 output is written with streaming stores by the AVX-512 row
-// kernels: large enough (cpu::stream_output_bytes), and every channel vector one whole line.
-bool stream_channels_last(const at::Tensor& output) {
+// kernels: large enough for a call that reads read_bytes besides (cpu::stream_output_bytes), and
+// every channel vector one whole line.
+bool stream_channels_last(const at::Tensor& output, int64_t read_bytes = 0) {
   return output.size(1) % depthwise::avx512::kLanes == 0 && reinterpret_cast<uintptr_t>(output.const_data_ptr()) % 64 == 0 &&
-         cpu::stream_output_bytes(output.nbytes());
+         cpu::stream_output_bytes(output.nbytes(), read_bytes);
 }
 
 bool use_channels_last(const at::Tensor& input) {
@@ -347,7 +348,7 @@ void forward_nchw(const at::Tensor& input, const at::Tensor& weight, const at::T
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (in_strides[3] == 1 && use_avx512_planes(g)) {
       auto shape = avx512_forward_geometry(g, in_strides[2], g.out_w);
-      shape.stream_output = cpu::stream_output_bytes(output.nbytes());
+      shape.stream_output = cpu::stream_output_bytes(output.nbytes(), input.nbytes());
       depthwise::avx512::FlatPlane flat;
       const bool pairs = depthwise::avx512::pairs_planes(shape);
       const bool use_flat = !pairs && depthwise::avx512::flat_plane(shape, &flat);
@@ -657,7 +658,7 @@ template <typename scalar_t>
 bool forward_nhwc_ring(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& output,
                        const Geometry& g) {
   auto shape = avx512_image_geometry(g);
-  shape.stream_output = std::is_same_v<scalar_t, float> && stream_channels_last(output);
+  shape.stream_output = std::is_same_v<scalar_t, float> && stream_channels_last(output, input.nbytes());
   if (!(depthwise::avx512::supports_nhwc_ring(shape) && depthwise::avx512::rolled_rows_enabled())) return false;
   const bool wide_unit_stride = g.stride_h == 1 && g.stride_w == 1 && (g.kernel_w == 5 || g.kernel_w == 7);
   const int64_t cached = g.kernel_w == 3 && g.stride_w == 2 ? kRingCachedInputBytes / 8 : kRingCachedInputBytes;
@@ -765,7 +766,7 @@ void forward_nhwc(const at::Tensor& input, const at::Tensor& weight, const at::T
         return;
       }
       auto rows_shape = shape;
-      rows_shape.stream_output = stream_channels_last(output);
+      rows_shape.stream_output = stream_channels_last(output, input.nbytes());
       at::parallel_for(0, g.batch * g.out_h, 1, [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
           const int64_t n = row / g.out_h, oy = row % g.out_h;

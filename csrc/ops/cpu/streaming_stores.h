@@ -20,9 +20,10 @@
 namespace fastcnn {
 namespace cpu {
 
-// Whether a kernel streams an output of `bytes` bytes: at least 32 MiB. FASTCNN_STREAMING_STORES=0
-// streams nothing, =all every output (for tests); read on every call.
-bool stream_output_bytes(int64_t bytes);
+// Whether a kernel streams an output of `bytes` bytes while reading `read_bytes` besides: at least
+// 32 MiB, or at least 16 MiB when the call reads at least 64 MiB (see streaming_stores.cpp).
+// FASTCNN_STREAMING_STORES=0 streams nothing, =all every output (for tests); read on every call.
+bool stream_output_bytes(int64_t bytes, int64_t read_bytes = 0);
 
 // Orders a thread's streaming stores before what follows: call it before the thread's part of a
 // parallel region ends.
