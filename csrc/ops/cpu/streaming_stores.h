@@ -7,7 +7,8 @@
 // 2.0-3.0 ms streamed; reading 49 MiB alone takes 1.7 ms. The cost: the data is no longer in
 // cache, so a consumer that reads it right after pays memory latency (0.36 -> 0.86 ms to read
 // back a 12.8 MB tensor, which plain stores leave in the last-level cache). Hence only outputs too
-// large for that cache are streamed: 32 MiB and more.
+// large for that cache are streamed: 32 MiB and more, or half that where the call's own reads
+// (64 MiB or more) push the output out of the cache anyway.
 //
 // The streaming stores must interleave with the kernel's loads, and fill whole lines close
 // together: the AVX-512 depthwise kernels stream each channels_last vector (a whole line) as they
