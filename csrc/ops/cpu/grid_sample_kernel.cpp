@@ -22,9 +22,9 @@
 // scatters, 16 pixels that share no tap at a time (backward_affine_image_lattice); over 3-8 NCHW
 // channels each input pixel gathers it from the output pixels whose taps reach it
 // (grad_input_image_pull, where pull_policy() takes it), the coordinate gradient then in its own
-// pass; otherwise, up to 8 channels, it stays on the AVX2 loops. Images of more channels run channel vectors, pixel by
-// pixel; NCHW ones through a channels_last copy of each image (and of grad_output) that stays in
-// L2, the results transposed back 16 x 16 in registers.
+// pass; otherwise, up to 8 channels, it stays on the AVX2 loops. Images of more channels run
+// channel vectors, pixel by pixel; NCHW ones through a channels_last copy of each image (and of
+// grad_output) that stays in L2, the results transposed back 16 x 16 in registers.
 //
 // The backward runs one batch element per task and sums in a fixed order: the input-gradient
 // scatter needs no atomics and results are bitwise identical run to run and across thread counts,
@@ -92,11 +92,11 @@ bool gathers_mitigated() {
 
 // Where grad_input of an affine map is pulled by input pixels (avx512::grad_input_image_pull)
 // rather than scattered. FASTCNN_GRID_SAMPLE_PULL=0: nowhere; =1: wherever the pull takes the map
-// (read per call). By default grad_input alone of 3-8 NCHW channels everywhere (1.17-1.47x the
-// pair loop, Zen 5 and Xeon), and where the pair loop would gather, with the coordinate gradient
-// too or through transposed wide images, only on CPUs whose gathers are mitigated: the pull and a
-// coordinate pass against the pair loop doing both, forward+backward 1.11-1.24x on the Xeon,
-// 0.85-0.96x on the Zen 5; 32x64x56x56 grad_input 1.4-1.5x and 0.77x.
+// (read per call). By default: grad_input alone of 3-8 NCHW channels on every CPU (1.17-1.47x the
+// pair loop, Zen 5 and Xeon); with the coordinate gradient too, or on NCHW feature maps of more
+// channels, only on CPUs whose gathers are mitigated (the pull and a coordinate pass against the
+// pair loop doing both: forward+backward 1.11-1.24x on the Xeon, 0.85-0.96x on the Zen 5;
+// 32x64x56x56 grad_input 1.4-1.5x and 0.77x).
 enum class PullPolicy { Never, Always, Auto };
 PullPolicy pull_policy() {
   const char* flag = std::getenv("FASTCNN_GRID_SAMPLE_PULL");
@@ -560,7 +560,7 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* input, acc_t* 
   // gradient, that pass alone costs about what it costs doing both (pull and it: 0.97x). Which of
   // these a CPU with unmitigated gathers takes: pull_policy().
   const PullPolicy policy = pull_policy();
-  const bool gathers_cheap = policy == PullPolicy::Auto && !gathers_mitigated();
+  const bool gathers_cheap = policy == PullPolicy::Auto && !gathers_mitigated();  // by default only
   [[maybe_unused]] const bool pull =
       affine_fp32 && vector_taps == Taps::Avx512 && !channels_last && C > kLatticeChannels &&
       (C <= kGatherChannels || (transposed && !coords)) && bilinear && g.padding == Padding::Zeros && want_input &&
