@@ -117,7 +117,7 @@ def _fmt_floor(v: Optional[float]) -> str:
 
 
 LONG_COLUMNS = ("op", "case", "shape", "layout", "mode", "backend", "alloc", "time ms", "× torch", "max err",
-                "% floor")
+                "% floor", "copy GB/s")
 
 
 def _long_rows(results: Sequence[Dict[str, Any]]) -> List[List[str]]:
@@ -127,6 +127,7 @@ def _long_rows(results: Sequence[Dict[str, Any]]) -> List[List[str]]:
             r["op"], r["case"], r["shape"], r["layout"], r["mode"], r["provider"], r.get("allocator", "-"),
             _fmt_ms(r["time_ms"]), _fmt_ratio(r["ratio"]), _fmt_err(r["max_abs_error"]),
             _fmt_floor(r["floor_fraction"]) if r.get("error") is None else "error: " + r["error"][:60],
+            f"{r['copy_bandwidth_GBps']:.0f}" if r.get("copy_bandwidth_GBps") else "-",  # beside this case
         ])
     return rows
 
