@@ -328,19 +328,27 @@ def time_interleaved(
 # Floors
 
 
-@functools.lru_cache(maxsize=None)
-def copy_bandwidth(device: str = "cpu", nbytes: Optional[int] = None, reps: int = 5) -> float:
-    """Bytes per second of a large `dst.copy_(src)` into an existing buffer, counting the read and
-    the write (2 x nbytes per copy); best of `reps`."""
+COPY_PROBE = "copy (floor)"  # the timed copy of each case's rounds; not a result row
+
+
+def copy_probe(device, nbytes: Optional[int] = None):
+    """(a `dst.copy_(src)` of `nbytes` into an existing, touched buffer (64 MiB on CPU, 1 GiB on a
+    GPU by default), the bytes it reads and writes a call: 2 x nbytes)."""
     dev = torch.device(device)
     if nbytes is None:
         nbytes = (1 << 30) if dev.type == "cuda" else (64 << 20)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).fill_(1.0)
     dst = torch.empty_like(src).fill_(0.0)  # touched: no first-touch faults in the timed copies
-    clock = clock_for(dev)
-    dst.copy_(src)
-    best = min(clock.measure(lambda: dst.copy_(src), 1) for _ in range(reps))
-    return 2 * src.numel() * src.element_size() / best
+    return Provider(COPY_PROBE, lambda: dst.copy_(src)), 2 * src.numel() * src.element_size()
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth(device: str = "cpu", nbytes: Optional[int] = None, reps: int = 5) -> float:
+    """Bytes per second of the copy probe (read and write counted), best of `reps`."""
+    probe, moved = copy_probe(device, nbytes)
+    clock = clock_for(device)
+    probe.fn()
+    return moved / min(clock.measure(probe.fn, 1) for _ in range(reps))
 
 
 @functools.lru_cache(maxsize=None)
@@ -360,27 +368,14 @@ def matmul_rate(device: str = "cpu", dtype: torch.dtype = torch.float32, reps: i
     return 2 * n**3 / best
 
 
-COPY_PROBE = "copy (floor)"  # the timed copy of each case's rounds; not a result row
-
-
-def copy_probe(device):
-    """(the copy timed beside a case's providers, the bytes it reads and writes a call, counted as
-    copy_bandwidth counts them)."""
-    dev = torch.device(device)
-    nbytes = (1 << 30) if dev.type == "cuda" else (64 << 20)
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).fill_(1.0)
-    dst = torch.empty_like(src).fill_(0.0)
-    return Provider(COPY_PROBE, lambda: dst.copy_(src)), 2 * nbytes
-
-
 def round_floor_fractions(nbytes: float, flops: float, copy_bytes: float, copy_times: Sequence[float],
                           times: Sequence[float], device, dtype=torch.float32) -> Optional[float]:
-    """Median over rounds of max(nbytes / that round's copy bandwidth, flops / matmul rate) / that
-    round's time."""
+    """Median over rounds of the floor at that round's copy bandwidth (copy_bytes / its copy time)
+    over that round's time."""
     if not times or len(times) != len(copy_times):
         return None
-    compute = flops / matmul_rate(str(torch.device(device)), dtype) if flops else 0.0
-    return statistics.median(max(nbytes * c / copy_bytes, compute) / t for c, t in zip(copy_times, times) if t > 0)
+    return statistics.median(floor_seconds(nbytes, flops, device, dtype, copy_bytes / c) / t
+                             for c, t in zip(copy_times, times) if t > 0 and c > 0)
 
 
 def floors(device, dtype=torch.float32) -> Dict[str, float]:
@@ -392,10 +387,12 @@ def floors(device, dtype=torch.float32) -> Dict[str, float]:
     }
 
 
-def floor_seconds(nbytes: float, flops: float, device, dtype=torch.float32) -> float:
-    """The lower bound on a call's time: max(bytes / copy bandwidth, flops / matmul rate)."""
+def floor_seconds(nbytes: float, flops: float, device, dtype=torch.float32,
+                  bandwidth: Optional[float] = None) -> float:
+    """The lower bound on a call's time: max(bytes / copy bandwidth, flops / matmul rate); the
+    bandwidth measured beside the call when given, else the process's (copy_bandwidth)."""
     device = str(torch.device(device))
-    return max(nbytes / copy_bandwidth(device), flops / matmul_rate(device, dtype))
+    return max(nbytes / (bandwidth or copy_bandwidth(device)), flops / matmul_rate(device, dtype))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -809,8 +806,7 @@ def run_op(
                 copy_times = copy_timing.times if copy_timing is not None and copy_timing.error is None else []
                 nbytes, flops = op.cost(shape, mode, element_size)
                 copy_bandwidth_now = probe_bytes / statistics.median(copy_times) if copy_times else None
-                floor = (max(nbytes / copy_bandwidth_now, flops / matmul_rate(str(device), dtype) if flops else 0.0)
-                         if copy_bandwidth_now else floor_seconds(nbytes, flops, device, dtype))
+                floor = floor_seconds(nbytes, flops, device, dtype, copy_bandwidth_now)
                 for spec in offered:
                     t, info = timings.get(spec.name), checks[spec.name]
                     median = t.median if t is not None else None
