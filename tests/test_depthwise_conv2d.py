@@ -862,6 +862,70 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(lambda *a: depthwise_conv2d(*a, stride=1, padding="same", dilation=2), (x, weight, b))
 
 
+# Gradients of gradients (gradient penalties, Hessian-vector products): the backward op is
+# differentiable through the two ops themselves (csrc/ops/autograd/depthwise_conv2d_autograd.cpp).
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradgradcheck(layout):
+    x, weight, b = _random_case(2, 3, 7, 8, 3, 3, torch.float64, layout)
+    assert torch.autograd.gradgradcheck(lambda *a: depthwise_conv2d(*a, stride=(2, 1), padding=(1, 2, 0, 1), dilation=(1, 2)), (x, weight, b))
+    x, weight, b = _random_case(1, 4, 6, 9, 5, 3, torch.float64, layout)
+    assert torch.autograd.gradgradcheck(lambda *a: depthwise_conv2d(*a, stride=1, padding="same", dilation=1), (x, weight, b))
+
+
+def _three_orders(f, tensors):
+    """Gradients of orders 1-3 of a loss built so that every order depends on every tensor."""
+    first = torch.autograd.grad(f(*tensors).pow(2).sum(), tensors, create_graph=True)
+    second = torch.autograd.grad(sum((g * g).sum() for g in first), tensors, create_graph=True)
+    third = torch.autograd.grad(sum((g * g).sum() for g in second), tensors)
+    return first + second + third
+
+
+@pytest.mark.parametrize("case", [(2, 5, 9, 8, 3, 3, 2, 1, 1), (1, 3, 11, 10, 5, 5, 1, (2, 1), 2), (2, 4, 7, 9, 7, 7, 1, 3, 1)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients_of_every_order_match_conv2d(case, layout, bias):
+    n, c, h, w, kh, kw, stride, padding, dilation = case
+    x, weight, b = _random_case(n, c, h, w, kh, kw, torch.float64, layout, bias)
+    tensors = (x, weight) if b is None else (x, weight, b)
+
+    def with_bias(op):
+        return lambda x, weight, b=None: op(x, weight, b, stride, padding, dilation)
+
+    ours = _three_orders(with_bias(depthwise_conv2d), tensors)
+    theirs = _three_orders(with_bias(_reference), tensors)
+    for index, (a, e) in enumerate(zip(ours, theirs)):
+        # fp64 sums in another order, of terms up to 1e5 that cancel: the error is relative to the
+        # tensor's scale, not to each element
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * e.abs().max().item(),
+                                   msg=f"order {index // len(tensors) + 1}, tensor {index % len(tensors)}")
+
+
+def test_gradient_penalty_on_the_input_alone():
+    """The common use: a penalty on the input gradient (WGAN-GP, R1), backward into the weights."""
+    x, weight, b = _random_case(3, 6, 10, 10, 3, 3, torch.float32, "channels_last")
+    x_only = x.detach().requires_grad_()
+
+    def penalised(conv):
+        (grad_x,) = torch.autograd.grad(conv(x_only).tanh().sum(), x_only, create_graph=True)
+        return torch.autograd.grad(grad_x.pow(2).sum(), (weight, b))
+
+    ours = penalised(lambda t: depthwise_conv2d(t, weight, b, 1, 1))
+    theirs = penalised(lambda t: _reference(t, weight, b, 1, 1, 1))
+    for a, e in zip(ours, theirs):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+    assert ours[0].abs().sum() > 0
+
+
+def test_first_order_backward_records_nothing():
+    """A plain backward runs with grad mode off: the backward op goes straight to its kernel, and
+    its results carry no graph; with create_graph they do."""
+    x, weight, b = _random_case(2, 5, 8, 8, 3, 3, torch.float32, "contiguous")
+    plain = torch.autograd.grad(depthwise_conv2d(x, weight, b, 1, 1).sum(), (x, weight, b))
+    assert all(g.grad_fn is None and not g.requires_grad for g in plain)
+    graphed = torch.autograd.grad(depthwise_conv2d(x, weight, b, 1, 1).pow(2).sum(), (x, weight, b), create_graph=True)
+    assert all(g.grad_fn is not None for g in graphed)
+
+
 def test_poisoned_outputs_are_fully_written(monkeypatch):
     """Every output element is written: NaN-filled fresh buffers do not survive into results."""
     real_empty = torch.empty
@@ -983,6 +1047,12 @@ def test_opcheck_backward_op():
         torch.library.opcheck(
             torch.ops.fastcnn._depthwise_conv2d_backward.default, (go, x, w, [2, 1], [1, 1, 1, 1], [1, 1], mask),
             test_utils=("test_schema", "test_faketensor"),
+        )
+        # with inputs that require grad: the backward op's own autograd kernel
+        args = (go.clone().requires_grad_(), x.clone().requires_grad_(), w.clone().requires_grad_())
+        torch.library.opcheck(
+            torch.ops.fastcnn._depthwise_conv2d_backward.default, (*args, [2, 1], [1, 1, 1, 1], [1, 1], mask),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
         )
 
 

@@ -415,3 +415,26 @@ def test_64bit_indexing(layout):
     # sums of ~3.4e7 products: compare relative to the largest entry
     for got, want in ((gw, gw32), (gb, gb32)):
         assert (got.float() - want).abs().max() <= 2e-3 * want.abs().max()
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_gradients_of_gradients(layout):
+    """Orders 1-3 in fp64 through the backward op's autograd (written with the two ops, so the
+    CUDA kernels compute every order) against F.conv2d's."""
+    torch.manual_seed(5)
+    fmt = LAYOUTS[layout]
+    x = randn(2, 24, 13, 12, dtype=torch.float64, memory_format=fmt).requires_grad_()
+    w = randn(24, 1, 3, 3, dtype=torch.float64).requires_grad_()
+    b = randn(24, dtype=torch.float64).requires_grad_()
+    args = ((2, 1), (1, 2, 0, 1), (1, 2))
+
+    def orders(f):
+        first = torch.autograd.grad(f(x, w, b).pow(2).sum(), (x, w, b), create_graph=True)
+        second = torch.autograd.grad(sum((g * g).sum() for g in first), (x, w, b), create_graph=True)
+        return first + second + torch.autograd.grad(sum((g * g).sum() for g in second), (x, w, b))
+
+    with fastcnn.use_backend("cuda"):
+        got = orders(lambda x, w, b: fastcnn.ops.depthwise_conv2d(x, w, b, *args))
+    expected = orders(lambda x, w, b: reference(x, w, b, *args))
+    for index, (a, e) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * e.abs().max().item(), msg=f"gradient {index}")

@@ -40,6 +40,30 @@ def test_kernels_under_interpreter():
     assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
 
 
+@pytest.mark.slow
+def test_gradients_of_gradients_through_triton_ops_under_interpreter():
+    """The registered Triton ops of both fastcnn ops (depthwise here, grid_sample beside it):
+    orders 1-3 and 2 against PyTorch's (tests/triton_interpreted/check_triton_ops_higher_order.py)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "triton_interpreted", "check_triton_ops_higher_order.py")],
+        cwd=os.path.join(HERE, "triton_interpreted"), env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_gradients_of_gradients_through_triton_ops_on_gpu():
+    sys.path.insert(0, os.path.join(HERE, "triton_interpreted"))
+    try:
+        import check_triton_ops_higher_order as higher_order
+    finally:
+        sys.path.pop(0)
+    failures = higher_order.run(device="cuda", verbose=False)
+    assert not failures, "\n".join(f"=== {name} ===\n{text}" for name, text in failures)
+
+
 # ----------------------------------------------------------------------------------------------
 # Compilation for sm_90 without a GPU
 

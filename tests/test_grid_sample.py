@@ -774,6 +774,98 @@ def test_opcheck_backward_ops():
         )
 
 
+# ---------------------------------------------------------------------------------------------
+# Gradients of gradients: the backward ops differentiate PyTorch's sampler twice at the saved
+# tensors (csrc/ops/autograd/grid_sample_autograd.cpp); the third order raises.
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_gradgradcheck(mode, padding):
+    torch.manual_seed(0)  # a coordinate within the numerical step of a pixel boundary would fail
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    theta = _theta(2, spread=0.3).requires_grad_()
+    grid = (torch.rand(2, 4, 3, 2, dtype=torch.float64) * 2.4 - 1.2).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda a, t: affine_grid_sample(a, t, (2, 3, 4, 5), mode, padding), (x, theta))
+    assert torch.autograd.gradgradcheck(lambda a, g: grid_sample(a, g, mode, padding, True), (x, grid))
+
+
+def _second_order(f, tensors):
+    first = torch.autograd.grad(f(*tensors).pow(2).sum(), tensors, create_graph=True)
+    return first + torch.autograd.grad(sum((g * g).sum() for g in first), tensors)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("align", [False, True])
+def test_second_order_matches_pytorch(layout, align):
+    x = _layout(torch.randn(3, 4, 9, 8, dtype=torch.float64), layout).requires_grad_()
+    theta = _theta(3, spread=0.4).requires_grad_()
+    size = (3, 4, 7, 10)
+    ours = _second_order(lambda a, t: affine_grid_sample(a, t, size, "bilinear", "border", align), (x, theta))
+    theirs = _second_order(
+        lambda a, t: F.grid_sample(a, F.affine_grid(t, size, align_corners=align), padding_mode="border", align_corners=align),
+        (x, theta),
+    )
+    grid = F.affine_grid(theta.detach(), size, align_corners=align).requires_grad_()
+    ours += _second_order(lambda a, g: grid_sample(a, g, "bilinear", "zeros", align), (x, grid))
+    theirs += _second_order(lambda a, g: F.grid_sample(a, g, align_corners=align), (x, grid))
+    for index, (a, e) in enumerate(zip(ours, theirs)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * e.abs().max().item(), msg=f"gradient {index}")
+
+
+def test_gradient_penalty_on_theta_alone():
+    """A penalty on grad_theta, backward into the input and theta; only theta requires grad first."""
+    x = torch.randn(4, 3, 10, 10)
+    theta = _theta(4, torch.float32, spread=0.3).requires_grad_()
+
+    def penalised(sample):
+        x_leaf = x.clone().requires_grad_()
+        (grad_theta,) = torch.autograd.grad(sample(x_leaf, theta).tanh().sum(), theta, create_graph=True)
+        return torch.autograd.grad(grad_theta.pow(2).sum(), (theta, x_leaf))
+
+    ours = penalised(lambda a, t: affine_grid_sample(a, t, (4, 3, 8, 8)))
+    theirs = penalised(lambda a, t: fastcnn.reference.affine_grid_sample(a, t, (4, 3, 8, 8)))
+    for a, e in zip(ours, theirs):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
+    assert ours[0].abs().sum() > 0
+
+
+def test_third_order_is_refused():
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    theta = _theta(2, spread=0.3).requires_grad_()
+    for op, coords, call in (
+        ("affine_grid_sample", theta, lambda a, t: affine_grid_sample(a, t, (2, 3, 5, 5))),
+        ("grid_sample", F.affine_grid(theta.detach(), (2, 3, 5, 5), False).requires_grad_(), grid_sample),
+    ):
+        first = torch.autograd.grad(call(x, coords).pow(2).sum(), (x, coords), create_graph=True)
+        with pytest.raises(RuntimeError, match=f"fastcnn::{op}: gradients of order three and higher are not supported"):
+            torch.autograd.grad(sum(g.pow(2).sum() for g in first), (x, coords), create_graph=True)
+
+
+def test_first_order_backward_records_nothing():
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    theta = _theta(2, torch.float32).requires_grad_()
+    plain = torch.autograd.grad(affine_grid_sample(x, theta, (2, 3, 5, 5)).sum(), (x, theta))
+    assert all(g.grad_fn is None and not g.requires_grad for g in plain)
+    graphed = torch.autograd.grad(affine_grid_sample(x, theta, (2, 3, 5, 5)).pow(2).sum(), (x, theta), create_graph=True)
+    assert all(g.grad_fn is not None for g in graphed)
+
+
+def test_opcheck_backward_ops_with_autograd():
+    x = torch.randn(2, 5, 7, 9).to(memory_format=torch.channels_last)
+    theta = _theta(2, torch.float32)
+    grid = torch.rand(2, 4, 6, 2) * 2 - 1
+    for mask in ([True, True], [True, False], [False, True]):
+        for op, coords, grad_output in (
+            (torch.ops.fastcnn._affine_grid_sample_backward.default, theta, torch.randn(2, 5, 3, 4)),
+            (torch.ops.fastcnn._grid_sample_backward.default, grid, torch.randn(2, 5, 4, 6)),
+        ):
+            args = tuple(t.clone().requires_grad_() for t in (grad_output, x, coords))
+            torch.library.opcheck(
+                op, (*args, 0, 1, False, mask), test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
+            )
+
+
 @pytest.mark.parametrize("backend", ["auto", "cpu"])
 def test_torch_compile_fullgraph(backend):
     """fullgraph: the backend choice traces without a break, also for a backend named explicitly

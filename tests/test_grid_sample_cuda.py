@@ -736,3 +736,32 @@ def test_modes_through_public_api(op):
         torch.testing.assert_close(y, y_r, rtol=1e-5, atol=1e-5)
         for g, r in zip(got, want):
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_gradients_of_gradients(op):
+    """Order 2 in fp64 (PyTorch's sampler differentiated twice on the GPU) against F.grid_sample's;
+    order 3 refused."""
+    torch.manual_seed(20)
+    x = randn(2, 5, 11, 12, dtype=torch.float64, memory_format=torch.channels_last).requires_grad_()
+    coords = (random_theta(2, torch.float64) if op == "affine" else random_grid(2, 9, 10, torch.float64))
+    coords.requires_grad_()
+
+    def first_two(sample):
+        first = torch.autograd.grad(sample(x, coords).pow(2).sum(), (x, coords), create_graph=True)
+        return first + torch.autograd.grad(sum((g * g).sum() for g in first), (x, coords))
+
+    def ours(x, coords):
+        if op == "affine":
+            return affine_grid_sample(x, coords, (2, 5, 9, 10), padding_mode="reflection")
+        return grid_sample(x, coords, padding_mode="reflection")
+
+    with fastcnn.use_backend("cuda"):
+        got = first_two(ours)
+    expected = first_two(lambda x, coords: reference(x, coords, op, (9, 10), "bilinear", "reflection", False))
+    for index, (a, e) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * e.abs().max().item(), msg=f"gradient {index}")
+    with fastcnn.use_backend("cuda"):
+        first = torch.autograd.grad(ours(x, coords).pow(2).sum(), (x, coords), create_graph=True)
+    with pytest.raises(RuntimeError, match="gradients of order three and higher are not supported"):
+        torch.autograd.grad(sum(g.pow(2).sum() for g in first), (x, coords), create_graph=True)

@@ -171,6 +171,25 @@ def test_train_step_equals_stock_depthwise_model():
     assert int(buffers["features.13.dw_bn.num_batches_tracked"]) == 1
 
 
+def test_input_gradient_penalty_equals_stock_depthwise_model():
+    """An R1-style penalty (the input gradient's norm, differentiated into the weights): gradients of
+    gradients through every depthwise layer, against the stock model's, in fp64 (see above)."""
+    g = torch.Generator().manual_seed(2)
+    model = mobilenet_v1(width_mult=0.25, num_classes=1).double()
+    stock = with_stock_depthwise(model)
+    x = torch.randn(2, 3, 48, 48, generator=g, dtype=torch.float64)
+    for m in (model, stock):
+        real = x.clone().requires_grad_()
+        score = m(real).sum()
+        (grad_real,) = torch.autograd.grad(score, real, create_graph=True)
+        (grad_real.pow(2).sum() - score).backward()
+    stock_params = dict(stock.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        torch.testing.assert_close(p.grad, stock_params[name].grad, rtol=1e-7, atol=1e-9,
+                                   msg=lambda m: f"{name}: {m}")
+
+
 def test_backward_reaches_every_parameter():
     model = mobilenet_v1(width_mult=0.25, num_classes=10, dropout=0.2)
     out = model(torch.randn(2, 3, 32, 32))

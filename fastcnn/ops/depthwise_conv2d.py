@@ -4,7 +4,7 @@
 backend chosen by `fastcnn.backends`: the C++ op `torch.ops.fastcnn.depthwise_conv2d` (CPU and
 CUDA kernels by dispatch key), the Triton op `torch.ops.fastcnn._depthwise_conv2d_triton`, or the
 reference `F.conv2d(groups=C)`. Both custom ops get autograd, fake and autocast (as conv2d's)
-implementations here.
+implementations here; the backward ops are differentiable too (gradients of any order).
 """
 from typing import List, Optional
 
@@ -205,6 +205,44 @@ def _make_backward(backward_op):
     return backward
 
 
+def _setup_backward_context(ctx, inputs, output):
+    grad_output, input, weight, stride, padding, dilation, output_mask = inputs
+    ctx.save_for_backward(grad_output, input, weight)
+    ctx.config = (stride, padding, dilation)
+    ctx.computed = output_mask
+
+
+def _make_double_backward(forward_op, backward_op):
+    """The backward op's own backward, for gradients of gradients, through the two ops themselves
+    (the formulas: csrc/ops/autograd/depthwise_conv2d_autograd.cpp, which does the same for the
+    C++ op)."""
+
+    def double_backward(ctx, gg_input, gg_weight, gg_bias):
+        grad_output, input, weight = ctx.saved_tensors
+        # An output the backward did not compute (an empty tensor) has no cotangent worth reading.
+        gg_input, gg_weight, gg_bias = (
+            g if computed and g is not None else None
+            for g, computed in zip((gg_input, gg_weight, gg_bias), ctx.computed)
+        )
+        d_grad_output = d_input = d_weight = None
+        if ctx.needs_input_grad[0]:
+            terms = []
+            if gg_input is not None:
+                terms.append(forward_op(gg_input, weight, gg_bias, *ctx.config))
+            elif gg_bias is not None:
+                terms.append(gg_bias.view(1, -1, 1, 1).expand_as(grad_output))
+            if gg_weight is not None:
+                terms.append(forward_op(input, gg_weight, None, *ctx.config))
+            d_grad_output = sum(terms[1:], terms[0]) if terms else None
+        if ctx.needs_input_grad[1] and gg_weight is not None:
+            d_input = backward_op(grad_output, input, gg_weight, *ctx.config, [True, False, False])[0]
+        if ctx.needs_input_grad[2] and gg_input is not None:
+            d_weight = backward_op(grad_output, gg_input, weight, *ctx.config, [False, True, False])[1]
+        return d_grad_output, d_input, d_weight, None, None, None, None
+
+    return double_backward
+
+
 if has_ops():
     _native_op = torch.ops.fastcnn.depthwise_conv2d.default  # resolved once: attribute lookups cost µs per call
     torch.library.register_fake("fastcnn::depthwise_conv2d")(_fake_forward)
@@ -242,5 +280,10 @@ torch.library.register_autograd(
     "fastcnn::_depthwise_conv2d_triton",
     _make_backward(torch.ops.fastcnn._depthwise_conv2d_triton_backward),
     setup_context=_setup_context,
+)
+torch.library.register_autograd(
+    "fastcnn::_depthwise_conv2d_triton_backward",
+    _make_double_backward(_triton_op, torch.ops.fastcnn._depthwise_conv2d_triton_backward.default),
+    setup_context=_setup_backward_context,
 )
 _autocast.register("fastcnn::_depthwise_conv2d_triton", _autocast.DEPTHWISE)

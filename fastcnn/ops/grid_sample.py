@@ -17,7 +17,10 @@ grad_output at a pixel whose source lies exactly on a pixel column or row does n
 neighbouring tap of weight zero (PyTorch's scatter makes it NaN there: 0 * inf).
 The backwards are deterministic under ``torch.use_deterministic_algorithms(True)``: the CPU
 kernel always is (one batch element per thread, fixed order), CUDA and Triton switch from atomics
-to a sorted, fixed-order gather. Bicubic sampling is not implemented (use F.grid_sample).
+to a sorted, fixed-order gather. Gradients of gradients (second order, e.g. a gradient penalty)
+are PyTorch's: the backward ops differentiate F.grid_sample twice at the saved tensors, so a
+non-finite coordinate behaves there as in PyTorch; the third order raises. Bicubic sampling is
+not implemented (use F.grid_sample).
 """
 from typing import List
 
@@ -219,6 +222,46 @@ def _make_backward(backward_op):
     return backward
 
 
+def _setup_backward_context(ctx, inputs, output):
+    grad_output, input, coords = inputs[:3]
+    ctx.save_for_backward(grad_output, input, coords)
+    ctx.config = inputs[3:6]  # interpolation, padding_mode, align_corners
+    ctx.computed = inputs[6]
+
+
+def _make_double_backward(affine):
+    """The backward op's own backward, for gradients of gradients: PyTorch's grid_sampler_2d
+    (after affine_grid_generator for theta) differentiated twice at the saved tensors, as the C++
+    ops do (csrc/ops/autograd/grid_sample_autograd.cpp). The third order is refused."""
+
+    def double_backward(ctx, gg_input, gg_coords):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"fastcnn::{'affine_grid_sample' if affine else 'grid_sample'}: gradients of order three and higher "
+                "are not supported (the second order differentiates PyTorch's grid_sampler_2d; for higher orders "
+                "run the op on fastcnn.use_backend('reference'))"
+            )
+        interpolation, padding_mode, align_corners = ctx.config
+        with torch.enable_grad():
+            grad_output, input, coords = (t.detach().requires_grad_() for t in ctx.saved_tensors)
+            grid = torch.affine_grid_generator(coords, grad_output.shape, align_corners) if affine else coords
+            output = torch.grid_sampler_2d(input, grid, interpolation, padding_mode, align_corners)
+            first = torch.autograd.grad(output, (input, coords), grad_output, create_graph=True, allow_unused=True)
+            pairs = [
+                (f, g)
+                for f, g, computed in zip(first, (gg_input, gg_coords), ctx.computed)
+                if computed and g is not None and f is not None and f.requires_grad
+            ]
+            if not pairs:
+                return (None,) * 7
+            second = torch.autograd.grad(
+                [f for f, _ in pairs], (grad_output, input, coords), [g for _, g in pairs], allow_unused=True
+            )
+        return tuple(s if needed else None for s, needed in zip(second, ctx.needs_input_grad)) + (None,) * 4
+
+    return double_backward
+
+
 if has_ops():
     # Resolved once: attribute lookups cost microseconds per call.
     _native_grid_sample = torch.ops.fastcnn.grid_sample.default
@@ -289,5 +332,9 @@ torch.library.register_autograd(
     _make_backward(torch.ops.fastcnn._affine_grid_sample_triton_backward.default),
     setup_context=_setup_context,
 )
+for _name, _affine in (("_grid_sample_triton_backward", False), ("_affine_grid_sample_triton_backward", True)):
+    torch.library.register_autograd(
+        f"fastcnn::{_name}", _make_double_backward(_affine), setup_context=_setup_backward_context
+    )
 _autocast.register("fastcnn::_grid_sample_triton", _autocast.SAMPLER)
 _autocast.register("fastcnn::_affine_grid_sample_triton", _autocast.SAMPLER)
