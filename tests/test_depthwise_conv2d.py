@@ -926,6 +926,24 @@ def test_first_order_backward_records_nothing():
     assert all(g.grad_fn is not None for g in graphed)
 
 
+def test_torch_func_transforms_run_the_reference():
+    """grad, per-sample gradients (vmap of grad), jvp and hessian: the C++ autograd functions are
+    opaque to torch.func, so under a transform the op runs the reference (fastcnn.backends)."""
+    x, weight, b = (t.detach() for t in _random_case(3, 4, 7, 6, 3, 3, torch.float64, "channels_last"))
+
+    def loss(op):
+        return lambda w, x: op(x, w, b, 2, 1, 1).pow(2).sum()
+
+    ours, theirs = loss(lambda *a: depthwise_conv2d(*a)), loss(_reference)
+    for transform in (
+        lambda f: torch.func.grad(f)(weight, x),
+        lambda f: torch.func.vmap(torch.func.grad(lambda w, xi: f(w, xi[None])), in_dims=(None, 0))(weight, x),
+        lambda f: torch.func.jvp(lambda w: f(w, x), (weight,), (torch.ones_like(weight),))[1],
+        lambda f: torch.func.hessian(f)(weight, x),
+    ):
+        torch.testing.assert_close(transform(ours), transform(theirs), rtol=1e-12, atol=1e-12)
+
+
 def test_poisoned_outputs_are_fully_written(monkeypatch):
     """Every output element is written: NaN-filled fresh buffers do not survive into results."""
     real_empty = torch.empty

@@ -866,6 +866,26 @@ def test_opcheck_backward_ops_with_autograd():
             )
 
 
+# PyTorch's own batching fallback for affine_grid_generator warns
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_torch_func_transforms_run_the_reference():
+    """As for depthwise_conv2d: under a torch.func transform the samplers run the reference."""
+    x = torch.randn(3, 2, 6, 5, dtype=torch.float64)
+    theta = _theta(3, spread=0.3)
+
+    def loss(sample):
+        return lambda t, x: sample(x, t).pow(2).sum()
+
+    ours = loss(lambda x, t: affine_grid_sample(x, t, (x.shape[0], 2, 4, 5), padding_mode="border"))
+    theirs = loss(lambda x, t: fastcnn.reference.affine_grid_sample(x, t, (x.shape[0], 2, 4, 5), "bilinear", "border", False))
+    for transform in (
+        lambda f: torch.func.grad(f)(theta, x),
+        lambda f: torch.func.vmap(torch.func.grad(lambda t, xi: f(t[None], xi[None])))(theta, x),
+        lambda f: torch.func.jacrev(torch.func.grad(f))(theta, x),  # (PyTorch has no forward AD for it)
+    ):
+        torch.testing.assert_close(transform(ours), transform(theirs), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", ["auto", "cpu"])
 def test_torch_compile_fullgraph(backend):
     """fullgraph: the backend choice traces without a break, also for a backend named explicitly
