@@ -6,7 +6,7 @@ Backends: ``cpu`` (C++ kernels for CPU tensors), ``cuda`` (C++/CUDA kernels for 
 tensor's device, and the reference when the extension is missing.
 
 Selection, strongest first: ``with fastcnn.use_backend(name):``, then the FASTCNN_BACKEND
-environment variable, then ``auto``. Inside a torch.func transform every op runs the reference.
+environment variable, then ``auto``. Inside a torch.func transform see `under_functorch`.
 """
 import contextlib
 import functools
@@ -116,11 +116,11 @@ def requested():
     return _check_name(name)
 
 
-def _under_functorch():
+def under_functorch():
     """Whether a torch.func transform (grad, vjp, jvp, vmap, hessian, ...) is running. They cannot
-    see into the kernels' C++ autograd functions (nor vmap into the kernels), so under one the
-    ops run the reference, as stock PyTorch ops would. Not while torch.compile traces (the check
-    itself would break the graph; compile handles transforms on its own)."""
+    see into the kernels' C++ autograd functions, so under one the ops take a path functorch can
+    follow (depthwise_conv2d on the C++ kernels: fastcnn/ops/_depthwise_functorch.py; the others
+    the reference). Not while torch.compile traces (the check itself would break the graph)."""
     return _interpreter_stack() is not None and not torch.compiler.is_compiling()
 
 
@@ -128,10 +128,7 @@ _interpreter_stack = torch._C._functorch.peek_interpreter_stack  # 60 ns a call
 
 
 def resolve(device):
-    """The concrete backend for tensors on `device`; raises when the requested one cannot run there.
-    Under a torch.func transform, always the reference (see _under_functorch)."""
-    if _under_functorch():
-        return "reference"
+    """The concrete backend for tensors on `device`; raises when the requested one cannot run there."""
     name = requested()
     if name == "auto":
         if not _extension.has_ops():

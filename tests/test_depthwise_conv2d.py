@@ -926,22 +926,64 @@ def test_first_order_backward_records_nothing():
     assert all(g.grad_fn is not None for g in graphed)
 
 
-def test_torch_func_transforms_run_the_reference():
-    """grad, per-sample gradients (vmap of grad), jvp and hessian: the C++ autograd functions are
-    opaque to torch.func, so under a transform the op runs the reference (fastcnn.backends)."""
-    x, weight, b = (t.detach() for t in _random_case(3, 4, 7, 6, 3, 3, torch.float64, "channels_last"))
+def _func_case():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 4, 7, 8, dtype=torch.float64, generator=g).to(memory_format=torch.channels_last)
+    w = torch.randn(4, 1, 3, 3, dtype=torch.float64, generator=g)
+    b = torch.randn(4, dtype=torch.float64, generator=g)
+    return x, w, b
 
-    def loss(op):
-        return lambda w, x: op(x, w, b, 2, 1, 1).pow(2).sum()
 
-    ours, theirs = loss(lambda *a: depthwise_conv2d(*a)), loss(_reference)
-    for transform in (
-        lambda f: torch.func.grad(f)(weight, x),
-        lambda f: torch.func.vmap(torch.func.grad(lambda w, xi: f(w, xi[None])), in_dims=(None, 0))(weight, x),
-        lambda f: torch.func.jvp(lambda w: f(w, x), (weight,), (torch.ones_like(weight),))[1],
-        lambda f: torch.func.hessian(f)(weight, x),
-    ):
-        torch.testing.assert_close(transform(ours), transform(theirs), rtol=1e-12, atol=1e-12)
+# Every torch.func transform, against the same transform of the reference; each also counts the
+# C++ kernel calls, so a transform that fell back to the reference (or failed over to
+# PyTorch's conv) would fail here.
+_FUNC_GEOMETRY = ([2, 1], [1, 2, 0, 1], [1, 2])
+_FUNC_TRANSFORMS = {
+    "grad": lambda op, x, w, b: torch.func.grad(_func_loss(op), argnums=(0, 1, 2))(x, w, b),
+    "per_sample_grad": lambda op, x, w, b: torch.func.vmap(
+        torch.func.grad(lambda w, b, xi: _func_loss(op)(xi[None], w, b), argnums=(0, 1)), in_dims=(None, None, 0)
+    )(w, b, x),
+    "ensemble_weights": lambda op, x, w, b: torch.func.vmap(lambda w, b: op(x, w, b))(
+        torch.stack([w, w.flip(3), 2 * w]), torch.stack([b, -b, b])),
+    "vmap_dim_1_input_and_weight": lambda op, x, w, b: torch.func.vmap(lambda x, w: op(x, w, b), in_dims=(1, 1))(
+        torch.stack([x, x.flip(3)], 1), torch.stack([w, w.flip(2)], 1)),
+    "vmap_dim_2_input": lambda op, x, w, b: torch.func.vmap(lambda x: op(x, w, b), in_dims=2)(torch.stack([x, x.flip(3)], 2)),
+    "jvp": lambda op, x, w, b: torch.func.jvp(op, (x, w, b), (x.cos(), w.sin(), b.cos())),
+    "jvp_bias_only": lambda op, x, w, b: torch.func.jvp(lambda b: op(x, w, b), (b,), (b.cos(),)),
+    "vjp": lambda op, x, w, b: torch.func.vjp(lambda x, w: op(x, w, b), x, w)[1](torch.ones(3, 4, 4, 5, dtype=torch.float64)),
+    "jacfwd": lambda op, x, w, b: torch.func.jacfwd(_func_loss(op), argnums=1)(x, w, b),
+    "hessian_weight": lambda op, x, w, b: torch.func.hessian(_func_loss(op), argnums=1)(x, w, b),
+    "hessian_input": lambda op, x, w, b: torch.func.hessian(_func_loss(op), argnums=0)(x[:1, :2, :5, :5], w[:2], b[:2]),
+    "grad_of_input_grad": lambda op, x, w, b: torch.func.grad(
+        lambda w: torch.func.grad(_func_loss(op), argnums=0)(x, w, b).pow(2).sum())(w),
+    "grad_of_weight_grad": lambda op, x, w, b: torch.func.grad(
+        lambda x, b: sum(g.pow(2).sum() for g in torch.func.grad(_func_loss(op), argnums=(1, 2))(x, w, b)),
+        argnums=(0, 1))(x, b),
+}
+
+
+def _func_loss(op):
+    return lambda x, w, b: op(x, w, b).tanh().sum()
+
+
+# Importing torch.autograd.forward_ad (jvp) runs torch.jit.script inside PyTorch, which warns.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize("transform", list(_FUNC_TRANSFORMS))
+def test_torch_func_transforms_on_the_kernels(transform, monkeypatch):
+    """torch.func cannot see into the C++ autograd functions: under a transform the op runs the
+    kernels through fastcnn/ops/_depthwise_functorch.py (backward, jvp and vmap rules)."""
+    from fastcnn.ops import _depthwise_functorch
+
+    calls = []
+    for name in ("_forward_op", "_backward_op"):
+        kernel = getattr(_depthwise_functorch, name)
+        monkeypatch.setattr(_depthwise_functorch, name, lambda *a, kernel=kernel: calls.append(1) or kernel(*a))
+    x, w, b = _func_case()
+    ours = _FUNC_TRANSFORMS[transform](lambda x, w, b: depthwise_conv2d(x, w, b, *_FUNC_GEOMETRY), x, w, b)
+    theirs = _FUNC_TRANSFORMS[transform](lambda x, w, b: _reference(x, w, b, *_FUNC_GEOMETRY), x, w, b)
+    assert calls, "the transform did not reach the kernels"
+    for a, e in zip(torch.utils._pytree.tree_leaves(ours), torch.utils._pytree.tree_leaves(theirs)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12 * max(1.0, e.abs().max().item()))
 
 
 def test_poisoned_outputs_are_fully_written(monkeypatch):

@@ -152,6 +152,12 @@ def depthwise_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1):
         _check(input, weight, bias)
     stride, padding, dilation = _geometry(input, weight, stride, padding, dilation)
     backend = backends.resolve(input.device)
+    if backends.under_functorch():  # the C++ autograd functions are opaque to torch.func
+        if backend in ("cpu", "cuda"):
+            from . import _depthwise_functorch
+
+            return _depthwise_functorch.depthwise_conv2d(input, weight, bias, stride, padding, dilation)
+        backend = "reference"
     if backend in ("cpu", "cuda"):
         return _native_op(input, weight, bias, stride, padding, dilation)
     if backend == "triton":

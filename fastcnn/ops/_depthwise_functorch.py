@@ -1,0 +1,165 @@
+"""depthwise_conv2d under torch.func transforms (grad, vjp, jvp, vmap, jacrev, jacfwd, hessian),
+on the C++ kernels.
+
+functorch cannot see into the op's C++ autograd functions (csrc/ops/autograd/), so under a
+transform the op goes through the two Python autograd.Functions here instead: the forward op and
+the backward op, each with the rules functorch asks for.
+
+- backward: the backward op; its own backward is the same bilinear algebra as the C++ double
+  backward (see depthwise_conv2d_autograd.cpp), written with these Functions so it nests.
+- jvp: both ops are bilinear, so a tangent is the op applied with one argument replaced by its
+  tangent, summed over the arguments.
+- vmap: a depthwise convolution treats every channel alone, so a batch of B problems is one
+  problem with B times the channels: the vmapped dimension moves next to the channels and folds
+  into them (weights and bias too, expanded where only the input is batched). Where only the
+  input or grad_output is batched and the weights are shared, the forward folds it into N
+  instead. Per-sample gradients (vmap of grad over one-image batches) fold without a copy.
+"""
+import torch
+
+_forward_op = torch.ops.fastcnn.depthwise_conv2d.default
+_backward_op = torch.ops.fastcnn._depthwise_conv2d_backward.default
+
+
+def _batched_first(t, dim, batch):
+    """t with its vmapped dimension first, expanded to `batch` where it has none."""
+    return t.movedim(dim, 0) if dim is not None else t.expand(batch, *t.shape)
+
+
+def _fold_channels(t, dim, batch):
+    """[B, N, C, H, W] (vmapped at `dim`) -> [N, B*C, H, W]."""
+    t = _batched_first(t, dim, batch)
+    return t.transpose(0, 1).reshape(t.shape[1], -1, *t.shape[3:])
+
+
+def _fold_weight(t, dim, batch):
+    """[B, C, ...] (vmapped at `dim`) -> [B*C, ...]; None stays None."""
+    return None if t is None else _batched_first(t, dim, batch).flatten(0, 1)
+
+
+def _sum(terms):
+    terms = [t for t in terms if t is not None]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+class DepthwiseConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(input, weight, bias, stride, padding, dilation):
+        return _forward_op(input, weight, bias, stride, padding, dilation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, stride, padding, dilation = inputs
+        ctx.save_for_backward(input, weight)
+        ctx.save_for_forward(input, weight)
+        ctx.has_bias = bias is not None
+        ctx.config = (stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        grads = DepthwiseConv2dBackward.apply(grad_output, input, weight, *ctx.config, mask)
+        return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None, None)
+
+    @staticmethod
+    def jvp(ctx, input_tangent, weight_tangent, bias_tangent, *_):
+        input, weight = ctx.saved_tensors
+        return _sum([
+            None if input_tangent is None else DepthwiseConv2d.apply(input_tangent, weight, bias_tangent, *ctx.config),
+            None if weight_tangent is None else DepthwiseConv2d.apply(input, weight_tangent, None, *ctx.config),
+            None if bias_tangent is None or input_tangent is not None else bias_tangent.view(1, -1, 1, 1).expand(
+                input.shape[0], -1, *_output_hw(input, weight, *ctx.config)),
+        ])
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, stride, padding, dilation):
+        input_dim, weight_dim, bias_dim = in_dims[:3]
+        batch = info.batch_size
+        if weight_dim is None and bias_dim is None:  # shared weights: the batch joins N
+            input = _batched_first(input, input_dim, batch)
+            output = DepthwiseConv2d.apply(input.flatten(0, 1), weight, bias, stride, padding, dilation)
+            return output.unflatten(0, (batch, -1)), 0
+        output = DepthwiseConv2d.apply(
+            _fold_channels(input, input_dim, batch), _fold_weight(weight, weight_dim, batch),
+            _fold_weight(bias, bias_dim, batch), stride, padding, dilation)
+        return output.unflatten(1, (batch, -1)), 1
+
+
+class DepthwiseConv2dBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(grad_output, input, weight, stride, padding, dilation, output_mask):
+        return _backward_op(grad_output, input, weight, stride, padding, dilation, output_mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_output, input, weight, stride, padding, dilation, output_mask = inputs
+        ctx.save_for_backward(grad_output, input, weight)
+        ctx.save_for_forward(grad_output, input, weight)
+        ctx.config = (stride, padding, dilation)
+        ctx.computed = output_mask
+
+    @staticmethod
+    def backward(ctx, gg_input, gg_weight, gg_bias):
+        grad_output, input, weight = ctx.saved_tensors
+        gg_input, gg_weight, gg_bias = (
+            g if computed and g is not None else None for g, computed in zip((gg_input, gg_weight, gg_bias), ctx.computed)
+        )
+        d_grad_output = d_input = d_weight = None
+        if ctx.needs_input_grad[0]:
+            d_grad_output = _sum([
+                None if gg_input is None else DepthwiseConv2d.apply(gg_input, weight, gg_bias, *ctx.config),
+                None if gg_weight is None else DepthwiseConv2d.apply(input, gg_weight, None, *ctx.config),
+                None if gg_bias is None or gg_input is not None else gg_bias.view(1, -1, 1, 1).expand_as(grad_output),
+            ])
+        if ctx.needs_input_grad[1] and gg_weight is not None:
+            d_input = DepthwiseConv2dBackward.apply(grad_output, input, gg_weight, *ctx.config, [True, False, False])[0]
+        if ctx.needs_input_grad[2] and gg_input is not None:
+            d_weight = DepthwiseConv2dBackward.apply(grad_output, gg_input, weight, *ctx.config, [False, True, False])[1]
+        return d_grad_output, d_input, d_weight, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, grad_output_tangent, input_tangent, weight_tangent, *_):
+        grad_output, input, weight = ctx.saved_tensors
+        grad_input_wanted, grad_weight_wanted, grad_bias_wanted = ctx.computed
+
+        def backward(go, x, w, mask):
+            return DepthwiseConv2dBackward.apply(go, x, w, *ctx.config, mask)
+
+        empty = grad_output.new_empty(0)
+        grad_input = grad_weight = grad_bias = empty
+        if grad_output_tangent is not None:
+            grad_input, grad_weight, grad_bias = backward(grad_output_tangent, input, weight, ctx.computed)
+        if weight_tangent is not None and grad_input_wanted:
+            through_weight = backward(grad_output, input, weight_tangent, [True, False, False])[0]
+            grad_input = through_weight if grad_output_tangent is None else grad_input + through_weight
+        if input_tangent is not None and grad_weight_wanted:
+            through_input = backward(grad_output, input_tangent, weight, [False, True, False])[1]
+            grad_weight = through_input if grad_output_tangent is None else grad_weight + through_input
+        zeros = [torch.zeros_like(input), torch.zeros_like(weight), weight.new_zeros(weight.shape[:1])]
+        return tuple(t if t.numel() or not wanted else zero
+                     for t, wanted, zero in zip((grad_input, grad_weight, grad_bias), ctx.computed, zeros))
+
+    @staticmethod
+    def vmap(info, in_dims, grad_output, input, weight, stride, padding, dilation, output_mask):
+        # Per-problem weight gradients: every case folds into the channels.
+        batch = info.batch_size
+        grad_input, grad_weight, grad_bias = DepthwiseConv2dBackward.apply(
+            _fold_channels(grad_output, in_dims[0], batch), _fold_channels(input, in_dims[1], batch),
+            _fold_weight(weight, in_dims[2], batch), stride, padding, dilation, output_mask)
+        outputs = (grad_input.unflatten(1, (batch, -1)) if output_mask[0] else grad_input,
+                   grad_weight.unflatten(0, (batch, -1)) if output_mask[1] else grad_weight,
+                   grad_bias.unflatten(0, (batch, -1)) if output_mask[2] else grad_bias)
+        return outputs, (1 if output_mask[0] else None, 0 if output_mask[1] else None, 0 if output_mask[2] else None)
+
+
+def _output_hw(input, weight, stride, padding, dilation):
+    return [
+        (input.shape[2 + a] + padding[2 * a] + padding[2 * a + 1] - dilation[a] * (weight.shape[2 + a] - 1) - 1)
+        // stride[a] + 1
+        for a in range(2)
+    ]
+
+
+def depthwise_conv2d(input, weight, bias, stride, padding, dilation):
+    return DepthwiseConv2d.apply(input, weight, bias, stride, padding, dilation)
