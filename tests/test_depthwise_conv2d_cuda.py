@@ -438,3 +438,24 @@ def test_gradients_of_gradients(layout):
     expected = orders(lambda x, w, b: reference(x, w, b, *args))
     for index, (a, e) in enumerate(zip(got, expected)):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * e.abs().max().item(), msg=f"gradient {index}")
+
+
+def test_torch_func_per_sample_gradients_and_hessian():
+    """torch.func on the CUDA kernels (fastcnn/ops/_depthwise_functorch.py): per-sample weight
+    gradients (vmap of grad) and a weight Hessian, fp64, against the same transforms of F.conv2d."""
+    torch.manual_seed(6)
+    x = randn(6, 16, 11, 10, dtype=torch.float64, memory_format=torch.channels_last)
+    w, b = randn(16, 1, 3, 3, dtype=torch.float64), randn(16, dtype=torch.float64)
+    args = ((2, 1), (1, 1, 0, 2), (1, 1))
+
+    def transforms(op):
+        loss = lambda w, b, x: op(x, w, b, *args).tanh().sum()  # noqa: E731
+        per_sample = torch.func.vmap(torch.func.grad(lambda w, b, xi: loss(w, b, xi[None]), argnums=(0, 1)),
+                                     in_dims=(None, None, 0))(w, b, x)
+        return (*per_sample, torch.func.hessian(loss)(w, b, x[:2]))
+
+    with fastcnn.use_backend("cuda"):
+        got = transforms(fastcnn.ops.depthwise_conv2d)
+    expected = transforms(reference)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * e.abs().max().item())
