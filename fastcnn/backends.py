@@ -119,8 +119,8 @@ def requested():
 def under_functorch():
     """Whether a torch.func transform (grad, vjp, jvp, vmap, hessian, ...) is running. They cannot
     see into the kernels' C++ autograd functions, so under one the ops take a path functorch can
-    follow (depthwise_conv2d on the C++ kernels: fastcnn/ops/_depthwise_functorch.py; the others
-    the reference). Not while torch.compile traces (the check itself would break the graph)."""
+    follow (the C++ kernels through fastcnn/ops/_*_functorch.py; the Triton backend the
+    reference). Not while torch.compile traces (the check itself would break the graph)."""
     return _interpreter_stack() is not None and not torch.compiler.is_compiling()
 
 

@@ -866,24 +866,68 @@ def test_opcheck_backward_ops_with_autograd():
             )
 
 
+def _func_case():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 2, 6, 5, dtype=torch.float64, generator=g).to(memory_format=torch.channels_last)
+    theta = torch.eye(2, 3, dtype=torch.float64).repeat(3, 1, 1) + 0.3 * torch.randn(3, 2, 3, dtype=torch.float64, generator=g)
+    grid = torch.rand(3, 4, 7, 2, dtype=torch.float64, generator=g) * 2.4 - 1.2
+    return x, theta, grid
+
+
+def _func_loss(op):
+    return lambda x, c: op(x, c).tanh().sum()
+
+
+_FUNC_TRANSFORMS = {
+    "grad": lambda op, x, c: torch.func.grad(_func_loss(op), argnums=(0, 1))(x, c),
+    "per_sample_grad": lambda op, x, c: torch.func.vmap(
+        torch.func.grad(lambda c, xi: _func_loss(op)(xi[None], c[None])))(c, x),
+    "vmap_shared_coords": lambda op, x, c: torch.func.vmap(lambda xi: op(xi, c), in_dims=1)(torch.stack([x, 2 * x], 1)),
+    "vjp": lambda op, x, c: torch.func.vjp(op, x, c)[1](torch.ones_like(op(x, c))),
+    "jacrev_of_jacrev": lambda op, x, c: torch.func.jacrev(torch.func.jacrev(_func_loss(op), argnums=1), argnums=1)(x, c),
+    "third_order": lambda op, x, c: torch.func.grad(
+        lambda c: torch.func.grad(lambda c: torch.func.grad(_func_loss(op))(x, c).pow(2).sum())(c).pow(2).sum())(c),
+}
+
+
 # PyTorch's own batching fallback for affine_grid_generator warns
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
-def test_torch_func_transforms_run_the_reference():
-    """As for depthwise_conv2d: under a torch.func transform the samplers run the reference."""
-    x = torch.randn(3, 2, 6, 5, dtype=torch.float64)
-    theta = _theta(3, spread=0.3)
+@pytest.mark.parametrize("transform", list(_FUNC_TRANSFORMS))
+@pytest.mark.parametrize("op", ["affine", "grid"])
+def test_torch_func_transforms_on_the_kernels(transform, op, monkeypatch):
+    """torch.func cannot see into the C++ autograd functions: under a transform the samplers run
+    the kernels through fastcnn/ops/_grid_sample_functorch.py (backward and vmap rules; the second
+    order through torch.func's vjp of PyTorch's sampler), against the same transform of PyTorch."""
+    from fastcnn.ops import _grid_sample_functorch
 
-    def loss(sample):
-        return lambda t, x: sample(x, t).pow(2).sum()
+    calls = []
+    for table in ("_FORWARD", "_BACKWARD"):
+        kernels = dict(getattr(_grid_sample_functorch, table))
+        monkeypatch.setattr(_grid_sample_functorch, table, {
+            affine: (lambda *a, kernel=kernel: calls.append(1) or kernel(*a)) for affine, kernel in kernels.items()})
+    x, theta, grid = _func_case()
+    if op == "affine":
+        ours = lambda x, t: affine_grid_sample(x, t, (x.shape[0], 2, 4, 5), padding_mode="border")  # noqa: E731
+        theirs = lambda x, t: F.grid_sample(  # noqa: E731
+            x, F.affine_grid(t, (x.shape[0], 2, 4, 5), align_corners=False), padding_mode="border", align_corners=False)
+        coords = theta
+    else:
+        ours = lambda x, g: grid_sample(x, g, "bilinear", "reflection", True)  # noqa: E731
+        theirs = lambda x, g: F.grid_sample(x, g, padding_mode="reflection", align_corners=True)  # noqa: E731
+        coords = grid
+    got = _FUNC_TRANSFORMS[transform](ours, x, coords)
+    expected = _FUNC_TRANSFORMS[transform](theirs, x, coords)
+    assert calls, "the transform did not reach the kernels"
+    for a, e in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12 * max(1.0, e.abs().max().item()))
 
-    ours = loss(lambda x, t: affine_grid_sample(x, t, (x.shape[0], 2, 4, 5), padding_mode="border"))
-    theirs = loss(lambda x, t: fastcnn.reference.affine_grid_sample(x, t, (x.shape[0], 2, 4, 5), "bilinear", "border", False))
-    for transform in (
-        lambda f: torch.func.grad(f)(theta, x),
-        lambda f: torch.func.vmap(torch.func.grad(lambda t, xi: f(t[None], xi[None])))(theta, x),
-        lambda f: torch.func.jacrev(torch.func.grad(f))(theta, x),  # (PyTorch has no forward AD for it)
-    ):
-        torch.testing.assert_close(transform(ours), transform(theirs), rtol=1e-12, atol=1e-12)
+
+# Importing torch.autograd.forward_ad (jvp) runs torch.jit.script inside PyTorch, which warns.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torch_func_forward_mode_is_refused():
+    x, theta, _ = _func_case()
+    with pytest.raises(NotImplementedError, match="forward-mode AD .* is not implemented, as for PyTorch"):
+        torch.func.jvp(lambda t: affine_grid_sample(x, t, (3, 2, 4, 5)), (theta,), (theta,))
 
 
 @pytest.mark.parametrize("backend", ["auto", "cpu"])

@@ -151,8 +151,13 @@ def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corner
     interpolation, padding = INTERPOLATIONS.get(mode), PADDING_MODES.get(padding_mode)
     if interpolation is None or padding is None or not _well_formed_grid(input, grid):
         interpolation, padding = _check_grid_sample(input, grid, mode, padding_mode)
-    # under torch.func: the reference (see backends.under_functorch)
-    backend = "reference" if backends.under_functorch() else backends.resolve(input.device)
+    backend = backends.resolve(input.device)
+    if backends.under_functorch():  # the C++ autograd functions are opaque to torch.func
+        if backend in ("cpu", "cuda"):
+            from . import _grid_sample_functorch
+
+            return _grid_sample_functorch.grid_sample(input, grid, interpolation, padding, align_corners)
+        backend = "reference"
     if backend in ("cpu", "cuda"):
         return _native_grid_sample(input, grid, interpolation, padding, align_corners)
     if backend == "triton":
@@ -171,8 +176,13 @@ def affine_grid_sample(input, theta, size, mode="bilinear", padding_mode="zeros"
     if interpolation is None or padding is None or not _well_formed_affine(input, theta, size):
         interpolation, padding = _check_affine_grid_sample(input, theta, size, mode, padding_mode)
     out_size = [size[2], size[3]]
-    # under torch.func: the reference (see backends.under_functorch)
-    backend = "reference" if backends.under_functorch() else backends.resolve(input.device)
+    backend = backends.resolve(input.device)
+    if backends.under_functorch():  # the C++ autograd functions are opaque to torch.func
+        if backend in ("cpu", "cuda"):
+            from . import _grid_sample_functorch
+
+            return _grid_sample_functorch.affine_grid_sample(input, theta, out_size, interpolation, padding, align_corners)
+        backend = "reference"
     if backend in ("cpu", "cuda"):
         return _native_affine_grid_sample(input, theta, out_size, interpolation, padding, align_corners)
     if backend == "triton":
