@@ -11,9 +11,10 @@ the backward op, each with the rules functorch asks for.
   tangent, summed over the arguments.
 - vmap: a depthwise convolution treats every channel alone, so a batch of B problems is one
   problem with B times the channels: the vmapped dimension moves next to the channels and folds
-  into them (weights and bias too, expanded where only the input is batched). Where only the
-  input or grad_output is batched and the weights are shared, the forward folds it into N
-  instead. Per-sample gradients (vmap of grad over one-image batches) fold without a copy.
+  into them (weights and bias too, expanded where only the input is batched). Where the weights
+  are shared, the forward folds the batch into N instead; the backward op always folds into the
+  channels (each problem has its own weight gradient). Per-sample gradients (vmap of grad over
+  one-image batches) fold without a copy.
 """
 import torch
 
@@ -42,7 +43,9 @@ def _sum(terms):
     return sum(terms[1:], terms[0]) if terms else None
 
 
-class DepthwiseConv2d(torch.autograd.Function):
+class Forward(torch.autograd.Function):
+    """The forward op."""
+
     @staticmethod
     def forward(input, weight, bias, stride, padding, dilation):
         return _forward_op(input, weight, bias, stride, padding, dilation)
@@ -59,15 +62,15 @@ class DepthwiseConv2d(torch.autograd.Function):
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        grads = DepthwiseConv2dBackward.apply(grad_output, input, weight, *ctx.config, mask)
+        grads = Backward.apply(grad_output, input, weight, *ctx.config, mask)
         return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + (None, None, None)
 
     @staticmethod
     def jvp(ctx, input_tangent, weight_tangent, bias_tangent, *_):
         input, weight = ctx.saved_tensors
         return _sum([
-            None if input_tangent is None else DepthwiseConv2d.apply(input_tangent, weight, bias_tangent, *ctx.config),
-            None if weight_tangent is None else DepthwiseConv2d.apply(input, weight_tangent, None, *ctx.config),
+            None if input_tangent is None else Forward.apply(input_tangent, weight, bias_tangent, *ctx.config),
+            None if weight_tangent is None else Forward.apply(input, weight_tangent, None, *ctx.config),
             None if bias_tangent is None or input_tangent is not None else bias_tangent.view(1, -1, 1, 1).expand(
                 input.shape[0], -1, *_output_hw(input, weight, *ctx.config)),
         ])
@@ -78,15 +81,17 @@ class DepthwiseConv2d(torch.autograd.Function):
         batch = info.batch_size
         if weight_dim is None and bias_dim is None:  # shared weights: the batch joins N
             input = _batched_first(input, input_dim, batch)
-            output = DepthwiseConv2d.apply(input.flatten(0, 1), weight, bias, stride, padding, dilation)
+            output = Forward.apply(input.flatten(0, 1), weight, bias, stride, padding, dilation)
             return output.unflatten(0, (batch, -1)), 0
-        output = DepthwiseConv2d.apply(
+        output = Forward.apply(
             _fold_channels(input, input_dim, batch), _fold_weight(weight, weight_dim, batch),
             _fold_weight(bias, bias_dim, batch), stride, padding, dilation)
         return output.unflatten(1, (batch, -1)), 1
 
 
-class DepthwiseConv2dBackward(torch.autograd.Function):
+class Backward(torch.autograd.Function):
+    """The backward op (grad_input, grad_weight, grad_bias; the ones output_mask leaves out empty)."""
+
     @staticmethod
     def forward(grad_output, input, weight, stride, padding, dilation, output_mask):
         return _backward_op(grad_output, input, weight, stride, padding, dilation, output_mask)
@@ -103,19 +108,20 @@ class DepthwiseConv2dBackward(torch.autograd.Function):
     def backward(ctx, gg_input, gg_weight, gg_bias):
         grad_output, input, weight = ctx.saved_tensors
         gg_input, gg_weight, gg_bias = (
-            g if computed and g is not None else None for g, computed in zip((gg_input, gg_weight, gg_bias), ctx.computed)
+            g if computed and g is not None else None
+            for g, computed in zip((gg_input, gg_weight, gg_bias), ctx.computed)
         )
         d_grad_output = d_input = d_weight = None
         if ctx.needs_input_grad[0]:
             d_grad_output = _sum([
-                None if gg_input is None else DepthwiseConv2d.apply(gg_input, weight, gg_bias, *ctx.config),
-                None if gg_weight is None else DepthwiseConv2d.apply(input, gg_weight, None, *ctx.config),
+                None if gg_input is None else Forward.apply(gg_input, weight, gg_bias, *ctx.config),
+                None if gg_weight is None else Forward.apply(input, gg_weight, None, *ctx.config),
                 None if gg_bias is None or gg_input is not None else gg_bias.view(1, -1, 1, 1).expand_as(grad_output),
             ])
         if ctx.needs_input_grad[1] and gg_weight is not None:
-            d_input = DepthwiseConv2dBackward.apply(grad_output, input, gg_weight, *ctx.config, [True, False, False])[0]
+            d_input = Backward.apply(grad_output, input, gg_weight, *ctx.config, [True, False, False])[0]
         if ctx.needs_input_grad[2] and gg_input is not None:
-            d_weight = DepthwiseConv2dBackward.apply(grad_output, gg_input, weight, *ctx.config, [False, True, False])[1]
+            d_weight = Backward.apply(grad_output, gg_input, weight, *ctx.config, [False, True, False])[1]
         return d_grad_output, d_input, d_weight, None, None, None, None
 
     @staticmethod
@@ -124,7 +130,7 @@ class DepthwiseConv2dBackward(torch.autograd.Function):
         grad_input_wanted, grad_weight_wanted, grad_bias_wanted = ctx.computed
 
         def backward(go, x, w, mask):
-            return DepthwiseConv2dBackward.apply(go, x, w, *ctx.config, mask)
+            return Backward.apply(go, x, w, *ctx.config, mask)
 
         empty = grad_output.new_empty(0)
         grad_input = grad_weight = grad_bias = empty
@@ -144,7 +150,7 @@ class DepthwiseConv2dBackward(torch.autograd.Function):
     def vmap(info, in_dims, grad_output, input, weight, stride, padding, dilation, output_mask):
         # Per-problem weight gradients: every case folds into the channels.
         batch = info.batch_size
-        grad_input, grad_weight, grad_bias = DepthwiseConv2dBackward.apply(
+        grad_input, grad_weight, grad_bias = Backward.apply(
             _fold_channels(grad_output, in_dims[0], batch), _fold_channels(input, in_dims[1], batch),
             _fold_weight(weight, in_dims[2], batch), stride, padding, dilation, output_mask)
         outputs = (grad_input.unflatten(1, (batch, -1)) if output_mask[0] else grad_input,
@@ -162,4 +168,4 @@ def _output_hw(input, weight, stride, padding, dilation):
 
 
 def depthwise_conv2d(input, weight, bias, stride, padding, dilation):
-    return DepthwiseConv2d.apply(input, weight, bias, stride, padding, dilation)
+    return Forward.apply(input, weight, bias, stride, padding, dilation)
