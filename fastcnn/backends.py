@@ -6,11 +6,12 @@ Backends: ``cpu`` (C++ kernels for CPU tensors), ``cuda`` (C++/CUDA kernels for 
 tensor's device, and the reference when the extension is missing.
 
 Selection, strongest first: ``with fastcnn.use_backend(name):``, then the FASTCNN_BACKEND
-environment variable, then ``auto``. Inside a torch.func transform see `under_functorch`.
+environment variable, then ``auto``. Inside a torch.func transform see `python_autograd_needed`.
 """
 import contextlib
 import functools
 import os
+import sys
 import threading
 
 import torch
@@ -116,12 +117,18 @@ def requested():
     return _check_name(name)
 
 
-def under_functorch():
-    """Whether a torch.func transform (grad, vjp, jvp, vmap, hessian, ...) is running. They cannot
-    see into the kernels' C++ autograd functions, so under one the ops take a path functorch can
-    follow (the C++ kernels through fastcnn/ops/_*_functorch.py; the Triton backend the
-    reference). Not while torch.compile traces (the check itself would break the graph)."""
-    return _interpreter_stack() is not None and not torch.compiler.is_compiling()
+def python_autograd_needed():
+    """Whether a torch.func transform (grad, vjp, jvp, vmap, hessian, ...) is running, or a
+    forward-mode AD level (torch.autograd.forward_ad.dual_level) is open. Neither can see into the
+    kernels' C++ autograd functions, so then the ops take a path they can follow (the C++ kernels
+    through fastcnn/ops/_*_functorch.py: Python autograd functions with backward, vmap and jvp
+    rules; the Triton backend the reference). Not while torch.compile traces (the check itself
+    would break the graph)."""
+    if _interpreter_stack() is None:
+        forward_ad = sys.modules.get("torch.autograd.forward_ad")  # not imported: no level open
+        if forward_ad is None or forward_ad._current_level < 0:
+            return False
+    return not torch.compiler.is_compiling()
 
 
 _interpreter_stack = torch._C._functorch.peek_interpreter_stack  # 60 ns a call

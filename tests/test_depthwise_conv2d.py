@@ -1047,8 +1047,9 @@ def test_backward_only_what_is_needed():
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_graph_only_where_a_gradient_is_recorded():
     """No graph node when nothing needs a gradient (the C++ autograd kernel skips Function::apply),
-    the same output; a bias that requires grad alone still records; forward-mode AD still reaches
-    apply, which rejects it."""
+    the same output; a bias that requires grad alone still records. Forward-mode AD: the C++ op
+    itself rejects a dual tensor (apply has no jvp) rather than drop its tangent; through
+    fastcnn.ops an open dual level takes the Python path with a jvp rule (_depthwise_functorch)."""
     import torch.autograd.forward_ad as fwAD
 
     x, weight, b = _random_case(2, 5, 9, 8, 3, 3, torch.float32, "contiguous")
@@ -1061,10 +1062,18 @@ def test_graph_only_where_a_gradient_is_recorded():
         assert out.grad_fn is None and not out.requires_grad
         assert torch.equal(out, recorded.detach())
     assert depthwise_conv2d(x.detach(), weight.detach(), b, 1, 1).grad_fn is not None
+    tangents = torch.randn_like(x), torch.randn_like(weight), torch.randn_like(b)
+    results = []
+    for op in (lambda *a: depthwise_conv2d(*a, 2, 1), lambda *a: _reference(*a, 2, 1, 1)):
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(t.detach(), tangent) for t, tangent in zip((x, weight, b), tangents)]
+            results.append(fwAD.unpack_dual(op(*duals)))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
     with fwAD.dual_level():
         dual = fwAD.make_dual(x.detach(), torch.randn_like(x))
         with pytest.raises(RuntimeError, match="jvp"):
-            depthwise_conv2d(dual, weight.detach(), None, 1, 1)
+            torch.ops.fastcnn.depthwise_conv2d(dual, weight.detach(), None, [1, 1], [1, 1, 1, 1], [1, 1])
 
 
 # 28x28 7x7 channels_last: the ring's input and weight gradients (several 64-channel blocks)

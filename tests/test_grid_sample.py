@@ -690,8 +690,10 @@ def test_backward_only_what_is_needed():
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_graph_only_where_a_gradient_is_recorded():
     """The C++ autograd kernel skips Function::apply when nothing needs a gradient (grad mode off,
-    or no input requiring one): no graph node, the same output. Forward-mode AD still reaches
-    apply, which rejects it (no jvp), rather than silently dropping the tangent."""
+    or no input requiring one): no graph node, the same output. Forward-mode AD is refused, as
+    PyTorch refuses it for grid_sampler_2d, rather than the tangent silently dropped: by the C++
+    op's apply (no jvp), and through fastcnn.ops by the Python path's jvp (_grid_sample_functorch);
+    inputs without a tangent under an open dual level sample as usual."""
     import torch.autograd.forward_ad as fwAD
 
     x = torch.randn(2, 3, 8, 9, requires_grad=True)
@@ -711,6 +713,10 @@ def test_graph_only_where_a_gradient_is_recorded():
         dual = fwAD.make_dual(x.detach(), torch.randn_like(x))
         with pytest.raises(RuntimeError, match="jvp"):
             affine_grid_sample(dual, theta.detach(), (2, 3, 7, 6))
+        with pytest.raises(RuntimeError, match="jvp"):
+            torch.ops.fastcnn.affine_grid_sample(dual, theta.detach(), [7, 6], 0, 0, False)
+        plain = affine_grid_sample(x.detach(), theta.detach(), (2, 3, 7, 6))
+    torch.testing.assert_close(plain, recorded.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

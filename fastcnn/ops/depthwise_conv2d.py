@@ -152,7 +152,7 @@ def depthwise_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1):
         _check(input, weight, bias)
     stride, padding, dilation = _geometry(input, weight, stride, padding, dilation)
     backend = backends.resolve(input.device)
-    if backends.under_functorch():  # the C++ autograd functions are opaque to torch.func
+    if backends.python_autograd_needed():  # torch.func or forward AD (see there)
         if backend in ("cpu", "cuda"):
             from . import _depthwise_functorch
 

@@ -152,7 +152,7 @@ def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corner
     if interpolation is None or padding is None or not _well_formed_grid(input, grid):
         interpolation, padding = _check_grid_sample(input, grid, mode, padding_mode)
     backend = backends.resolve(input.device)
-    if backends.under_functorch():  # the C++ autograd functions are opaque to torch.func
+    if backends.python_autograd_needed():  # torch.func or forward AD (see there)
         if backend in ("cpu", "cuda"):
             from . import _grid_sample_functorch
 
@@ -177,7 +177,7 @@ def affine_grid_sample(input, theta, size, mode="bilinear", padding_mode="zeros"
         interpolation, padding = _check_affine_grid_sample(input, theta, size, mode, padding_mode)
     out_size = [size[2], size[3]]
     backend = backends.resolve(input.device)
-    if backends.under_functorch():  # the C++ autograd functions are opaque to torch.func
+    if backends.python_autograd_needed():  # torch.func or forward AD (see there)
         if backend in ("cpu", "cuda"):
             from . import _grid_sample_functorch
 
