@@ -6,7 +6,8 @@ transform the op goes through the two Python autograd.Functions here instead: th
 the backward op, each with the rules functorch asks for.
 
 - backward: the backward op; its own backward is the same bilinear algebra as the C++ double
-  backward (see depthwise_conv2d_autograd.cpp), written with these Functions so it nests.
+  backward (see depthwise_conv2d_autograd.cpp): depthwise_conv2d.py's _make_double_backward,
+  given these Functions so that it nests.
 - jvp: both ops are bilinear, so a tangent is the op applied with one argument replaced by its
   tangent, summed over the arguments.
 - vmap: a depthwise convolution treats every channel alone, so a batch of B problems is one
@@ -17,6 +18,8 @@ the backward op, each with the rules functorch asks for.
   one-image batches) fold without a copy.
 """
 import torch
+
+from .depthwise_conv2d import _make_double_backward, _output_hw
 
 _forward_op = torch.ops.fastcnn.depthwise_conv2d.default
 _backward_op = torch.ops.fastcnn._depthwise_conv2d_backward.default
@@ -106,28 +109,12 @@ class Backward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gg_input, gg_weight, gg_bias):
-        grad_output, input, weight = ctx.saved_tensors
-        gg_input, gg_weight, gg_bias = (
-            g if computed and g is not None else None
-            for g, computed in zip((gg_input, gg_weight, gg_bias), ctx.computed)
-        )
-        d_grad_output = d_input = d_weight = None
-        if ctx.needs_input_grad[0]:
-            d_grad_output = _sum([
-                None if gg_input is None else Forward.apply(gg_input, weight, gg_bias, *ctx.config),
-                None if gg_weight is None else Forward.apply(input, gg_weight, None, *ctx.config),
-                None if gg_bias is None or gg_input is not None else gg_bias.view(1, -1, 1, 1).expand_as(grad_output),
-            ])
-        if ctx.needs_input_grad[1] and gg_weight is not None:
-            d_input = Backward.apply(grad_output, input, gg_weight, *ctx.config, [True, False, False])[0]
-        if ctx.needs_input_grad[2] and gg_input is not None:
-            d_weight = Backward.apply(grad_output, gg_input, weight, *ctx.config, [False, True, False])[1]
-        return d_grad_output, d_input, d_weight, None, None, None, None
+        return _double_backward(ctx, gg_input, gg_weight, gg_bias)
 
     @staticmethod
     def jvp(ctx, grad_output_tangent, input_tangent, weight_tangent, *_):
         grad_output, input, weight = ctx.saved_tensors
-        grad_input_wanted, grad_weight_wanted, grad_bias_wanted = ctx.computed
+        grad_input_wanted, grad_weight_wanted, _ = ctx.computed
 
         def backward(go, x, w, mask):
             return Backward.apply(go, x, w, *ctx.config, mask)
@@ -159,12 +146,8 @@ class Backward(torch.autograd.Function):
         return outputs, (1 if output_mask[0] else None, 0 if output_mask[1] else None, 0 if output_mask[2] else None)
 
 
-def _output_hw(input, weight, stride, padding, dilation):
-    return [
-        (input.shape[2 + a] + padding[2 * a] + padding[2 * a + 1] - dilation[a] * (weight.shape[2 + a] - 1) - 1)
-        // stride[a] + 1
-        for a in range(2)
-    ]
+# The backward op's backward: the same rule as the Triton op's, written with these Functions
+_double_backward = _make_double_backward(Forward.apply, Backward.apply)
 
 
 def depthwise_conv2d(input, weight, bias, stride, padding, dilation):
