@@ -43,7 +43,7 @@ def test_kernels_under_interpreter():
 @pytest.mark.slow
 def test_gradients_of_gradients_through_triton_ops_under_interpreter():
     """The registered Triton ops of both fastcnn ops (depthwise here, grid_sample beside it):
-    orders 1-3 and 2 against PyTorch's (tests/triton_interpreted/check_triton_ops_higher_order.py)."""
+    orders 1-3 against PyTorch's (tests/triton_interpreted/check_triton_ops_higher_order.py)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, os.path.join(HERE, "triton_interpreted", "check_triton_ops_higher_order.py")],

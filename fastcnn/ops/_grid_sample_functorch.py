@@ -1,14 +1,16 @@
 """grid_sample and affine_grid_sample under torch.func transforms (grad, vjp, vmap, jacrev), on the
 C++ kernels; see _depthwise_functorch.py for why this path exists.
 
-- backward: the backward ops; their own backward (second order) is PyTorch's sampler
-  differentiated twice by torch.func.vjp, which composes with the transforms around it (higher
-  orders too, unlike the C++ ops' second order).
+- backward: the backward ops; their own backward is grid_sample.py's `second_order` (PyTorch's
+  sampler differentiated twice by torch.func.vjp, which composes with the transforms around it:
+  every order).
 - vmap: every image is sampled alone, so a batch of B problems is one problem of B*N images: the
   vmapped dimension folds into N (input and grid or theta; an unbatched one is expanded).
 - jvp: none, as PyTorch has none for grid_sampler_2d; forward-mode transforms raise.
 """
 import torch
+
+from .grid_sample import second_order
 
 _FORWARD = {False: torch.ops.fastcnn.grid_sample.default, True: torch.ops.fastcnn.affine_grid_sample.default}
 _BACKWARD = {
@@ -74,24 +76,7 @@ class SampleBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gg_input, gg_coords):
-        grad_output, input, coords = ctx.saved_tensors
-        interpolation, padding_mode, align_corners = ctx.config
-
-        def sample(input, coords):
-            grid = torch.affine_grid_generator(coords, grad_output.shape, align_corners) if ctx.affine else coords
-            return torch.grid_sampler_2d(input, grid, interpolation, padding_mode, align_corners)
-
-        def first_order(grad_output, input, coords):
-            return torch.func.vjp(sample, input, coords)[1](grad_output)
-
-        # torch.func's own vjp of PyTorch's sampler, twice: it composes with whatever transforms
-        # are around it, to any order.
-        first, second_order_vjp = torch.func.vjp(first_order, grad_output, input, coords)
-        cotangents = tuple(
-            g if computed and g is not None else torch.zeros_like(f)
-            for g, f, computed in zip((gg_input, gg_coords), first, ctx.computed)
-        )
-        return (*second_order_vjp(cotangents), None, None, None, None, None)
+        return (*second_order(ctx, ctx.affine, gg_input, gg_coords), None, None, None, None, None)
 
     @staticmethod
     def vmap(info, in_dims, grad_output, input, coords, affine, interpolation, padding_mode, align_corners,

@@ -17,10 +17,11 @@ grad_output at a pixel whose source lies exactly on a pixel column or row does n
 neighbouring tap of weight zero (PyTorch's scatter makes it NaN there: 0 * inf).
 The backwards are deterministic under ``torch.use_deterministic_algorithms(True)``: the CPU
 kernel always is (one batch element per thread, fixed order), CUDA and Triton switch from atomics
-to a sorted, fixed-order gather. Gradients of gradients (second order, e.g. a gradient penalty)
-are PyTorch's: the backward ops differentiate F.grid_sample twice at the saved tensors, so a
-non-finite coordinate behaves there as in PyTorch; the third order raises. Bicubic sampling is
-not implemented (use F.grid_sample).
+to a sorted, fixed-order gather. Gradients of gradients (e.g. a gradient penalty) are PyTorch's:
+the backward ops differentiate PyTorch's sampler twice at the saved tensors, so a non-finite
+coordinate behaves there as in PyTorch; through the C++ ops the third order raises (the Triton ops
+and torch.func, through `second_order`, go to any order). Bicubic sampling is not implemented
+(use F.grid_sample).
 """
 from typing import List
 
@@ -241,35 +242,35 @@ def _setup_backward_context(ctx, inputs, output):
     ctx.computed = inputs[6]
 
 
+def second_order(ctx, affine, gg_input, gg_coords):
+    """The backward op's vector-Jacobian product, (d grad_output, d input, d coords): PyTorch's
+    sampler differentiated twice by torch.func.vjp, which composes with whatever transforms or
+    autograd graph are around it, to any order. ctx holds the saved (grad_output, input, coords),
+    config (interpolation, padding_mode, align_corners) and computed (the output_mask)."""
+    grad_output, input, coords = ctx.saved_tensors
+    interpolation, padding_mode, align_corners = ctx.config
+
+    def sample(input, coords):
+        grid = torch.affine_grid_generator(coords, grad_output.shape, align_corners) if affine else coords
+        return torch.grid_sampler_2d(input, grid, interpolation, padding_mode, align_corners)
+
+    def first_order(grad_output, input, coords):
+        return torch.func.vjp(sample, input, coords)[1](grad_output)
+
+    first, second_order_vjp = torch.func.vjp(first_order, grad_output, input, coords)
+    cotangents = tuple(
+        g if computed and g is not None else torch.zeros_like(f)
+        for g, f, computed in zip((gg_input, gg_coords), first, ctx.computed)
+    )
+    return second_order_vjp(cotangents)
+
+
 def _make_double_backward(affine):
-    """The backward op's own backward, for gradients of gradients: PyTorch's grid_sampler_2d
-    (after affine_grid_generator for theta) differentiated twice at the saved tensors, as the C++
-    ops do (csrc/ops/autograd/grid_sample_autograd.cpp). The third order is refused."""
+    """The Triton backward op's own backward, for gradients of gradients (any order)."""
 
     def double_backward(ctx, gg_input, gg_coords):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                f"fastcnn::{'affine_grid_sample' if affine else 'grid_sample'}: gradients of order three and higher "
-                "are not supported (the second order differentiates PyTorch's grid_sampler_2d; for higher orders "
-                "run the op on fastcnn.use_backend('reference'))"
-            )
-        interpolation, padding_mode, align_corners = ctx.config
-        with torch.enable_grad():
-            grad_output, input, coords = (t.detach().requires_grad_() for t in ctx.saved_tensors)
-            grid = torch.affine_grid_generator(coords, grad_output.shape, align_corners) if affine else coords
-            output = torch.grid_sampler_2d(input, grid, interpolation, padding_mode, align_corners)
-            first = torch.autograd.grad(output, (input, coords), grad_output, create_graph=True, allow_unused=True)
-            pairs = [
-                (f, g)
-                for f, g, computed in zip(first, (gg_input, gg_coords), ctx.computed)
-                if computed and g is not None and f is not None and f.requires_grad
-            ]
-            if not pairs:
-                return (None,) * 7
-            second = torch.autograd.grad(
-                [f for f, _ in pairs], (grad_output, input, coords), [g for _, g in pairs], allow_unused=True
-            )
-        return tuple(s if needed else None for s, needed in zip(second, ctx.needs_input_grad)) + (None,) * 4
+        grads = second_order(ctx, affine, gg_input, gg_coords)
+        return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)) + (None,) * 4
 
     return double_backward
 
